@@ -1,0 +1,169 @@
+// The only pybind11 file. Functions take raw data pointers (Python ints), sizes and element strides,
+// copy them into a plain struct while holding the GIL, then release the GIL for the kernel. Argument
+// checking, allocation and dtype handling live in minillm/ops (Python), which alone calls this module.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using minillm::AttnBwdArgs;
+using minillm::AttnFwdArgs;
+using minillm::TopkArgs;
+
+namespace {
+
+using Strides = std::array<int64_t, 3>;
+using Sizes = std::array<int64_t, 5>;  // B, H, Nq, Nk, D
+
+template <typename P>
+P ptr(uintptr_t p) {
+  return reinterpret_cast<P>(p);
+}
+
+void copy3(int64_t* dst, const Strides& s) {
+  for (int i = 0; i < 3; ++i) dst[i] = s[i];
+}
+
+void check(int status, const char* what) {
+  if (status == minillm::kOutOfMemory) throw std::bad_alloc();
+  if (status != minillm::kOk) throw std::runtime_error(std::string(what) + ": kernel failed");
+}
+
+int run_attention_fwd(AttnFwdArgs a) {
+  py::gil_scoped_release nogil;
+  return minillm::dispatch_attention_fwd(a);
+}
+int run_attention_bwd(AttnBwdArgs a) {
+  py::gil_scoped_release nogil;
+  return minillm::dispatch_attention_bwd(a);
+}
+int run_topk(TopkArgs a) {
+  py::gil_scoped_release nogil;
+  return minillm::dispatch_topk(a);
+}
+
+int isa_from_name(const std::string& name) {
+  for (int isa = minillm::kScalar; isa <= minillm::kAvx512; ++isa)
+    if (name == minillm::isa_name(isa)) return isa;
+  throw py::value_error("unknown SIMD level '" + name + "'; expected one of avx512, avx2, scalar");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "minillm native kernels (raw-pointer interface; use minillm.ops instead)";
+
+  m.def(
+      "attention_fwd",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm, const Sizes& sz,
+         const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset, double scale,
+         int dtype, int nthreads) {
+        AttnFwdArgs a{};
+        a.q = ptr<const void*>(q);
+        a.k = ptr<const void*>(k);
+        a.v = ptr<const void*>(v);
+        a.out = ptr<void*>(out);
+        a.lse = ptr<void*>(lse);
+        a.kpm = ptr<const uint8_t*>(kpm);
+        a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
+        copy3(a.q_stride, qs);
+        copy3(a.k_stride, ks);
+        copy3(a.v_stride, vs);
+        a.causal = causal;
+        a.causal_offset = causal_offset;
+        a.scale = scale;
+        a.dtype = dtype;
+        a.nthreads = nthreads;
+        check(run_attention_fwd(a), "attention_fwd");
+      },
+      "Attention forward on raw pointers (see csrc/kernels.h).");
+
+  m.def(
+      "attention_bwd",
+      [](uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t dlse,
+         uintptr_t kpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz, const Strides& dos,
+         const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
+         int64_t causal_offset, double scale, int dtype, int nthreads) {
+        AttnBwdArgs a{};
+        a.dout = ptr<const void*>(dout);
+        a.q = ptr<const void*>(q);
+        a.k = ptr<const void*>(k);
+        a.v = ptr<const void*>(v);
+        a.out = ptr<const void*>(out);
+        a.lse = ptr<const void*>(lse);
+        a.dlse = ptr<const void*>(dlse);
+        a.kpm = ptr<const uint8_t*>(kpm);
+        a.dq = ptr<void*>(dq);
+        a.dk = ptr<void*>(dk);
+        a.dv = ptr<void*>(dv);
+        a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
+        copy3(a.do_stride, dos);
+        copy3(a.q_stride, qs);
+        copy3(a.k_stride, ks);
+        copy3(a.v_stride, vs);
+        copy3(a.o_stride, os);
+        a.causal = causal;
+        a.causal_offset = causal_offset;
+        a.scale = scale;
+        a.dtype = dtype;
+        a.nthreads = nthreads;
+        check(run_attention_bwd(a), "attention_bwd");
+      },
+      "Attention backward on raw pointers (see csrc/kernels.h).");
+
+  m.def(
+      "topk",
+      [](uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
+         int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads) {
+        TopkArgs a{};
+        a.queries = ptr<const float*>(queries);
+        a.corpus = ptr<const void*>(corpus);
+        a.corpus_stride = corpus_stride;
+        a.dtype = dtype;
+        a.Q = Q, a.N = N, a.d = d, a.k = k;
+        a.metric = metric;
+        a.out_scores = ptr<float*>(out_scores);
+        a.out_idx = ptr<int64_t*>(out_idx);
+        a.nthreads = nthreads;
+        check(run_topk(a), "topk");
+      },
+      "Exact top-k search on raw pointers (see csrc/kernels.h).");
+
+  m.def("simd_level", [] { return std::string(minillm::isa_name(minillm::current_isa())); },
+        "SIMD level the kernels run at now.");
+  m.def(
+      "simd_levels",
+      [] {
+        std::vector<std::string> out;
+        for (int isa = minillm::kAvx512; isa >= minillm::kScalar; --isa)
+          if (minillm::isa_supported(isa)) out.emplace_back(minillm::isa_name(isa));
+        return out;
+      },
+      "SIMD levels compiled in and supported by this CPU, best first.");
+  m.def(
+      "set_simd_level",
+      [](const std::string& name) {
+        const int isa = isa_from_name(name);
+        if (!minillm::isa_supported(isa))
+          throw py::value_error("SIMD level '" + name + "' is not supported by this CPU or build");
+        minillm::set_isa(isa);
+      },
+      "Select the SIMD level (one of simd_levels()).");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+#ifdef MINILLM_WITH_CUDA
+  m.attr("cuda") = true;
+#else
+  m.attr("cuda") = false;
+#endif
+}

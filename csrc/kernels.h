@@ -1,0 +1,102 @@
+// Kernel entry points shared by every SIMD level.
+//
+// The Python layer owns all argument checking; these structs carry raw pointers, sizes and
+// element strides only, so this code never touches a Python object or libtorch.
+#pragma once
+#include <cstdint>
+
+namespace minillm {
+
+// Storage dtype of tensors handed to a kernel. Accumulation is fp32 for F32/BF16/F16 and fp64 for F64.
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
+
+enum Metric : int { kIP = 0, kCosine = 1, kL2 = 2 };
+
+// Status codes returned by kernels (0 = ok).
+enum Status : int { kOk = 0, kOutOfMemory = 1 };
+
+// Attention forward. q: (B, H, Nq, D), k/v: (B, H, Nk, D), each with element strides for (b, h, n)
+// and unit stride along D. out: contiguous (B, H, Nq, D) of the input dtype; lse: contiguous
+// (B, H, Nq) in the accumulation type (float, or double for F64).
+// Key j is visible to query i when kpm[b*Nk + j] != 0 (if kpm is set) and, if causal,
+// j <= i + causal_offset.
+struct AttnFwdArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  void* lse;
+  const uint8_t* kpm;  // (B, Nk) contiguous or nullptr
+  int64_t B, H, Nq, Nk, D;
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+  bool causal;
+  int64_t causal_offset;
+  double scale;
+  int dtype;
+  int nthreads;
+};
+
+// Attention backward. dout/out are strided like q; dlse (optional) and lse are contiguous
+// (B, H, Nq) in the accumulation type. dq/dk/dv: contiguous outputs of the input dtype.
+struct AttnBwdArgs {
+  const void* dout;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const void* lse;
+  const void* dlse;  // nullptr when the log-sum-exp output had no gradient
+  const uint8_t* kpm;
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t B, H, Nq, Nk, D;
+  int64_t do_stride[3], q_stride[3], k_stride[3], v_stride[3], o_stride[3];
+  bool causal;
+  int64_t causal_offset;
+  double scale;
+  int dtype;
+  int nthreads;
+};
+
+// Exact top-k. queries: contiguous fp32 (Q, d). corpus: (N, d) rows of the given dtype with
+// row stride corpus_stride (elements), unit stride along d. Outputs contiguous (Q, k).
+struct TopkArgs {
+  const float* queries;
+  const void* corpus;
+  int64_t corpus_stride;
+  int dtype;  // kF32, kBF16 or kF16
+  int64_t Q, N, d, k;
+  int metric;
+  float* out_scores;
+  int64_t* out_idx;
+  int nthreads;
+};
+
+#define MINILLM_DECLARE_ISA(ns)                   \
+  namespace ns {                                  \
+  int attention_fwd(const AttnFwdArgs& a);        \
+  int attention_bwd(const AttnBwdArgs& a);        \
+  int topk(const TopkArgs& a);                    \
+  }
+
+MINILLM_DECLARE_ISA(scalar)
+#if defined(MINILLM_HAVE_X86_ISAS)
+MINILLM_DECLARE_ISA(avx2)
+MINILLM_DECLARE_ISA(avx512)
+#endif
+#undef MINILLM_DECLARE_ISA
+
+// Runtime SIMD dispatch (simd.cpp).
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* isa_name(int isa);
+bool isa_supported(int isa);  // compiled in and supported by this CPU and OS
+int best_isa();
+int current_isa();
+void set_isa(int isa);  // caller checks isa_supported first
+
+int dispatch_attention_fwd(const AttnFwdArgs& a);
+int dispatch_attention_bwd(const AttnBwdArgs& a);
+int dispatch_topk(const TopkArgs& a);
+
+}  // namespace minillm

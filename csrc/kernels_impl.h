@@ -1,0 +1,778 @@
+// Attention and exact top-k kernels, compiled once per SIMD level.
+//
+// The including file defines MINILLM_ISA (the namespace, e.g. avx512) and MINILLM_VBYTES (the
+// vector width in bytes) and is compiled with the matching -m flags. The code uses GCC/Clang vector
+// extensions, so one source gives AVX-512, AVX2 or baseline (SSE2 / NEON) code. Every helper has
+// internal linkage inside minillm::MINILLM_ISA and no STL template is instantiated on a type shared
+// between levels: otherwise the linker could keep an AVX-512 copy of an inline function and call it
+// from the baseline path on a CPU without AVX-512.
+//
+// Naming: B batch, H heads, Nq / Nk query / key length, D head dim, Dp = D padded to whole vectors.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace minillm {
+namespace MINILLM_ISA {
+namespace {
+
+constexpr int VB = MINILLM_VBYTES;
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(VB)));
+  static constexpr int W = VB / static_cast<int>(sizeof(T));
+};
+template <typename T>
+using vec_t = typename Vec<T>::type;
+
+// Padding unit for buffer columns: a whole float vector, which is also a whole double vector.
+constexpr int64_t kPad = Vec<float>::W;
+// Register tile of the GEMM micro-kernel: kMR rows x kNV vectors. 6x4 zmm accumulators fit the 32
+// AVX-512 registers; with 16 registers (AVX2, SSE2, NEON) 6x2.
+constexpr int kMR = 6;
+constexpr int kNV = VB >= 64 ? 4 : 2;
+// Attention tiles: query rows per block and keys per block (a multiple of every vector width).
+constexpr int64_t kBq = 64;
+constexpr int64_t kBk = 64;
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, VB);
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, VB);
+}
+template <typename T>
+inline vec_t<T> vbcast(T x) {
+  return vec_t<T>{} + x;
+}
+template <typename T>
+inline T hsum(vec_t<T> v) {
+  T s = 0;
+  for (int i = 0; i < Vec<T>::W; ++i) s += v[i];
+  return s;
+}
+template <typename T>
+inline T hmax(vec_t<T> v) {
+  T m = v[0];
+  for (int i = 1; i < Vec<T>::W; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// exp for softmax arguments (x <= 0 in practice). Cephes-style: round x/ln2 to n, a degree-6
+// polynomial on the remainder, then scale by 2^n through the exponent bits. Results below FLT_MIN
+// flush to 0 (so exp(-inf) = 0); NaN stays NaN because every comparison with NaN is false.
+inline vec_t<float> vexp(vec_t<float> x) {
+  typedef vec_t<float> V;
+  typedef int32_t VI __attribute__((vector_size(VB)));
+  const V lo = vbcast(-87.33654f), hi = vbcast(88.0f);
+  V xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const V magic = vbcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
+  V n = (xc * 1.44269504088896341f + magic) - magic;
+  V r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = vbcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, VB);
+  V res = p * scale;
+  return x < lo ? V{} : res;
+}
+// The fp64 instantiation exists for gradcheck; exactness matters more than speed there.
+inline vec_t<double> vexp(vec_t<double> x) {
+  for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// ---- dtype conversion (round to nearest even, NaN kept) ----
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (e == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int shift = -1;
+      do {
+        ++shift;
+        man <<= 1;
+      } while (!(man & 0x400u));
+      bits = sign | (static_cast<uint32_t>(112 - shift) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (e == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((e + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return static_cast<uint16_t>(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
+  if (ax < 0x38800000u) {  // half subnormal: value = m * 2^-24, m rounded to nearest even
+    float a;
+    std::memcpy(&a, &ax, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.0f)));
+  }
+  uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u) - (112u << 23);
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+inline int64_t elem_size(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; }
+inline const void* at(const void* base, int dtype, int64_t off) {
+  return static_cast<const char*>(base) + off * elem_size(dtype);
+}
+
+// Reads n elements of `dtype` into dst and zero-fills dst up to n_pad, multiplying by mul.
+template <typename T>
+inline void load_row(const void* src, int dtype, int64_t n, int64_t n_pad, T mul, T* dst) {
+  switch (dtype) {
+    case kF32: {
+      const float* s = static_cast<const float*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(s[i]) * mul;
+      break;
+    }
+    case kF64: {
+      const double* s = static_cast<const double*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(s[i]) * mul;
+      break;
+    }
+    case kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(bf16_to_f32(s[i])) * mul;
+      break;
+    }
+    default: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(f16_to_f32(s[i])) * mul;
+      break;
+    }
+  }
+  for (int64_t i = n; i < n_pad; ++i) dst[i] = 0;
+}
+
+// Writes n values times mul to dst in `dtype`.
+template <typename T>
+inline void store_row(const T* src, int64_t n, T mul, int dtype, void* dst) {
+  switch (dtype) {
+    case kF32: {
+      float* d = static_cast<float*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(src[i] * mul);
+      break;
+    }
+    case kF64: {
+      double* d = static_cast<double*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<double>(src[i] * mul);
+      break;
+    }
+    case kBF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(static_cast<float>(src[i] * mul));
+      break;
+    }
+    default: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(static_cast<float>(src[i] * mul));
+      break;
+    }
+  }
+}
+
+// Per-thread scratch, 64-byte aligned, carved into sub-buffers in order.
+class Arena {
+ public:
+  explicit Arena(size_t bytes) : base_(std::aligned_alloc(64, round_up(static_cast<int64_t>(bytes) + 64, 64))) {}
+  ~Arena() { std::free(base_); }
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  bool ok() const { return base_ != nullptr; }
+  template <typename T>
+  T* take(int64_t n) {
+    T* p = reinterpret_cast<T*>(static_cast<char*>(base_) + used_);
+    used_ += round_up(n * static_cast<int64_t>(sizeof(T)), 64);
+    return p;
+  }
+  // Bytes `take` consumes for n elements of T (to size an Arena before carving it).
+  template <typename T>
+  static size_t need(int64_t n) {
+    return static_cast<size_t>(round_up(n * static_cast<int64_t>(sizeof(T)), 64));
+  }
+
+ private:
+  void* base_;
+  int64_t used_ = 0;
+};
+
+// ---- GEMM: C[M x N] (+)= A[M x K] * B[K x N], row-major, N a multiple of the vector width ----
+template <typename T, int MR, int NV>
+inline void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                      bool accumulate) {
+  typedef vec_t<T> V;
+  constexpr int W = Vec<T>::W;
+  V c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) c[i][v] = accumulate ? vload(C + i * ldc + v * W) : V{};
+  for (int64_t p = 0; p < K; ++p) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + p * ldb + v * W);
+    for (int i = 0; i < MR; ++i) {
+      const V a = vbcast(A[i * lda + p]);
+      for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * W, c[i][v]);
+}
+
+template <typename T, int NV>
+inline void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                       int64_t ldc, bool acc) {
+  int64_t i = 0;
+  for (; i + kMR <= M; i += kMR) gemm_tile<T, kMR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+  A += i * lda;
+  C += i * ldc;
+  switch (M - i) {
+    case 1: gemm_tile<T, 1, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 2: gemm_tile<T, 2, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 3: gemm_tile<T, 3, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 4: gemm_tile<T, 4, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 5: gemm_tile<T, 5, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+          bool acc) {
+  constexpr int W = Vec<T>::W;
+  int64_t j = 0;
+  for (; j + kNV * W <= N; j += kNV * W) gemm_panel<T, kNV>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
+  switch ((N - j) / W) {
+    case 1: gemm_panel<T, 1>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
+    case 2: gemm_panel<T, 2>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
+    case 3: gemm_panel<T, 3>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
+    default: break;
+  }
+}
+
+// ---- attention ----
+
+// Sets s[c] = -inf for every key of the block [j0, j0 + kBk) that query row `i` may not see.
+template <typename T>
+inline void mask_block(T* s, int64_t j0, int64_t Nk, bool causal, int64_t last_visible, const uint8_t* kpm) {
+  const T ninf = -INFINITY;
+  for (int64_t c = 0; c < kBk; ++c) {
+    const int64_t j = j0 + c;
+    if (j >= Nk || (causal && j > last_visible) || (kpm && !kpm[j])) s[c] = ninf;
+  }
+}
+
+// True when some key of block j0 is invisible to some row of [i0, i0 + rows).
+inline bool block_needs_mask(int64_t j0, int64_t Nk, bool causal, int64_t i0, int64_t off, const uint8_t* kpm) {
+  return j0 + kBk > Nk || kpm != nullptr || (causal && j0 + kBk - 1 > i0 + off);
+}
+
+// Marks key blocks that hold at least one visible key (all of them without a padding mask).
+inline void visible_blocks(const uint8_t* kpm, int64_t Nk, int64_t nkb, uint8_t* out) {
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    uint8_t any = kpm ? 0 : 1;
+    for (int64_t j = kb * kBk; kpm && j < imin(Nk, (kb + 1) * kBk); ++j) any |= kpm[j] ? 1 : 0;
+    out[kb] = any;
+  }
+}
+
+template <typename T>
+int attention_fwd_impl(const AttnFwdArgs& a) {
+  typedef vec_t<T> V;
+  constexpr int W = Vec<T>::W;
+  const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
+  const int64_t Dp = round_up(D, kPad), NkP = round_up(imax(Nk, 1), kBk), nkb = NkP / kBk;
+  const int64_t off = a.causal_offset;
+  const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  // Too few (b, h) pairs to feed every thread: split each pair's queries into chunks. Each work
+  // item converts its K (transposed) and V once, so items are kept as large as the threads allow.
+  const int64_t nqb = (Nq + kBq - 1) / kBq;
+  const int64_t chunks = B * H >= 2 * nt ? 1 : imax(1, imin(nqb, (2 * nt + B * H - 1) / (B * H)));
+  const int64_t qb_per_chunk = (nqb + chunks - 1) / chunks;
+  const int64_t items = B * H * chunks;
+  const size_t arena_bytes = Arena::need<T>(Dp * NkP) + Arena::need<T>(NkP * Dp) + Arena::need<T>(kBq * Dp) +
+                             Arena::need<T>(kBq * kBk) + Arena::need<T>(kBq * Dp) + 2 * Arena::need<T>(kBq) +
+                             Arena::need<uint8_t>(nkb);
+  int status = kOk;
+#pragma omp parallel num_threads(nt)
+  {
+    Arena arena(arena_bytes);
+    if (!arena.ok()) {
+#pragma omp atomic write
+      status = kOutOfMemory;
+    }
+    T* Kt = arena.ok() ? arena.take<T>(Dp * NkP) : nullptr;  // (Dp, ldk): K transposed
+    T* Vp = arena.ok() ? arena.take<T>(NkP * Dp) : nullptr;  // (keys, Dp)
+    T* Qs = arena.ok() ? arena.take<T>(kBq * Dp) : nullptr;  // (kBq, Dp): q * scale
+    T* S = arena.ok() ? arena.take<T>(kBq * kBk) : nullptr;  // (kBq, kBk): scores, then probabilities
+    T* acc = arena.ok() ? arena.take<T>(kBq * Dp) : nullptr;
+    T* m = arena.ok() ? arena.take<T>(kBq) : nullptr;
+    T* l = arena.ok() ? arena.take<T>(kBq) : nullptr;
+    uint8_t* kvis = arena.ok() ? arena.take<uint8_t>(nkb) : nullptr;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      if (!arena.ok()) continue;
+      const int64_t bh = it / chunks, b = bh / H, h = bh % H;
+      const int64_t q_begin = (it % chunks) * qb_per_chunk * kBq;
+      const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * kBq);
+      if (q_begin >= q_end) continue;
+      const int64_t k_end = a.causal ? imax(0, imin(Nk, q_end + off)) : Nk;  // keys any row here sees
+      const int64_t ldk = imax(kBk, round_up(k_end, kBk));
+      const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
+      const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
+      const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+      const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
+
+      for (int64_t j = 0; j < k_end; ++j) {
+        load_row<T>(at(a.k, a.dtype, kbase + j * a.k_stride[2]), a.dtype, D, Dp, T(1), Qs);
+        for (int64_t d = 0; d < Dp; ++d) Kt[d * ldk + j] = Qs[d];
+        load_row<T>(at(a.v, a.dtype, vbase + j * a.v_stride[2]), a.dtype, D, Dp, T(1), Vp + j * Dp);
+      }
+      for (int64_t d = 0; d < Dp; ++d)
+        for (int64_t j = k_end; j < ldk; ++j) Kt[d * ldk + j] = 0;
+      for (int64_t j = k_end; j < ldk; ++j)
+        for (int64_t d = 0; d < Dp; ++d) Vp[j * Dp + d] = 0;
+      visible_blocks(kpm, Nk, nkb, kvis);
+
+      for (int64_t i0 = q_begin; i0 < q_end; i0 += kBq) {
+        const int64_t rows = imin(kBq, q_end - i0);
+        for (int64_t r = 0; r < rows; ++r)
+          load_row<T>(at(a.q, a.dtype, qbase + (i0 + r) * a.q_stride[2]), a.dtype, D, Dp, static_cast<T>(a.scale),
+                      Qs + r * Dp);
+        for (int64_t r = 0; r < rows; ++r) {
+          m[r] = -INFINITY;
+          l[r] = 0;
+        }
+        std::memset(acc, 0, sizeof(T) * rows * Dp);
+        const int64_t j_end = a.causal ? imax(0, imin(k_end, i0 + rows + off)) : k_end;
+        for (int64_t j0 = 0; j0 < j_end; j0 += kBk) {
+          if (!kvis[j0 / kBk]) continue;
+          gemm<T>(rows, kBk, Dp, Qs, Dp, Kt + j0, ldk, S, kBk, false);
+          const bool masked = block_needs_mask(j0, Nk, a.causal, i0, off, kpm);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* s = S + r * kBk;
+            if (masked) mask_block<T>(s, j0, Nk, a.causal, i0 + r + off, kpm);
+            V mv = vbcast<T>(-INFINITY);
+            for (int64_t c = 0; c < kBk; c += W) {
+              const V x = vload(s + c);
+              mv = x > mv ? x : mv;
+            }
+            const T bmax = hmax<T>(mv);
+            const T m_new = bmax > m[r] ? bmax : m[r];
+            // With no visible key yet, shift by 0 so that exp(-inf - shift) is 0, not NaN.
+            const T shift = m_new == -INFINITY ? T(0) : m_new;
+            const T alpha = std::exp(m[r] - shift);
+            const V sv = vbcast(shift);
+            V sum = V{};
+            for (int64_t c = 0; c < kBk; c += W) {
+              const V p = vexp(vload(s + c) - sv);
+              vstore(s + c, p);
+              sum += p;
+            }
+            l[r] = l[r] * alpha + hsum<T>(sum);
+            m[r] = m_new;
+            if (alpha != T(1)) {
+              T* ar = acc + r * Dp;
+              const V av = vbcast(alpha);
+              for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
+            }
+          }
+          gemm<T>(rows, Dp, kBk, S, kBk, Vp + j0 * Dp, Dp, acc, Dp, true);
+        }
+        T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
+        for (int64_t r = 0; r < rows; ++r) {
+          void* orow = const_cast<void*>(at(a.out, a.dtype, (bh * Nq + i0 + r) * D));
+          if (l[r] == T(0)) {  // no visible key: the row is defined as 0, and +inf makes backward's P zero
+            std::memset(acc + r * Dp, 0, sizeof(T) * Dp);
+            store_row<T>(acc + r * Dp, D, T(1), a.dtype, orow);
+            lse[r] = INFINITY;
+          } else {
+            store_row<T>(acc + r * Dp, D, T(1) / l[r], a.dtype, orow);
+            lse[r] = m[r] + std::log(l[r]);
+          }
+        }
+      }
+    }
+  }
+  return status;
+}
+
+// Copies a (rows, cols) block with leading dim lds into (cols, rows) with leading dim ldd.
+template <typename T>
+inline void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// FlashAttention-2 backward for one (b, h) per work item: the item owns dQ, dK and dV of its pair,
+// so no accumulation crosses threads.
+template <typename T>
+int attention_bwd_impl(const AttnBwdArgs& a) {
+  typedef vec_t<T> V;
+  constexpr int W = Vec<T>::W;
+  const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
+  const int64_t Dp = round_up(D, kPad), NkP = round_up(Nk, kBk), nkb = NkP / kBk;
+  const int64_t off = a.causal_offset;
+  const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  const size_t arena_bytes = 3 * Arena::need<T>(Nq * Dp) + Arena::need<T>(Nq) + 3 * Arena::need<T>(Dp * NkP) +
+                             2 * Arena::need<T>(NkP * Dp) + 4 * Arena::need<T>(kBq * kBk) + Arena::need<uint8_t>(nkb);
+  int status = kOk;
+#pragma omp parallel num_threads(nt)
+  {
+    Arena arena(arena_bytes);
+    if (!arena.ok()) {
+#pragma omp atomic write
+      status = kOutOfMemory;
+    }
+    const bool ok = arena.ok();
+    T* Qs = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp): q * scale
+    T* dO = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp)
+    T* dQ = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp): sum dS K, scaled at the end
+    T* Dl = ok ? arena.take<T>(Nq) : nullptr;         // (Nq): rowsum(dO * O) - dlse
+    T* Kt = ok ? arena.take<T>(Dp * NkP) : nullptr;   // (Dp, NkP)
+    T* Vt = ok ? arena.take<T>(Dp * NkP) : nullptr;   // (Dp, NkP)
+    T* Kr = ok ? arena.take<T>(Dp * NkP) : nullptr;   // (NkP, Dp)
+    T* dK = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
+    T* dV = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
+    T* P = ok ? arena.take<T>(kBq * kBk) : nullptr;   // (kBq, kBk)
+    T* dS = ok ? arena.take<T>(kBq * kBk) : nullptr;  // (kBq, kBk): dP, then dS in place
+    T* Pt = ok ? arena.take<T>(kBk * kBq) : nullptr;  // (kBk, kBq)
+    T* dSt = ok ? arena.take<T>(kBk * kBq) : nullptr; // (kBk, kBq)
+    uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      if (!ok) continue;
+      const int64_t b = bh / H, h = bh % H;
+      const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
+      const T* lse = static_cast<const T*>(a.lse) + bh * Nq;
+      const T* dlse = a.dlse ? static_cast<const T*>(a.dlse) + bh * Nq : nullptr;
+      for (int64_t i = 0; i < Nq; ++i) {
+        load_row<T>(at(a.q, a.dtype, b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2]), a.dtype, D, Dp,
+                    static_cast<T>(a.scale), Qs + i * Dp);
+        load_row<T>(at(a.dout, a.dtype, b * a.do_stride[0] + h * a.do_stride[1] + i * a.do_stride[2]), a.dtype, D,
+                    Dp, T(1), dO + i * Dp);
+        load_row<T>(at(a.out, a.dtype, b * a.o_stride[0] + h * a.o_stride[1] + i * a.o_stride[2]), a.dtype, D, Dp,
+                    T(1), dQ + i * Dp);
+        V s = V{};
+        for (int64_t d = 0; d < Dp; d += W) s += vload(dO + i * Dp + d) * vload(dQ + i * Dp + d);
+        // d lse_i / d S_ij = P_ij, so an incoming lse gradient enters exactly like -Delta.
+        Dl[i] = hsum<T>(s) - (dlse ? dlse[i] : T(0));
+      }
+      std::memset(dQ, 0, sizeof(T) * Nq * Dp);
+      for (int64_t j = 0; j < NkP; ++j) {
+        if (j < Nk) {
+          load_row<T>(at(a.k, a.dtype, b * a.k_stride[0] + h * a.k_stride[1] + j * a.k_stride[2]), a.dtype, D, Dp,
+                      T(1), Kr + j * Dp);
+          load_row<T>(at(a.v, a.dtype, b * a.v_stride[0] + h * a.v_stride[1] + j * a.v_stride[2]), a.dtype, D, Dp,
+                      T(1), P);
+        } else {
+          std::memset(Kr + j * Dp, 0, sizeof(T) * Dp);
+          std::memset(P, 0, sizeof(T) * Dp);
+        }
+        for (int64_t d = 0; d < Dp; ++d) {
+          Kt[d * NkP + j] = Kr[j * Dp + d];
+          Vt[d * NkP + j] = P[d];
+        }
+      }
+      std::memset(dK, 0, sizeof(T) * NkP * Dp);
+      std::memset(dV, 0, sizeof(T) * NkP * Dp);
+      visible_blocks(kpm, Nk, nkb, kvis);
+
+      for (int64_t j0 = 0; j0 < Nk; j0 += kBk) {
+        if (!kvis[j0 / kBk]) continue;
+        // Causal: rows i < j0 - off see no key of this block.
+        const int64_t i_first = a.causal ? imax(0, j0 - off) / kBq * kBq : 0;
+        for (int64_t i0 = i_first; i0 < Nq; i0 += kBq) {
+          const int64_t rows = imin(kBq, Nq - i0);
+          gemm<T>(rows, kBk, Dp, Qs + i0 * Dp, Dp, Kt + j0, NkP, P, kBk, false);
+          gemm<T>(rows, kBk, Dp, dO + i0 * Dp, Dp, Vt + j0, NkP, dS, kBk, false);
+          const bool masked = block_needs_mask(j0, Nk, a.causal, i0, off, kpm);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* p = P + r * kBk;
+            T* ds = dS + r * kBk;
+            if (masked) mask_block<T>(p, j0, Nk, a.causal, i0 + r + off, kpm);
+            const V lv = vbcast(lse[i0 + r]), dv = vbcast(Dl[i0 + r]);
+            for (int64_t c = 0; c < kBk; c += W) {
+              const V pv = vexp(vload(p + c) - lv);
+              vstore(p + c, pv);
+              vstore(ds + c, pv * (vload(ds + c) - dv));
+            }
+          }
+          transpose<T>(P, kBk, rows, kBk, Pt, kBq);
+          transpose<T>(dS, kBk, rows, kBk, dSt, kBq);
+          gemm<T>(kBk, Dp, rows, Pt, kBq, dO + i0 * Dp, Dp, dV + j0 * Dp, Dp, true);   // dV += P^T dO
+          gemm<T>(kBk, Dp, rows, dSt, kBq, Qs + i0 * Dp, Dp, dK + j0 * Dp, Dp, true);  // dK += dS^T (scale q)
+          gemm<T>(rows, Dp, kBk, dS, kBk, Kr + j0 * Dp, Dp, dQ + i0 * Dp, Dp, true);   // dQ += dS K
+        }
+      }
+      const T scale = static_cast<T>(a.scale);
+      for (int64_t i = 0; i < Nq; ++i)
+        store_row<T>(dQ + i * Dp, D, scale, a.dtype, const_cast<void*>(at(a.dq, a.dtype, (bh * Nq + i) * D)));
+      for (int64_t j = 0; j < Nk; ++j) {
+        store_row<T>(dK + j * Dp, D, T(1), a.dtype, const_cast<void*>(at(a.dk, a.dtype, (bh * Nk + j) * D)));
+        store_row<T>(dV + j * Dp, D, T(1), a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bh * Nk + j) * D)));
+      }
+    }
+  }
+  return status;
+}
+
+// ---- exact top-k ----
+
+// A candidate of the running top-k. Keys are "larger is better" for every metric (L2 stores the
+// negated distance); NaN scores carry key -inf and the nan flag, so they rank last.
+struct Cand {
+  float key;
+  int32_t nan;
+  int64_t idx;
+};
+inline bool worse(const Cand& x, const Cand& y) { return x.key < y.key || (x.key == y.key && x.idx > y.idx); }
+
+// Min-heap on `worse`: the root is the worst candidate kept.
+inline void sift_down(Cand* h, int64_t n, int64_t i) {
+  for (;;) {
+    int64_t w = i;
+    const int64_t l = 2 * i + 1, r = l + 1;
+    if (l < n && worse(h[l], h[w])) w = l;
+    if (r < n && worse(h[r], h[w])) w = r;
+    if (w == i) return;
+    const Cand t = h[i];
+    h[i] = h[w];
+    h[w] = t;
+    i = w;
+  }
+}
+inline void heap_push(Cand* h, int64_t* n, int64_t k, const Cand& c) {
+  if (*n < k) {
+    int64_t i = (*n)++;
+    h[i] = c;
+    while (i > 0 && worse(h[i], h[(i - 1) / 2])) {
+      const Cand t = h[i];
+      h[i] = h[(i - 1) / 2];
+      h[(i - 1) / 2] = t;
+      i = (i - 1) / 2;
+    }
+  } else if (worse(h[0], c)) {
+    h[0] = c;
+    sift_down(h, *n, 0);
+  }
+}
+
+constexpr int kMQ = VB >= 64 ? 4 : 2;  // queries per dot micro-kernel
+constexpr int kNC = 4;                 // corpus rows per dot micro-kernel
+constexpr int64_t kQb = 64;            // queries per work item
+
+// S[i][j] = <q_i, c_j> for MQ queries and NC corpus rows; K is a multiple of the vector width.
+// Every pair is summed in the same order whatever MQ and NC are, so equal rows give equal scores.
+template <int MQ, int NC>
+inline void dot_tile(int64_t K, const float* Qp, int64_t ldq, const float* C, int64_t ldc, float* S, int64_t lds) {
+  typedef vec_t<float> V;
+  constexpr int W = Vec<float>::W;
+  V acc[MQ][NC];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = V{};
+  for (int64_t p = 0; p < K; p += W) {
+    V c[NC];
+    for (int j = 0; j < NC; ++j) c[j] = vload(C + j * ldc + p);
+    for (int i = 0; i < MQ; ++i) {
+      const V q = vload(Qp + i * ldq + p);
+      for (int j = 0; j < NC; ++j) acc[i][j] += q * c[j];
+    }
+  }
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) S[i * lds + j] = hsum<float>(acc[i][j]);
+}
+
+template <int MQ>
+inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const float* C, int64_t ldc, float* S,
+                     int64_t lds) {
+  int64_t j = 0;
+  for (; j + kNC <= nrows; j += kNC) dot_tile<MQ, kNC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (; j < nrows; ++j) dot_tile<MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+}
+
+inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const float* C, int64_t ldc,
+                      int64_t nrows, float* S, int64_t lds) {
+  int64_t i = 0;
+  for (; i + kMQ <= nq; i += kMQ) dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+  for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+}
+
+inline float self_dot(const float* x, int64_t K) {
+  typedef vec_t<float> V;
+  V s = V{};
+  for (int64_t p = 0; p < K; p += Vec<float>::W) {
+    const V v = vload(x + p);
+    s += v * v;
+  }
+  return hsum<float>(s);
+}
+
+int topk_impl(const TopkArgs& a) {
+  const int64_t Q = a.Q, N = a.N, d = a.d, k = a.k;
+  const int64_t dp = round_up(d, kPad);
+  const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  // fp32 rows with whole vectors are scored in place; anything else is converted tile by tile.
+  const bool direct = a.dtype == kF32 && d == dp;
+  // ~32 KB of corpus per tile keeps it in L1/L2 while every query of the item passes over it.
+  const int64_t tile = imax(kNC, imin(512, (8192 / dp) / kNC * kNC));
+  const int64_t nqb = (Q + kQb - 1) / kQb;
+  const int64_t ntiles = (N + tile - 1) / tile;
+  // Few query blocks (small Q): also split the corpus, one running top-k per (query, part).
+  const int64_t parts = nqb >= nt ? 1 : imax(1, imin(ntiles, (2 * nt + nqb - 1) / nqb));
+  const int64_t tiles_per_part = (ntiles + parts - 1) / parts;
+
+  Arena shared(Arena::need<float>(Q * dp) + Arena::need<float>(Q) + Arena::need<Cand>(Q * parts * k) +
+               Arena::need<int64_t>(Q * parts));
+  if (!shared.ok()) return kOutOfMemory;
+  float* Qp = shared.take<float>(Q * dp);  // (Q, dp) zero-padded queries
+  float* qq = shared.take<float>(Q);       // squared norms
+  Cand* heaps = shared.take<Cand>(Q * parts * k);
+  int64_t* sizes = shared.take<int64_t>(Q * parts);
+  for (int64_t i = 0; i < Q; ++i) {
+    load_row<float>(a.queries + i * d, kF32, d, dp, 1.0f, Qp + i * dp);
+    qq[i] = self_dot(Qp + i * dp, dp);
+  }
+  for (int64_t i = 0; i < Q * parts; ++i) sizes[i] = 0;
+
+  const size_t arena_bytes =
+      Arena::need<float>(direct ? 0 : tile * dp) + Arena::need<float>(kQb * tile) + Arena::need<float>(tile);
+  int status = kOk;
+#pragma omp parallel num_threads(nt)
+  {
+    Arena arena(arena_bytes);
+    if (!arena.ok()) {
+#pragma omp atomic write
+      status = kOutOfMemory;
+    }
+    float* conv = arena.ok() ? arena.take<float>(direct ? 0 : tile * dp) : nullptr;  // (tile, dp)
+    float* S = arena.ok() ? arena.take<float>(kQb * tile) : nullptr;                 // (kQb, tile)
+    float* cc = arena.ok() ? arena.take<float>(tile) : nullptr;                      // corpus squared norms
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < nqb * parts; ++it) {
+      if (!arena.ok()) continue;
+      const int64_t qb = it / parts, part = it % parts;
+      const int64_t q0 = qb * kQb, nq = imin(kQb, Q - q0);
+      const int64_t c_begin = part * tiles_per_part * tile, c_end = imin(N, c_begin + tiles_per_part * tile);
+      for (int64_t t0 = c_begin; t0 < c_end; t0 += tile) {
+        const int64_t nrows = imin(tile, c_end - t0);
+        const float* C;
+        int64_t ldc;
+        if (direct) {
+          C = static_cast<const float*>(a.corpus) + t0 * a.corpus_stride;
+          ldc = a.corpus_stride;
+        } else {
+          for (int64_t j = 0; j < nrows; ++j)
+            load_row<float>(at(a.corpus, a.dtype, (t0 + j) * a.corpus_stride), a.dtype, d, dp, 1.0f, conv + j * dp);
+          C = conv;
+          ldc = dp;
+        }
+        if (a.metric != kIP)
+          for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot(C + j * ldc, dp);
+        dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile);
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t q = q0 + r;
+          Cand* hp = heaps + (q * parts + part) * k;
+          int64_t* n = sizes + q * parts + part;
+          const float* s = S + r * tile;
+          const float inv_q = qq[q] > 0 ? 1.0f / std::sqrt(qq[q]) : 0.0f;
+          for (int64_t j = 0; j < nrows; ++j) {
+            float key = s[j];
+            if (a.metric == kCosine) {
+              key *= inv_q * (cc[j] > 0 ? 1.0f / std::sqrt(cc[j]) : 0.0f);
+            } else if (a.metric == kL2) {
+              const float dist = qq[q] + cc[j] - 2.0f * s[j];
+              key = dist < 0.0f ? -0.0f : -dist;  // rounding can push a zero distance below 0
+            }
+            // Within one part indices increase, so an equal key never displaces a kept one.
+            if (*n == k && !(key > hp[0].key)) continue;
+            Cand c;
+            c.key = key;
+            c.nan = key != key;
+            c.idx = t0 + j;
+            if (c.nan) c.key = -INFINITY;
+            heap_push(hp, n, k, c);
+          }
+        }
+      }
+    }
+    // Merge the parts of each query and write them out best first.
+    Arena merge(Arena::need<Cand>(k));
+    Cand* hf = merge.ok() ? merge.take<Cand>(k) : nullptr;
+    if (!merge.ok()) {
+#pragma omp atomic write
+      status = kOutOfMemory;
+    }
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < Q; ++q) {
+      if (!hf) continue;
+      int64_t n = 0;
+      for (int64_t part = 0; part < parts; ++part) {
+        const Cand* hp = heaps + (q * parts + part) * k;
+        for (int64_t i = 0; i < sizes[q * parts + part]; ++i) heap_push(hf, &n, k, hp[i]);
+      }
+      for (int64_t pos = n - 1; pos >= 0; --pos) {  // pop the worst into the last free slot
+        const Cand c = hf[0];
+        hf[0] = hf[pos];
+        sift_down(hf, pos, 0);
+        a.out_idx[q * k + pos] = c.idx;
+        a.out_scores[q * k + pos] = c.nan ? NAN : (a.metric == kL2 ? -c.key : c.key);
+      }
+    }
+  }
+  return status;
+}
+
+}  // namespace
+
+int attention_fwd(const AttnFwdArgs& a) {
+  return a.dtype == kF64 ? attention_fwd_impl<double>(a) : attention_fwd_impl<float>(a);
+}
+int attention_bwd(const AttnBwdArgs& a) {
+  return a.dtype == kF64 ? attention_bwd_impl<double>(a) : attention_bwd_impl<float>(a);
+}
+int topk(const TopkArgs& a) { return topk_impl(a); }
+
+}  // namespace MINILLM_ISA
+}  // namespace minillm

@@ -1,0 +1,5 @@
+// Baseline level: the architecture's default flags (SSE2 on x86-64, NEON on aarch64) with 16-byte
+// generic vectors; the only level compiled on non-x86 machines.
+#define MINILLM_ISA scalar
+#define MINILLM_VBYTES 16
+#include "kernels_impl.h"

@@ -1,0 +1,64 @@
+// Runtime choice of the SIMD level: the best one this CPU and OS support, chosen once at load time;
+// set_isa() (MINILLM_SIMD from Python, and the tests) can lower it.
+#include <atomic>
+
+#include "kernels.h"
+
+namespace minillm {
+namespace {
+
+bool cpu_has(int isa) {
+  if (isa == kScalar) return true;
+#if defined(MINILLM_HAVE_X86_ISAS) && (defined(__GNUC__) || defined(__clang__))
+  // libgcc's cpu model also checks XGETBV, i.e. that the OS saves the YMM/ZMM state.
+  __builtin_cpu_init();
+  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == kAvx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+#endif
+  return false;
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> isa{best_isa()};
+  return isa;
+}
+
+}  // namespace
+
+const char* isa_name(int isa) {
+  switch (isa) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+bool isa_supported(int isa) { return isa >= kScalar && isa <= kAvx512 && cpu_has(isa); }
+
+int best_isa() {
+  for (int isa = kAvx512; isa > kScalar; --isa)
+    if (isa_supported(isa)) return isa;
+  return kScalar;
+}
+
+int current_isa() { return current().load(); }
+void set_isa(int isa) { current().store(isa); }
+
+#if defined(MINILLM_HAVE_X86_ISAS)
+#define MINILLM_DISPATCH(fn, args)                      \
+  switch (current_isa()) {                              \
+    case kAvx512: return avx512::fn(args);              \
+    case kAvx2: return avx2::fn(args);                  \
+    default: return scalar::fn(args);                   \
+  }
+#else
+#define MINILLM_DISPATCH(fn, args) return scalar::fn(args);
+#endif
+
+int dispatch_attention_fwd(const AttnFwdArgs& a) { MINILLM_DISPATCH(attention_fwd, a) }
+int dispatch_attention_bwd(const AttnBwdArgs& a) { MINILLM_DISPATCH(attention_bwd, a) }
+int dispatch_topk(const TopkArgs& a) { MINILLM_DISPATCH(topk, a) }
+
+}  // namespace minillm

@@ -1,0 +1,298 @@
+"""Fused scaled-dot-product attention: public wrappers, the `minillm::attention_*` custom ops,
+their fake (meta) implementations and autograd registration.
+
+Shapes: q (B, H, Nq, D); k, v (B, H, Nk, D); key_padding_mask (B, Nk) bool, True = keep.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minillm.ops import _backend
+from minillm.ops.reference import attention_reference
+
+# Kernel dtype codes (csrc/kernels.h: DType).
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_DTYPE_NAMES = "float32, bfloat16, float16 or float64"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    # Kernels take any (b, h, n) strides but need unit stride along D.
+    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
+
+
+def _strides(t: Tensor) -> Tuple[int, int, int]:
+    s = t.stride()
+    return (s[0], s[1], s[2])
+
+
+# ---- custom ops (schema once; CPU implementation here, fake + autograd beside it) ----
+
+
+@torch.library.custom_op("minillm::attention_fwd", mutates_args=(), device_types="cpu")
+def _attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    causal_offset: int,
+    scale: float,
+) -> Tuple[Tensor, Tensor]:
+    """Returns out (B, H, Nq, D) and the log-sum-exp (B, H, Nq) in fp32 (fp64 for fp64 inputs);
+    lse is +inf for a query that sees no key."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    out = q.new_empty((B, H, Nq, D))
+    lse = q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
+    if out.numel() == 0 or Nk == 0:
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
+    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    _backend._C.attention_fwd(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        mask.data_ptr() if mask is not None else 0,
+        (B, H, Nq, Nk, D), _strides(q), _strides(k), _strides(v),
+        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], torch.get_num_threads(),
+    )
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, key_padding_mask, causal, causal_offset, scale):
+    B, H, Nq, D = q.shape
+    return q.new_empty((B, H, Nq, D)), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("minillm::attention_bwd", mutates_args=(), device_types="cpu")
+def _attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    causal_offset: int,
+    scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of attention_fwd given the gradients of both of its outputs."""
+    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    _backend._C.attention_bwd(
+        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        dlse.data_ptr() if dlse is not None else 0, mask.data_ptr() if mask is not None else 0,
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        (B, H, Nq, Nk, D), _strides(dout), _strides(q), _strides(k), _strides(v), _strides(out),
+        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], torch.get_num_threads(),
+    )
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_mask, causal, causal_offset, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, causal_offset, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.causal, ctx.causal_offset, ctx.scale = causal, causal_offset, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, ctx.causal, ctx.causal_offset,
+                                ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ----
+
+
+def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_scale(scale, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _check_qkv(q, k, v) -> None:
+    _check_tensor("q", q, 4, "(B, H, Nq, D)")
+    _check_tensor("k", k, 4, "(B, H, Nk, D)")
+    _check_tensor("v", v, 4, "(B, H, Nk, D)")
+    if q.dtype not in _DTYPE_CODE:
+        raise TypeError(f"q must be {_DTYPE_NAMES}, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, _, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != H or v.shape[1] != H:
+        raise ValueError(
+            f"q, k and v must agree in B and H: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length Nk: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if D == 0 or k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(
+            f"q, k and v must share one head dim D >= 1: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+
+
+def _check_mask(key_padding_mask, q: Tensor, k: Tensor) -> None:
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor (B, Nk) or None, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be torch.bool (True = keep), got {key_padding_mask.dtype}; "
+            "for a 0/1 mask pass mask.bool()"
+        )
+    expected = (k.shape[0], k.shape[2])
+    if tuple(key_padding_mask.shape) != expected:
+        raise ValueError(f"key_padding_mask must have shape (B, Nk) = {expected}, got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
+
+
+def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: float) -> Tensor:
+    native = _backend.native_for(q.device)
+    _backend.log_path_once("attention", q.device, native)
+    if native:
+        out, _ = _attention_fwd(q, k, v, key_padding_mask, causal, causal_offset, scale)
+        return out
+    return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                               causal_offset=causal_offset)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Fused scaled-dot-product attention, softmax(q k^T * scale) v, with forward and backward kernels.
+
+    Args:
+        q: (B, H, Nq, D) queries; float32, bfloat16, float16 or float64 (any head dim D >= 1).
+        k: (B, H, Nk, D) keys, same dtype and device. Nk may differ from Nq.
+        v: (B, H, Nk, D) values.
+        causal: query i sees key j only when j <= i + (Nk - Nq): bottom-right alignment, so in
+            KV-cache decoding (Nq new queries after Nk - Nq cached keys) each query sees the cache
+            and itself. Queries that see no key (Nq > Nk) return 0.
+        key_padding_mask: (B, Nk) bool, True = keep the key. Padded keys' values are never read.
+        scale: multiplier of q k^T; default 1 / sqrt(D).
+
+    Returns:
+        (B, H, Nq, D) in the input dtype. A query row that sees no key is 0 (never NaN).
+        NaN or inf in a visible position propagates to the outputs that attend to it.
+
+    CPU tensors run the C++ kernel (fp32 accumulation for 16-bit inputs, O(N) extra memory); other
+    devices run :func:`minillm.ops.reference.attention_reference`.
+    """
+    _check_qkv(q, k, v)
+    _check_mask(key_padding_mask, q, k)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = _check_scale(scale, q.shape[-1])
+    return _run(q, k, v, key_padding_mask, causal, k.shape[2] - q.shape[2], scale)
+
+
+def _as_key_padding(attn_mask: Tensor, B: int, Nq: int, Nk: int) -> Optional[Tensor]:
+    """(B, Nk) view of a boolean SDPA mask that only depends on (batch, key), else None."""
+    if attn_mask.dtype != torch.bool or attn_mask.dim() > 4 or attn_mask.dim() == 0:
+        return None
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if shape[0] not in (1, B) or shape[1] != 1 or shape[2] != 1 or shape[3] != Nk:
+        return None
+    return attn_mask.reshape(shape[0], Nk).expand(B, Nk)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Runs the native kernel when the arguments fit it: 4-D (B, H, N, D) inputs of one supported dtype,
+    no dropout, and either no mask, ``is_causal`` (top-left aligned, as torch does), or a boolean
+    ``attn_mask`` that depends only on (batch, key), e.g. shape (B, 1, 1, Nk) (a key-padding mask).
+    Everything else (dense or float masks, dropout, other ranks) calls torch's function.
+    Unlike torch, a query whose keys are all masked returns 0 rather than NaN.
+    """
+    fits = (
+        isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
+        and query.dim() == 4 and key.dim() == 4 and value.dim() == 4
+        and query.dtype in _DTYPE_CODE and key.dtype == query.dtype and value.dtype == query.dtype
+        and key.device == query.device and value.device == query.device
+        and dropout_p == 0.0 and not (is_causal and attn_mask is not None)
+        and key.shape[-1] == query.shape[-1] == value.shape[-1] and key.shape[2] == value.shape[2]
+        and _backend.native_for(query.device)
+    )
+    kpm = None
+    if fits and enable_gqa and key.shape[1] != query.shape[1]:
+        if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0:
+            fits = False
+        else:
+            rep = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    if fits and attn_mask is not None:
+        kpm = _as_key_padding(attn_mask, query.shape[0], query.shape[2], key.shape[2])
+        fits = kpm is not None
+    if fits:
+        try:
+            _check_qkv(query, key, value)
+            scale_v = _check_scale(scale, query.shape[-1])
+        except (TypeError, ValueError):
+            fits = False
+    if not fits:
+        kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, **kwargs)
+    return _run(query, key, value, kpm, bool(is_causal), 0, scale_v)
