@@ -365,9 +365,15 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
 
       for (int64_t j = 0; j < k_end; ++j) {
-        load_row<T>(at(a.k, a.dtype, kbase + j * a.k_stride[2]), a.dtype, D, Dp, T(1), Qs);
+        // Padded keys are never read: whatever they hold (NaN, inf) cannot reach the output.
+        if (kpm && !kpm[j]) {
+          std::memset(Qs, 0, sizeof(T) * Dp);
+          std::memset(Vp + j * Dp, 0, sizeof(T) * Dp);
+        } else {
+          load_row<T>(at(a.k, a.dtype, kbase + j * a.k_stride[2]), a.dtype, D, Dp, T(1), Qs);
+          load_row<T>(at(a.v, a.dtype, vbase + j * a.v_stride[2]), a.dtype, D, Dp, T(1), Vp + j * Dp);
+        }
         for (int64_t d = 0; d < Dp; ++d) Kt[d * ldk + j] = Qs[d];
-        load_row<T>(at(a.v, a.dtype, vbase + j * a.v_stride[2]), a.dtype, D, Dp, T(1), Vp + j * Dp);
       }
       for (int64_t d = 0; d < Dp; ++d)
         for (int64_t j = k_end; j < ldk; ++j) Kt[d * ldk + j] = 0;
@@ -501,7 +507,7 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
       }
       std::memset(dQ, 0, sizeof(T) * Nq * Dp);
       for (int64_t j = 0; j < NkP; ++j) {
-        if (j < Nk) {
+        if (j < Nk && !(kpm && !kpm[j])) {  // padded keys are never read
           load_row<T>(at(a.k, a.dtype, b * a.k_stride[0] + h * a.k_stride[1] + j * a.k_stride[2]), a.dtype, D, Dp,
                       T(1), Kr + j * Dp);
           load_row<T>(at(a.v, a.dtype, b * a.v_stride[0] + h * a.v_stride[1] + j * a.v_stride[2]), a.dtype, D, Dp,

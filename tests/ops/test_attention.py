@@ -1,0 +1,281 @@
+"""minillm.ops.attention against the plain-torch reference: forward, gradients, masks, dtypes, levels."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillm.ops import _backend, attention, force_torch, scaled_dot_product_attention
+from minillm.ops.reference import attention_reference
+
+pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="native extension not available")
+
+LENGTHS = (1, 7, 64, 97, 300)
+HEAD_DIMS = (8, 40, 64, 80, 128)
+
+
+def make_inputs(B, H, Nq, Nk, D, dtype=torch.float32, padded=False, fully_padded_row=False):
+    q, k, v = (torch.randn(B, H, n, D, dtype=dtype) for n in (Nq, Nk, Nk))
+    mask = None
+    if padded:
+        mask = torch.rand(B, Nk) > 0.25
+        mask[:, 0] = True  # every sequence keeps a key unless asked otherwise
+        if fully_padded_row:
+            mask[-1] = False
+    return q, k, v, mask
+
+
+def visible_rows(B, H, Nq, Nk, causal, mask):
+    """(B, H, Nq) bool: query rows that see at least one key."""
+    vis = torch.ones(B, H, Nq, Nk, dtype=torch.bool)
+    if causal:
+        i = torch.arange(Nq)[:, None]
+        j = torch.arange(Nk)[None, :]
+        vis = vis & (j <= i + Nk - Nq)
+    if mask is not None:
+        vis = vis & mask[:, None, None, :]
+    return vis, vis.any(-1)
+
+
+def forward_backward(fn, q, k, v, grad):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def check_against_reference(B, H, Nq, Nk, D, causal, padded, fully_padded_row=False):
+    q, k, v, mask = make_inputs(B, H, Nq, Nk, D, padded=padded, fully_padded_row=fully_padded_row)
+    grad = torch.randn(B, H, Nq, D)
+    got = forward_backward(lambda a, b, c: attention(a, b, c, causal=causal, key_padding_mask=mask), q, k, v, grad)
+    want = forward_backward(
+        lambda a, b, c: attention_reference(a, b, c, causal=causal, key_padding_mask=mask),
+        q.double(), k.double(), v.double(), grad.double(),
+    )
+    # Gradients of k and v sum over up to 300 query rows in fp32, hence their wider atol.
+    for name, g, w, atol in zip(("out", "dq", "dk", "dv"), got, want, (1e-5, 1e-5, 3e-5, 3e-5)):
+        torch.testing.assert_close(g, w.float(), atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    return got, mask
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("Nq,Nk", list(itertools.product(LENGTHS, LENGTHS)))
+@pytest.mark.parametrize("B,H", [(1, 1), (3, 4)])
+def test_fp32_grid(B, H, Nq, Nk, D, causal, padded):
+    (out, dq, dk, dv), mask = check_against_reference(B, H, Nq, Nk, D, causal, padded, fully_padded_row=padded and B > 1)
+    if padded and B > 1:  # the fully padded sequence: zeros, never NaN, and no gradient
+        for t in (out, dq, dk, dv):
+            assert torch.equal(t[-1], torch.zeros_like(t[-1]))
+
+
+@pytest.mark.parametrize("causal,padded", [(False, False), (True, False), (False, True), (True, True)])
+def test_every_simd_level(simd_level, causal, padded):
+    for Nq, Nk, D in [(97, 300, 40), (64, 64, 64), (1, 7, 8), (300, 97, 80), (33, 33, 128)]:
+        check_against_reference(2, 3, Nq, Nk, D, causal, padded)
+
+
+def _errors(dtype, B, H, Nq, Nk, D, causal, padded):
+    """Max abs error of minillm and of torch's SDPA in `dtype`, both against an fp32 reference on the
+    same (rounded) inputs, for out, dq, dk, dv, over rows that see at least one key."""
+    q, k, v, mask = make_inputs(B, H, Nq, Nk, D, dtype=dtype, padded=padded)
+    grad = torch.randn(B, H, Nq, D, dtype=dtype)
+    vis, rows = visible_rows(B, H, Nq, Nk, causal, mask)
+    ref = forward_backward(
+        lambda a, b, c: attention_reference(a, b, c, causal=causal, key_padding_mask=mask),
+        q.float(), k.float(), v.float(), grad.float(),
+    )
+    ours = forward_backward(lambda a, b, c: attention(a, b, c, causal=causal, key_padding_mask=mask), q, k, v, grad)
+    sdpa_mask = vis if (causal or padded) else None
+    theirs = forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=sdpa_mask),
+                              q, k, v, grad)
+    rows_d = rows[..., None]
+    key_rows = mask[:, None, :, None] if mask is not None else torch.ones(1, 1, Nk, 1, dtype=torch.bool)
+
+    def err(x, r, sel):
+        return torch.where(sel, (x.float() - r).abs(), torch.zeros(())).nan_to_num(nan=float("inf")).max().item()
+
+    sels = (rows_d, rows_d, key_rows, key_rows)
+    return [err(o, r, s) for o, r, s in zip(ours, ref, sels)], [err(t, r, s) for t, r, s in zip(theirs, ref, sels)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("D", (40, 64, 128))
+@pytest.mark.parametrize("Nq,Nk", [(64, 64), (97, 300), (300, 97), (1, 300), (300, 300)])
+def test_half_precision_within_2x_torch_error(dtype, Nq, Nk, D, causal, padded):
+    ours, theirs = _errors(dtype, 2, 4, Nq, Nk, D, causal, padded)
+    # torch's error is the yardstick; the tiny floor only covers cases where both are exact.
+    for name, o, t in zip(("out", "dq", "dk", "dv"), ours, theirs):
+        assert o <= 2 * t + 1e-6, f"{name}: minillm error {o:.3g} > 2x torch error {t:.3g}"
+
+
+def test_half_precision_outputs_keep_dtype():
+    q, k, v, mask = make_inputs(1, 2, 5, 9, 16, dtype=torch.bfloat16, padded=True)
+    q.requires_grad_()
+    out = attention(q, k, v, key_padding_mask=mask)
+    out.sum().backward()
+    assert out.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("causal,padded", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("Nq,Nk", [(5, 7), (7, 5), (1, 4), (6, 6)])
+def test_gradcheck_float64(causal, padded, Nq, Nk):
+    q, k, v, mask = make_inputs(1, 2, Nq, Nk, 3, dtype=torch.float64, padded=padded)
+    args = tuple(t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, causal=causal, key_padding_mask=mask), args)
+
+
+def test_gradcheck_through_lse_output():
+    # The op also returns the log-sum-exp; its gradient must be exact too, not dropped.
+    q, k, v, mask = make_inputs(2, 2, 5, 6, 4, dtype=torch.float64, padded=True)
+    args = tuple(t.requires_grad_() for t in (q, k, v))
+    op = torch.ops.minillm.attention_fwd
+    assert torch.autograd.gradcheck(lambda a, b, c: op(a, b, c, mask, True, 1, 0.7), args)
+
+
+def test_opcheck_forward_and_backward():
+    for causal, padded in [(False, False), (True, True)]:
+        q, k, v, mask = make_inputs(2, 3, 9, 11, 16, padded=padded)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        torch.library.opcheck(torch.ops.minillm.attention_fwd.default, (q, k, v, mask, causal, 2, 0.25))
+        out, lse = torch.ops.minillm.attention_fwd(q, k, v, mask, causal, 2, 0.25)
+        dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+        args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dlse, mask, causal, 2, 0.25)
+        torch.library.opcheck(torch.ops.minillm.attention_bwd.default, args)
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    q, k, v, mask = make_inputs(2, 2, 33, 33, 16, padded=True)
+
+    def f(a, b, c):
+        return attention(a, b, c, causal=True, key_padding_mask=mask).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    eager_args = [t.clone().requires_grad_() for t in (q, k, v)]
+    comp_args = [t.clone().requires_grad_() for t in (q, k, v)]
+    f(*eager_args).backward()
+    compiled(*comp_args).backward()
+    for e, c in zip(eager_args, comp_args):
+        torch.testing.assert_close(c.grad, e.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_forced_torch_path_matches_native():
+    q, k, v, mask = make_inputs(2, 3, 50, 70, 24, padded=True)
+    grad = torch.randn(2, 3, 50, 24)
+    fn = lambda a, b, c: attention(a, b, c, causal=True, key_padding_mask=mask)  # noqa: E731
+    native = forward_backward(fn, q, k, v, grad)
+    with force_torch():
+        fallback = forward_backward(fn, q, k, v, grad)
+    for n, f in zip(native, fallback):
+        torch.testing.assert_close(n, f, atol=1e-5, rtol=1e-4)
+
+
+def test_strided_inputs_and_gradients():
+    # (B, N, H, D) storage viewed as (B, H, N, D), as in most model code; a non-contiguous dout too.
+    B, N, H, D = 2, 45, 3, 32
+    qs, ks, vs = (torch.randn(B, N, H, D) for _ in range(3))
+    q, k, v = (t.transpose(1, 2) for t in (qs, ks, vs))
+    assert not q.is_contiguous()
+    grad = torch.randn(B, N, H, D).transpose(1, 2)
+    got = forward_backward(lambda a, b, c: attention(a, b, c, causal=True), q, k, v, grad)
+    want = forward_backward(lambda a, b, c: attention_reference(a, b, c, causal=True), q.double(), k.double(),
+                            v.double(), grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), atol=1e-5, rtol=1e-4)
+    # Broadcast (stride-0) keys and a last-dim-strided value tensor.
+    k0 = torch.randn(1, 1, 20, D).expand(B, H, 20, D)
+    v0 = torch.randn(B, H, D, 20).transpose(2, 3)
+    torch.testing.assert_close(attention(q, k0, v0), attention_reference(q, k0, v0), atol=1e-5, rtol=1e-4)
+
+
+def test_kv_cache_decode_alignment():
+    # One new query after 30 cached keys sees all 31 keys: the last row of full causal attention.
+    q, k, v, _ = make_inputs(2, 4, 31, 31, 16)
+    full = attention(q, k, v, causal=True)
+    step = attention(q[:, :, -1:], k, v, causal=True)
+    torch.testing.assert_close(step, full[:, :, -1:], atol=1e-6, rtol=1e-5)
+    # More queries than keys: the first Nq - Nk queries see nothing and return 0.
+    out = attention(q, k[:, :, :10], v[:, :, :10], causal=True)
+    assert torch.equal(out[:, :, :21], torch.zeros_like(out[:, :, :21]))
+    torch.testing.assert_close(out, attention_reference(q, k[:, :, :10], v[:, :, :10], causal=True),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_fully_padded_single_sequence_is_zero_with_zero_grads():
+    q, k, v, _ = make_inputs(1, 2, 6, 8, 16)
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    out, dq, dk, dv = forward_backward(lambda a, b, c: attention(a, b, c, key_padding_mask=mask), q, k, v,
+                                       torch.randn(1, 2, 6, 16))
+    for t in (out, dq, dk, dv):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+def test_nan_propagates_from_visible_positions_only():
+    q, k, v, mask = make_inputs(1, 1, 8, 8, 16, padded=True)
+    mask[0, 5] = False
+    q[0, 0, 3, 0] = float("nan")
+    out = attention(q, k, v, key_padding_mask=mask)
+    assert torch.isnan(out[0, 0, 3]).all()
+    assert torch.isfinite(out[0, 0, [0, 1, 2, 4, 5, 6, 7]]).all()
+    # Garbage in a padded key never reaches the output.
+    k2, v2 = k.clone(), v.clone()
+    k2[0, 0, 5], v2[0, 0, 5] = float("nan"), float("inf")
+    q2 = torch.randn_like(q)
+    torch.testing.assert_close(attention(q2, k2, v2, key_padding_mask=mask), attention(q2, k, v, key_padding_mask=mask))
+    # NaN in a visible value reaches every row that attends to it.
+    v3 = v.clone()
+    v3[0, 0, 2, 0] = float("nan")
+    assert torch.isnan(attention(q2, k, v3, key_padding_mask=mask)[..., 0]).all()
+
+
+def test_custom_scale_and_empty_shapes():
+    q, k, v, _ = make_inputs(2, 2, 9, 9, 8)
+    torch.testing.assert_close(attention(q, k, v, scale=0.1), attention_reference(q, k, v, scale=0.1),
+                               atol=1e-6, rtol=1e-5)
+    assert attention(q[:, :, :0], k, v).shape == (2, 2, 0, 8)
+    out = attention(q, k[:, :, :0], v[:, :, :0])
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+# ---- the torch-signature drop-in ----
+
+
+@pytest.mark.parametrize("Nq,Nk", [(16, 16), (10, 24), (24, 10)])
+def test_sdpa_dropin_matches_torch(Nq, Nk):
+    q, k, v, mask = make_inputs(2, 3, Nq, Nk, 16, padded=True)
+    for kwargs in [{}, {"is_causal": True}, {"attn_mask": mask[:, None, None, :]},
+                   {"scale": 0.3}]:
+        torch.testing.assert_close(scaled_dot_product_attention(q, k, v, **kwargs),
+                                   F.scaled_dot_product_attention(q, k, v, **kwargs), atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_dropin_falls_back_for_dense_masks_and_dropout():
+    q, k, v, _ = make_inputs(2, 3, 12, 12, 16)
+    dense = torch.rand(2, 3, 12, 12) > 0.3
+    dense[..., 0] = True
+    additive = torch.randn(12, 12)
+    for kwargs in [{"attn_mask": dense}, {"attn_mask": additive}]:
+        torch.testing.assert_close(scaled_dot_product_attention(q, k, v, **kwargs),
+                                   F.scaled_dot_product_attention(q, k, v, **kwargs))
+    torch.manual_seed(1)
+    a = scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(1)
+    b = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.testing.assert_close(a, b)
+
+
+def test_sdpa_dropin_gqa():
+    q = torch.randn(2, 6, 10, 16)
+    k, v = torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_default_scale_is_inverse_sqrt_d():
+    q, k, v, _ = make_inputs(1, 1, 4, 4, 9)
+    torch.testing.assert_close(attention(q, k, v), attention(q, k, v, scale=1 / math.sqrt(9)))
