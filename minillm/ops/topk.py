@@ -109,7 +109,7 @@ def topk_search(
     if c.dtype not in _CORPUS_CODE:
         raise TypeError(f"corpus must be float32, bfloat16 or float16, got {c.dtype}")
     if q.device != c.device:
-        raise ValueError(f"queries are on {q.device} but corpus is on {c.device}")
+        raise ValueError(f"queries and corpus must be on one device: queries on {q.device}, corpus on {c.device}")
     q = q.detach().to(torch.float32)
     c = c.detach()
     if q.numel() and not bool(torch.isfinite(q).all()):

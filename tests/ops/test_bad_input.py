@@ -1,0 +1,94 @@
+"""Every argument error is a TypeError/ValueError naming the argument, on the native and torch paths."""
+import numpy as np
+import pytest
+import torch
+
+from minillm.ops import attention, force_torch, topk_search
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request):
+    if request.param == "torch":
+        with force_torch():
+            yield request.param
+    else:
+        yield request.param
+
+
+def qkv(B=2, H=3, Nq=5, Nk=6, D=8, dtype=torch.float32):
+    return torch.randn(B, H, Nq, D, dtype=dtype), torch.randn(B, H, Nk, D, dtype=dtype), torch.randn(B, H, Nk, D,
+                                                                                                    dtype=dtype)
+
+
+ATTENTION_CASES = [
+    # (description, call, exception, words the message must contain)
+    ("q not a tensor", lambda q, k, v: attention(q.numpy(), k, v), TypeError, ["q", "torch.Tensor"]),
+    ("q 3-D", lambda q, k, v: attention(q[0], k, v), ValueError, ["q", "4-D"]),
+    ("k 5-D", lambda q, k, v: attention(q, k[None], v), ValueError, ["k", "4-D"]),
+    ("int dtype", lambda q, k, v: attention(q.int(), k.int(), v.int()), TypeError, ["q", "float32"]),
+    ("mixed dtypes", lambda q, k, v: attention(q, k.double(), v), TypeError, ["dtype"]),
+    ("B mismatch", lambda q, k, v: attention(q, k[:1], v[:1]), ValueError, ["B and H"]),
+    ("H mismatch", lambda q, k, v: attention(q, k[:, :2], v[:, :2]), ValueError, ["B and H"]),
+    ("k/v length mismatch", lambda q, k, v: attention(q, k, v[:, :, :4]), ValueError, ["Nk"]),
+    ("D mismatch", lambda q, k, v: attention(q, k[..., :4], v), ValueError, ["head dim"]),
+    ("D = 0", lambda q, k, v: attention(q[..., :0], k[..., :0], v[..., :0]), ValueError, ["head dim"]),
+    ("scale inf", lambda q, k, v: attention(q, k, v, scale=float("inf")), ValueError, ["scale", "finite"]),
+    ("scale nan", lambda q, k, v: attention(q, k, v, scale=float("nan")), ValueError, ["scale", "finite"]),
+    ("scale str", lambda q, k, v: attention(q, k, v, scale="0.5"), TypeError, ["scale"]),
+    ("causal not bool", lambda q, k, v: attention(q, k, v, causal=1), TypeError, ["causal"]),
+    ("mask float", lambda q, k, v: attention(q, k, v, key_padding_mask=torch.ones(2, 6)), TypeError,
+     ["key_padding_mask", "bool"]),
+    ("mask shape", lambda q, k, v: attention(q, k, v, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)),
+     ValueError, ["key_padding_mask", "(B, Nk)"]),
+    ("mask 4-D", lambda q, k, v: attention(q, k, v, key_padding_mask=torch.ones(2, 1, 1, 6, dtype=torch.bool)),
+     ValueError, ["key_padding_mask"]),
+    ("mask list", lambda q, k, v: attention(q, k, v, key_padding_mask=[True] * 6), TypeError, ["key_padding_mask"]),
+]
+
+
+@pytest.mark.parametrize("desc,call,exc,words", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
+def test_attention_bad_input(path, desc, call, exc, words):
+    q, k, v = qkv()
+    with pytest.raises(exc) as info:
+        call(q, k, v)
+    for w in words:
+        assert w in str(info.value), f"{desc}: {w!r} not in {info.value}"
+
+
+def test_attention_device_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="one device"):
+        attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="key_padding_mask must be on"):
+        attention(q, k, v, key_padding_mask=torch.ones(2, 6, dtype=torch.bool, device="meta"))
+
+
+C = torch.randn(50, 8)
+Q = torch.randn(3, 8)
+TOPK_CASES = [
+    ("k = 0", lambda: topk_search(Q, C, 0), ValueError, ["k", "1 <= k <= N"]),
+    ("k < 0", lambda: topk_search(Q, C, -3), ValueError, ["k"]),
+    ("k > N", lambda: topk_search(Q, C, 51), ValueError, ["k", "N = 50"]),
+    ("k float", lambda: topk_search(Q, C, 2.0), TypeError, ["k", "int"]),
+    ("k bool", lambda: topk_search(Q, C, True), TypeError, ["k", "int"]),
+    ("empty corpus", lambda: topk_search(Q, C[:0], 1), ValueError, ["corpus", "empty"]),
+    ("d mismatch", lambda: topk_search(Q[:, :4], C, 1), ValueError, ["d = 4", "d = 8"]),
+    ("corpus 1-D", lambda: topk_search(Q, C[0], 1), ValueError, ["corpus", "2-D"]),
+    ("queries 3-D", lambda: topk_search(Q[None], C, 1), ValueError, ["queries"]),
+    ("corpus int", lambda: topk_search(Q, C.int(), 1), TypeError, ["corpus"]),
+    ("corpus float64", lambda: topk_search(Q, C.double(), 1), TypeError, ["corpus", "float32"]),
+    ("numpy int", lambda: topk_search(Q.numpy(), C.numpy().astype(np.int32), 1), TypeError, ["corpus"]),
+    ("queries int", lambda: topk_search(Q.int(), C, 1), TypeError, ["queries"]),
+    ("list input", lambda: topk_search([[1.0] * 8], C, 1), TypeError, ["queries", "numpy"]),
+    ("metric", lambda: topk_search(Q, C, 1, "dot"), ValueError, ["metric", "cosine"]),
+    ("nan query", lambda: topk_search(torch.full((1, 8), float("nan")), C, 1), ValueError, ["queries", "NaN"]),
+    ("device", lambda: topk_search(Q, C.to("meta"), 1), ValueError, ["device", "meta"]),
+]
+
+
+@pytest.mark.parametrize("desc,call,exc,words", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
+def test_topk_bad_input(path, desc, call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), f"{desc}: {w!r} not in {info.value}"
