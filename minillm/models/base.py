@@ -1,0 +1,157 @@
+"""Save / load for every minillm model: config.json + model.safetensors (+ tokenizer.json). No pickle."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minillm.models.config import ModelConfig
+from minillm.utils import atomic_write, atomic_write_text
+
+log = logging.getLogger("minillm.models")
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+
+_REGISTRY: Dict[str, type] = {}
+
+
+def register(model_type: str):
+    def wrap(cls):
+        _REGISTRY[model_type] = cls
+        cls.model_type = model_type
+        return cls
+
+    return wrap
+
+
+def unique_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """state_dict without the second name of tied parameters (safetensors stores each tensor once)."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else (name,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+class PreTrainedModel(nn.Module):
+    """Base of the minillm models: config handling, save_pretrained / from_pretrained, loss helper."""
+
+    model_type = ""
+
+    def __init__(self, config: Union[ModelConfig, Dict[str, Any]]):
+        super().__init__()
+        config = ModelConfig.from_dict(config)
+        if self.model_type and config.model_type != self.model_type:
+            raise ValueError(f"{type(self).__name__} needs model_type={self.model_type!r}, got {config.model_type!r}")
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in unique_state_dict(self).values() if t.is_floating_point())
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], tokenizer=None,
+                        dtype: Optional[torch.dtype] = None) -> Path:
+        """Writes config.json, model.safetensors and (when given) tokenizer.json into `directory`.
+
+        Each file is written atomically. `dtype` casts floating-point weights (e.g. torch.bfloat16).
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, t in unique_state_dict(self).items():
+            t = t.detach().to("cpu")
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            tensors[name] = t.contiguous()
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(directory / TOKENIZER_NAME)
+        return directory
+
+    def load_weights(self, path: Union[str, os.PathLike], strict: bool = True) -> None:
+        """Loads model.safetensors into this model; missing, unexpected or mis-shaped tensors are
+        an error that names them."""
+        expected = unique_state_dict(self)
+        with safe_open(os.fspath(path), framework="pt") as f:
+            names = set(f.keys())
+            missing = sorted(set(expected) - names)
+            unexpected = sorted(names - set(expected))
+            mismatched = [
+                f"{n}: file {tuple(f.get_slice(n).get_shape())} vs model {tuple(expected[n].shape)}"
+                for n in sorted(names & set(expected))
+                if tuple(f.get_slice(n).get_shape()) != tuple(expected[n].shape)
+            ]
+            problems = []
+            if missing:
+                problems.append(f"missing tensors {missing}")
+            if unexpected and strict:
+                problems.append(f"unexpected tensors {unexpected}")
+            if mismatched:
+                problems.append(f"shape mismatches {mismatched}")
+            if problems:
+                raise ValueError(f"{path} does not fit {type(self).__name__}: " + "; ".join(problems))
+            with torch.no_grad():
+                for name, t in expected.items():
+                    t.copy_(f.get_tensor(name))
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
+                        dtype: Optional[torch.dtype] = None) -> "PreTrainedModel":
+        """Loads a model saved by save_pretrained (any model type when called on PreTrainedModel;
+        a Hugging Face BERT folder for the encoder-only model)."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+        if raw.get("model_type") == "bert":
+            from minillm.models.pretrained import load_hf_bert
+
+            model = load_hf_bert(directory)
+        else:
+            config = ModelConfig.from_dict(raw)
+            model_cls = _REGISTRY.get(config.model_type) if cls is PreTrainedModel else cls
+            model = model_cls(config)
+            weights = directory / WEIGHTS_NAME
+            if not weights.is_file():
+                raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+            model.load_weights(weights)
+        if cls is not PreTrainedModel and not isinstance(model, cls):
+            raise ValueError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        model.eval()
+        return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+
+def build_model(config: Union[ModelConfig, Dict[str, Any]]) -> PreTrainedModel:
+    """The model class named by config["model_type"]: encoder_only, decoder_only or transformer."""
+    config = ModelConfig.from_dict(config)
+    return _REGISTRY[config.model_type](config)
+
+
+def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> PreTrainedModel:
+    """Loads any minillm model (or a Hugging Face BERT folder) from `directory`."""
+    return PreTrainedModel.from_pretrained(directory, **kwargs)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labels != -100. logits: (B, N, V), labels: (B, N)."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be {tuple(logits.shape[:-1])}")
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                       ignore_index=-100)

@@ -1,0 +1,116 @@
+"""Model configuration: one dataclass for the three architectures, built from the seed's plain dicts."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Union
+
+MODEL_TYPES = ("encoder_only", "decoder_only", "transformer")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+NORM_POSITIONS = ("pre", "post")
+
+# Per-architecture defaults where the three differ: BERT is post-norm with an embedding LayerNorm
+# and token types; GPT (nanoGPT) and the encoder-decoder are pre-norm.
+_DEFAULTS = {
+    "encoder_only": {"norm_position": "post", "norm_eps": 1e-12, "type_vocab_size": 2, "embedding_norm": True},
+    "decoder_only": {"norm_position": "pre", "norm_eps": 1e-5, "type_vocab_size": 0, "embedding_norm": False},
+    "transformer": {"norm_position": "pre", "norm_eps": 1e-5, "type_vocab_size": 0, "embedding_norm": False},
+}
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a minillm model.
+
+    The seed's keys (model_type, vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_len,
+    dropout) plus what each architecture needs. `None` fields take the architecture's default.
+    ``dropout`` applies to embeddings, residual branches and the MLP; attention probabilities are
+    not dropped, so the fused attention kernel runs in training too.
+    """
+
+    model_type: str = "decoder_only"
+    vocab_size: int = 256
+    d_model: int = 256
+    num_heads: int = 4
+    num_layers: int = 4
+    d_ff: Optional[int] = None  # default 4 * d_model
+    max_seq_len: int = 512
+    dropout: float = 0.1
+    activation: str = "gelu"
+    norm_eps: Optional[float] = None
+    norm_position: Optional[str] = None  # "pre" (GPT) or "post" (BERT)
+    embedding_norm: Optional[bool] = None  # LayerNorm after the embeddings (BERT)
+    type_vocab_size: Optional[int] = None  # token-type embeddings (BERT); 0 = none
+    bias: bool = True
+    tie_embeddings: bool = True
+    num_decoder_layers: Optional[int] = None  # encoder-decoder only; default num_layers
+    pad_token_id: Optional[int] = 0
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    extra: Dict[str, Any] = field(default_factory=dict)  # free-form, kept through save/load
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        for key, value in _DEFAULTS[self.model_type].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "num_decoder_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}); "
+                f"e.g. num_heads={max(h for h in range(1, self.num_heads + 1) if self.d_model % h == 0)}"
+            )
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
+        if not (self.norm_eps > 0):
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value < self.vocab_size):
+                raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def from_dict(cls, d: Union["ModelConfig", Dict[str, Any]]) -> "ModelConfig":
+        """Builds a config from a dict such as the seed's; unknown keys are an error naming them."""
+        if isinstance(d, ModelConfig):
+            return d
+        if not isinstance(d, dict):
+            raise TypeError(f"config must be a dict or ModelConfig, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"minillm_version"})
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        from minillm.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "ModelConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,93 @@
+"""DecoderOnlyModel: a GPT (pre-norm, causal attention, tied embeddings) with KV-cache generation."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from minillm.models.base import PreTrainedModel, lm_loss, register
+from minillm.models.generation import check_sampling, decode
+from minillm.models.layers import Block, Embeddings, KVCache, check_input_ids, init_weights, padding_mask
+
+
+@register("decoder_only")
+class DecoderOnlyModel(PreTrainedModel):
+    """GPT-like language model.
+
+    ``model(input_ids, labels=None) -> (logits (B, N, vocab), loss or None)``.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        c = self.config
+        self.embed = Embeddings(c)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.norm_f = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias) if c.norm_position == "pre" else None
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        init_weights(self, c.num_layers)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.tok.weight
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                      cache: Optional[KVCache] = None) -> Tensor:
+        """(B, N, C) final hidden states. With a cache, input_ids continue the cached tokens."""
+        start = cache.length if cache is not None else 0
+        x = self.embed(input_ids, start)
+        kpm = padding_mask(attention_mask, input_ids)
+        if kpm is not None and cache is not None:
+            raise ValueError("attention_mask with a KV cache is not supported; generate from unpadded prompts")
+        for i, block in enumerate(self.blocks):
+            x = block(x, causal=True, key_padding_mask=kpm, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return self.norm_f(x) if self.norm_f is not None else x
+
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                targets: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """input_ids, attention_mask (1 = token, 0 = padding): (B, N).
+
+        labels: (B, N) copies of input_ids (-100 = ignore), shifted inside: position t predicts
+        labels[t + 1] (Hugging Face convention). targets: (B, N) next-token ids already aligned with
+        the inputs, as in nanoGPT. Returns (logits (B, N, vocab), mean loss or None).
+        """
+        logits = self.lm_head(self.hidden_states(input_ids, attention_mask))
+        loss = None
+        if labels is not None:
+            loss = lm_loss(logits[:, :-1], labels[:, 1:])
+        elif targets is not None:
+            loss = lm_loss(logits, targets)
+        return logits, loss
+
+    def compute_loss(self, batch: dict) -> Tensor:
+        """Training entry point shared by all models: the loss of a collated batch."""
+        return self(batch["input_ids"], labels=batch.get("labels"), attention_mask=batch.get("attention_mask"))[1]
+
+    def _last_logits(self, ids: Tensor, cache: Optional[KVCache]) -> Tensor:
+        return self.lm_head(self.hidden_states(ids, cache=cache)[:, -1])  # (B, V)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 50, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 seed: Optional[int] = None, use_cache: bool = True) -> Tensor:
+        """Continues each prompt of input_ids (B, T) by up to max_new_tokens tokens: (B, T + n).
+
+        temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible with
+        `seed`. Decoding uses a KV cache (each step attends one new query to the cache); greedy output
+        is the same with use_cache=False. Prompts in a batch have equal length (no padding).
+        """
+        check_input_ids(input_ids, self.config.vocab_size, 1 << 62)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one prompt token per sequence")
+        was_training = self.training
+        self.eval()
+        c = self.config
+        new_cache = (lambda: KVCache(c.num_layers, input_ids.shape[0], c.num_heads, c.max_seq_len, c.head_dim,
+                                     self.lm_head.weight.dtype, input_ids.device)) if use_cache else None
+        try:
+            return decode(self._last_logits, input_ids, c.max_seq_len, new_cache, max_new_tokens, temperature,
+                          top_k, top_p, eos_token_id, seed)
+        finally:
+            self.train(was_training)

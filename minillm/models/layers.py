@@ -1,0 +1,219 @@
+"""Transformer building blocks. Every attention goes through minillm.ops.attention.
+
+Shapes: B batch, N tokens, C = d_model, H heads, Dh = C // H head dim, T cached tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from minillm import ops
+from minillm.models.config import ModelConfig
+
+
+def activation_fn(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.relu
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far.
+
+    Buffers are allocated once at full capacity, (B, H, capacity, Dh) per layer, and filled in place;
+    attention reads strided views of the filled part, so a decode step copies nothing but the new token.
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (batch, heads, capacity, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Stores k, v (B, H, n, Dh) after the cached tokens; returns all keys and values (B, H, T + n, Dh)."""
+        n = k.shape[2]
+        end = self.length + n
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} tokens; {end} were asked for")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Marks n more tokens as cached, once every layer has stored them."""
+        self.length += n
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (fused q/k/v projection) or cross-attention (separate q and kv)."""
+
+    def __init__(self, config: ModelConfig, cross: bool = False):
+        super().__init__()
+        C = config.d_model
+        self.heads, self.head_dim, self.cross = config.num_heads, config.head_dim, cross
+        if cross:
+            self.q = nn.Linear(C, C, bias=config.bias)
+            self.kv = nn.Linear(C, 2 * C, bias=config.bias)
+        else:
+            self.qkv = nn.Linear(C, 3 * C, bias=config.bias)
+        self.proj = nn.Linear(C, C, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _split(self, x: Tensor, parts: int) -> List[Tensor]:
+        B, N, _ = x.shape
+        # (B, N, parts * C) -> (parts, B, H, N, Dh): strided views with unit stride along Dh, which the
+        # kernel reads in place.
+        return list(x.view(B, N, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4))
+
+    def memory_kv(self, memory: Tensor) -> Tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of the encoder output (B, M, C): (B, H, M, Dh) each."""
+        k, v = self._split(self.kv(memory), 2)
+        return k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        layer: int = 0,
+        memory_kv: Optional[Tuple[Tensor, Tensor]] = None,
+    ) -> Tensor:
+        B, N, C = x.shape
+        if self.cross:
+            (q,) = self._split(self.q(x), 1)
+            k, v = memory_kv
+        else:
+            q, k, v = self._split(self.qkv(x), 3)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+        out = ops.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)  # (B, H, N, Dh)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.dropout(self.proj(out))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.act = activation_fn(config.activation)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, MLP; each a residual branch with a LayerNorm placed
+    before it (pre-norm, GPT) or after the residual sum (post-norm, BERT)."""
+
+    def __init__(self, config: ModelConfig, cross: bool = False):
+        super().__init__()
+        C, eps = config.d_model, config.norm_eps
+        self.pre = config.norm_position == "pre"
+        self.attn = Attention(config)
+        self.norm1 = nn.LayerNorm(C, eps=eps, bias=config.bias)
+        self.cross_attn = Attention(config, cross=True) if cross else None
+        self.norm_cross = nn.LayerNorm(C, eps=eps, bias=config.bias) if cross else None
+        self.mlp = MLP(config)
+        self.norm2 = nn.LayerNorm(C, eps=eps, bias=config.bias)
+
+    def _residual(self, x: Tensor, norm: nn.LayerNorm, branch) -> Tensor:
+        return x + branch(norm(x)) if self.pre else norm(x + branch(x))
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        layer: int = 0,
+        memory_kv: Optional[Tuple[Tensor, Tensor]] = None,
+        memory_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        x = self._residual(x, self.norm1, lambda h: self.attn(h, causal=causal, key_padding_mask=key_padding_mask,
+                                                               cache=cache, layer=layer))
+        if self.cross_attn is not None:
+            x = self._residual(x, self.norm_cross,
+                               lambda h: self.cross_attn(h, key_padding_mask=memory_mask, memory_kv=memory_kv))
+        return self._residual(x, self.norm2, self.mlp)
+
+
+class Embeddings(nn.Module):
+    """Token + learned absolute position (+ token type) embeddings, optional LayerNorm, dropout."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C = config.d_model
+        self.tok = nn.Embedding(config.vocab_size, C)
+        self.pos = nn.Embedding(config.max_seq_len, C)
+        self.token_type = nn.Embedding(config.type_vocab_size, C) if config.type_vocab_size else None
+        self.norm = nn.LayerNorm(C, eps=config.norm_eps, bias=config.bias) if config.embedding_norm else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.vocab_size, self.max_seq_len = config.vocab_size, config.max_seq_len
+
+    def forward(self, input_ids: Tensor, start: int = 0, token_type_ids: Optional[Tensor] = None) -> Tensor:
+        check_input_ids(input_ids, self.vocab_size, self.max_seq_len, start)
+        N = input_ids.shape[1]
+        pos = torch.arange(start, start + N, device=input_ids.device)
+        x = self.tok(input_ids) + self.pos(pos)[None]
+        if self.token_type is not None:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.token_type(types)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+def check_input_ids(input_ids, vocab_size: int, max_seq_len: int, start: int = 0) -> None:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor (B, N), got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D (B, N), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+    if start + input_ids.shape[1] > max_seq_len:
+        raise ValueError(f"sequence of {start + input_ids.shape[1]} tokens exceeds max_seq_len = {max_seq_len}; "
+                         "truncate the input or raise max_seq_len")
+    if input_ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}), got min {lo}, max {hi}")
+
+
+def padding_mask(attention_mask: Optional[Tensor], input_ids: Tensor) -> Optional[Tensor]:
+    """(B, N) bool key-padding mask (True = keep) from a 0/1 or bool attention mask; None when absent."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor (B, N), got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+
+def init_weights(module: nn.Module, num_layers: int) -> None:
+    """GPT-2 / BERT initialisation: N(0, 0.02) weights, zero biases, and residual output projections
+    scaled by 1 / sqrt(2 * num_layers) so the residual stream's variance does not grow with depth."""
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * num_layers) if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "norm" in name:
+            nn.init.ones_(p)
