@@ -37,7 +37,7 @@ constexpr int kMR = 6;
 constexpr int kNV = VB >= 64 ? 4 : 2;
 // Attention tiles: query rows per block and keys per block (a multiple of every vector width).
 constexpr int64_t kBq = 64;
-constexpr int64_t kBk = 64;
+constexpr int64_t kBkMax = 64;
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -293,26 +293,31 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
 
 // ---- attention ----
 
-// Sets s[c] = -inf for every key of the block [j0, j0 + kBk) that query row `i` may not see.
+// Keys per block: 64, or fewer (whole vectors) for short sequences, which would otherwise pay for 64.
+inline int64_t key_block(int64_t Nk) { return imin(kBkMax, round_up(imax(Nk, 1), kPad)); }
+
+// Sets s[c] = -inf for every key of the block [j0, j0 + bk) that query row `i` may not see.
 template <typename T>
-inline void mask_block(T* s, int64_t j0, int64_t Nk, bool causal, int64_t last_visible, const uint8_t* kpm) {
+inline void mask_block(T* s, int64_t j0, int64_t bk, int64_t Nk, bool causal, int64_t last_visible,
+                       const uint8_t* kpm) {
   const T ninf = -INFINITY;
-  for (int64_t c = 0; c < kBk; ++c) {
+  for (int64_t c = 0; c < bk; ++c) {
     const int64_t j = j0 + c;
     if (j >= Nk || (causal && j > last_visible) || (kpm && !kpm[j])) s[c] = ninf;
   }
 }
 
 // True when some key of block j0 is invisible to some row of [i0, i0 + rows).
-inline bool block_needs_mask(int64_t j0, int64_t Nk, bool causal, int64_t i0, int64_t off, const uint8_t* kpm) {
-  return j0 + kBk > Nk || kpm != nullptr || (causal && j0 + kBk - 1 > i0 + off);
+inline bool block_needs_mask(int64_t j0, int64_t bk, int64_t Nk, bool causal, int64_t i0, int64_t off,
+                             const uint8_t* kpm) {
+  return j0 + bk > Nk || kpm != nullptr || (causal && j0 + bk - 1 > i0 + off);
 }
 
 // Marks key blocks that hold at least one visible key (all of them without a padding mask).
-inline void visible_blocks(const uint8_t* kpm, int64_t Nk, int64_t nkb, uint8_t* out) {
+inline void visible_blocks(const uint8_t* kpm, int64_t Nk, int64_t bk, int64_t nkb, uint8_t* out) {
   for (int64_t kb = 0; kb < nkb; ++kb) {
     uint8_t any = kpm ? 0 : 1;
-    for (int64_t j = kb * kBk; kpm && j < imin(Nk, (kb + 1) * kBk); ++j) any |= kpm[j] ? 1 : 0;
+    for (int64_t j = kb * bk; kpm && j < imin(Nk, (kb + 1) * bk); ++j) any |= kpm[j] ? 1 : 0;
     out[kb] = any;
   }
 }
@@ -322,7 +327,8 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
-  const int64_t Dp = round_up(D, kPad), NkP = round_up(imax(Nk, 1), kBk), nkb = NkP / kBk;
+  const int64_t bk = key_block(Nk);
+  const int64_t Dp = round_up(D, kPad), NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
   // Too few (b, h) pairs to feed every thread: split each pair's queries into chunks. Each work
@@ -332,7 +338,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
   const int64_t qb_per_chunk = (nqb + chunks - 1) / chunks;
   const int64_t items = B * H * chunks;
   const size_t arena_bytes = Arena::need<T>(Dp * NkP) + Arena::need<T>(NkP * Dp) + Arena::need<T>(kBq * Dp) +
-                             Arena::need<T>(kBq * kBk) + Arena::need<T>(kBq * Dp) + 2 * Arena::need<T>(kBq) +
+                             Arena::need<T>(kBq * bk) + Arena::need<T>(kBq * Dp) + 2 * Arena::need<T>(kBq) +
                              Arena::need<uint8_t>(nkb);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
@@ -345,7 +351,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
     T* Kt = arena.ok() ? arena.take<T>(Dp * NkP) : nullptr;  // (Dp, ldk): K transposed
     T* Vp = arena.ok() ? arena.take<T>(NkP * Dp) : nullptr;  // (keys, Dp)
     T* Qs = arena.ok() ? arena.take<T>(kBq * Dp) : nullptr;  // (kBq, Dp): q * scale
-    T* S = arena.ok() ? arena.take<T>(kBq * kBk) : nullptr;  // (kBq, kBk): scores, then probabilities
+    T* S = arena.ok() ? arena.take<T>(kBq * bk) : nullptr;  // (kBq, bk): scores, then probabilities
     T* acc = arena.ok() ? arena.take<T>(kBq * Dp) : nullptr;
     T* m = arena.ok() ? arena.take<T>(kBq) : nullptr;
     T* l = arena.ok() ? arena.take<T>(kBq) : nullptr;
@@ -358,7 +364,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * kBq);
       if (q_begin >= q_end) continue;
       const int64_t k_end = a.causal ? imax(0, imin(Nk, q_end + off)) : Nk;  // keys any row here sees
-      const int64_t ldk = imax(kBk, round_up(k_end, kBk));
+      const int64_t ldk = imax(bk, round_up(k_end, bk));
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
       const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
       const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
@@ -379,7 +385,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
         for (int64_t j = k_end; j < ldk; ++j) Kt[d * ldk + j] = 0;
       for (int64_t j = k_end; j < ldk; ++j)
         for (int64_t d = 0; d < Dp; ++d) Vp[j * Dp + d] = 0;
-      visible_blocks(kpm, Nk, nkb, kvis);
+      visible_blocks(kpm, Nk, bk, nkb, kvis);
 
       for (int64_t i0 = q_begin; i0 < q_end; i0 += kBq) {
         const int64_t rows = imin(kBq, q_end - i0);
@@ -392,15 +398,15 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
         }
         std::memset(acc, 0, sizeof(T) * rows * Dp);
         const int64_t j_end = a.causal ? imax(0, imin(k_end, i0 + rows + off)) : k_end;
-        for (int64_t j0 = 0; j0 < j_end; j0 += kBk) {
-          if (!kvis[j0 / kBk]) continue;
-          gemm<T>(rows, kBk, Dp, Qs, Dp, Kt + j0, ldk, S, kBk, false);
-          const bool masked = block_needs_mask(j0, Nk, a.causal, i0, off, kpm);
+        for (int64_t j0 = 0; j0 < j_end; j0 += bk) {
+          if (!kvis[j0 / bk]) continue;
+          gemm<T>(rows, bk, Dp, Qs, Dp, Kt + j0, ldk, S, bk, false);
+          const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kpm);
           for (int64_t r = 0; r < rows; ++r) {
-            T* s = S + r * kBk;
-            if (masked) mask_block<T>(s, j0, Nk, a.causal, i0 + r + off, kpm);
+            T* s = S + r * bk;
+            if (masked) mask_block<T>(s, j0, bk, Nk, a.causal, i0 + r + off, kpm);
             V mv = vbcast<T>(-INFINITY);
-            for (int64_t c = 0; c < kBk; c += W) {
+            for (int64_t c = 0; c < bk; c += W) {
               const V x = vload(s + c);
               mv = x > mv ? x : mv;
             }
@@ -411,7 +417,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
             const T alpha = std::exp(m[r] - shift);
             const V sv = vbcast(shift);
             V sum = V{};
-            for (int64_t c = 0; c < kBk; c += W) {
+            for (int64_t c = 0; c < bk; c += W) {
               const V p = vexp(vload(s + c) - sv);
               vstore(s + c, p);
               sum += p;
@@ -424,7 +430,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
               for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
             }
           }
-          gemm<T>(rows, Dp, kBk, S, kBk, Vp + j0 * Dp, Dp, acc, Dp, true);
+          gemm<T>(rows, Dp, bk, S, bk, Vp + j0 * Dp, Dp, acc, Dp, true);
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
         for (int64_t r = 0; r < rows; ++r) {
@@ -458,11 +464,12 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
-  const int64_t Dp = round_up(D, kPad), NkP = round_up(Nk, kBk), nkb = NkP / kBk;
+  const int64_t bk = key_block(Nk);
+  const int64_t Dp = round_up(D, kPad), NkP = round_up(Nk, bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
   const size_t arena_bytes = 3 * Arena::need<T>(Nq * Dp) + Arena::need<T>(Nq) + 3 * Arena::need<T>(Dp * NkP) +
-                             2 * Arena::need<T>(NkP * Dp) + 4 * Arena::need<T>(kBq * kBk) + Arena::need<uint8_t>(nkb);
+                             2 * Arena::need<T>(NkP * Dp) + 4 * Arena::need<T>(kBq * bk) + Arena::need<uint8_t>(nkb);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
   {
@@ -481,10 +488,10 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
     T* Kr = ok ? arena.take<T>(Dp * NkP) : nullptr;   // (NkP, Dp)
     T* dK = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
     T* dV = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
-    T* P = ok ? arena.take<T>(kBq * kBk) : nullptr;   // (kBq, kBk)
-    T* dS = ok ? arena.take<T>(kBq * kBk) : nullptr;  // (kBq, kBk): dP, then dS in place
-    T* Pt = ok ? arena.take<T>(kBk * kBq) : nullptr;  // (kBk, kBq)
-    T* dSt = ok ? arena.take<T>(kBk * kBq) : nullptr; // (kBk, kBq)
+    T* P = ok ? arena.take<T>(kBq * bk) : nullptr;   // (kBq, bk)
+    T* dS = ok ? arena.take<T>(kBq * bk) : nullptr;  // (kBq, bk): dP, then dS in place
+    T* Pt = ok ? arena.take<T>(bk * kBq) : nullptr;  // (bk, kBq)
+    T* dSt = ok ? arena.take<T>(bk * kBq) : nullptr; // (bk, kBq)
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -523,33 +530,33 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
       }
       std::memset(dK, 0, sizeof(T) * NkP * Dp);
       std::memset(dV, 0, sizeof(T) * NkP * Dp);
-      visible_blocks(kpm, Nk, nkb, kvis);
+      visible_blocks(kpm, Nk, bk, nkb, kvis);
 
-      for (int64_t j0 = 0; j0 < Nk; j0 += kBk) {
-        if (!kvis[j0 / kBk]) continue;
+      for (int64_t j0 = 0; j0 < Nk; j0 += bk) {
+        if (!kvis[j0 / bk]) continue;
         // Causal: rows i < j0 - off see no key of this block.
         const int64_t i_first = a.causal ? imax(0, j0 - off) / kBq * kBq : 0;
         for (int64_t i0 = i_first; i0 < Nq; i0 += kBq) {
           const int64_t rows = imin(kBq, Nq - i0);
-          gemm<T>(rows, kBk, Dp, Qs + i0 * Dp, Dp, Kt + j0, NkP, P, kBk, false);
-          gemm<T>(rows, kBk, Dp, dO + i0 * Dp, Dp, Vt + j0, NkP, dS, kBk, false);
-          const bool masked = block_needs_mask(j0, Nk, a.causal, i0, off, kpm);
+          gemm<T>(rows, bk, Dp, Qs + i0 * Dp, Dp, Kt + j0, NkP, P, bk, false);
+          gemm<T>(rows, bk, Dp, dO + i0 * Dp, Dp, Vt + j0, NkP, dS, bk, false);
+          const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kpm);
           for (int64_t r = 0; r < rows; ++r) {
-            T* p = P + r * kBk;
-            T* ds = dS + r * kBk;
-            if (masked) mask_block<T>(p, j0, Nk, a.causal, i0 + r + off, kpm);
+            T* p = P + r * bk;
+            T* ds = dS + r * bk;
+            if (masked) mask_block<T>(p, j0, bk, Nk, a.causal, i0 + r + off, kpm);
             const V lv = vbcast(lse[i0 + r]), dv = vbcast(Dl[i0 + r]);
-            for (int64_t c = 0; c < kBk; c += W) {
+            for (int64_t c = 0; c < bk; c += W) {
               const V pv = vexp(vload(p + c) - lv);
               vstore(p + c, pv);
               vstore(ds + c, pv * (vload(ds + c) - dv));
             }
           }
-          transpose<T>(P, kBk, rows, kBk, Pt, kBq);
-          transpose<T>(dS, kBk, rows, kBk, dSt, kBq);
-          gemm<T>(kBk, Dp, rows, Pt, kBq, dO + i0 * Dp, Dp, dV + j0 * Dp, Dp, true);   // dV += P^T dO
-          gemm<T>(kBk, Dp, rows, dSt, kBq, Qs + i0 * Dp, Dp, dK + j0 * Dp, Dp, true);  // dK += dS^T (scale q)
-          gemm<T>(rows, Dp, kBk, dS, kBk, Kr + j0 * Dp, Dp, dQ + i0 * Dp, Dp, true);   // dQ += dS K
+          transpose<T>(P, bk, rows, bk, Pt, kBq);
+          transpose<T>(dS, bk, rows, bk, dSt, kBq);
+          gemm<T>(bk, Dp, rows, Pt, kBq, dO + i0 * Dp, Dp, dV + j0 * Dp, Dp, true);   // dV += P^T dO
+          gemm<T>(bk, Dp, rows, dSt, kBq, Qs + i0 * Dp, Dp, dK + j0 * Dp, Dp, true);  // dK += dS^T (scale q)
+          gemm<T>(rows, Dp, bk, dS, bk, Kr + j0 * Dp, Dp, dQ + i0 * Dp, Dp, true);   // dQ += dS K
         }
       }
       const T scale = static_cast<T>(a.scale);

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minillm.models.base import PreTrainedModel, lm_loss, register
-from minillm.models.layers import Block, Embeddings, activation_fn, init_weights, padding_mask
+from minillm.models.layers import Block, Embeddings, Packed, activation_fn, init_weights, padding_mask
 
 
 def pool(hidden: Tensor, attention_mask: Optional[Tensor] = None, mode: str = "mean") -> Tensor:
@@ -62,11 +62,22 @@ class EncoderOnlyModel(PreTrainedModel):
 
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                token_type_ids: Optional[Tensor] = None) -> Tensor:
+        """(B, N, C) hidden states; positions where attention_mask is 0 are returned as zeros.
+
+        A batch with padding runs on its real tokens only (see layers.Packed): padding costs no
+        matmul work, which is where variable-length batches gain most.
+        """
         kpm = padding_mask(attention_mask, input_ids)
         x = self.embed(input_ids, token_type_ids=token_type_ids)
+        packed = None
+        if kpm is not None and not torch.compiler.is_compiling() and not bool(kpm.all()):
+            packed = Packed.from_mask(kpm)
+            x = packed.pack(x)  # (T, C)
         for block in self.blocks:
-            x = block(x, key_padding_mask=kpm)
-        return self.norm_f(x) if self.norm_f is not None else x
+            x = block(x, key_padding_mask=kpm, packed=packed)
+        if self.norm_f is not None:
+            x = self.norm_f(x)
+        return packed.unpack(x) if packed is not None else x
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None,

@@ -5,7 +5,7 @@ Shapes: B batch, N tokens, C = d_model, H heads, Dh = C // H head dim, T cached 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,34 @@ class KVCache:
         self.length += n
 
 
+class Packed(NamedTuple):
+    """Where the real tokens of a padded (B, N) batch sit, for running on them alone.
+
+    Linear layers, norms and the MLP then see (T, C) with T = number of real tokens, so padding costs
+    no matmul work; only attention scatters to the (B, H, N, Dh) layout the kernel reads.
+    """
+
+    b: Tensor  # (T,) batch index of each real token
+    n: Tensor  # (T,) position of each real token
+    mask: Tensor  # (B, N) bool, True = real token
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> "Packed":
+        b, n = mask.nonzero(as_tuple=True)
+        return cls(b, n, mask)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, N, ...) -> (T, ...)"""
+        return x[self.b, self.n]
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """(T, ...) -> (B, N, ...) with zeros at padding."""
+        B, N = self.mask.shape
+        out = x.new_zeros((B, N) + tuple(x.shape[1:]))
+        out[self.b, self.n] = x  # in place on a fresh tensor: no second copy
+        return out
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (fused q/k/v projection) or cross-attention (separate q and kv)."""
 
@@ -89,7 +117,13 @@ class Attention(nn.Module):
         cache: Optional[KVCache] = None,
         layer: int = 0,
         memory_kv: Optional[Tuple[Tensor, Tensor]] = None,
+        packed: Optional[Packed] = None,
     ) -> Tensor:
+        if packed is not None:  # x: (T, C) real tokens only
+            q, k, v = self._split(packed.unpack(self.qkv(x)), 3)
+            out = ops.attention(q, k, v, causal=causal, key_padding_mask=packed.mask)  # (B, H, N, Dh)
+            out = packed.pack(out.permute(0, 2, 1, 3)).flatten(1)  # (T, H, Dh) -> (T, C)
+            return self.dropout(self.proj(out))
         B, N, C = x.shape
         if self.cross:
             (q,) = self._split(self.q(x), 1)
@@ -143,9 +177,10 @@ class Block(nn.Module):
         layer: int = 0,
         memory_kv: Optional[Tuple[Tensor, Tensor]] = None,
         memory_mask: Optional[Tensor] = None,
+        packed: Optional[Packed] = None,
     ) -> Tensor:
         x = self._residual(x, self.norm1, lambda h: self.attn(h, causal=causal, key_padding_mask=key_padding_mask,
-                                                               cache=cache, layer=layer))
+                                                               cache=cache, layer=layer, packed=packed))
         if self.cross_attn is not None:
             x = self._residual(x, self.norm_cross,
                                lambda h: self.cross_attn(h, key_padding_mask=memory_mask, memory_kv=memory_kv))

@@ -169,16 +169,20 @@ class SentenceEncoder:
         return cls(model, tokenizer, max_length, pooling, normalize, name=path.name if path.name != "model"
                    else path.parent.name)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, sentences: Union[str, Sequence[str]], batch_size: int = 32, show_progress: bool = False,
                convert_to_numpy: bool = True) -> Union[np.ndarray, torch.Tensor]:
         """(n, dim) float32 embeddings of `sentences` (a string gives (dim,)).
 
-        Sentences are sorted by length so that each batch pads little, as sentence-transformers does.
+        Sentences are sorted by length so that each batch pads little (sentence-transformers sorts by
+        characters; this sorts by tokens), and padding itself costs no matmul work.
         """
         single = isinstance(sentences, str)
         sentences = [sentences] if single else list(sentences)
-        order = np.argsort([-len(s) for s in sentences], kind="stable")
+        # Sorting by token count (tokenizing twice costs ~1% of the encoder's time) keeps batches even.
+        lengths = [len(e) for e in self.tokenizer.encode_batch(sentences, max_length=self.max_length,
+                                                               add_special_tokens=True, padding=False)["input_ids"]]
+        order = np.argsort([-n for n in lengths], kind="stable")
         out = torch.empty(len(sentences), self.dim)
         starts = range(0, len(sentences), batch_size)
         if show_progress:

@@ -1,0 +1,130 @@
+"""Shared benchmark plumbing: the banner, medians of timed repeats, tables with ratios, JSON, plots.
+
+Every benchmark checks correctness before it times anything, warms up, reports medians, and measures
+the baseline side by side in the same run. A baseline that fails is recorded as nan with the reason.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("MINILLM_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> Dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "faiss", "usearch", "transformers", "sentence_transformers"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "?")
+    return out
+
+
+def banner(title: str, **extra) -> Dict[str, object]:
+    """Prints and returns what a reader needs to judge the numbers below it."""
+    import torch
+
+    import minillm
+
+    info = {
+        "benchmark": title,
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "versions": {**versions(), "minillm": minillm.__version__},
+        "backend": minillm.ops.backend_info(),
+        **extra,
+    }
+    print(f"== {title}")
+    print(f"cpu: {info['cpu']} | threads: {info['threads']} | simd: {info['backend']['simd_level']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    print("minillm paths: " + json.dumps(info["backend"]["ops"]))
+    for k, v in extra.items():
+        print(f"{k}: {v}")
+    return info
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def try_baseline(fn: Callable[[], float], reasons: Dict[str, str], name: str) -> float:
+    """Runs a baseline measurement; a failure becomes nan with its reason recorded."""
+    try:
+        return fn()
+    except Exception as exc:  # a baseline's failure is data, not a crash of the benchmark
+        reasons[name] = f"{type(exc).__name__}: {exc}"
+        print(f"  baseline {name} failed: {reasons[name]}")
+        return math.nan
+
+
+def print_table(rows: List[Dict[str, object]], columns: Sequence[str], floatfmt: str = ".2f") -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else format(v, floatfmt)
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path: Optional[str], info: Dict[str, object], rows: List[Dict[str, object]]) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"info": info, "rows": rows}, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+
+
+def plot(path: Optional[str], rows: List[Dict[str, object]], x: str, ys: Sequence[str], title: str,
+         ylabel: str) -> None:
+    """Line plot of columns `ys` against `x` (matplotlib optional: skipped with a note if absent)."""
+    if not path:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; no plot written")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for y in ys:
+        ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", label=y)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
