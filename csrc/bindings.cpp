@@ -15,6 +15,7 @@
 namespace py = pybind11;
 using minillm::AttnBwdArgs;
 using minillm::AttnFwdArgs;
+using minillm::LinearArgs;
 using minillm::TopkArgs;
 
 namespace {
@@ -47,6 +48,11 @@ int run_attention_bwd(AttnBwdArgs a) {
 int run_topk(TopkArgs a) {
   py::gil_scoped_release nogil;
   return minillm::dispatch_topk(a);
+}
+
+int run_linear(LinearArgs a) {
+  py::gil_scoped_release nogil;
+  return minillm::dispatch_linear_small_m(a);
 }
 
 int isa_from_name(const std::string& name) {
@@ -135,6 +141,22 @@ PYBIND11_MODULE(_C, m) {
         check(run_topk(a), "topk");
       },
       "Exact top-k search on raw pointers (see csrc/kernels.h).");
+
+  m.def(
+      "linear_small_m",
+      [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t K, int64_t N, int64_t ldx, int dtype,
+         int nthreads) {
+        LinearArgs a{};
+        a.x = ptr<const void*>(x);
+        a.w = ptr<const void*>(w);
+        a.b = ptr<const void*>(b);
+        a.y = ptr<void*>(y);
+        a.M = M, a.K = K, a.N = N, a.ldx = ldx;
+        a.dtype = dtype;
+        a.nthreads = nthreads;
+        check(run_linear(a), "linear_small_m");
+      },
+      "y = x W^T + b for few rows (see csrc/kernels.h).");
 
   m.def("simd_level", [] { return std::string(minillm::isa_name(minillm::current_isa())); },
         "SIMD level the kernels run at now.");

@@ -73,11 +73,24 @@ struct TopkArgs {
   int nthreads;
 };
 
+// y (M, N) = x (M, K) W^T + b for few rows M (decoding): W (N, K) row-major as in nn.Linear, read once.
+// x has row stride ldx and unit column stride; y and b are contiguous; b may be null. F32 or F64.
+struct LinearArgs {
+  const void* x;
+  const void* w;
+  const void* b;
+  void* y;
+  int64_t M, K, N, ldx;
+  int dtype;
+  int nthreads;
+};
+
 #define MINILLM_DECLARE_ISA(ns)                   \
   namespace ns {                                  \
   int attention_fwd(const AttnFwdArgs& a);        \
   int attention_bwd(const AttnBwdArgs& a);        \
   int topk(const TopkArgs& a);                    \
+  int linear_small_m(const LinearArgs& a);        \
   }
 
 MINILLM_DECLARE_ISA(scalar)
@@ -98,5 +111,6 @@ void set_isa(int isa);  // caller checks isa_supported first
 int dispatch_attention_fwd(const AttnFwdArgs& a);
 int dispatch_attention_bwd(const AttnBwdArgs& a);
 int dispatch_topk(const TopkArgs& a);
+int dispatch_linear_small_m(const LinearArgs& a);
 
 }  // namespace minillm

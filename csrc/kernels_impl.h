@@ -322,8 +322,97 @@ inline void visible_blocks(const uint8_t* kpm, int64_t Nk, int64_t bk, int64_t n
   }
 }
 
+// Few query rows (KV-cache decoding): scores straight from K's rows and the output straight from V's
+// rows, with no transposed or converted copy of K and V (which would cost as much as the math).
+constexpr int64_t kDecodeRows = 4;
+
+template <typename T>
+int attention_decode_impl(const AttnFwdArgs& a) {
+  typedef vec_t<T> V;
+  constexpr int W = Vec<T>::W;
+  const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
+  const int64_t Dp = round_up(D, kPad);
+  // fp32/fp64 rows whose length is whole vectors are read in place; others are converted row by row.
+  const bool direct = (a.dtype == kF32 || a.dtype == kF64) && D == Dp;
+  const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  const size_t arena_bytes = Arena::need<T>(Nk) + 3 * Arena::need<T>(Dp);
+  int status = kOk;
+#pragma omp parallel num_threads(nt)
+  {
+    Arena arena(arena_bytes);
+    if (!arena.ok()) {
+#pragma omp atomic write
+      status = kOutOfMemory;
+    }
+    T* s = arena.ok() ? arena.take<T>(Nk) : nullptr;     // (Nk): scores, then probabilities
+    T* qv = arena.ok() ? arena.take<T>(Dp) : nullptr;    // (Dp): q * scale
+    T* row = arena.ok() ? arena.take<T>(Dp) : nullptr;   // (Dp): a converted k or v row
+    T* acc = arena.ok() ? arena.take<T>(Dp) : nullptr;   // (Dp)
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      if (!arena.ok()) continue;
+      const int64_t b = bh / H, h = bh % H;
+      const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
+      const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
+      const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+      auto krow = [&](int64_t j) -> const T* {
+        const void* p = at(a.k, a.dtype, kbase + j * a.k_stride[2]);
+        if (direct) return static_cast<const T*>(p);
+        load_row<T>(p, a.dtype, D, Dp, T(1), row);
+        return row;
+      };
+      auto vrow = [&](int64_t j) -> const T* {
+        const void* p = at(a.v, a.dtype, vbase + j * a.v_stride[2]);
+        if (direct) return static_cast<const T*>(p);
+        load_row<T>(p, a.dtype, D, Dp, T(1), row);
+        return row;
+      };
+      for (int64_t i = 0; i < Nq; ++i) {
+        load_row<T>(at(a.q, a.dtype, b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2]), a.dtype, D, Dp,
+                    static_cast<T>(a.scale), qv);
+        const int64_t n_vis = a.causal ? imax(0, imin(Nk, i + a.causal_offset + 1)) : Nk;
+        T m = -INFINITY;
+        for (int64_t j = 0; j < n_vis; ++j) {
+          if (kpm && !kpm[j]) {
+            s[j] = -INFINITY;
+            continue;
+          }
+          const T* k = krow(j);
+          V d = V{};
+          for (int64_t c = 0; c < Dp; c += W) d += vload(qv + c) * vload(k + c);
+          s[j] = hsum<T>(d);
+          m = s[j] > m ? s[j] : m;
+        }
+        T* lse = static_cast<T*>(a.lse) + bh * Nq + i;
+        void* orow = const_cast<void*>(at(a.out, a.dtype, (bh * Nq + i) * D));
+        for (int64_t c = 0; c < Dp; ++c) acc[c] = 0;
+        const T shift = m == -INFINITY ? T(0) : m;
+        T l = 0;
+        for (int64_t j = 0; j < n_vis; ++j) {
+          if (s[j] == -INFINITY) continue;  // masked: its value row is never read
+          const T p = std::exp(s[j] - shift);
+          l += p;
+          const T* v = vrow(j);
+          const V pv = vbcast(p);
+          for (int64_t c = 0; c < Dp; c += W) vstore(acc + c, vload(acc + c) + pv * vload(v + c));
+        }
+        if (l == T(0)) {
+          for (int64_t c = 0; c < Dp; ++c) acc[c] = 0;
+          store_row<T>(acc, D, T(1), a.dtype, orow);
+          *lse = INFINITY;
+        } else {
+          store_row<T>(acc, D, T(1) / l, a.dtype, orow);
+          *lse = m + std::log(l);
+        }
+      }
+    }
+  }
+  return status;
+}
+
 template <typename T>
 int attention_fwd_impl(const AttnFwdArgs& a) {
+  if (a.Nq <= kDecodeRows) return attention_decode_impl<T>(a);
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
@@ -777,7 +866,78 @@ int topk_impl(const TopkArgs& a) {
   return status;
 }
 
+// ---- linear with few rows (decoding) ----
+
+// Rows of x per micro-kernel and weight rows per micro-kernel: 8 x 2 accumulators on AVX-512,
+// 4 x 2 with 16 vector registers.
+constexpr int kLinMR = VB >= 64 ? 8 : 4;
+constexpr int kLinNR = 2;
+
+// Y[i][j] = <X_i, W_j> for MR rows of x and NR rows of W; a scalar loop finishes K % W.
+template <typename T, int MR, int NR>
+inline void skinny_tile(int64_t K, const T* X, int64_t ldx, const T* Wm, int64_t ldw, T* Y, int64_t ldy) {
+  typedef vec_t<T> V;
+  constexpr int W = Vec<T>::W;
+  V acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = V{};
+  int64_t p = 0;
+  for (; p + W <= K; p += W) {
+    V w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = vload(Wm + j * ldw + p);
+    for (int i = 0; i < MR; ++i) {
+      const V xv = vload(X + i * ldx + p);
+      for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      T s = hsum<T>(acc[i][j]);
+      for (int64_t q = p; q < K; ++q) s += X[i * ldx + q] * Wm[j * ldw + q];
+      Y[i * ldy + j] = s;
+    }
+}
+
+template <typename T, int NR>
+inline void skinny_rows(int64_t M, int64_t K, const T* X, int64_t ldx, const T* Wm, int64_t ldw, T* Y, int64_t ldy) {
+  int64_t i = 0;
+  for (; i + kLinMR <= M; i += kLinMR) skinny_tile<T, kLinMR, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy);
+  switch (M - i) {
+    case 1: skinny_tile<T, 1, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 2: skinny_tile<T, 2, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 3: skinny_tile<T, 3, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 4: skinny_tile<T, 4, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 5: skinny_tile<T, 5, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 6: skinny_tile<T, 6, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 7: skinny_tile<T, 7, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    default: break;
+  }
+}
+
+// Each thread owns a contiguous slice of W's rows and streams it from memory once, whatever M is;
+// a packed GEMM would first copy all of W, doubling the memory traffic that bounds decoding.
+template <typename T>
+int linear_impl(const LinearArgs& a) {
+  const int64_t M = a.M, K = a.K, N = a.N;
+  const T* X = static_cast<const T*>(a.x);
+  const T* Wm = static_cast<const T*>(a.w);
+  const T* bias = static_cast<const T*>(a.b);
+  T* Y = static_cast<T*>(a.y);
+  const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  const int64_t pairs = N / kLinNR;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t jp = 0; jp < pairs; ++jp)
+    skinny_rows<T, kLinNR>(M, K, X, a.ldx, Wm + jp * kLinNR * K, K, Y + jp * kLinNR, N);
+  for (int64_t j = pairs * kLinNR; j < N; ++j) skinny_rows<T, 1>(M, K, X, a.ldx, Wm + j * K, K, Y + j, N);
+  if (bias)
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) Y[i * N + j] += bias[j];
+  return kOk;
+}
+
 }  // namespace
+
+int linear_small_m(const LinearArgs& a) { return a.dtype == kF64 ? linear_impl<double>(a) : linear_impl<float>(a); }
 
 int attention_fwd(const AttnFwdArgs& a) {
   return a.dtype == kF64 ? attention_fwd_impl<double>(a) : attention_fwd_impl<float>(a);

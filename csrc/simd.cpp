@@ -60,5 +60,6 @@ void set_isa(int isa) { current().store(isa); }
 int dispatch_attention_fwd(const AttnFwdArgs& a) { MINILLM_DISPATCH(attention_fwd, a) }
 int dispatch_attention_bwd(const AttnBwdArgs& a) { MINILLM_DISPATCH(attention_bwd, a) }
 int dispatch_topk(const TopkArgs& a) { MINILLM_DISPATCH(topk, a) }
+int dispatch_linear_small_m(const LinearArgs& a) { MINILLM_DISPATCH(linear_small_m, a) }
 
 }  // namespace minillm

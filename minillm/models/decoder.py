@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from minillm import ops
 from minillm.models.base import PreTrainedModel, lm_loss, register
 from minillm.models.generation import check_sampling, decode
 from minillm.models.layers import Block, Embeddings, KVCache, check_input_ids, init_weights, padding_mask
@@ -25,7 +26,7 @@ class DecoderOnlyModel(PreTrainedModel):
         self.embed = Embeddings(c)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         self.norm_f = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias) if c.norm_position == "pre" else None
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = ops.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, c.num_layers)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.tok.weight
@@ -84,7 +85,8 @@ class DecoderOnlyModel(PreTrainedModel):
         was_training = self.training
         self.eval()
         c = self.config
-        new_cache = (lambda: KVCache(c.num_layers, input_ids.shape[0], c.num_heads, c.max_seq_len, c.head_dim,
+        capacity = min(c.max_seq_len, input_ids.shape[1] + max_new_tokens)  # no cache memory beyond the need
+        new_cache = (lambda: KVCache(c.num_layers, input_ids.shape[0], c.num_heads, capacity, c.head_dim,
                                      self.lm_head.weight.dtype, input_ids.device)) if use_cache else None
         try:
             return decode(self._last_logits, input_ids, c.max_seq_len, new_cache, max_new_tokens, temperature,

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from minillm import ops
 from minillm.models.base import PreTrainedModel, lm_loss, register
 from minillm.models.generation import check_sampling, decode
 from minillm.models.layers import Block, Embeddings, KVCache, check_input_ids, init_weights, padding_mask
@@ -30,7 +31,7 @@ class EncoderDecoderModel(PreTrainedModel):
         pre = c.norm_position == "pre"
         self.enc_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias) if pre else None
         self.dec_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias) if pre else None
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = ops.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, c.num_layers + c.num_decoder_layers)
         if c.tie_embeddings:
             self.lm_head.weight = self.enc_embed.tok.weight
@@ -97,8 +98,9 @@ class EncoderDecoderModel(PreTrainedModel):
             def step(ids: Tensor, cache: Optional[KVCache]) -> Tensor:
                 return self.lm_head(self.decode_hidden(ids, memory_kv, src_kpm, cache=cache)[:, -1])
 
-            new_cache = (lambda: KVCache(c.num_decoder_layers, src_ids.shape[0], c.num_heads, c.max_seq_len,
-                                         c.head_dim, self.lm_head.weight.dtype, src_ids.device)) if use_cache else None
+            capacity = min(c.max_seq_len, 1 + max_new_tokens)
+            new_cache = (lambda: KVCache(c.num_decoder_layers, src_ids.shape[0], c.num_heads, capacity, c.head_dim,
+                                         self.lm_head.weight.dtype, src_ids.device)) if use_cache else None
             start = torch.full((src_ids.shape[0], 1), bos, dtype=torch.long, device=src_ids.device)
             return decode(step, start, c.max_seq_len, new_cache, max_new_tokens, temperature, top_k, top_p,
                           eos_token_id, seed)

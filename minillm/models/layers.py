@@ -90,11 +90,11 @@ class Attention(nn.Module):
         C = config.d_model
         self.heads, self.head_dim, self.cross = config.num_heads, config.head_dim, cross
         if cross:
-            self.q = nn.Linear(C, C, bias=config.bias)
-            self.kv = nn.Linear(C, 2 * C, bias=config.bias)
+            self.q = ops.Linear(C, C, bias=config.bias)
+            self.kv = ops.Linear(C, 2 * C, bias=config.bias)
         else:
-            self.qkv = nn.Linear(C, 3 * C, bias=config.bias)
-        self.proj = nn.Linear(C, C, bias=config.bias)
+            self.qkv = ops.Linear(C, 3 * C, bias=config.bias)
+        self.proj = ops.Linear(C, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def _split(self, x: Tensor, parts: int) -> List[Tensor]:
@@ -140,8 +140,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
-        self.proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.fc = ops.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.proj = ops.Linear(config.d_ff, config.d_model, bias=config.bias)
         self.act = activation_fn(config.activation)
         self.dropout = nn.Dropout(config.dropout)
 

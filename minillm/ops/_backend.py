@@ -30,6 +30,9 @@ def _env_flag(name: str) -> bool:
 
 
 _force_torch = _env_flag("MINILLM_FORCE_TORCH")
+# With OMP_WAIT_POLICY=PASSIVE idle OpenMP threads sleep, and waking them costs ~50 us per parallel
+# region; spinning threads (the default) answer in a few us.
+_WAKE_US = 50.0 if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" else 5.0
 _logged: set = set()
 
 
@@ -55,6 +58,13 @@ def native_available() -> bool:
 def native_for(device: torch.device) -> bool:
     """True when ops on `device` run a native kernel (CPU today; CUDA once its kernels exist)."""
     return device.type == "cpu" and native_available()
+
+
+def threads_for(single_thread_us: float) -> int:
+    """Threads for a kernel call whose work would take `single_thread_us` on one thread: one thread
+    when waking the others would cost more than it saves (decode-sized work), else torch's count."""
+    n = torch.get_num_threads()
+    return 1 if n > 1 and single_thread_us < 3 * _WAKE_US else n
 
 
 def simd_level() -> str:

@@ -29,6 +29,11 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
 
 
+def _threads(macs: int) -> int:
+    # ~20 GMAC/s per thread for small tiles: the estimate only decides whether threads are worth waking.
+    return _backend.threads_for(macs / 2e4)
+
+
 def _strides(t: Tensor) -> Tuple[int, int, int]:
     s = t.stride()
     return (s[0], s[1], s[2])
@@ -63,7 +68,7 @@ def _attention_fwd(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         mask.data_ptr() if mask is not None else 0,
         (B, H, Nq, Nk, D), _strides(q), _strides(k), _strides(v),
-        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], torch.get_num_threads(),
+        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], _threads(B * H * Nq * Nk * D),
     )
     return out, lse
 
@@ -103,7 +108,7 @@ def _attention_bwd(
         dlse.data_ptr() if dlse is not None else 0, mask.data_ptr() if mask is not None else 0,
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         (B, H, Nq, Nk, D), _strides(dout), _strides(q), _strides(k), _strides(v), _strides(out),
-        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], torch.get_num_threads(),
+        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], _threads(3 * B * H * Nq * Nk * D),
     )
     return dq, dk, dv
 

@@ -214,13 +214,16 @@ def test_fully_padded_single_sequence_is_zero_with_zero_grads():
         assert torch.equal(t, torch.zeros_like(t))
 
 
-def test_nan_propagates_from_visible_positions_only():
+@pytest.mark.parametrize("Nq", [8, 1], ids=["tiled", "decode"])
+def test_nan_propagates_from_visible_positions_only(Nq):
     q, k, v, mask = make_inputs(1, 1, 8, 8, 16, padded=True)
+    q = q[:, :, :Nq] if Nq == 1 else q
     mask[0, 5] = False
-    q[0, 0, 3, 0] = float("nan")
-    out = attention(q, k, v, key_padding_mask=mask)
-    assert torch.isnan(out[0, 0, 3]).all()
-    assert torch.isfinite(out[0, 0, [0, 1, 2, 4, 5, 6, 7]]).all()
+    if Nq == 8:
+        q[0, 0, 3, 0] = float("nan")
+        out = attention(q, k, v, key_padding_mask=mask)
+        assert torch.isnan(out[0, 0, 3]).all()
+        assert torch.isfinite(out[0, 0, [0, 1, 2, 4, 5, 6, 7]]).all()
     # Garbage in a padded key never reaches the output.
     k2, v2 = k.clone(), v.clone()
     k2[0, 0, 5], v2[0, 0, 5] = float("nan"), float("inf")
