@@ -64,7 +64,7 @@ def threads_for(single_thread_us: float) -> int:
     """Threads for a kernel call whose work would take `single_thread_us` on one thread: one thread
     when waking the others would cost more than it saves (decode-sized work), else torch's count."""
     n = torch.get_num_threads()
-    return 1 if n > 1 and single_thread_us < 3 * _WAKE_US else n
+    return 1 if n > 1 and single_thread_us < 2 * _WAKE_US else n
 
 
 def simd_level() -> str:
