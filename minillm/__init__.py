@@ -2,7 +2,7 @@
 # torch first: it loads its bundled libgomp.so.1, which the native extension then shares.
 import torch  # noqa: F401
 
-from minillm import models, ops, tokenizers
+from minillm import models, ops, tokenizers, training
 
 __version__ = "0.1.0"
-__all__ = ["models", "ops", "tokenizers", "__version__"]
+__all__ = ["models", "ops", "tokenizers", "training", "__version__"]

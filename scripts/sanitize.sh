@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export MINILLM_VENV="${MINILLM_ASAN_VENV:-${TMPDIR:-/tmp}/minillm-asan-venv}"
 . scripts/_venv.sh
 MINILLM_SANITIZE=ON python -m pip install -q --force-reinstall --no-deps .
-python -m pip install -q numpy pytest hypothesis
+python -m pip install -q numpy pytest hypothesis safetensors tokenizers tqdm
 log="$(mktemp)"
 status=0
 # Python is not instrumented, so the ASan runtime must be loaded first, and libstdc++ with it: ASan's

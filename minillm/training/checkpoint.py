@@ -1,0 +1,98 @@
+"""Training checkpoints: a folder per checkpoint, replaced atomically.
+
+A checkpoint folder holds model.safetensors, config.json and tokenizer.json (as save_pretrained
+writes them), optimizer.pt (optimizer, scheduler and torch RNG state: tensors and plain values,
+loaded with torch.load(weights_only=True)) and trainer_state.json (loop position, early-stopping
+counters, history, Python and numpy RNG states). No pickle of arbitrary objects is ever loaded.
+
+A new checkpoint is written beside the old one, then swapped in with renames: a crash at any moment
+leaves the previous checkpoint (or the new one) loadable; find_checkpoint() knows where to look.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from minillm.models.base import WEIGHTS_NAME, PreTrainedModel
+from minillm.utils import atomic_write_text
+
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.pt"
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    return path.parent / f".{path.name}.{tag}"
+
+
+def save_checkpoint(path: Path, model: PreTrainedModel, tokenizer, optimizer, scheduler,
+                    state: Dict[str, Any]) -> Path:
+    path = Path(path)
+    new, old = _sibling(path, "new"), _sibling(path, "old")
+    shutil.rmtree(new, ignore_errors=True)
+    model.save_pretrained(new, tokenizer=tokenizer)
+    torch.save({"optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "torch_rng": torch.get_rng_state()}, new / OPTIMIZER_NAME)
+    np_state = np.random.get_state()
+    full_state = {**state, "python_rng": _jsonable(random.getstate()),
+                  "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    atomic_write_text(new / STATE_NAME, json.dumps(full_state) + "\n")
+    for f in new.iterdir():  # data on disk before the folder becomes the checkpoint
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def find_checkpoint(path: Path) -> Optional[Path]:
+    """The complete checkpoint at `path`, or the previous one a crash mid-swap left beside it."""
+    path = Path(path)
+    for candidate in (path, _sibling(path, "old")):
+        if (candidate / STATE_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
+            return candidate
+    return None
+
+
+def load_weights_dict(path: Path) -> Dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / WEIGHTS_NAME))
+
+
+def load_checkpoint(path: Path, model: PreTrainedModel, optimizer=None, scheduler=None) -> Dict[str, Any]:
+    """Restores model weights, optimizer, scheduler and RNG states; returns the trainer state."""
+    path = Path(path)
+    model.load_weights(path / WEIGHTS_NAME)
+    state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+    opt_file = path / OPTIMIZER_NAME
+    if opt_file.is_file():
+        saved = torch.load(opt_file, map_location="cpu", weights_only=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None and saved.get("scheduler") is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+    if "python_rng" in state:
+        random.setstate(_tuples(state.pop("python_rng")))
+    if "numpy_rng" in state:
+        kind, keys, *rest = state.pop("numpy_rng")
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    return state

@@ -1,0 +1,413 @@
+"""Trainer: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, evaluation, early stopping,
+atomic checkpoints that resume exactly, and DistributedDataParallel under torchrun."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from minillm.models.base import PreTrainedModel
+from minillm.models.decoder import DecoderOnlyModel
+from minillm.models.encoder import EncoderOnlyModel
+from minillm.training import checkpoint as ckpt
+from minillm.training.collate import Collator
+
+log = logging.getLogger("minillm.training")
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX), where autocast pays off."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+class _Loss(nn.Module):
+    """forward(batch) -> loss, so that DistributedDataParallel sees (and synchronises) the call."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.compute_loss(batch)
+
+
+class Trainer:
+    """Trains a minillm model.
+
+    The seed's arguments come first (model, loaders, learning_rate, checkpoint_dir, device,
+    early_stopping_patience, early_stopping_min_delta); the rest are keyword-only.
+
+    * The monitored metric is the validation loss, or the mean training loss since the last
+      evaluation when there is no validation loader. Evaluations happen every `eval_interval`
+      optimizer steps, or at the end of each epoch when it is None. Patience counts evaluations; an
+      improvement is a decrease by more than `min_delta`; NaN never improves.
+    * `checkpoint_dir/last/` (every evaluation and the end) and `checkpoint_dir/best_model/` (each
+      improvement) hold model.safetensors, config.json, tokenizer.json, the optimizer, scheduler and
+      RNG states and the loop position; each is replaced atomically. ``train(epochs, resume=True)``
+      continues from `last/` exactly: the same per-step losses as an uninterrupted run.
+    * Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel (gloo on CPU, nccl on
+      CUDA), each rank takes every world_size-th batch, and rank 0 alone logs and writes checkpoints.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        train_dataloader: DataLoader,
+        val_dataloader: Optional[DataLoader] = None,
+        learning_rate: float = 1e-3,
+        checkpoint_dir: Union[str, os.PathLike, None] = "./checkpoints",
+        device: Union[str, torch.device, None] = None,
+        early_stopping_patience: Optional[int] = None,
+        early_stopping_min_delta: float = 0.0,
+        *,
+        tokenizer=None,
+        weight_decay: float = 0.1,
+        betas=(0.9, 0.95),
+        warmup_steps: Optional[int] = None,
+        min_lr: Optional[float] = None,
+        lr_schedule: str = "cosine",
+        grad_clip: Optional[float] = 1.0,
+        grad_accum_steps: int = 1,
+        bf16: Union[bool, str] = False,
+        eval_interval: Optional[int] = None,
+        eval_batches: Optional[int] = None,
+        max_steps: Optional[int] = None,
+        seed: int = 0,
+        restore_best_weights: bool = True,
+        metrics_file: Union[str, os.PathLike, None] = None,
+        plot_path: Union[str, os.PathLike, None, bool] = None,
+        progress: bool = True,
+    ):
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"model must be a minillm model, got {type(model).__name__}")
+        if not isinstance(train_dataloader, DataLoader):
+            raise TypeError("train_dataloader must be a torch DataLoader (see create_dataloaders)")
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        if early_stopping_patience is not None and early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience must be >= 1 or None, got {early_stopping_patience}")
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device is None:
+            device = default_device()
+            if device.type == "cuda" and self.world > 1:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.train_loader, self.val_loader = train_dataloader, val_dataloader
+        self.tokenizer = tokenizer or getattr(train_dataloader.collate_fn, "tokenizer", None)
+        self._set_task(train_dataloader)
+        if val_dataloader is not None:
+            self._set_task(val_dataloader)
+        self.lr, self.min_lr = learning_rate, (learning_rate / 10 if min_lr is None else min_lr)
+        self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
+        self.grad_clip, self.accum, self.max_steps = grad_clip, grad_accum_steps, max_steps
+        self.eval_interval, self.eval_batches = eval_interval, eval_batches
+        self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
+        self.restore_best_weights, self.seed, self.progress = restore_best_weights, seed, progress
+        self.bf16 = cpu_has_bf16() if bf16 == "auto" and self.device.type == "cpu" else bool(bf16)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.metrics_file = Path(metrics_file) if metrics_file else (
+            self.checkpoint_dir / "metrics.jsonl" if self.checkpoint_dir else None)
+        self.plot_path = (self.checkpoint_dir / "loss_curve.png" if plot_path is None and self.checkpoint_dir
+                          else (plot_path or None))
+        torch.manual_seed(seed)
+        self.runner: nn.Module = _Loss(self.model)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.runner = nn.parallel.DistributedDataParallel(self.runner, device_ids=ids)
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate,
+                                           betas=tuple(betas))
+        self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+        self.state: Dict[str, Any] = {
+            "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "best_epoch": None,
+            "bad_evals": 0, "early_stopped": False, "history": [], "train_loss_sum": 0.0, "train_loss_n": 0,
+        }
+        self._best_weights: Optional[Dict[str, torch.Tensor]] = None
+
+    # ---- set-up helpers ----
+
+    def _set_task(self, loader: DataLoader) -> None:
+        collate = loader.collate_fn
+        if isinstance(collate, Collator) and collate.task == "auto":
+            if isinstance(self.model, EncoderOnlyModel):
+                collate.task = "mlm"
+            elif isinstance(self.model, DecoderOnlyModel):
+                collate.task = "clm"
+            else:
+                raise ValueError("an encoder-decoder model needs create_dataloaders(..., task='seq2seq')")
+            log.info("data task: %s (from %s)", collate.task, type(self.model).__name__)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _total_steps(self, epochs: int) -> int:
+        per_epoch = math.ceil(math.ceil(len(self.train_loader.batch_sampler) / self.world) / self.accum)
+        total = per_epoch * epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def _make_scheduler(self, total: int) -> None:
+        warmup = self.warmup_steps if self.warmup_steps is not None else min(100, total // 20)
+        floor = self.min_lr / self.lr
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if self.lr_schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def _epoch_batches(self, epoch: int) -> List[List[int]]:
+        """This rank's batches of dataset indices for `epoch`, in a seeded order."""
+        sampler = self.train_loader.batch_sampler
+        gen = getattr(getattr(sampler, "sampler", None), "generator", None)
+        if gen is not None:
+            gen.manual_seed(self.seed + epoch)  # the same order in a resumed run
+        batches = [list(b) for b in sampler]
+        return batches[self.rank::self.world]
+
+    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    # ---- evaluation and bookkeeping ----
+
+    @torch.no_grad()
+    def evaluate(self, loader: Optional[DataLoader] = None) -> float:
+        """Mean loss over the validation loader (the first eval_batches batches), on every rank."""
+        loader = loader or self.val_loader
+        self.model.eval()
+        total, count = 0.0, 0
+        for i, batch in enumerate(loader):
+            if self.eval_batches is not None and i >= self.eval_batches:
+                break
+            if i % self.world != self.rank:
+                continue
+            with self._autocast():
+                loss = self.model.compute_loss(self._to_device(batch))
+            total += float(loss)
+            count += 1
+        if self.world > 1:
+            t = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            total, count = float(t[0]), int(t[1])
+        self.model.train()
+        return total / count if count else math.nan
+
+    def _metric(self, record: Dict[str, Any]) -> None:
+        if self.is_main and self.metrics_file is not None:
+            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _evaluate_and_checkpoint(self) -> None:
+        st = self.state
+        train_loss = st["train_loss_sum"] / st["train_loss_n"] if st["train_loss_n"] else math.nan
+        st["train_loss_sum"], st["train_loss_n"] = 0.0, 0
+        val_loss = self.evaluate() if self.val_loader is not None else None
+        metric = val_loss if val_loss is not None else train_loss
+        record = {"step": st["step"], "epoch": st["epoch"], "train_loss": train_loss, "val_loss": val_loss,
+                  "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+        st["history"].append(record)
+        self._metric({"eval": True, **record})
+        improved = not math.isnan(metric) and (st["best"] is None or metric < st["best"] - self.min_delta)
+        if improved:
+            st["best"], st["best_step"], st["best_epoch"], st["bad_evals"] = metric, st["step"], st["epoch"], 0
+            self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self._save("best_model")
+        else:
+            st["bad_evals"] += 1
+            if self.patience is not None and st["bad_evals"] >= self.patience:
+                st["early_stopped"] = True
+        log.info("step %d epoch %d: train %.4f val %s%s", st["step"], st["epoch"], train_loss,
+                 "n/a" if val_loss is None else f"{val_loss:.4f}", " (best)" if improved else "")
+        self._save("last")
+
+    def _save(self, name: str) -> None:
+        if self.checkpoint_dir is not None and self.is_main:
+            ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, self.tokenizer, self.optimizer,
+                                 self.scheduler, self.state)
+        if self.world > 1:
+            dist.barrier()
+
+    def _resume(self) -> bool:
+        path = ckpt.find_checkpoint(self.checkpoint_dir / "last") if self.checkpoint_dir else None
+        if path is None:
+            log.info("no checkpoint to resume from in %s; starting fresh", self.checkpoint_dir)
+            return False
+        self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        if self.state.get("best") is not None:
+            best = ckpt.find_checkpoint(self.checkpoint_dir / "best_model")
+            if best is not None:
+                self._best_weights = ckpt.load_weights_dict(best)
+        if self.is_main and self.metrics_file is not None and self.metrics_file.exists():
+            # Steps logged after the checkpoint will run again: drop them so the log stays one run.
+            keep = [line for line in self.metrics_file.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.state["step"]]
+            self.metrics_file.write_text("".join(line + "\n" for line in keep))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state["step"], self.state["epoch"],
+                 self.state["batch_in_epoch"])
+        return True
+
+    # ---- the loop ----
+
+    def train(self, epochs: int = 1, resume: bool = False) -> Dict[str, Any]:
+        """Trains for `epochs` epochs (or until max_steps, or early stopping).
+
+        Returns {"early_stopped", "epochs_completed", "best_val_loss", "best_epoch", "best_step",
+        "steps", "history"}; best_val_loss is the best monitored metric (training loss without a
+        validation loader).
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        total = self._total_steps(epochs)
+        self._make_scheduler(total)
+        if resume:
+            self._resume()
+        st = self.state
+        self.model.train()
+        bar = None
+        if self.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True)
+        collate = self.train_loader.collate_fn
+        dataset = self.train_loader.dataset
+        done = st["early_stopped"] or (self.max_steps is not None and st["step"] >= self.max_steps)
+        while not done and st["epoch"] < epochs:
+            batches = self._epoch_batches(st["epoch"])
+            # Resuming mid-epoch skips the batches already trained on; the RNG state restored from the
+            # checkpoint is the one that followed them.
+            skip = st["batch_in_epoch"]
+            if skip >= len(batches):
+                st["epoch"], st["batch_in_epoch"] = st["epoch"] + 1, 0
+                continue
+            micro, acc_loss = 0, 0.0
+            for bi in range(skip, len(batches)):
+                batch = self._to_device(collate([dataset[i] for i in batches[bi]]))
+                with self._autocast():
+                    loss = self.runner(batch)
+                (loss / self.accum).backward()
+                acc_loss += float(loss.detach()) / self.accum
+                micro += 1
+                last_in_epoch = bi == len(batches) - 1
+                if micro == self.accum or last_in_epoch:
+                    self._optimizer_step(acc_loss * self.accum / micro)
+                    micro, acc_loss = 0, 0.0
+                    st["batch_in_epoch"] = bi + 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{st['train_loss_sum'] / max(1, st['train_loss_n']):.4f}")
+                    if last_in_epoch:
+                        st["epoch"] += 1
+                        st["batch_in_epoch"] = 0
+                    at_limit = self.max_steps is not None and st["step"] >= self.max_steps
+                    if (self.eval_interval and st["step"] % self.eval_interval == 0) or (
+                            self.eval_interval is None and last_in_epoch) or at_limit:
+                        self._evaluate_and_checkpoint()
+                    if st["early_stopped"] or at_limit:
+                        done = True
+                        break
+        if bar is not None:
+            bar.close()
+        if st["train_loss_n"]:
+            self._evaluate_and_checkpoint()
+        if self.restore_best_weights and self._best_weights is not None:
+            self.model.load_state_dict(self._best_weights)
+        self._plot()
+        if st["early_stopped"]:
+            log.info("early stopping after %d evaluations without improvement", st["bad_evals"])
+        return {
+            "early_stopped": st["early_stopped"],
+            "epochs_completed": st["epoch"],
+            "best_val_loss": st["best"],
+            "best_epoch": st["best_epoch"],
+            "best_step": st["best_step"],
+            "steps": st["step"],
+            "history": list(st["history"]),
+        }
+
+    def _optimizer_step(self, loss_value: float) -> None:
+        st = self.state
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            t = torch.tensor([loss_value], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            loss_value = float(t[0]) / self.world
+        st["step"] += 1
+        st["train_loss_sum"] += loss_value
+        st["train_loss_n"] += 1
+        self._metric({"step": st["step"], "loss": loss_value, "lr": self.optimizer.param_groups[0]["lr"]})
+
+    def _plot(self) -> None:
+        if not (self.is_main and self.plot_path and self.state["history"]):
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        steps, train, val = [], [], []
+        if self.metrics_file is not None and self.metrics_file.exists():
+            for line in self.metrics_file.read_text().splitlines():
+                r = json.loads(line)
+                if "loss" in r:
+                    steps.append(r["step"])
+                    train.append(r["loss"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, train, lw=0.8, label="train (per step)")
+        evals = [h for h in self.state["history"] if h["val_loss"] is not None]
+        if evals:
+            ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", label="validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        Path(self.plot_path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.plot_path, dpi=110)
+        plt.close(fig)
