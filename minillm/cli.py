@@ -1,4 +1,12 @@
-"""The `minillm` command line. `minillm demo` shows the kernels at work on this machine."""
+"""The `minillm` command line (also `python -m minillm`).
+
+    minillm quickstart                       train a small GPT on offline text for about a minute, then sample
+    minillm train --data_path FILE ...       train a model (the seed's `--mode train` form works too)
+    minillm generate --model_path DIR --prompt TEXT
+    minillm continue --model_path DIR --data_path FILE
+    minillm extract --model_path DIR --output_path DIR [--dtype bfloat16]
+    minillm demo                             check and time the kernels against torch
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +14,23 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from minillm import ops
+
+log = logging.getLogger("minillm")
+
+# Standard-library modules whose docstrings make the quick start's offline training text.
+QUICKSTART_MODULES = (
+    "argparse", "asyncio", "bisect", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "enum", "fractions", "functools", "glob", "heapq", "inspect", "io", "itertools", "json", "logging",
+    "math", "os", "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string",
+    "subprocess", "tempfile", "textwrap", "threading", "time", "typing", "unittest", "urllib.parse", "uuid", "zipfile",
+)
 
 
 def _median_ms(fn: Callable[[], object], repeats: int = 5) -> float:
@@ -61,10 +80,215 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_config(args: argparse.Namespace, vocab_size: int) -> dict:
+    return {"model_type": args.model_type, "vocab_size": vocab_size, "d_model": args.d_model,
+            "num_heads": args.num_heads, "num_layers": args.num_layers, "d_ff": args.d_ff,
+            "max_seq_len": args.max_seq_len, "dropout": args.dropout}
+
+
+def _make_tokenizer(kind: str, vocab_size: int, texts: List[str]):
+    from minillm.tokenizers import BPETokenizer, CharTokenizer
+
+    if kind == "char":
+        return CharTokenizer.from_texts(texts)
+    return BPETokenizer(vocab_size=vocab_size).train(texts)
+
+
+def train(args: argparse.Namespace) -> int:
+    from minillm.models import build_model
+    from minillm.training import Trainer, create_dataloaders, load_and_split_data
+
+    if args.model_type == "transformer":
+        raise ValueError("--model_type transformer needs paired data; use the Python API with task='seq2seq'")
+    train_texts, val_texts, _ = load_and_split_data(args.data_path, args.split_method, args.val_split, 0.0, args.seed)
+    tokenizer = _make_tokenizer(args.tokenizer, args.vocab_size, train_texts)
+    max_length = min(args.max_length, args.max_seq_len)
+    train_loader, val_loader = create_dataloaders(train_texts, val_texts, tokenizer, args.batch_size, max_length,
+                                                  seed=args.seed)
+    model = build_model(_model_config(args, tokenizer.vocab_size))
+    log.info("%s with %.2fM parameters, %s tokenizer (%d tokens)", type(model).__name__,
+             model.num_parameters() / 1e6, args.tokenizer, tokenizer.vocab_size)
+    trainer = Trainer(model, train_loader, val_loader, learning_rate=args.learning_rate,
+                      checkpoint_dir=args.checkpoint_dir, device=args.device,
+                      early_stopping_patience=args.early_stopping_patience,
+                      early_stopping_min_delta=args.early_stopping_min_delta, tokenizer=tokenizer,
+                      eval_interval=args.eval_interval, max_steps=args.max_steps, seed=args.seed,
+                      bf16="auto" if args.bf16 else False)
+    results = trainer.train(args.epochs, resume=args.resume)
+    print(json.dumps({k: v for k, v in results.items() if k != "history"}))
+    print(f"best model: {Path(args.checkpoint_dir) / 'best_model'}")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from minillm.models import DecoderOnlyModel
+    from minillm.training import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model_path, device=args.device)
+    if not isinstance(model, DecoderOnlyModel):
+        raise ValueError(f"generate needs a decoder-only model; {args.model_path} holds a {type(model).__name__}")
+    ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=model.device)
+    if ids.shape[1] == 0:
+        raise ValueError("--prompt is empty after tokenization")
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def continue_(args: argparse.Namespace) -> int:
+    from minillm.tokenizers import load_tokenizer
+    from minillm.training import continue_training, create_dataloaders, load_and_split_data
+
+    tokenizer = load_tokenizer(Path(args.model_path))
+    train_texts, val_texts, _ = load_and_split_data(args.data_path, args.split_method, args.val_split, 0.0, args.seed)
+    train_loader, val_loader = create_dataloaders(train_texts, val_texts, tokenizer, args.batch_size, args.max_length,
+                                                  seed=args.seed)
+    results = continue_training(args.model_path, train_loader, val_loader, learning_rate=args.learning_rate,
+                                epochs=args.epochs, checkpoint_dir=args.checkpoint_dir,
+                                early_stopping_patience=args.early_stopping_patience, device=args.device)
+    print(json.dumps({k: v for k, v in results.items() if k != "history"}))
+    return 0
+
+
+def extract(args: argparse.Namespace) -> int:
+    from minillm.training import extract_model_for_inference
+
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    print(extract_model_for_inference(args.model_path, args.output_path, device="cpu", dtype=dtype))
+    return 0
+
+
+def stdlib_text() -> str:
+    """Docstrings of standard-library modules: English prose and code, on every machine, offline."""
+    import importlib
+    import inspect
+
+    parts = []
+    for name in QUICKSTART_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        for obj in [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]:
+            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)
+                                          or inspect.isbuiltin(obj)) else None
+            if doc and len(doc) > 80 and doc not in parts:
+                parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def quickstart(args: argparse.Namespace) -> int:
+    """Trains a character-level GPT on standard-library docstrings for about a minute, with early
+    stopping and a progress bar, then samples from the best model."""
+    from minillm.models import DecoderOnlyModel
+    from minillm.tokenizers import CharTokenizer
+    from minillm.training import Trainer, create_dataloaders, load_and_split_data
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "stdlib_docstrings.txt"
+    data.write_text(stdlib_text(), encoding="utf-8")
+    train_texts, val_texts, _ = load_and_split_data(data, "paragraph", 0.1, 0.0, seed=0)
+    tokenizer = CharTokenizer.from_texts(train_texts)
+    train_loader, val_loader = create_dataloaders(train_texts, val_texts, tokenizer, batch_size=16, max_length=128)
+    print(f"quick start: {data} ({data.stat().st_size / 1e3:.0f} kB of docstrings), {len(train_texts)} training "
+          f"paragraphs, {tokenizer.vocab_size} characters")
+    model = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": tokenizer.vocab_size, "d_model": 128,
+                              "num_heads": 4, "num_layers": 4, "max_seq_len": 128, "dropout": 0.0})
+    trainer = Trainer(model, train_loader, val_loader, learning_rate=2e-3, checkpoint_dir=out / "checkpoints",
+                      early_stopping_patience=3, eval_interval=50, eval_batches=20, max_steps=args.steps,
+                      tokenizer=tokenizer, warmup_steps=20)
+    t0 = time.perf_counter()
+    results = trainer.train(epochs=100)
+    print(f"trained {results['steps']} steps in {time.perf_counter() - t0:.0f} s; best validation loss "
+          f"{results['best_val_loss']:.3f} at step {results['best_step']}"
+          + (" (stopped early)" if results["early_stopped"] else ""))
+    prompt = "Return the"
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    sample = model.generate(ids, max_new_tokens=300, temperature=0.8, top_k=20, seed=0)
+    print(f"\nsample from the best model (prompt {prompt!r}):\n{tokenizer.decode(sample[0].tolist())}\n")
+    print(f"model, tokenizer and metrics: {out / 'checkpoints' / 'best_model'}")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model_type", choices=["decoder_only", "encoder_only", "transformer"], default="decoder_only",
+                   help="architecture (default decoder_only; encoder_only trains with masked LM)")
+    g.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe", help="tokenizer to train (default bpe)")
+    g.add_argument("--vocab_size", type=int, default=8000, help="BPE vocabulary size (default 8000)")
+    g.add_argument("--d_model", type=int, default=256, help="model width (default 256)")
+    g.add_argument("--num_heads", type=int, default=4, help="attention heads (default 4)")
+    g.add_argument("--num_layers", type=int, default=4, help="layers (default 4)")
+    g.add_argument("--d_ff", type=int, default=None, help="MLP width (default 4 * d_model)")
+    g.add_argument("--max_seq_len", type=int, default=256, help="longest sequence the model takes (default 256)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, training: bool = True) -> None:
+    g = p.add_argument_group("data and training")
+    g.add_argument("--data_path", required=True, help="a UTF-8 text file")
+    g.add_argument("--split_method", choices=["paragraph", "line", "sentence", "chunk"], default="paragraph",
+                   help="how the file is cut into examples (default paragraph)")
+    g.add_argument("--val_split", type=float, default=0.1, help="fraction held out for validation (default 0.1)")
+    g.add_argument("--batch_size", type=int, default=16, help="batch size (default 16)")
+    g.add_argument("--max_length", type=int, default=256, help="tokens per example (default 256)")
+    g.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    g.add_argument("--learning_rate", type=float, default=1e-3 if training else 1e-4,
+                   help=f"peak learning rate (default {1e-3 if training else 1e-4})")
+    g.add_argument("--early_stopping_patience", type=int, default=None,
+                   help="stop after this many evaluations without improvement (default: never)")
+    g.add_argument("--early_stopping_min_delta", type=float, default=0.0, help="smallest improvement (default 0)")
+    g.add_argument("--checkpoint_dir", default="./checkpoints" if training else "./checkpoints/continued",
+                   help="where best_model/ and last/ go")
+    g.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minillm", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (which kernel path runs)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="minillm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="MODE")
+
+    p = sub.add_parser("quickstart", help="train a small GPT on offline text, then sample from it")
+    p.add_argument("--output_dir", default="minillm-quickstart", help="where data and checkpoints go")
+    p.add_argument("--steps", type=int, default=600, help="most optimizer steps (default 600, about a minute)")
+    p.set_defaults(func=quickstart)
+
+    p = sub.add_parser("train", help="train a model on a text file")
+    _add_data_args(p)
+    _add_model_args(p)
+    t = p.add_argument_group("schedule")
+    t.add_argument("--eval_interval", type=int, default=None, help="evaluate every N steps (default: each epoch)")
+    t.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps")
+    t.add_argument("--resume", action="store_true", help="continue from checkpoint_dir/last")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast where the CPU supports it")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("generate", help="sample text from a trained decoder")
+    p.add_argument("--model_path", required=True, help="a model or checkpoint folder")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps")
+    p.set_defaults(func=generate)
+
+    p = sub.add_parser("continue", help="continue training a saved model on a text file")
+    p.add_argument("--model_path", required=True, help="a model or checkpoint folder")
+    _add_data_args(p, training=False)
+    p.set_defaults(func=continue_)
+
+    p = sub.add_parser("extract", help="write a weights-only copy of a model for inference")
+    p.add_argument("--model_path", required=True, help="a model or checkpoint folder")
+    p.add_argument("--output_path", required=True, help="output folder")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype")
+    p.set_defaults(func=extract)
+
     p = sub.add_parser("demo", help="check and time the kernels against torch on random data")
     p.add_argument("--seq-len", type=int, default=512, help="attention sequence length N (default 512)")
     p.add_argument("--corpus-size", type=int, default=200_000, help="top-k corpus rows (default 200000)")
@@ -72,14 +296,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _mode_to_command(argv: List[str]) -> List[str]:
+    """The seed's `--mode train ...` form becomes `train ...`."""
+    for i, a in enumerate(argv):
+        if a == "--mode" and i + 1 < len(argv):
+            return [argv[i + 1]] + argv[:i] + argv[i + 2:]
+        if a.startswith("--mode="):
+            return [a.split("=", 1)[1]] + argv[:i] + argv[i + 1:]
+    return argv
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = _mode_to_command(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.command in ("train", "continue", "quickstart"):
+        logging.getLogger("minillm.training").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"minillm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("minillm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

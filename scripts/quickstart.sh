@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 python -m pip install -q .
 cd "${TMPDIR:-/tmp}"  # import the installed package, not the source tree
-minillm demo "$@"
+minillm quickstart "$@"
