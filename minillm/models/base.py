@@ -106,6 +106,13 @@ class PreTrainedModel(nn.Module):
                 problems.append(f"shape mismatches {mismatched}")
             if problems:
                 raise ValueError(f"{path} does not fit {type(self).__name__}: " + "; ".join(problems))
+            # Weights saved in another floating dtype (e.g. bf16 by extract) load in that dtype.
+            float_dtypes = {f.get_slice(n).get_dtype() for n in names & set(expected) if expected[n].is_floating_point()}
+            file_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                          "F64": torch.float64}.get(next(iter(float_dtypes)), None) if len(float_dtypes) == 1 else None
+            if file_dtype is not None and file_dtype != next(self.parameters()).dtype:
+                self.to(file_dtype)
+                expected = unique_state_dict(self)
             with torch.no_grad():
                 for name, t in expected.items():
                     t.copy_(f.get_tensor(name))

@@ -10,14 +10,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from minillm.text import split_sentences
 from minillm.training.collate import Collator
 
 log = logging.getLogger("minillm.training")
 
 SPLIT_METHODS = ("paragraph", "line", "sentence", "chunk")
 TASKS = ("auto", "clm", "mlm", "seq2seq")
-# A sentence ends at . ! or ? followed by whitespace, unless the word before is a common abbreviation.
-_SENTENCE_END = re.compile(r"(?<!\bMr)(?<!\bMrs)(?<!\bDr)(?<!\be\.g)(?<!\bi\.e)(?<!\betc)(?<=[.!?])\s+")
 
 
 def split_text(text: str, method: str = "paragraph", chunk_size: int = 1000) -> List[str]:
@@ -27,7 +26,7 @@ def split_text(text: str, method: str = "paragraph", chunk_size: int = 1000) -> 
     elif method == "line":
         pieces = text.splitlines()
     elif method == "sentence":
-        pieces = _SENTENCE_END.split(text)
+        pieces = split_sentences(text)
     elif method == "chunk":
         pieces = [text[i:i + chunk_size] for i in range(0, len(text), chunk_size)]
     else:

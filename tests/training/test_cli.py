@@ -1,0 +1,39 @@
+"""The command line: the seed's `--mode train` form, generate, extract, and one-line errors."""
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "minillm", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or tempfile.gettempdir(), env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                          timeout=300)
+
+
+def test_train_generate_extract(text_file, tmp_path):
+    ck = tmp_path / "ck"
+    r = cli("--mode", "train", "--data_path", text_file, "--early_stopping_patience", "5", "--epochs", "2",
+            "--tokenizer", "char", "--d_model", "32", "--num_layers", "1", "--num_heads", "2", "--max_seq_len", "64",
+            "--checkpoint_dir", ck)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"epochs_completed": 2' in r.stdout and (ck / "best_model" / "model.safetensors").exists()
+    r = cli("generate", "--model_path", ck / "best_model", "--prompt", "the cat", "--max_new_tokens", "20",
+            "--seed", "0")
+    assert r.returncode == 0 and "the cat" in r.stdout
+    r = cli("extract", "--model_path", ck / "last", "--output_path", tmp_path / "inf", "--dtype", "bfloat16")
+    assert r.returncode == 0 and (tmp_path / "inf" / "model.safetensors").exists()
+
+
+def test_errors_are_one_line(tmp_path):
+    r = cli("train", "--data_path", tmp_path / "missing.txt")
+    assert r.returncode == 2 and r.stderr.strip().startswith("minillm: error:") and len(r.stderr.splitlines()) == 1
+    r = cli("generate", "--model_path", tmp_path, "--prompt", "x")
+    assert r.returncode == 2 and "minillm: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_documents_every_flag():
+    r = cli("train", "--help")
+    assert r.returncode == 0
+    for flag in ("--data_path", "--early_stopping_patience", "--model_type", "--d_model", "--resume", "--max_steps"):
+        assert flag in r.stdout

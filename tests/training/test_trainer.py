@@ -1,0 +1,86 @@
+"""Trainer: results, early stopping, best weights, checkpoints, metrics."""
+import json
+import math
+
+import pytest
+import torch
+
+from minillm.models import DecoderOnlyModel, EncoderOnlyModel, from_pretrained
+from minillm.tokenizers import CharTokenizer
+from minillm.training import Trainer, create_dataloaders
+
+CFG = {"d_model": 32, "num_heads": 2, "num_layers": 2, "max_seq_len": 48, "dropout": 0.0}
+
+
+def setup(texts, model_type="decoder_only", **loader_kw):
+    tok = CharTokenizer.from_texts(texts)
+    train, val = create_dataloaders(texts[:200], texts[200:], tok, batch_size=16, max_length=48, **loader_kw)
+    cls = DecoderOnlyModel if model_type == "decoder_only" else EncoderOnlyModel
+    torch.manual_seed(0)
+    return cls({"model_type": model_type, "vocab_size": tok.vocab_size, **CFG}), tok, train, val
+
+
+def test_training_improves_and_reports(texts, tmp_path):
+    model, tok, train, val = setup(texts)
+    trainer = Trainer(model, train, val, learning_rate=3e-3, checkpoint_dir=tmp_path, progress=False)
+    res = trainer.train(epochs=3)
+    assert set(res) >= {"early_stopped", "epochs_completed", "best_val_loss", "best_epoch", "history"}
+    assert res["epochs_completed"] == 3 and not res["early_stopped"]
+    vals = [h["val_loss"] for h in res["history"]]
+    assert vals[-1] < vals[0] and res["best_val_loss"] == min(vals)
+    for name in ("best_model", "last"):
+        files = {p.name for p in (tmp_path / name).iterdir()}
+        assert files == {"config.json", "model.safetensors", "tokenizer.json", "optimizer.pt", "trainer_state.json"}
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == list(range(1, res["steps"] + 1))
+    assert isinstance(from_pretrained(tmp_path / "best_model"), DecoderOnlyModel)
+
+
+def test_early_stopping_counts_evaluations_and_restores_best(texts, tmp_path):
+    model, tok, train, val = setup(texts)
+    # min_delta so large that nothing after the first evaluation counts as an improvement.
+    trainer = Trainer(model, train, val, learning_rate=3e-3, checkpoint_dir=tmp_path, early_stopping_patience=2,
+                      early_stopping_min_delta=100.0, progress=False)
+    res = trainer.train(epochs=10)
+    assert res["early_stopped"] and res["epochs_completed"] == 3 and res["best_epoch"] == 1
+    best = from_pretrained(tmp_path / "best_model")
+    for a, b in zip(best.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)  # restore_best_weights
+
+
+def test_nan_is_never_an_improvement(texts, monkeypatch):
+    model, tok, train, val = setup(texts)
+    trainer = Trainer(model, train, val, checkpoint_dir=None, early_stopping_patience=2, progress=False)
+    seq = iter([1.0, math.nan, math.nan, 0.5])
+    monkeypatch.setattr(trainer, "evaluate", lambda loader=None: next(seq))
+    res = trainer.train(epochs=4)
+    assert res["early_stopped"] and res["best_val_loss"] == 1.0 and res["epochs_completed"] == 3
+
+
+def test_without_validation_monitors_training_loss(texts):
+    model, tok, train, _ = setup(texts)
+    res = Trainer(model, train, None, learning_rate=3e-3, checkpoint_dir=None, eval_interval=5, max_steps=20,
+                  progress=False).train(epochs=5)
+    assert res["steps"] == 20 and len(res["history"]) == 4
+    assert res["best_val_loss"] == min(h["train_loss"] for h in res["history"])
+
+
+def test_grad_accumulation_and_bf16_and_mlm(texts):
+    model, tok, train, val = setup(texts, "encoder_only")
+    trainer = Trainer(model, train, val, learning_rate=3e-3, checkpoint_dir=None, grad_accum_steps=3, bf16=True,
+                      progress=False)
+    res = trainer.train(epochs=1)
+    assert train.collate_fn.task == "mlm"
+    assert res["steps"] == math.ceil(len(train) / 3) and math.isfinite(res["best_val_loss"])
+
+
+def test_bad_arguments(texts):
+    model, tok, train, val = setup(texts)
+    with pytest.raises(ValueError, match="learning_rate"):
+        Trainer(model, train, val, learning_rate=0)
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        Trainer(model, train, val, early_stopping_patience=0)
+    with pytest.raises(TypeError, match="DataLoader"):
+        Trainer(model, [1, 2], val)
+    with pytest.raises(ValueError, match="epochs"):
+        Trainer(model, train, val, checkpoint_dir=None, progress=False).train(epochs=0)
