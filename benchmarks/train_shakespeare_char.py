@@ -1,0 +1,187 @@
+"""nanoGPT's CPU "baby GPT" on Tiny Shakespeare (character level): minillm vs the same model in plain PyTorch.
+
+Configuration as nanoGPT's shakespeare_char CPU example: 90/10 split by position, n_layer 4, n_head 4,
+n_embd 128, block 64, batch 12, 2000 iterations, lr 1e-3 -> 1e-4 cosine with 100 warmup, AdamW betas
+(0.9, 0.99), weight decay 0.1, grad clip 1.0, dropout 0, no biases. Both runs draw the same batches
+from the same seed. Reports validation loss (mean over --eval-iters batches) and ms per iteration.
+
+    python benchmarks/train_shakespeare_char.py --data ../shared/data/tinyshakespeare/input.txt
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import DATA_DIR, banner, print_table, write_json  # noqa: E402
+
+
+def build_plain_gpt(vocab: int, n_layer: int, n_head: int, n_embd: int, block: int):
+    """nanoGPT's GPT in plain PyTorch (F.scaled_dot_product_attention), bias-free, dropout 0."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class LayerNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = LayerNorm(n_embd), LayerNorm(n_embd)
+            self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+            self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+            self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+            self.mlp_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(n_embd, dim=2)
+            q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            x = x + self.c_proj(y)
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block, n_embd)
+            self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
+            self.ln_f = LayerNorm(n_embd)
+            self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+            self.lm_head.weight = self.wte.weight
+            for name, p in self.named_parameters():
+                if p.dim() >= 2:
+                    std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("c_proj.weight", "mlp_proj.weight")) else 0.02
+                    nn.init.normal_(p, 0.0, std)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for b in self.blocks:
+                x = b(x)
+            logits = self.lm_head(self.ln_f(x))
+            return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+    return GPT()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(DATA_DIR / "tinyshakespeare" / "input.txt"))
+    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--eval-iters", type=int, default=200, help="validation batches for the final loss")
+    ap.add_argument("--timing-iters", type=int, default=200,
+                    help="iterations of the plain-PyTorch run (timing only; 0 = full run with its val loss)")
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from minillm.models import DecoderOnlyModel
+    from minillm.tokenizers import CharTokenizer
+
+    if not os.path.isfile(args.data):
+        sys.exit(f"no data at {args.data}")
+    text = open(args.data, encoding="utf-8").read()
+    tok = CharTokenizer.from_texts(text, special_tokens={})  # nanoGPT's 65-character vocabulary
+    data = np.array(tok.encode(text), dtype=np.int64)
+    n = int(0.9 * len(data))
+    train_data, val_data = data[:n], data[n:]
+    block, batch, n_layer, n_head, n_embd = 64, 12, 4, 4, 128
+    info = banner("train_shakespeare_char: nanoGPT baby GPT, minillm vs plain PyTorch",
+                  data=f"{args.data}: {len(text)} characters, vocab {tok.vocab_size}, {len(train_data)} train / "
+                       f"{len(val_data)} val tokens",
+                  config=f"n_layer {n_layer}, n_head {n_head}, n_embd {n_embd}, block {block}, batch {batch}, "
+                         f"{args.iters} iters")
+
+    def get_batch(split, gen):
+        d = train_data if split == "train" else val_data
+        ix = torch.randint(len(d) - block, (batch,), generator=gen)
+        x = torch.stack([torch.from_numpy(d[i:i + block]) for i in ix.tolist()])
+        y = torch.stack([torch.from_numpy(d[i + 1:i + 1 + block]) for i in ix.tolist()])
+        return x, y
+
+    def lr_at(it):
+        warmup, lr, min_lr = 100, 1e-3, 1e-4
+        if it < warmup:
+            return lr * (it + 1) / (warmup + 1)
+        ratio = (it - warmup) / (args.iters - warmup)
+        return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+    def run(model, forward, iters):
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=1e-3, betas=(0.9, 0.99))
+        gen = torch.Generator().manual_seed(args.seed)
+        times = []
+        for it in range(iters):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it)
+            x, y = get_batch("train", gen)
+            t0 = time.perf_counter()
+            loss = forward(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        model.eval()
+        vgen = torch.Generator().manual_seed(args.seed + 1)
+        with torch.no_grad():
+            val = float(np.mean([forward(model, *get_batch("val", vgen)).item() for _ in range(args.eval_iters)]))
+        model.train()
+        steady = times[min(20, len(times) // 10):]  # the first iterations warm caches and allocators
+        return val, 1000 * float(np.median(steady))
+
+    torch.manual_seed(args.seed)
+    ours = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": tok.vocab_size, "d_model": n_embd,
+                             "num_heads": n_head, "num_layers": n_layer, "max_seq_len": block, "dropout": 0.0,
+                             "bias": False})
+    torch.manual_seed(args.seed)
+    plain = build_plain_gpt(tok.vocab_size, n_layer, n_head, n_embd, block)
+
+    # Correctness before timing: with identical weights the two models give the same loss.
+    with torch.no_grad():
+        src = dict(plain.named_parameters())
+        mapping = {"embed.tok.weight": "wte.weight", "embed.pos.weight": "wpe.weight", "norm_f.weight": "ln_f.weight"}
+        for i in range(n_layer):
+            for a, b in [("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv", "c_attn"), ("attn.proj", "c_proj"),
+                         ("mlp.fc", "c_fc"), ("mlp.proj", "mlp_proj")]:
+                mapping[f"blocks.{i}.{a}.weight"] = f"blocks.{i}.{b}.weight"
+        probe = DecoderOnlyModel(ours.config)
+        for name, p in probe.named_parameters():
+            p.copy_(src[mapping[name]])
+        x, y = get_batch("train", torch.Generator().manual_seed(0))
+        diff = abs(probe(x, targets=y)[1].item() - plain(x, y)[1].item())
+    print(f"correctness: loss of identical weights differs by {diff:.2e}")
+    if diff > 1e-4:
+        sys.exit("the two models disagree; not timing")
+
+    t0 = time.perf_counter()
+    val_ours, ms_ours = run(ours, lambda m, x, y: m(x, targets=y)[1], args.iters)
+    print(f"minillm: val loss {val_ours:.4f}, {ms_ours:.2f} ms/iter ({time.perf_counter() - t0:.0f} s)")
+    plain_iters = args.timing_iters or args.iters
+    t0 = time.perf_counter()
+    val_plain, ms_plain = run(plain, lambda m, x, y: m(x, y)[1], plain_iters)
+    print(f"plain PyTorch: {plain_iters} iters, {ms_plain:.2f} ms/iter ({time.perf_counter() - t0:.0f} s)")
+    row = {"iters": args.iters, "minillm val loss": val_ours, "nanoGPT reference val loss": 1.886,
+           "plain val loss": val_plain if plain_iters == args.iters else math.nan,
+           "minillm ms/iter": ms_ours, "plain PyTorch ms/iter": ms_plain, "speed ratio": ms_plain / ms_ours}
+    print_table([row], list(row), floatfmt=".4g")
+    write_json(args.json, info, [row])
+
+
+if __name__ == "__main__":
+    main()
