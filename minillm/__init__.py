@@ -3,6 +3,7 @@
 import torch  # noqa: F401
 
 from minillm import models, ops, tokenizers, training
+from minillm.index import FlatIndex
 
 __version__ = "0.1.0"
-__all__ = ["models", "ops", "tokenizers", "training", "__version__"]
+__all__ = ["FlatIndex", "models", "ops", "tokenizers", "training", "__version__"]

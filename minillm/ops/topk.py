@@ -4,6 +4,7 @@ Shapes: queries (Q, d) or (d,); corpus (N, d); results (Q, k) (or (k,) for one 1
 """
 from __future__ import annotations
 
+import warnings
 from typing import Tuple, Union
 
 import numpy as np
@@ -51,6 +52,10 @@ def _as_tensor(name: str, x) -> Tensor:
             raise TypeError(f"{name} must be a float32 or float16 array, got dtype {x.dtype}")
         if any(s < 0 for s in x.strides):
             x = np.ascontiguousarray(x)
+        if not x.flags.writeable:  # e.g. a read-only memory map: only ever read here
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(x)
         return torch.from_numpy(x)
     if isinstance(x, Tensor):
         return x

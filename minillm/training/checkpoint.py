@@ -11,9 +11,7 @@ leaves the previous checkpoint (or the new one) loadable; find_checkpoint() know
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -22,38 +20,24 @@ import torch
 from safetensors.torch import load_file
 
 from minillm.models.base import WEIGHTS_NAME, PreTrainedModel
-from minillm.utils import atomic_write_text
+from minillm.utils import atomic_dir, atomic_write_text, find_dir
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 
 
-def _sibling(path: Path, tag: str) -> Path:
-    return path.parent / f".{path.name}.{tag}"
-
-
 def save_checkpoint(path: Path, model: PreTrainedModel, tokenizer, optimizer, scheduler,
                     state: Dict[str, Any]) -> Path:
-    path = Path(path)
-    new, old = _sibling(path, "new"), _sibling(path, "old")
-    shutil.rmtree(new, ignore_errors=True)
-    model.save_pretrained(new, tokenizer=tokenizer)
-    torch.save({"optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "torch_rng": torch.get_rng_state()}, new / OPTIMIZER_NAME)
-    np_state = np.random.get_state()
-    full_state = {**state, "python_rng": _jsonable(random.getstate()),
-                  "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    atomic_write_text(new / STATE_NAME, json.dumps(full_state) + "\n")
-    for f in new.iterdir():  # data on disk before the folder becomes the checkpoint
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    with atomic_dir(path) as new:
+        model.save_pretrained(new, tokenizer=tokenizer)
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "torch_rng": torch.get_rng_state()}, new / OPTIMIZER_NAME)
+        np_state = np.random.get_state()
+        full_state = {**state, "python_rng": _jsonable(random.getstate()),
+                      "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+        atomic_write_text(new / STATE_NAME, json.dumps(full_state) + "\n")
+    return Path(path)
 
 
 def _jsonable(x):
@@ -66,11 +50,8 @@ def _tuples(x):
 
 def find_checkpoint(path: Path) -> Optional[Path]:
     """The complete checkpoint at `path`, or the previous one a crash mid-swap left beside it."""
-    path = Path(path)
-    for candidate in (path, _sibling(path, "old")):
-        if (candidate / STATE_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
-            return candidate
-    return None
+    found = find_dir(path, STATE_NAME)
+    return found if found is not None and (found / WEIGHTS_NAME).is_file() else None
 
 
 def load_weights_dict(path: Path) -> Dict[str, torch.Tensor]:

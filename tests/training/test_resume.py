@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent('''
         step = trainer._optimizer_step
         trainer._optimizer_step = lambda loss: (time.sleep(0.15), step(loss))
     if mode == "die_in_checkpoint":  # SIGKILL between the two renames of the step-15 'last' checkpoint
-        import minillm.training.checkpoint as ck
+        import minillm.utils as ck
         real, calls = os.replace, []
         def replace(src, dst):
             real(src, dst)

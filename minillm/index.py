@@ -1,0 +1,292 @@
+"""FlatIndex: an exact vector index with FAISS's interface, searched by minillm.ops.topk_search.
+
+    index = FlatIndex(384, metric="cosine")
+    index.add_with_ids(vectors, ids)         # (n, d) float array, (n,) int64 ids
+    D, I = index.search(queries, k=10)       # (Q, k) scores / squared distances and ids, like FAISS
+    index.remove_ids([3, 5]); index.save("my.index"); index = FlatIndex.load("my.index", mmap=True)
+
+Storage is float32 or float16 (scanned natively, fp32 accumulation). Searches may run from many threads
+at once (the kernel releases the GIL); writes wait for them and are serialised.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from minillm.ops import topk_search
+from minillm.utils import atomic_dir, find_dir
+
+FORMAT = "minillm-flat-index"
+FORMAT_VERSION = 1
+METRICS = ("ip", "cosine", "l2")
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class _RWLock:
+    """Many readers or one writer."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _as_numpy(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+    return x
+
+
+class FlatIndex:
+    """Exact search over stored vectors; ids are int64, given (add_with_ids) or sequential (add)."""
+
+    def __init__(self, dim: int, metric: str = "ip", dtype: str = "float32"):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}"
+                             + ("; int8 storage needs the int8 kernel, not yet available" if dtype == "int8" else ""))
+        self.dim, self.metric, self.dtype = int(dim), metric, dtype
+        self._vectors = np.empty((0, self.dim), dtype=DTYPES[dtype])  # (capacity, d), rows [0, n) live
+        self._ids = np.empty((0,), dtype=np.int64)
+        self._n = 0
+        self._pos: dict = {}  # id -> row
+        self._next_id = 0
+        self._lock = _RWLock()
+
+    # ---- properties ----
+    @property
+    def ntotal(self) -> int:
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The ids of the stored vectors, in storage order (a copy)."""
+        return self._ids[: self._n].copy()
+
+    def reconstruct(self, id_: int) -> np.ndarray:
+        """The stored vector of `id_` (normalised for cosine), as float32."""
+        if id_ not in self._pos:
+            raise KeyError(f"id {id_} is not in the index")
+        return self._vectors[self._pos[id_]].astype(np.float32)
+
+    # ---- writes ----
+    def _prepare(self, x) -> np.ndarray:
+        x = _as_numpy(x, "x")
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"vectors must have shape (n, {self.dim}), got {x.shape}")
+        if x.dtype.kind != "f":
+            raise TypeError(f"vectors must be floating point, got {x.dtype}")
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise ValueError("vectors contain NaN or inf")
+        if self.metric == "cosine":
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            x = x / np.where(norms > 0, norms, 1)
+        return x.astype(DTYPES[self.dtype], copy=False)
+
+    def _grow(self, extra: int) -> None:
+        need = self._n + extra
+        if need > self._vectors.shape[0] or not self._vectors.flags.writeable:
+            cap = max(need, 2 * self._vectors.shape[0], 1024)
+            vectors = np.empty((cap, self.dim), dtype=DTYPES[self.dtype])
+            vectors[: self._n] = self._vectors[: self._n]
+            ids = np.empty((cap,), dtype=np.int64)
+            ids[: self._n] = self._ids[: self._n]
+            self._vectors, self._ids = vectors, ids
+
+    def add(self, x) -> np.ndarray:
+        """Adds vectors (n, d) with sequential ids; returns the ids."""
+        x = self._prepare(x)
+        with self._lock.write():
+            # next_id is above every id ever stored, so these are free.
+            ids = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
+            self._add_locked(x, ids)
+        return ids
+
+    def add_with_ids(self, x, ids) -> None:
+        """Adds vectors (n, d) under the given int64 ids (n,); an id already present is an error."""
+        x = self._prepare(x)
+        ids = np.asarray(_as_numpy(ids, "ids") if not isinstance(ids, (list, tuple)) else ids)
+        if ids.ndim != 1 or len(ids) != len(x) or ids.dtype.kind not in "iu":
+            raise ValueError(f"ids must be {len(x)} integers, got shape {ids.shape} dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("ids contain duplicates")
+        with self._lock.write():
+            present = [int(i) for i in ids if int(i) in self._pos]
+            if present:
+                raise ValueError(f"ids already in the index: {present[:10]}; remove_ids() them first")
+            self._add_locked(x, ids)
+
+    def _add_locked(self, x: np.ndarray, ids: np.ndarray) -> None:
+        self._grow(len(x))
+        self._vectors[self._n: self._n + len(x)] = x
+        self._ids[self._n: self._n + len(x)] = ids
+        for j, i in enumerate(ids.tolist()):
+            self._pos[i] = self._n + j
+        self._n += len(x)
+        if len(ids):
+            self._next_id = max(self._next_id, int(ids.max()) + 1)
+
+    def remove_ids(self, ids) -> int:
+        """Removes the given ids (missing ones are ignored); O(1) each: the last row moves into the
+        hole. Other ids stay valid. Returns how many were removed."""
+        ids = np.atleast_1d(np.asarray(_as_numpy(ids, "ids") if not isinstance(ids, (list, tuple, int)) else ids))
+        removed = 0
+        with self._lock.write():
+            self._grow(0)  # a memory-mapped index becomes a private copy before it changes
+            for i in ids.astype(np.int64).tolist():
+                row = self._pos.pop(i, None)
+                if row is None:
+                    continue
+                last = self._n - 1
+                if row != last:
+                    self._vectors[row] = self._vectors[last]
+                    moved = int(self._ids[last])
+                    self._ids[row] = moved
+                    self._pos[moved] = row
+                self._n -= 1
+                removed += 1
+        return removed
+
+    def reset(self) -> None:
+        """Removes everything."""
+        with self._lock.write():
+            self._vectors = np.empty((0, self.dim), dtype=DTYPES[self.dtype])
+            self._ids = np.empty((0,), dtype=np.int64)
+            self._n, self._pos, self._next_id = 0, {}, 0
+
+    # ---- search ----
+    def search(self, x, k: int, filter=None) -> Tuple[Union[np.ndarray, torch.Tensor], Union[np.ndarray, torch.Tensor]]:
+        """(D, I): the k best stored vectors per query, best first.
+
+        x: (Q, d) or (d,) queries (numpy in, numpy out; torch tensors give torch tensors). D holds inner
+        products / cosines (larger first) or squared L2 distances (smaller first); where fewer than k
+        vectors exist (or pass the filter), I is -1 and D is -inf (ip, cosine) or +inf (l2).
+        filter: ids allowed (any int sequence/array) or a bool mask aligned with `index.ids`; applied
+        inside the search, so k results come back whenever k vectors pass.
+        """
+        as_torch = isinstance(x, torch.Tensor)
+        q = _as_numpy(x, "x")
+        single = q.ndim == 1
+        q = q[None, :] if single else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (Q, {self.dim}), got {q.shape}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        fill = np.inf if self.metric == "l2" else -np.inf
+        D = np.full((len(q), k), fill, dtype=np.float32)
+        I = np.full((len(q), k), -1, dtype=np.int64)
+        with self._lock.read():
+            rows = self._vectors[: self._n]
+            ids = self._ids[: self._n]
+            if filter is not None:
+                keep = self._filter_rows(filter)
+                rows, ids = rows[keep], ids[keep]
+            n = len(rows)
+            if n and len(q):
+                kk = min(k, n)
+                metric = "ip" if self.metric == "cosine" else self.metric  # stored rows are normalised
+                qs = q
+                if self.metric == "cosine":
+                    norms = np.linalg.norm(q, axis=1, keepdims=True)
+                    qs = q / np.where(norms > 0, norms, 1)
+                scores, idx = topk_search(qs, np.ascontiguousarray(rows), kk, metric)
+                D[:, :kk], I[:, :kk] = scores, ids[idx]
+        if single:
+            D, I = D[0], I[0]
+        return (torch.from_numpy(D), torch.from_numpy(I)) if as_torch else (D, I)
+
+    def _filter_rows(self, filter) -> np.ndarray:
+        f = _as_numpy(filter, "filter") if not isinstance(filter, (list, tuple, set, frozenset)) else np.asarray(
+            sorted(filter) if isinstance(filter, (set, frozenset)) else filter)
+        if f.dtype == bool:
+            if f.shape != (self._n,):
+                raise ValueError(f"a boolean filter must have shape (ntotal,) = ({self._n},), got {f.shape}")
+            return np.flatnonzero(f)
+        if f.size and f.dtype.kind not in "iu":
+            raise TypeError(f"filter must be ids (integers) or a boolean mask, got dtype {f.dtype}")
+        rows = [self._pos[i] for i in f.astype(np.int64).ravel().tolist() if i in self._pos]
+        return np.unique(np.asarray(rows, dtype=np.int64))
+
+    # ---- persistence ----
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes a folder: index.json (format, version, dim, metric, dtype, count), vectors.npy, ids.npy;
+        atomically replacing any previous index at `path`."""
+        with self._lock.read():
+            with atomic_dir(path) as tmp:
+                np.save(tmp / "vectors.npy", np.ascontiguousarray(self._vectors[: self._n]))
+                np.save(tmp / "ids.npy", self._ids[: self._n])
+                (tmp / "index.json").write_text(json.dumps({
+                    "format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "metric": self.metric,
+                    "dtype": self.dtype, "ntotal": self._n, "next_id": self._next_id}) + "\n")
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], mmap: bool = True) -> "FlatIndex":
+        """Opens a saved index; with mmap the vectors stay on disk, paged in as searches touch them."""
+        found = find_dir(path, "index.json")
+        if found is None:
+            raise FileNotFoundError(f"no saved FlatIndex at {path}")
+        meta = json.loads((found / "index.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a minillm FlatIndex (format {meta.get('format')!r})")
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has index format version {meta.get('version')}; this minillm reads "
+                             f"version {FORMAT_VERSION}")
+        index = cls(meta["dim"], meta["metric"], meta["dtype"])
+        vectors = np.load(found / "vectors.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        ids = np.load(found / "ids.npy", allow_pickle=False)
+        if vectors.shape != (meta["ntotal"], meta["dim"]) or vectors.dtype != DTYPES[meta["dtype"]] or len(ids) != len(vectors):
+            raise ValueError(f"{path}: stored arrays do not match index.json (vectors {vectors.shape} "
+                             f"{vectors.dtype}, ids {ids.shape})")
+        index._vectors, index._ids, index._n = vectors, ids.astype(np.int64), len(ids)
+        index._pos = {int(i): r for r, i in enumerate(ids.tolist())}
+        index._next_id = int(meta.get("next_id", len(ids)))
+        return index
+
+    def __repr__(self) -> str:
+        return f"FlatIndex(dim={self.dim}, metric={self.metric!r}, dtype={self.dtype!r}, ntotal={self._n})"
