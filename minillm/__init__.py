@@ -2,8 +2,8 @@
 # torch first: it loads its bundled libgomp.so.1, which the native extension then shares.
 import torch  # noqa: F401
 
-from minillm import models, ops, tokenizers, training
+from minillm import models, ops, rag, tokenizers, training
 from minillm.index import FlatIndex
 
 __version__ = "0.1.0"
-__all__ = ["FlatIndex", "models", "ops", "tokenizers", "training", "__version__"]
+__all__ = ["FlatIndex", "models", "ops", "rag", "tokenizers", "training", "__version__"]

@@ -38,6 +38,7 @@ def load_model_and_tokenizer(model_path: PathLike, tokenizer_path: Optional[Path
     tokenizer = load_tokenizer(tok_file)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    model.tokenizer = tokenizer  # so that RAGModel(store, model) finds it, as in the seed's example
     return model, tokenizer
 
 
