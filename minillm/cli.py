@@ -5,6 +5,8 @@
     minillm generate --model_path DIR --prompt TEXT
     minillm continue --model_path DIR --data_path FILE
     minillm extract --model_path DIR --output_path DIR [--dtype bfloat16]
+    minillm rag index --docs PATH --store PATH       index .txt/.md/.rst files or folders
+    minillm rag query --store PATH "question" [--top-k K] [--generate --model_path DIR]
     minillm demo                             check and time the kernels against torch
 """
 from __future__ import annotations
@@ -209,6 +211,89 @@ def quickstart(args: argparse.Namespace) -> int:
     sample = model.generate(ids, max_new_tokens=300, temperature=0.8, top_k=20, seed=0)
     print(f"\nsample from the best model (prompt {prompt!r}):\n{tokenizer.decode(sample[0].tolist())}\n")
     print(f"model, tokenizer and metrics: {out / 'checkpoints' / 'best_model'}")
+
+    # Retrieval over the same text: split, embed, store, ask.
+    from minillm.rag import DocumentProcessor, SimpleDocumentStore
+    from minillm.rag.embedders import minilm_available
+
+    store = SimpleDocumentStore(embedding_dim=384 if minilm_available() else 256)
+    chunks = list(dict.fromkeys(DocumentProcessor.split_text(data.read_text(encoding="utf-8"), "paragraph",
+                                                             min_length=80, max_length=600)))  # no duplicates
+    store.add_documents(chunks)
+    print(f"\nRAG: embedding {len(chunks)} passages with {store.embedder.name}")
+    store.compute_embeddings(show_progress=True)
+    store.save(out / "document_store")
+    question = args.question
+    print(f"question: {question}")
+    for rank, hit in enumerate(store.search(question, top_k=3), 1):
+        print(f"[{rank}] score {hit['score']:.3f}: " + hit["text"][:240].replace("\n", " ")
+              + ("..." if len(hit["text"]) > 240 else ""))
+    print(f"document store: {out / 'document_store'} (query it: minillm rag query --store {out / 'document_store'} "
+          f"\"your question\")")
+    return 0
+
+
+DOC_SUFFIXES = (".txt", ".md", ".rst")
+
+
+def _doc_files(paths: List[str]) -> List[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(DOC_SUFFIXES)))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no file or folder at {p}")
+    if not files:
+        raise ValueError(f"no .txt, .md or .rst files under {', '.join(paths)}")
+    return files
+
+
+def rag_index(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from minillm.rag import DocumentProcessor, SimpleDocumentStore
+
+    store = SimpleDocumentStore(embedding_dim=args.embedding_dim)
+    files = _doc_files(args.docs)
+    for f in tqdm(files, desc="splitting", unit="file"):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            log.warning("skipping %s: not UTF-8 text", f)
+            continue
+        chunks = DocumentProcessor.split_chunks(text, method=args.method, min_length=args.min_length,
+                                                max_length=args.max_length)
+        store.add_documents([c.text for c in chunks],
+                            metadatas=[{"source": str(f), "start": c.start, "end": c.end, "heading": c.heading}
+                                       for c in chunks],
+                            ids=[f"{f}:{c.start}" for c in chunks])
+    store.compute_embeddings(batch_size=32, show_progress=True)
+    store.save(args.store)
+    print(f"indexed {len(store)} chunks from {len(files)} files with {store.embedder.name} -> {args.store}")
+    return 0
+
+
+def rag_query(args: argparse.Namespace) -> int:
+    from minillm.rag import RAGModel, SimpleDocumentStore
+
+    store = SimpleDocumentStore.load(args.store)
+    hits = store.search(args.question, top_k=args.top_k)
+    for rank, h in enumerate(hits, 1):
+        where = h["metadata"].get("source", h["id"])
+        print(f"[{rank}] score {h['score']:.3f}  {where}")
+        print("    " + h["text"][:300].replace("\n", "\n    ") + ("..." if len(h["text"]) > 300 else ""))
+    if args.generate:
+        if not args.model_path:
+            raise ValueError("--generate needs --model_path (a trained decoder-only model)")
+        from minillm.training import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(args.model_path)
+        answer = RAGModel(store, model, tokenizer).generate(args.question, top_k=args.top_k,
+                                                            max_length=args.max_length, temperature=args.temperature,
+                                                            seed=args.seed)
+        print(f"\nanswer: {answer}")
     return 0
 
 
@@ -255,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train a small GPT on offline text, then sample from it")
     p.add_argument("--output_dir", default="minillm-quickstart", help="where data and checkpoints go")
     p.add_argument("--steps", type=int, default=600, help="most optimizer steps (default 600, about a minute)")
+    p.add_argument("--question", default="How do I sort a list with a key function?",
+                   help="the question the RAG step answers with passages")
     p.set_defaults(func=quickstart)
 
     p = sub.add_parser("train", help="train a model on a text file")
@@ -288,6 +375,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_path", required=True, help="output folder")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype")
     p.set_defaults(func=extract)
+
+    rag = sub.add_parser("rag", help="retrieval: index documents, query them, answer with a model")
+    rag_sub = rag.add_subparsers(dest="rag_command", required=True, metavar="ACTION")
+    p = rag_sub.add_parser("index", help="split, embed and store .txt/.md/.rst files")
+    p.add_argument("--docs", nargs="+", required=True, help="files or folders")
+    p.add_argument("--store", required=True, help="folder to write the document store to")
+    p.add_argument("--embedding_dim", type=int, default=384,
+                   help="384 = all-MiniLM-L6-v2 when installed (minillm[pretrained]), else hashing (default 384)")
+    p.add_argument("--method", choices=["paragraph", "sentence", "chunk", "semantic"], default="semantic",
+                   help="splitting method (default semantic: Markdown / reST sections)")
+    p.add_argument("--min_length", type=int, default=50, help="shortest chunk in characters (default 50)")
+    p.add_argument("--max_length", type=int, default=800, help="longest chunk in characters (default 800)")
+    p.set_defaults(func=rag_index)
+    p = rag_sub.add_parser("query", help="search a document store (and optionally generate an answer)")
+    p.add_argument("--store", required=True, help="a folder written by `minillm rag index`")
+    p.add_argument("question", help="the question")
+    p.add_argument("--top-k", dest="top_k", type=int, default=5, help="passages to show (default 5)")
+    p.add_argument("--generate", action="store_true", help="answer with the model at --model_path")
+    p.add_argument("--model_path", default=None, help="a trained decoder-only model folder")
+    p.add_argument("--max_length", type=int, default=100, help="answer tokens (default 100)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=rag_query)
 
     p = sub.add_parser("demo", help="check and time the kernels against torch on random data")
     p.add_argument("--seq-len", type=int, default=512, help="attention sequence length N (default 512)")
