@@ -1,0 +1,115 @@
+"""RAGModel and the seed's RAG examples (with only the `minillm.` prefix added to the imports)."""
+import pytest
+import torch
+
+from minillm.models import DecoderOnlyModel
+from minillm.rag import HashingEmbedder, RAGModel, SimpleDocumentStore
+from minillm.tokenizers import CharTokenizer
+
+KB = ["Paris is the capital of France. It lies on the Seine.",
+      "Berlin is the capital of Germany.",
+      "Machine learning is the study of algorithms that improve with data.",
+      "The Nile is a long river in Africa."]
+
+
+@pytest.fixture
+def parts():
+    tok = CharTokenizer.from_texts(" ".join(KB) + "?:\nQCA")
+    torch.manual_seed(0)
+    model = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": tok.vocab_size, "d_model": 32,
+                              "num_heads": 2, "num_layers": 1, "max_seq_len": 160, "dropout": 0.0})
+    store = SimpleDocumentStore(embedding_dim=256)
+    store.add_documents(KB)
+    store.compute_embeddings(show_progress=False)
+    return store, model, tok
+
+
+def test_retrieve_and_generate_with_sources(parts):
+    store, model, tok = parts
+    rag = RAGModel(store, model, tok)
+    assert rag.retrieve("capital of France", top_k=1)[0]["text"].startswith("Paris")
+    answer, sources = rag.generate("What is the capital of France?", top_k=2, max_length=20, temperature=0.0,
+                                   return_sources=True)
+    assert isinstance(answer, str) and sources and sources[0]["text"].startswith("Paris")
+    assert all("score" in s for s in sources)
+
+
+def test_prompt_drops_lowest_ranked_passages_to_fit(parts):
+    store, model, tok = parts
+    rag = RAGModel(store, model, tok)
+    passages = store.search("capital", top_k=4)
+    ids, kept = rag.build_prompt("capital?", passages, budget=120)
+    assert len(ids) <= 120 and 0 < len(kept) < 4 and kept == passages[: len(kept)]
+    # Generation leaves room for its own tokens inside the 160-token window.
+    _, used = rag.generate("capital?", top_k=4, max_length=60, temperature=0.0, return_sources=True)
+    assert len(used) < 4
+    with pytest.raises(ValueError, match="no room"):
+        rag.generate("capital?", max_length=160)
+
+
+def test_rag_needs_a_decoder_and_a_tokenizer(parts):
+    store, model, tok = parts
+    with pytest.raises(ValueError, match="tokenizer"):
+        RAGModel(store, model)
+    with pytest.raises(TypeError, match="decoder-only"):
+        RAGModel(store, torch.nn.Linear(2, 2), tok)
+
+
+def test_seed_rag_examples(tmp_path, monkeypatch):
+    """Both RAG examples of the seed document, verbatim apart from the imports' prefix and paths."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "knowledge_base.txt").write_text(
+        "# Machine learning\n\nMachine learning is a field of study in artificial intelligence concerned with "
+        "statistical algorithms that learn from data.\n\n# Geography\n\nParis is the capital of France. " * 3)
+    tok = CharTokenizer.from_texts(open("data/knowledge_base.txt").read() + "?QCA:")
+    model = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": tok.vocab_size, "d_model": 32,
+                              "num_heads": 2, "num_layers": 1, "max_seq_len": 512, "dropout": 0.0})
+    model.save_pretrained("./checkpoints/best_model", tokenizer=tok)
+
+    from minillm.models.rag_utils import DocumentProcessor, RAGModel, SimpleDocumentStore
+
+    doc_store = SimpleDocumentStore(embedding_dim=256)
+    text = "Your long document text here..." * 20
+    chunks = DocumentProcessor.split_text(text, method="semantic", min_length=50, max_length=500)
+    doc_store.add_documents(chunks)
+    doc_store.compute_embeddings()
+    doc_store.save("./data/document_store.pkl")
+    from minillm.training.model_extraction import load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer("./checkpoints/best_model")
+    rag_model = RAGModel(doc_store, model)
+    response = rag_model.generate(query="What is the capital of France?", top_k=3, max_length=100, temperature=0.7)
+    assert isinstance(response, str)
+
+    doc_store = SimpleDocumentStore(embedding_dim=256)
+    with open("./data/knowledge_base.txt", "r") as f:
+        text = f.read()
+    chunks = DocumentProcessor.split_text(text, method="semantic", min_length=50, max_length=500)
+    doc_store.add_documents(chunks)
+    doc_store.compute_embeddings()
+    rag_model = RAGModel(doc_store, model)
+    response = rag_model.generate(query="What is machine learning?", top_k=3, max_length=200, temperature=0.7)
+    print(response)
+    assert isinstance(response, str)
+    assert SimpleDocumentStore.load("./data/document_store.pkl").embedder.name == "hashing-256"
+
+
+def test_cli_rag_index_and_query(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# Rivers\n\nThe Nile is a long river in Africa flowing north.\n")
+    (docs / "b.rst").write_text("Cities\n======\n\nParis is the capital of France and a large city.\n")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "minillm", "rag", *map(str, a)], capture_output=True,  # noqa: E731
+                                    text=True, cwd=tempfile.gettempdir(), env=env, timeout=300)
+    r = run("index", "--docs", docs, "--store", tmp_path / "store", "--embedding_dim", "256", "--min_length", "10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("query", "--store", tmp_path / "store", "Which river is in Africa?", "--top-k", "1")
+    assert r.returncode == 0 and "Nile" in r.stdout and "a.md" in r.stdout
+    r = run("query", "--store", tmp_path / "nowhere", "x")
+    assert r.returncode == 2 and "minillm: error:" in r.stderr

@@ -1,0 +1,151 @@
+"""SimpleDocumentStore: upsert, delete, incremental embedding, filters, persistence, crashes, threads."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from minillm.rag import HashingEmbedder, SimpleDocumentStore
+
+TEXTS = [f"document number {i} talks about {topic}" for i, topic in
+         enumerate(["cats", "dogs", "python files", "sorting lists", "reading csv", "birds", "trees", "rivers"] * 5)]
+
+
+class CountingEmbedder(HashingEmbedder):
+    def __init__(self, dim=512):
+        super().__init__(dim)
+        self.seen = []
+
+    def encode(self, texts, batch_size=256, show_progress=False):
+        self.seen.extend(texts)
+        return super().encode(texts, batch_size)
+
+
+@pytest.fixture
+def store():
+    s = SimpleDocumentStore(embedding_dim=512, embedder=CountingEmbedder())
+    s.add_documents(TEXTS, metadatas=[{"group": i % 4, "n": i} for i in range(len(TEXTS))],
+                    ids=[f"d{i}" for i in range(len(TEXTS))])
+    s.compute_embeddings(show_progress=False)
+    return s
+
+
+def test_search_by_text_and_vector(store):
+    hits = store.search("python files", top_k=3)
+    assert hits[0]["text"] == "document number 2 talks about python files"
+    assert set(hits[0]) == {"id", "text", "score", "metadata"} and hits[0]["metadata"] == {"group": 2, "n": 2}
+    vec = store.embedder.encode(["rivers"])[0]
+    assert store.search(vec, top_k=1)[0]["text"].endswith("rivers")
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_default_embedder_is_hashing_for_256():
+    s = SimpleDocumentStore(embedding_dim=256)
+    assert s.embedder.name == "hashing-256"
+    with pytest.raises(ValueError, match="embedding_dim"):
+        SimpleDocumentStore(embedding_dim=128, embedder=HashingEmbedder(512))
+
+
+def test_upsert_delete_and_incremental_embedding(store):
+    emb = store.embedder
+    emb.seen.clear()
+    store.add_documents(["document number 0 now talks about volcanoes"], metadatas=[{"group": 9}], ids=["d0"])
+    store.add_documents([TEXTS[1]], metadatas=[{"group": 7}], ids=["d1"])  # same text: metadata only
+    store.add_documents(["a brand new document"], ids=["new"])
+    assert store.compute_embeddings(show_progress=False) == 2
+    assert sorted(emb.seen) == ["a brand new document", "document number 0 now talks about volcanoes"]
+    assert store.get("d1")["metadata"] == {"group": 7}
+    assert store.search("now talks about volcanoes", top_k=1)[0]["id"] == "d0"
+    assert store.delete(["d0", "missing"]) == 1
+    assert all(h["id"] != "d0" for h in store.search("volcanoes", top_k=len(store)))
+    assert len(store) == len(TEXTS)
+
+
+def test_filter_inside_search_returns_top_k(store):
+    hits = store.search("cats", top_k=5, filter={"group": 3})
+    assert len(hits) == 5 and all(h["metadata"]["group"] == 3 for h in hits)
+    hits = store.search("cats", top_k=4, filter={"group": [1, 2]})
+    assert len(hits) == 4 and {h["metadata"]["group"] for h in hits} <= {1, 2}
+    assert len(store.search("cats", top_k=3, filter=lambda m: m["n"] < 2)) == 2
+    assert store.search("cats", top_k=3, filter={"group": 99}) == []
+
+
+def test_save_load_round_trip_and_checks(store, tmp_path):
+    path = tmp_path / "document_store.pkl"  # the seed's path: a folder in minillm's format
+    store.save(path)
+    assert (path / "store.sqlite").is_file() and (path / "index" / "vectors.npy").is_file()
+    loaded = SimpleDocumentStore.load(path, embedder=CountingEmbedder())
+    assert isinstance(loaded.index._vectors, np.memmap)
+    assert loaded.search("python files", 3) == store.search("python files", 3)
+    assert loaded.get("d5") == store.get("d5")
+    with pytest.raises(ValueError, match="hashing-512"):
+        SimpleDocumentStore.load(path, embedder=HashingEmbedder(32))
+    loaded.add_documents(["fresh after load"], ids=["fresh"])  # a memory-mapped store still takes writes
+    loaded.compute_embeddings(show_progress=False)
+    assert loaded.search("fresh after load", 1)[0]["id"] == "fresh"
+
+
+def test_real_pickle_is_refused_with_the_reason(tmp_path):
+    path = tmp_path / "document_store.pkl"
+    path.write_bytes(pickle.dumps({"documents": ["x"]}))
+    with pytest.raises(ValueError, match="never loads pickles"):
+        SimpleDocumentStore.load(path)
+
+
+SAVE_AND_DIE = textwrap.dedent('''
+    import os, sys
+    import minillm.utils as u
+    from minillm.rag import SimpleDocumentStore, HashingEmbedder
+    path = sys.argv[1]
+    store = SimpleDocumentStore.load(path, embedder=HashingEmbedder(512))
+    store.add_documents(["a document added by the second save"] * 3, ids=["x1", "x2", "x3"])
+    store.compute_embeddings(show_progress=False)
+    real = os.replace
+    def replace(src, dst):
+        real(src, dst)
+        if str(dst).endswith(".document_store.old"):
+            os.kill(os.getpid(), 9)  # between the two renames of the swap
+    u.os.replace = replace
+    store.save(path)
+''')
+
+
+def test_crash_during_save_leaves_previous_store_loadable(store, tmp_path):
+    path = tmp_path / "document_store"
+    store.save(path)
+    script = tmp_path / "die.py"
+    script.write_text(SAVE_AND_DIE)
+    proc = subprocess.run([sys.executable, str(script), str(path)], cwd=tempfile.gettempdir())
+    assert proc.returncode == -signal.SIGKILL
+    loaded = SimpleDocumentStore.load(path, embedder=HashingEmbedder(512))
+    assert len(loaded) == len(TEXTS) and loaded.get("x1") is None
+
+
+def test_concurrent_searches_and_writes(store):
+    queries = ["cats", "dogs", "rivers", "python files"]
+    want = {q: [h["id"] for h in store.search(q, 3)] for q in queries}
+    errors = []
+
+    def reader(q):
+        for _ in range(30):
+            got = [h["id"] for h in store.search(q, 3)]
+            if got != want[q]:
+                errors.append((q, got))
+
+    def writer():
+        for i in range(20):
+            store.add_documents([f"unrelated filler text {i} zzz"], ids=[f"w{i}"])
+            store.compute_embeddings(show_progress=False)
+
+    threads = [threading.Thread(target=reader, args=(q,)) for q in queries * 2] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(store) == len(TEXTS) + 20
