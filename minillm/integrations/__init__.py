@@ -1,0 +1,1 @@
+"""Plug minillm into code that already runs: Hugging Face transformers (`minillm.integrations.transformers`)."""
