@@ -1,0 +1,106 @@
+"""minillm.FlatIndex vs faiss.IndexFlatIP (defaults, and tuned), each in its own process.
+
+In one process with torch, FAISS and torch would share one OpenMP runtime, which distorts both, so
+every contender runs in a fresh subprocess on the same seeded data and writes its ids to disk; the
+parent checks the ids against minillm's (recall@k) and prints the table.
+
+"tuned" FAISS sets distance_compute_blas_threshold = 0 (this wheel only uses BLAS from Q >= 128000
+otherwise) and OPENBLAS_CORETYPE=SkylakeX (its bundled OpenBLAS detects this CPU as Prescott).
+
+    python benchmarks/bench_index.py [--n 1000000] [--dim 384] [--queries 1 16 256] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import banner, print_table, write_json  # noqa: E402
+
+WORKER = r'''
+import json, os, sys, time, statistics
+import numpy as np
+kind, n, d, k, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+qs = [int(x) for x in sys.argv[6].split(",")]
+rng = np.random.default_rng(0)
+X = rng.standard_normal((n, d), dtype=np.float32); X /= np.linalg.norm(X, axis=1, keepdims=True)
+Q = X[rng.integers(0, n, max(qs))] + 0.1 * rng.standard_normal((max(qs), d), dtype=np.float32)
+if kind == "minillm":
+    import minillm
+    index = minillm.FlatIndex(d, "ip")
+else:
+    import faiss
+    if kind == "faiss-tuned":
+        faiss.cvar.distance_compute_blas_threshold = 0
+    index = faiss.IndexFlatIP(d)
+t = time.perf_counter(); index.add(X); add_s = time.perf_counter() - t
+res = {"add_s": add_s, "search_ms": {}}
+for q in qs:
+    index.search(Q[:q], k)  # warm-up
+    times = []
+    for _ in range(5 if q > 16 else 9):
+        t = time.perf_counter(); D, I = index.search(Q[:q], k); times.append(time.perf_counter() - t)
+    res["search_ms"][str(q)] = 1000 * statistics.median(times)
+    np.save(f"{out}-{q}.npy", I)
+json.dump(res, open(out + ".json", "w"))
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 16, 256])
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    import numpy as np
+
+    info = banner("bench_index: FlatIndex vs FAISS IndexFlatIP, separate processes", n=args.n, dim=args.dim, k=args.k)
+    tmp = tempfile.mkdtemp()
+    script = os.path.join(tmp, "worker.py")
+    with open(script, "w") as f:
+        f.write(WORKER)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    results, reasons = {}, {}
+    for kind in ("minillm", "faiss", "faiss-tuned"):
+        e = dict(env, OPENBLAS_CORETYPE="SkylakeX") if kind == "faiss-tuned" else env
+        out = os.path.join(tmp, kind)
+        proc = subprocess.run([sys.executable, script, kind, str(args.n), str(args.dim), str(args.k), out,
+                               ",".join(map(str, args.queries))], env=e, capture_output=True, text=True,
+                              cwd=tempfile.gettempdir())
+        if proc.returncode != 0:
+            reasons[kind] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            print(f"  {kind} failed: {reasons[kind]}")
+            continue
+        results[kind] = json.load(open(out + ".json"))
+    rows = []
+    for q in args.queries:
+        row = {"Q": q}
+        mine = results.get("minillm", {}).get("search_ms", {}).get(str(q), math.nan)
+        row["minillm ms"] = mine
+        base = np.load(os.path.join(tmp, f"minillm-{q}.npy")) if "minillm" in results else None
+        for kind in ("faiss", "faiss-tuned"):
+            ms = results.get(kind, {}).get("search_ms", {}).get(str(q), math.nan)
+            row[f"{kind} ms"] = ms
+            row[f"{kind}/minillm"] = ms / mine if mine == mine else math.nan
+            if base is not None and kind in results:
+                other = np.load(os.path.join(tmp, f"{kind}-{q}.npy"))
+                row[f"{kind} recall"] = float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(base, other)]))
+        rows.append(row)
+    print_table(rows, list(rows[0]), floatfmt=".3g")
+    for kind, r in results.items():
+        print(f"{kind}: add {r['add_s']:.2f} s")
+    write_json(args.json, {**info, "baseline_failures": reasons, "add_s": {k: r["add_s"] for k, r in results.items()}},
+               rows)
+
+
+if __name__ == "__main__":
+    main()
