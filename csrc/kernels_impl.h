@@ -660,6 +660,33 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
   return status;
 }
 
+// Y[i][j] = <X_i, W_j> for MR rows of X and NR rows of W (dot-product form); a scalar loop finishes
+// K % W. Every pair is summed in the same order whatever MR and NR are, so equal rows give equal
+// results (top-k's tie-breaking relies on it). Used by top-k scoring and the few-row linear.
+template <typename T, int MR, int NR>
+inline void dot_tile(int64_t K, const T* X, int64_t ldx, const T* Wm, int64_t ldw, T* Y, int64_t ldy) {
+  typedef vec_t<T> V;
+  constexpr int W = Vec<T>::W;
+  V acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = V{};
+  int64_t p = 0;
+  for (; p + W <= K; p += W) {
+    V w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = vload(Wm + j * ldw + p);
+    for (int i = 0; i < MR; ++i) {
+      const V xv = vload(X + i * ldx + p);
+      for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      T s = hsum<T>(acc[i][j]);
+      for (int64_t q = p; q < K; ++q) s += X[i * ldx + q] * Wm[j * ldw + q];
+      Y[i * ldy + j] = s;
+    }
+}
+
 // ---- exact top-k ----
 
 // A candidate of the running top-k. Keys are "larger is better" for every metric (L2 stores the
@@ -705,33 +732,12 @@ constexpr int kMQ = VB >= 64 ? 4 : 2;  // queries per dot micro-kernel
 constexpr int kNC = 4;                 // corpus rows per dot micro-kernel
 constexpr int64_t kQb = 64;            // queries per work item
 
-// S[i][j] = <q_i, c_j> for MQ queries and NC corpus rows; K is a multiple of the vector width.
-// Every pair is summed in the same order whatever MQ and NC are, so equal rows give equal scores.
-template <int MQ, int NC>
-inline void dot_tile(int64_t K, const float* Qp, int64_t ldq, const float* C, int64_t ldc, float* S, int64_t lds) {
-  typedef vec_t<float> V;
-  constexpr int W = Vec<float>::W;
-  V acc[MQ][NC];
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) acc[i][j] = V{};
-  for (int64_t p = 0; p < K; p += W) {
-    V c[NC];
-    for (int j = 0; j < NC; ++j) c[j] = vload(C + j * ldc + p);
-    for (int i = 0; i < MQ; ++i) {
-      const V q = vload(Qp + i * ldq + p);
-      for (int j = 0; j < NC; ++j) acc[i][j] += q * c[j];
-    }
-  }
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) S[i * lds + j] = hsum<float>(acc[i][j]);
-}
-
 template <int MQ>
 inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const float* C, int64_t ldc, float* S,
                      int64_t lds) {
   int64_t j = 0;
-  for (; j + kNC <= nrows; j += kNC) dot_tile<MQ, kNC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
-  for (; j < nrows; ++j) dot_tile<MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (; j + kNC <= nrows; j += kNC) dot_tile<float, MQ, kNC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (; j < nrows; ++j) dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
 }
 
 inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const float* C, int64_t ldc,
@@ -873,43 +879,18 @@ int topk_impl(const TopkArgs& a) {
 constexpr int kLinMR = VB >= 64 ? 8 : 4;
 constexpr int kLinNR = 2;
 
-// Y[i][j] = <X_i, W_j> for MR rows of x and NR rows of W; a scalar loop finishes K % W.
-template <typename T, int MR, int NR>
-inline void skinny_tile(int64_t K, const T* X, int64_t ldx, const T* Wm, int64_t ldw, T* Y, int64_t ldy) {
-  typedef vec_t<T> V;
-  constexpr int W = Vec<T>::W;
-  V acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = V{};
-  int64_t p = 0;
-  for (; p + W <= K; p += W) {
-    V w[NR];
-    for (int j = 0; j < NR; ++j) w[j] = vload(Wm + j * ldw + p);
-    for (int i = 0; i < MR; ++i) {
-      const V xv = vload(X + i * ldx + p);
-      for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      T s = hsum<T>(acc[i][j]);
-      for (int64_t q = p; q < K; ++q) s += X[i * ldx + q] * Wm[j * ldw + q];
-      Y[i * ldy + j] = s;
-    }
-}
-
 template <typename T, int NR>
 inline void skinny_rows(int64_t M, int64_t K, const T* X, int64_t ldx, const T* Wm, int64_t ldw, T* Y, int64_t ldy) {
   int64_t i = 0;
-  for (; i + kLinMR <= M; i += kLinMR) skinny_tile<T, kLinMR, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy);
+  for (; i + kLinMR <= M; i += kLinMR) dot_tile<T, kLinMR, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy);
   switch (M - i) {
-    case 1: skinny_tile<T, 1, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
-    case 2: skinny_tile<T, 2, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
-    case 3: skinny_tile<T, 3, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
-    case 4: skinny_tile<T, 4, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
-    case 5: skinny_tile<T, 5, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
-    case 6: skinny_tile<T, 6, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
-    case 7: skinny_tile<T, 7, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 1: dot_tile<T, 1, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 2: dot_tile<T, 2, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 3: dot_tile<T, 3, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 4: dot_tile<T, 4, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 5: dot_tile<T, 5, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 6: dot_tile<T, 6, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
+    case 7: dot_tile<T, 7, NR>(K, X + i * ldx, ldx, Wm, ldw, Y + i * ldy, ldy); break;
     default: break;
   }
 }

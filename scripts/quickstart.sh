@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
-python -m pip install -q .
+python -m pip install -q ".[pretrained]"  # MiniLM embeddings for the retrieval step
 cd "${TMPDIR:-/tmp}"  # import the installed package, not the source tree
 minillm quickstart "$@"
