@@ -137,5 +137,5 @@ def backend_info() -> dict:
         "openmp": bool(_C.openmp) if _C is not None else False,
         "cuda_kernels_built": bool(_C.cuda) if _C is not None else False,
         "threads": torch.get_num_threads(),
-        "ops": {"attention": dict(paths), "topk_search": dict(paths)},
+        "ops": {"attention": dict(paths), "topk_search": dict(paths), "linear_small_m": dict(paths)},
     }
