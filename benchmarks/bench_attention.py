@@ -1,0 +1,111 @@
+"""minillm.ops.attention vs torch's scaled_dot_product_attention (default CPU backend and the math
+backend) vs a naive softmax(QK^T)V, side by side in one run.
+
+For each N: causal and bidirectional, forward and forward+backward, plus a key-padding case (25% of
+keys padded, given to torch as the equivalent boolean mask). Every case is checked against the fp64
+reference before it is timed. GFLOP/s count 4*B*H*N^2*D for the forward (halved for causal) and 2.5x
+that for the backward; a torch.mm rate of the same run gives the machine's matmul ceiling.
+
+    python benchmarks/bench_attention.py [--n 128 512 1024] [--d 64] [--dtype float32] [--json out.json] [--plot p.png]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import banner, median_time, plot, print_table, try_baseline, write_json  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--b", type=int, default=4)
+    ap.add_argument("--h", type=int, default=8)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--n", type=int, nargs="+", default=[128, 512, 1024, 2048])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a machine with a GPU")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write a PNG of the forward GFLOP/s")
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from minillm.ops import attention
+    from minillm.ops.reference import attention_reference
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available here")
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    a = torch.randn(2048, 2048, device=dev, dtype=dtype)
+    mm_s = median_time(lambda: a @ a, 3)
+    mm_gflops = 2 * 2048 ** 3 / mm_s / 1e9
+    info = banner("bench_attention: minillm vs torch SDPA (flash / math) vs naive", dtype=args.dtype,
+                  shape=f"B={args.b} H={args.h} D={args.d}", device=args.device,
+                  torch_mm_gflops=f"{mm_gflops:.0f} (2048^3, same run)")
+    B, H, D = args.b, args.h, args.d
+    rows, reasons = [], {}
+
+    def naive(q, k, v, causal, mask):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=dev).triu(1), float("-inf"))
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    for N in args.n:
+        q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.randn(B, H, N, D, device=dev, dtype=dtype)
+        keep = torch.rand(B, N, device=dev) > 0.25
+        keep[:, 0] = True
+        cases = [("bidir", False, None), ("causal", True, None), ("pad25%", False, keep)]
+        for name, causal, mask in cases:
+            ours = lambda: attention(q, k, v, causal=causal, key_padding_mask=mask)  # noqa: E731
+            tmask = mask[:, None, None, :] if mask is not None else None
+            flash = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=tmask, is_causal=causal)  # noqa: E731
+
+            def math_backend():
+                with sdpa_kernel(SDPBackend.MATH):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=tmask, is_causal=causal)
+
+            ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=causal,
+                                      key_padding_mask=mask)
+            err = (ours().detach().double() - ref).abs().max().item()
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            if err > tol:
+                sys.exit(f"N={N} {name}: minillm differs from the reference by {err:.2e}; not timing")
+            fwd_flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+            for mode in ("fwd", "fwd+bwd"):
+                def timed(fn):
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            return median_time(fn, args.repeats)
+                    return median_time(lambda: fn().backward(grad), args.repeats)
+
+                flops = fwd_flops * (1 if mode == "fwd" else 3.5)
+                t_ours = timed(ours)
+                t_flash = try_baseline(lambda: timed(flash), reasons, f"sdpa N={N} {name} {mode}")
+                t_math = try_baseline(lambda: timed(math_backend), reasons, f"math N={N} {name} {mode}")
+                t_naive = try_baseline(lambda: timed(lambda: naive(q, k, v, causal, tmask)), reasons,
+                                       f"naive N={N} {name} {mode}")
+                rows.append({"N": N, "case": name, "pass": mode, "minillm ms": 1000 * t_ours,
+                             "sdpa ms": 1000 * t_flash, "math ms": 1000 * t_math, "naive ms": 1000 * t_naive,
+                             "minillm GFLOP/s": flops / t_ours / 1e9, "sdpa GFLOP/s": flops / t_flash / 1e9,
+                             "vs sdpa": t_flash / t_ours, "vs math": t_math / t_ours})
+                print_table(rows[-1:], list(rows[-1]), floatfmt=".3g")
+    print()
+    print_table(rows, list(rows[0]), floatfmt=".3g")
+    write_json(args.json, {**info, "baseline_failures": reasons}, rows)
+    fwd = [r for r in rows if r["pass"] == "fwd" and r["case"] == "bidir"]
+    plot(args.plot, fwd, "N", ["minillm GFLOP/s", "sdpa GFLOP/s"], "attention forward, bidirectional", "GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
