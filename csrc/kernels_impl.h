@@ -239,6 +239,15 @@ class Arena {
   int64_t used_ = 0;
 };
 
+// Called by each thread of a parallel region on its own Arena: a failed allocation marks the whole call
+// as out of memory (the Python side raises MemoryError) and the thread skips its work items.
+inline bool thread_arena_ok(const Arena& arena, int* status) {
+  if (arena.ok()) return true;
+#pragma omp atomic write
+  *status = kOutOfMemory;
+  return false;
+}
+
 // ---- GEMM: C[M x N] (+)= A[M x K] * B[K x N], row-major, N a multiple of the vector width ----
 template <typename T, int MR, int NV>
 inline void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
@@ -340,17 +349,14 @@ int attention_decode_impl(const AttnFwdArgs& a) {
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
-    if (!arena.ok()) {
-#pragma omp atomic write
-      status = kOutOfMemory;
-    }
-    T* s = arena.ok() ? arena.take<T>(Nk) : nullptr;     // (Nk): scores, then probabilities
-    T* qv = arena.ok() ? arena.take<T>(Dp) : nullptr;    // (Dp): q * scale
-    T* row = arena.ok() ? arena.take<T>(Dp) : nullptr;   // (Dp): a converted k or v row
-    T* acc = arena.ok() ? arena.take<T>(Dp) : nullptr;   // (Dp)
+    const bool ok = thread_arena_ok(arena, &status);
+    T* s = ok ? arena.take<T>(Nk) : nullptr;     // (Nk): scores, then probabilities
+    T* qv = ok ? arena.take<T>(Dp) : nullptr;    // (Dp): q * scale
+    T* row = ok ? arena.take<T>(Dp) : nullptr;   // (Dp): a converted k or v row
+    T* acc = ok ? arena.take<T>(Dp) : nullptr;   // (Dp)
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
-      if (!arena.ok()) continue;
+      if (!ok) continue;
       const int64_t b = bh / H, h = bh % H;
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
       const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
@@ -433,21 +439,18 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
-    if (!arena.ok()) {
-#pragma omp atomic write
-      status = kOutOfMemory;
-    }
-    T* Kt = arena.ok() ? arena.take<T>(Dp * NkP) : nullptr;  // (Dp, ldk): K transposed
-    T* Vp = arena.ok() ? arena.take<T>(NkP * Dp) : nullptr;  // (keys, Dp)
-    T* Qs = arena.ok() ? arena.take<T>(kBq * Dp) : nullptr;  // (kBq, Dp): q * scale
-    T* S = arena.ok() ? arena.take<T>(kBq * bk) : nullptr;  // (kBq, bk): scores, then probabilities
-    T* acc = arena.ok() ? arena.take<T>(kBq * Dp) : nullptr;
-    T* m = arena.ok() ? arena.take<T>(kBq) : nullptr;
-    T* l = arena.ok() ? arena.take<T>(kBq) : nullptr;
-    uint8_t* kvis = arena.ok() ? arena.take<uint8_t>(nkb) : nullptr;
+    const bool ok = thread_arena_ok(arena, &status);
+    T* Kt = ok ? arena.take<T>(Dp * NkP) : nullptr;  // (Dp, ldk): K transposed
+    T* Vp = ok ? arena.take<T>(NkP * Dp) : nullptr;  // (keys, Dp)
+    T* Qs = ok ? arena.take<T>(kBq * Dp) : nullptr;  // (kBq, Dp): q * scale
+    T* S = ok ? arena.take<T>(kBq * bk) : nullptr;  // (kBq, bk): scores, then probabilities
+    T* acc = ok ? arena.take<T>(kBq * Dp) : nullptr;
+    T* m = ok ? arena.take<T>(kBq) : nullptr;
+    T* l = ok ? arena.take<T>(kBq) : nullptr;
+    uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
-      if (!arena.ok()) continue;
+      if (!ok) continue;
       const int64_t bh = it / chunks, b = bh / H, h = bh % H;
       const int64_t q_begin = (it % chunks) * qb_per_chunk * kBq;
       const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * kBq);
@@ -563,11 +566,7 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
-    if (!arena.ok()) {
-#pragma omp atomic write
-      status = kOutOfMemory;
-    }
-    const bool ok = arena.ok();
+    const bool ok = thread_arena_ok(arena, &status);
     T* Qs = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp): q * scale
     T* dO = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp)
     T* dQ = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp): sum dS K, scaled at the end
@@ -790,16 +789,13 @@ int topk_impl(const TopkArgs& a) {
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
-    if (!arena.ok()) {
-#pragma omp atomic write
-      status = kOutOfMemory;
-    }
-    float* conv = arena.ok() ? arena.take<float>(direct ? 0 : tile * dp) : nullptr;  // (tile, dp)
-    float* S = arena.ok() ? arena.take<float>(kQb * tile) : nullptr;                 // (kQb, tile)
-    float* cc = arena.ok() ? arena.take<float>(tile) : nullptr;                      // corpus squared norms
+    const bool ok = thread_arena_ok(arena, &status);
+    float* conv = ok ? arena.take<float>(direct ? 0 : tile * dp) : nullptr;  // (tile, dp)
+    float* S = ok ? arena.take<float>(kQb * tile) : nullptr;                 // (kQb, tile)
+    float* cc = ok ? arena.take<float>(tile) : nullptr;                      // corpus squared norms
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nqb * parts; ++it) {
-      if (!arena.ok()) continue;
+      if (!ok) continue;
       const int64_t qb = it / parts, part = it % parts;
       const int64_t q0 = qb * kQb, nq = imin(kQb, Q - q0);
       const int64_t c_begin = part * tiles_per_part * tile, c_end = imin(N, c_begin + tiles_per_part * tile);
