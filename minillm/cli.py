@@ -187,7 +187,7 @@ def quickstart(args: argparse.Namespace) -> int:
     from minillm.tokenizers import CharTokenizer
     from minillm.training import Trainer, create_dataloaders, load_and_split_data
 
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "stdlib_docstrings.txt"
     data.write_text(stdlib_text(), encoding="utf-8")
