@@ -1,0 +1,169 @@
+"""Exact top-k search: minillm.ops.topk_search vs torch (mm + topk), numpy (argpartition), FAISS IndexFlatIP
+(defaults and tuned) and usearch exact search, every contender in its own subprocess on the same seeded data.
+
+Separate processes keep FAISS's and usearch's OpenMP runtimes from sharing torch's, and give each a clean
+peak-memory reading. Each writes its ids; the parent computes recall@k against minillm's exact result
+(ties aside, every exact method scores 1.0) and prints ms per batch, queries/s, corpus GB/s scanned and
+extra memory. A baseline that would need a score matrix over --max-score-gb, or that fails, is nan with the
+reason.
+
+    python benchmarks/bench_topk.py [--n 100000 1000000] [--d 384] [--queries 1 16 256] [--data random clustered]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import banner, print_table, write_json  # noqa: E402
+
+WORKER = r'''
+import json, os, statistics, sys, time
+import numpy as np
+kind, n, d, k, data, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+qs = [int(x) for x in sys.argv[7].split(",")]
+rng = np.random.default_rng(0)
+if data == "clustered":  # 1000 centres, points near them: many close scores, like real embeddings
+    centres = rng.standard_normal((1000, d), dtype=np.float32)
+    X = centres[rng.integers(0, 1000, n)] + 0.3 * rng.standard_normal((n, d), dtype=np.float32)
+else:
+    X = rng.standard_normal((n, d), dtype=np.float32)
+X /= np.linalg.norm(X, axis=1, keepdims=True)
+Q = X[rng.integers(0, n, max(qs))] + 0.1 * rng.standard_normal((max(qs), d), dtype=np.float32)
+
+def status_mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+
+if kind == "minillm":
+    import minillm
+    run = lambda q: minillm.ops.topk_search(q, X, k, "ip")[1]
+elif kind == "torch":
+    import torch
+    Xt = torch.from_numpy(X)
+    run = lambda q: torch.topk(torch.from_numpy(q) @ Xt.T, k, dim=1).indices.numpy()
+elif kind == "numpy":
+    def run(q):
+        s = q @ X.T
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(s, part, 1), axis=1)
+        return np.take_along_axis(part, order, 1)
+elif kind.startswith("faiss"):
+    import faiss
+    if kind == "faiss-tuned":
+        faiss.cvar.distance_compute_blas_threshold = 0
+    index = faiss.IndexFlatIP(d); index.add(X)
+    run = lambda q: index.search(q, k)[1]
+elif kind == "usearch":
+    from usearch.index import search, MetricKind
+    run = lambda q: search(X, q, k, MetricKind.IP, exact=True).keys
+base = status_mb("VmRSS")
+try:  # reset the peak (VmHWM) so that data generation does not count as the search's memory
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+res = {"ms": {}, "extra_mb": 0.0}
+for q in qs:
+    batch = np.ascontiguousarray(Q[:q])
+    run(batch)  # warm-up
+    times = []
+    for _ in range(5 if q <= 16 else 3):
+        t = time.perf_counter(); ids = run(batch); times.append(time.perf_counter() - t)
+    res["ms"][str(q)] = 1000 * statistics.median(times)
+    np.save(f"{out}-{q}.npy", np.asarray(ids, dtype=np.int64).reshape(q, k))
+res["extra_mb"] = max(0.0, status_mb("VmHWM") - base)
+json.dump(res, open(out + ".json", "w"))
+'''
+
+KINDS = ("minillm", "torch", "numpy", "faiss", "faiss-tuned", "usearch")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--d", type=int, nargs="+", default=[384])
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 16, 256])
+    ap.add_argument("--data", nargs="+", default=["random"], choices=["random", "clustered"])
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--max-score-gb", type=float, default=4.0, help="skip baselines needing a bigger Q x N matrix")
+    ap.add_argument("--device", default="cpu", help="cpu only for now; cuda refuses cleanly without a GPU")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(f"--device {args.device}: no CUDA device is available here")
+        sys.exit("--device cuda: the CUDA top-k kernel is not built yet (issue: CUDA kernels)")
+
+    import numpy as np
+
+    info = banner("bench_topk: exact top-k, each contender in its own process", k=args.k,
+                  faiss_tuning="distance_compute_blas_threshold=0, OPENBLAS_CORETYPE=SkylakeX")
+    tmp = tempfile.mkdtemp()
+    script = os.path.join(tmp, "worker.py")
+    with open(script, "w") as f:
+        f.write(WORKER)
+    rows, reasons = [], {}
+    for data in args.data:
+        for d in args.d:
+            for n in args.n:
+                results = {}
+                for kind in args.kinds:
+                    qs = [q for q in args.queries
+                          if kind in ("minillm", "faiss", "faiss-tuned", "usearch") or q * n * 4 / 1e9 <= args.max_score_gb]
+                    for q in set(args.queries) - set(qs):
+                        reasons[f"{kind} n={n} d={d} Q={q}"] = f"needs a {q * n * 4 / 1e9:.1f} GB score matrix"
+                    if not qs:
+                        continue
+                    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+                    if kind == "faiss-tuned":
+                        env["OPENBLAS_CORETYPE"] = "SkylakeX"
+                    out = os.path.join(tmp, f"{kind}-{data}-{d}-{n}")
+                    proc = subprocess.run([sys.executable, script, kind, str(n), str(d), str(args.k), data, out,
+                                           ",".join(map(str, qs))], env=env, capture_output=True, text=True,
+                                          cwd=tempfile.gettempdir())
+                    if proc.returncode != 0:
+                        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+                        reasons[f"{kind} n={n} d={d}"] = last
+                        print(f"  {kind} n={n} d={d} failed: {last}")
+                        continue
+                    results[kind] = (json.load(open(out + ".json")), out)
+                for q in args.queries:
+                    row = {"data": data, "N": n, "d": d, "Q": q}
+                    mine = results.get("minillm")
+                    ref = np.load(f"{mine[1]}-{q}.npy") if mine else None
+                    t_mine = mine[0]["ms"].get(str(q), math.nan) if mine else math.nan
+                    for kind in args.kinds:
+                        r = results.get(kind)
+                        ms = r[0]["ms"].get(str(q), math.nan) if r else math.nan
+                        row[f"{kind} ms"] = ms
+                        if kind != "minillm":
+                            row[f"{kind}/minillm"] = ms / t_mine
+                        if r and ref is not None and str(q) in r[0]["ms"]:
+                            ids = np.load(f"{r[1]}-{q}.npy")
+                            row[f"{kind} recall"] = float(np.mean([len(set(a) & set(b)) / args.k
+                                                                   for a, b in zip(ref, ids)]))
+                    row["minillm GB/s"] = n * d * 4 / (t_mine / 1000) / 1e9
+                    row["minillm q/s"] = q / (t_mine / 1000)
+                    rows.append(row)
+                extra = {kind: round(r[0]["extra_mb"]) for kind, r in results.items()}
+                print(f"data={data} N={n} d={d}: peak extra memory MB {extra}")
+                print_table(rows[-len(args.queries):], [c for c in rows[-1] if not c.endswith("recall")]
+                            + [c for c in rows[-1] if c.endswith("recall")], floatfmt=".3g")
+    write_json(args.json, {**info, "baseline_failures": reasons}, rows)
+    for key, why in reasons.items():
+        print(f"nan: {key}: {why}")
+
+
+if __name__ == "__main__":
+    main()
