@@ -52,6 +52,9 @@ class SimpleDocumentStore:
         self.index = FlatIndex(embedding_dim, "cosine", dtype)
         self._docs: Dict[int, Dict[str, Any]] = {}  # key -> {"id", "text", "metadata", "embedded"}
         self._key_of: Dict[str, int] = {}
+        # metadata field -> JSON of a value -> keys of the documents holding it: dict filters become set
+        # operations instead of a scan over every document's metadata.
+        self._by_meta: Dict[str, Dict[str, set]] = {}
         self._next_key = 0
         self._lock = _RWLock()
         self._write = threading.Lock()
@@ -69,6 +72,26 @@ class SimpleDocumentStore:
             return None
         d = self._docs[key]
         return {"id": d["id"], "text": d["text"], "metadata": dict(d["metadata"])}
+
+    # ---- metadata index ----
+    @staticmethod
+    def _vkey(value: Any) -> str:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1.0 and 1 match each other, as == says
+        return json.dumps(value, sort_keys=True)
+
+    def _index_meta(self, key: int, meta: Dict[str, Any], add: bool) -> None:
+        for field, value in meta.items():
+            bucket = self._by_meta.setdefault(field, {})
+            vk = self._vkey(value)
+            if add:
+                bucket.setdefault(vk, set()).add(key)
+            else:
+                keys = bucket.get(vk)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del bucket[vk]
 
     # ---- writes ----
     def add_documents(self, texts: Sequence[str], metadatas: Optional[Sequence[Dict[str, Any]]] = None,
@@ -100,12 +123,14 @@ class SimpleDocumentStore:
                     if doc["text"] != text:
                         doc["text"], doc["embedded"] = text, False
                         stale.append(key)
+                    self._index_meta(key, doc["metadata"], add=False)
                     doc["metadata"] = dict(meta)
                 else:
                     key = self._next_key
                     self._next_key += 1
                     self._key_of[doc_id] = key
                     self._docs[key] = {"id": doc_id, "text": text, "metadata": dict(meta), "embedded": False}
+                self._index_meta(key, meta, add=True)
             if stale:
                 self.index.remove_ids(stale)
         return ids
@@ -116,7 +141,7 @@ class SimpleDocumentStore:
         with self._write, self._lock.write():
             keys = [self._key_of.pop(i) for i in ids if i in self._key_of]
             for k in keys:
-                del self._docs[k]
+                self._index_meta(k, self._docs.pop(k)["metadata"], add=False)
             self.index.remove_ids(keys)
         return len(keys)
 
@@ -156,17 +181,15 @@ class SimpleDocumentStore:
         if not isinstance(filter, dict):
             raise TypeError("filter must be a dict of metadata values (a list means any of them) or a callable")
 
-        def match(meta):
-            for key, want in filter.items():
-                have = meta.get(key)
-                if isinstance(want, (list, tuple, set)):
-                    if have not in want:
-                        return False
-                elif have != want:
-                    return False
-            return True
-
-        return [k for k, d in self._docs.items() if match(d["metadata"])]
+        allowed: Optional[set] = None
+        for field, want in filter.items():
+            bucket = self._by_meta.get(field, {})
+            values = want if isinstance(want, (list, tuple, set)) else [want]
+            keys = set().union(*(bucket.get(self._vkey(v), set()) for v in values))
+            allowed = keys if allowed is None else allowed & keys
+            if not allowed:
+                return []
+        return sorted(allowed) if allowed is not None else list(self._docs)
 
     def search(self, query: Union[str, np.ndarray, Sequence[float]], top_k: int = 5,
                filter: Filter = None) -> List[Dict[str, Any]]:
@@ -257,5 +280,6 @@ class SimpleDocumentStore:
         for key, doc_id, text, metadata, embedded in rows:
             store._docs[key] = {"id": doc_id, "text": text, "metadata": json.loads(metadata), "embedded": bool(embedded)}
             store._key_of[doc_id] = key
+            store._index_meta(key, store._docs[key]["metadata"], add=True)
         store._next_key = meta.get("next_key", (max(store._docs) + 1) if store._docs else 0)
         return store

@@ -61,8 +61,13 @@ def test_upsert_delete_and_incremental_embedding(store):
     assert store.compute_embeddings(show_progress=False) == 2
     assert sorted(emb.seen) == ["a brand new document", "document number 0 now talks about volcanoes"]
     assert store.get("d1")["metadata"] == {"group": 7}
+    # The metadata index follows updates and deletes.
+    assert "d0" not in {h["id"] for h in store.search("cats", top_k=40, filter={"group": 0})}
+    assert {h["id"] for h in store.search("cats", top_k=40, filter={"group": 9.0})} == {"d0"}
+    assert {h["id"] for h in store.search("cats", top_k=40, filter={"group": [7, 9]})} == {"d0", "d1"}
     assert store.search("now talks about volcanoes", top_k=1)[0]["id"] == "d0"
     assert store.delete(["d0", "missing"]) == 1
+    assert store.search("cats", top_k=5, filter={"group": 9}) == []
     assert all(h["id"] != "d0" for h in store.search("volcanoes", top_k=len(store)))
     assert len(store) == len(TEXTS)
 
