@@ -18,6 +18,7 @@ import torch
 
 log = logging.getLogger("minillm.rag")
 _TOKEN = re.compile(r"\w+", re.UNICODE)
+_logged: set = set()
 
 
 class HashingEmbedder:
@@ -95,7 +96,9 @@ def default_embedder(dim: int):
         emb = SentenceEncoderEmbedder()
     else:
         emb = HashingEmbedder(dim)
-    log.info("document store embedder: %s (dim %d)", emb.name, emb.dim)
+    if emb.name not in _logged:  # one line per embedder and process
+        _logged.add(emb.name)
+        log.info("document store embedder: %s (dim %d)", emb.name, emb.dim)
     return emb
 
 
