@@ -14,8 +14,7 @@ import json
 import os
 import threading
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, Tuple, Union
 
 import numpy as np
 import torch

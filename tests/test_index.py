@@ -61,6 +61,9 @@ def test_remove_ids_keeps_other_ids_stable():
     assert index.ntotal == len(X) - 100
     assert index.search(X[500], 1)[1][0] == 1500  # moved rows keep their ids
     assert index.search(X[7], 1)[1][0] != target
+    np.testing.assert_array_equal(index.reconstruct(1500), X[500])
+    with pytest.raises(KeyError):
+        index.reconstruct(target)
     assert index.remove_ids([1]) == 0
     new_ids = index.add(X[:2])
     assert new_ids.min() > ids.max()

@@ -10,7 +10,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch

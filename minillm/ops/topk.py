@@ -52,11 +52,10 @@ def _as_tensor(name: str, x) -> Tensor:
             raise TypeError(f"{name} must be a float32 or float16 array, got dtype {x.dtype}")
         if any(s < 0 for s in x.strides):
             x = np.ascontiguousarray(x)
-        if not x.flags.writeable:  # e.g. a read-only memory map: only ever read here
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(x)
-        return torch.from_numpy(x)
+        with warnings.catch_warnings():
+            # A read-only array (e.g. a memory map) makes torch warn; the kernel only ever reads it.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(x)
     if isinstance(x, Tensor):
         return x
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import logging
 import re
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from minillm.models.base import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, PreTrainedModel, from_pretrained
+from minillm.models.base import CONFIG_NAME, TOKENIZER_NAME, PreTrainedModel, from_pretrained
 from minillm.tokenizers import load_tokenizer
 from minillm.training import checkpoint as ckpt
 

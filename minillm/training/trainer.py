@@ -6,12 +6,10 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -391,7 +389,7 @@ class Trainer:
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        steps, train, val = [], [], []
+        steps, train = [], []
         if self.metrics_file is not None and self.metrics_file.exists():
             for line in self.metrics_file.read_text().splitlines():
                 r = json.loads(line)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from minillm.models import DecoderOnlyModel
-from minillm.rag import HashingEmbedder, RAGModel, SimpleDocumentStore
+from minillm.rag import RAGModel, SimpleDocumentStore
 from minillm.tokenizers import CharTokenizer
 
 KB = ["Paris is the capital of France. It lies on the Seine.",

@@ -1,5 +1,4 @@
 """SimpleDocumentStore: upsert, delete, incremental embedding, filters, persistence, crashes, threads."""
-import os
 import pickle
 import signal
 import subprocess
@@ -69,7 +68,7 @@ def test_upsert_delete_and_incremental_embedding(store):
     assert store.delete(["d0", "missing"]) == 1
     assert store.search("cats", top_k=5, filter={"group": 9}) == []
     assert all(h["id"] != "d0" for h in store.search("volcanoes", top_k=len(store)))
-    assert len(store) == len(TEXTS)
+    assert len(store) == len(TEXTS) and {d["id"] for d in store.documents} == set(store._key_of)
 
 
 def test_filter_inside_search_returns_top_k(store):

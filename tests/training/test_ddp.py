@@ -1,5 +1,4 @@
 """torchrun --nproc_per_node=2 on CPU (gloo): ranks stay identical, rank 0 alone writes checkpoints."""
-import hashlib
 import os
 import socket
 import subprocess
