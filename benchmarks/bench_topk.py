@@ -95,15 +95,13 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=["random"], choices=["random", "clustered"])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--max-score-gb", type=float, default=4.0, help="skip baselines needing a bigger Q x N matrix")
-    ap.add_argument("--device", default="cpu", help="cpu only for now; cuda refuses cleanly without a GPU")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu (every contender, own processes) or cuda: minillm vs torch on the GPU, in process")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    if args.device != "cpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            sys.exit(f"--device {args.device}: no CUDA device is available here")
-        sys.exit("--device cuda: the CUDA top-k kernel is not built yet (issue: CUDA kernels)")
+    if args.device == "cuda":
+        cuda_main(args)
+        return
 
     import numpy as np
 
@@ -163,6 +161,48 @@ def main() -> None:
     write_json(args.json, {**info, "baseline_failures": reasons}, rows)
     for key, why in reasons.items():
         print(f"nan: {key}: {why}")
+
+
+def cuda_main(args) -> None:
+    """minillm's CUDA kernel vs torch (mm + topk, chunked to --max-score-gb) on one GPU, in this process."""
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available here")
+    from common import median_time
+
+    import minillm
+
+    if not minillm.ops.backend_info()["ops"]["topk_search"]["cuda"].startswith("native"):
+        sys.exit("--device cuda: minillm was built without its CUDA kernels (install with nvcc on PATH)")
+    info = banner("bench_topk --device cuda: minillm vs torch mm+topk", k=args.k, gpu=torch.cuda.get_device_name())
+    dev, rows = torch.device("cuda"), []
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for d in args.d:
+        for n in args.n:
+            X = torch.randn(n, d, device=dev, generator=gen)
+            X /= X.norm(dim=1, keepdim=True)
+            for q in args.queries:
+                Q = X[torch.randint(0, n, (q,), device=dev, generator=gen)] + 0.1 * torch.randn(q, d, device=dev,
+                                                                                              generator=gen)
+                step = max(1, int(args.max_score_gb * 1e9 / (4 * n)))
+
+                def torch_topk():
+                    return torch.cat([torch.topk(Q[i:i + step] @ X.T, args.k, dim=1).indices
+                                      for i in range(0, q, step)])
+
+                ids = minillm.ops.topk_search(Q, X, args.k, "ip")[1]
+                recall = (ids[:, :, None] == torch_topk()[:, None, :]).any(-1).float().mean().item()
+                if recall < 0.99:
+                    sys.exit(f"N={n} d={d} Q={q}: minillm disagrees with torch (recall {recall:.3f}); not timing")
+                t_ours = median_time(lambda: minillm.ops.topk_search(Q, X, args.k, "ip"), 5)
+                t_torch = median_time(torch_topk, 5)
+                rows.append({"N": n, "d": d, "Q": q, "minillm ms": 1000 * t_ours, "torch ms": 1000 * t_torch,
+                             "torch/minillm": t_torch / t_ours, "minillm GB/s": n * d * 4 / t_ours / 1e9,
+                             "torch GB/s": n * d * 4 / t_torch / 1e9, "recall": recall})
+                print_table(rows[-1:], list(rows[-1]), floatfmt=".3g")
+    print_table(rows, list(rows[0]), floatfmt=".3g")
+    write_json(args.json, info, rows)
 
 
 if __name__ == "__main__":

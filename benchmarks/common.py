@@ -64,15 +64,24 @@ def banner(title: str, **extra) -> Dict[str, object]:
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds over `repeats` runs after `warmup` runs."""
+    """Median wall time of fn() in seconds over `repeats` runs after `warmup` runs (GPU work included:
+    CUDA launches are asynchronous, so the device is synchronised around each run)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _sync() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def try_baseline(fn: Callable[[], float], reasons: Dict[str, str], name: str) -> float:

@@ -11,6 +11,9 @@
 #include <vector>
 
 #include "kernels.h"
+#ifdef MINILLM_WITH_CUDA
+#include "cuda_api.h"
+#endif
 
 namespace py = pybind11;
 using minillm::AttnBwdArgs;
@@ -36,6 +39,87 @@ void check(int status, const char* what) {
   if (status == minillm::kOutOfMemory) throw std::bad_alloc();
   if (status != minillm::kOk) throw std::runtime_error(std::string(what) + ": kernel failed");
 }
+
+AttnFwdArgs fwd_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm,
+                     const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal,
+                     int64_t causal_offset, double scale, int dtype, int nthreads) {
+  AttnFwdArgs a{};
+  a.q = ptr<const void*>(q);
+  a.k = ptr<const void*>(k);
+  a.v = ptr<const void*>(v);
+  a.out = ptr<void*>(out);
+  a.lse = ptr<void*>(lse);
+  a.kpm = ptr<const uint8_t*>(kpm);
+  a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
+  copy3(a.q_stride, qs);
+  copy3(a.k_stride, ks);
+  copy3(a.v_stride, vs);
+  a.causal = causal;
+  a.causal_offset = causal_offset;
+  a.scale = scale;
+  a.dtype = dtype;
+  a.nthreads = nthreads;
+  return a;
+}
+
+AttnBwdArgs bwd_args(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                     uintptr_t dlse, uintptr_t kpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz,
+                     const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os,
+                     bool causal, int64_t causal_offset, double scale, int dtype, int nthreads) {
+  AttnBwdArgs a{};
+  a.dout = ptr<const void*>(dout);
+  a.q = ptr<const void*>(q);
+  a.k = ptr<const void*>(k);
+  a.v = ptr<const void*>(v);
+  a.out = ptr<const void*>(out);
+  a.lse = ptr<const void*>(lse);
+  a.dlse = ptr<const void*>(dlse);
+  a.kpm = ptr<const uint8_t*>(kpm);
+  a.dq = ptr<void*>(dq);
+  a.dk = ptr<void*>(dk);
+  a.dv = ptr<void*>(dv);
+  a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
+  copy3(a.do_stride, dos);
+  copy3(a.q_stride, qs);
+  copy3(a.k_stride, ks);
+  copy3(a.v_stride, vs);
+  copy3(a.o_stride, os);
+  a.causal = causal;
+  a.causal_offset = causal_offset;
+  a.scale = scale;
+  a.dtype = dtype;
+  a.nthreads = nthreads;
+  return a;
+}
+
+TopkArgs topk_args(uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N,
+                   int64_t d, int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads) {
+  TopkArgs a{};
+  a.queries = ptr<const float*>(queries);
+  a.corpus = ptr<const void*>(corpus);
+  a.corpus_stride = corpus_stride;
+  a.dtype = dtype;
+  a.Q = Q, a.N = N, a.d = d, a.k = k;
+  a.metric = metric;
+  a.out_scores = ptr<float*>(out_scores);
+  a.out_idx = ptr<int64_t*>(out_idx);
+  a.nthreads = nthreads;
+  return a;
+}
+
+#ifdef MINILLM_WITH_CUDA
+// Runs a CUDA launcher without the GIL; its message becomes a RuntimeError.
+template <typename F>
+void run_cuda(F&& launch) {
+  std::string error;
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = launch(&error);
+  }
+  if (status != 0) throw std::runtime_error(error);
+}
+#endif
 
 int run_attention_fwd(AttnFwdArgs a) {
   py::gil_scoped_release nogil;
@@ -71,23 +155,9 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm, const Sizes& sz,
          const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset, double scale,
          int dtype, int nthreads) {
-        AttnFwdArgs a{};
-        a.q = ptr<const void*>(q);
-        a.k = ptr<const void*>(k);
-        a.v = ptr<const void*>(v);
-        a.out = ptr<void*>(out);
-        a.lse = ptr<void*>(lse);
-        a.kpm = ptr<const uint8_t*>(kpm);
-        a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
-        copy3(a.q_stride, qs);
-        copy3(a.k_stride, ks);
-        copy3(a.v_stride, vs);
-        a.causal = causal;
-        a.causal_offset = causal_offset;
-        a.scale = scale;
-        a.dtype = dtype;
-        a.nthreads = nthreads;
-        check(run_attention_fwd(a), "attention_fwd");
+        check(run_attention_fwd(fwd_args(q, k, v, out, lse, kpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype,
+                                         nthreads)),
+              "attention_fwd");
       },
       "Attention forward on raw pointers (see csrc/kernels.h).");
 
@@ -97,30 +167,9 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t kpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz, const Strides& dos,
          const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
          int64_t causal_offset, double scale, int dtype, int nthreads) {
-        AttnBwdArgs a{};
-        a.dout = ptr<const void*>(dout);
-        a.q = ptr<const void*>(q);
-        a.k = ptr<const void*>(k);
-        a.v = ptr<const void*>(v);
-        a.out = ptr<const void*>(out);
-        a.lse = ptr<const void*>(lse);
-        a.dlse = ptr<const void*>(dlse);
-        a.kpm = ptr<const uint8_t*>(kpm);
-        a.dq = ptr<void*>(dq);
-        a.dk = ptr<void*>(dk);
-        a.dv = ptr<void*>(dv);
-        a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
-        copy3(a.do_stride, dos);
-        copy3(a.q_stride, qs);
-        copy3(a.k_stride, ks);
-        copy3(a.v_stride, vs);
-        copy3(a.o_stride, os);
-        a.causal = causal;
-        a.causal_offset = causal_offset;
-        a.scale = scale;
-        a.dtype = dtype;
-        a.nthreads = nthreads;
-        check(run_attention_bwd(a), "attention_bwd");
+        check(run_attention_bwd(bwd_args(dout, q, k, v, out, lse, dlse, kpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
+                                         causal_offset, scale, dtype, nthreads)),
+              "attention_bwd");
       },
       "Attention backward on raw pointers (see csrc/kernels.h).");
 
@@ -128,17 +177,9 @@ PYBIND11_MODULE(_C, m) {
       "topk",
       [](uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
          int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads) {
-        TopkArgs a{};
-        a.queries = ptr<const float*>(queries);
-        a.corpus = ptr<const void*>(corpus);
-        a.corpus_stride = corpus_stride;
-        a.dtype = dtype;
-        a.Q = Q, a.N = N, a.d = d, a.k = k;
-        a.metric = metric;
-        a.out_scores = ptr<float*>(out_scores);
-        a.out_idx = ptr<int64_t*>(out_idx);
-        a.nthreads = nthreads;
-        check(run_topk(a), "topk");
+        check(run_topk(topk_args(queries, corpus, corpus_stride, dtype, Q, N, d, k, metric, out_scores, out_idx,
+                                 nthreads)),
+              "topk");
       },
       "Exact top-k search on raw pointers (see csrc/kernels.h).");
 
@@ -185,6 +226,52 @@ PYBIND11_MODULE(_C, m) {
 #endif
 #ifdef MINILLM_WITH_CUDA
   m.attr("cuda") = true;
+  // The same raw-pointer interface on device pointers, plus the device index and the caller's stream.
+  m.def("cuda_device_count", [] { return minillm::cuda_api::device_count(); }, "CUDA devices visible (0 without a driver).");
+  m.def(
+      "cuda_attention_fwd",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm, const Sizes& sz,
+         const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset, double scale,
+         int dtype, int device, uintptr_t stream) {
+        const AttnFwdArgs a = fwd_args(q, k, v, out, lse, kpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype, 0);
+        run_cuda([&](std::string* e) { return minillm::cuda_api::attention_fwd(a, device, stream, e); });
+      },
+      "Attention forward on CUDA device pointers (see cuda/cuda_api.h).");
+  m.def(
+      "cuda_attention_bwd",
+      [](uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t dlse,
+         uintptr_t kpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz, const Strides& dos,
+         const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
+         int64_t causal_offset, double scale, int dtype, uintptr_t delta, int device, uintptr_t stream) {
+        const AttnBwdArgs a = bwd_args(dout, q, k, v, out, lse, dlse, kpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
+                                       causal_offset, scale, dtype, 0);
+        run_cuda([&](std::string* e) {
+          return minillm::cuda_api::attention_bwd(a, ptr<float*>(delta), device, stream, e);
+        });
+      },
+      "Attention backward on CUDA device pointers; delta: B*H*Nq floats of scratch.");
+  m.def(
+      "cuda_topk_workspace",
+      [](int64_t Q, int64_t N, int64_t k, int device) {
+        std::string error;
+        int64_t bytes;
+        {
+          py::gil_scoped_release nogil;
+          bytes = minillm::cuda_api::topk_workspace_bytes(Q, N, k, device, &error);
+        }
+        if (bytes < 0) throw std::runtime_error(error);
+        return bytes;
+      },
+      "Device scratch bytes cuda_topk needs for these sizes.");
+  m.def(
+      "cuda_topk",
+      [](uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
+         int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, uintptr_t workspace, int device,
+         uintptr_t stream) {
+        const TopkArgs a = topk_args(queries, corpus, corpus_stride, dtype, Q, N, d, k, metric, out_scores, out_idx, 0);
+        run_cuda([&](std::string* e) { return minillm::cuda_api::topk(a, ptr<void*>(workspace), device, stream, e); });
+      },
+      "Exact top-k on CUDA device pointers (see cuda/cuda_api.h).");
 #else
   m.attr("cuda") = false;
 #endif

@@ -20,9 +20,9 @@ constexpr int kTile = kWarp;  // keys (forward, dQ) or queries (dK/dV) per tile:
 
 // Rows each warp keeps in registers: fewer for wide heads, to bound registers and shared memory.
 template <int DPL>
-constexpr int rows_per_warp() {
-  return DPL <= 4 ? 4 : 2;
-}
+struct RowsPerWarp {
+  static constexpr int value = DPL <= 4 ? 4 : 2;
+};
 
 // Row stride for tiles that lane j reads along row j: odd, so the 32 lanes hit 32 different banks.
 MINILLM_HD int odd_stride(int D) { return D | 1; }
@@ -58,7 +58,7 @@ MINILLM_DEVICE bool key_kept(const uint8_t* kpm, int64_t b, int64_t Nk, int64_t 
 
 template <typename T, int DPL>
 __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttnFwdArgs a) {
-  constexpr int R = rows_per_warp<DPL>();
+  constexpr int R = RowsPerWarp<DPL>::value;
   constexpr int BR = kAttnWarps * R;  // query rows per block
   const int D = int(a.D), KS = odd_stride(D);
   const int64_t nqb = ceil_div(a.Nq, BR);
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_bwd_delta_kernel(AttnB
 // dK, dV for a block of keys; each warp owns KPW keys and loops over all queries that can see them.
 template <typename T, int DPL>
 __global__ void __launch_bounds__(kAttnThreads) attention_bwd_dkdv_kernel(AttnBwdArgs a, const float* delta) {
-  constexpr int KPW = rows_per_warp<DPL>();
+  constexpr int KPW = RowsPerWarp<DPL>::value;
   constexpr int BK = kAttnWarps * KPW;  // keys per block
   const int D = int(a.D), QS = odd_stride(D);
   const int64_t nkb = ceil_div(a.Nk, BK);
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_bwd_dkdv_kernel(AttnBw
 // dQ for a block of queries; each warp owns R query rows and loops over the keys they can see.
 template <typename T, int DPL>
 __global__ void __launch_bounds__(kAttnThreads) attention_bwd_dq_kernel(AttnBwdArgs a, const float* delta) {
-  constexpr int R = rows_per_warp<DPL>();
+  constexpr int R = RowsPerWarp<DPL>::value;
   constexpr int BR = kAttnWarps * R;
   const int D = int(a.D), KS = odd_stride(D);
   const int64_t nqb = ceil_div(a.Nq, BR);
@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_bwd_dq_kernel(AttnBwdA
 
 template <typename T, int DPL>
 int attention_fwd_launch_t(const AttnFwdArgs& a, cudaStream_t stream, size_t max_smem) {
-  constexpr int BR = kAttnWarps * rows_per_warp<DPL>();
+  constexpr int BR = kAttnWarps * RowsPerWarp<DPL>::value;
   const size_t smem = attention_fwd_smem(int(a.D), BR);
   const int64_t grid = a.B * a.H * ceil_div(a.Nq, BR);
   if (smem > max_smem) return kTooMuchSharedMemory;
@@ -400,7 +400,7 @@ int attention_fwd_launch_t(const AttnFwdArgs& a, cudaStream_t stream, size_t max
 
 template <typename T, int DPL>
 int attention_bwd_launch_t(const AttnBwdArgs& a, float* delta, cudaStream_t stream, size_t max_smem) {
-  constexpr int RW = rows_per_warp<DPL>();
+  constexpr int RW = RowsPerWarp<DPL>::value;
   constexpr int BR = kAttnWarps * RW;
   const size_t smem_kv = attention_dkdv_smem(int(a.D), BR), smem_q = attention_dq_smem(int(a.D), BR);
   const int64_t grid_kv = a.B * a.H * ceil_div(a.Nk, BR), grid_q = a.B * a.H * ceil_div(a.Nq, BR);

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export MINILLM_VENV="${MINILLM_ASAN_VENV:-${TMPDIR:-/tmp}/minillm-asan-venv}"
 . scripts/_venv.sh
-MINILLM_SANITIZE=ON python -m pip install -q --force-reinstall --no-deps .
+# The CUDA launchers never run here; their kernels are checked under ThreadSanitizer by tests/cuda.
+MINILLM_CUDA=OFF MINILLM_SANITIZE=ON python -m pip install -q --force-reinstall --no-deps .
 python -m pip install -q numpy pytest hypothesis safetensors tokenizers tqdm
 log="$(mktemp)"
 status=0

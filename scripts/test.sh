@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
-python -m pip install -q ".[test]"
+log="$(mktemp)"
+if ! python -m pip install -v -Cbuild.verbose=true ".[test]" >"$log" 2>&1; then
+  cat "$log"
+  exit 1
+fi
+# The build's own summary: which SIMD levels, and each CUDA source with the architectures nvcc built.
+grep -E "^ *-- minillm:" "$log" | sed -E 's/^ *//' || true
+grep -E "nvcc .* -c [^ ]+\.cu" "$log" | awk '{f = ""; g = ""; for (i = 1; i <= NF; i++) {
+  if ($i ~ /^--generate-code=/) g = g " " substr($i, 16); if ($i == "-c") f = $(i + 1) }
+  n = split(f, p, "/"); print "nvcc compiled " p[n - 1] "/" p[n] " for" g }' || true
+rm -f "$log"
 # Plain `pytest`, not `python -m pytest`: the latter puts the source tree (no built extension) first on sys.path.
 pytest "$@"

@@ -55,9 +55,40 @@ def native_available() -> bool:
     return _C is not None and not _force_torch
 
 
-def native_for(device: torch.device) -> bool:
-    """True when ops on `device` run a native kernel (CPU today; CUDA once its kernels exist)."""
-    return device.type == "cpu" and native_available()
+def cuda_kernels_built() -> bool:
+    """True when the extension was compiled with the CUDA kernels of cuda/ (nvcc was found at build time)."""
+    return _C is not None and bool(_C.cuda)
+
+
+_cuda_capable: dict = {}
+
+
+def cuda_device_ok(device: torch.device) -> bool:
+    """True when `device` can run the CUDA kernels: built with them, a GPU present, compute capability >= 8.0
+    (the kernels are compiled for sm_80 and sm_90, with PTX for newer devices)."""
+    if not cuda_kernels_built() or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _cuda_capable.get(index)
+    if ok is None:
+        ok = _C.cuda_device_count() > index and torch.cuda.get_device_capability(index)[0] >= 8
+        _cuda_capable[index] = ok
+    return ok
+
+
+def native_for(device: torch.device, cuda: bool = False) -> bool:
+    """True when ops on `device` run a native kernel: the C++ kernels on CPU and, for ops that have them
+    (`cuda=True`), the CUDA kernels on a capable GPU."""
+    if not native_available():
+        return False
+    if device.type == "cpu":
+        return True
+    return cuda and device.type == "cuda" and cuda_device_ok(device)
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """The current CUDA stream of `t`'s device as an integer handle for the launchers."""
+    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def threads_for(single_thread_us: float) -> int:
@@ -104,7 +135,9 @@ def log_path_once(op: str, device: torch.device, native: bool) -> None:
     if key in _logged:
         return
     _logged.add(key)
-    if native:
+    if native and device.type == "cuda":
+        log.info("minillm.ops.%s on %s: native CUDA kernel", op, device)
+    elif native:
         log.info("minillm.ops.%s on %s: native C++ kernel (%s, %d threads)", op, device.type, simd_level(),
                  torch.get_num_threads())
     else:
@@ -116,15 +149,27 @@ def _why_torch(device: torch.device) -> str:
         return f"native extension unavailable: {_IMPORT_ERROR}"
     if _force_torch:
         return "MINILLM_FORCE_TORCH is set"
+    if device.type == "cuda":
+        return _why_not_cuda()
     return f"no native kernel for device type '{device.type}'"
+
+
+def _why_not_cuda() -> str:
+    if not cuda_kernels_built():
+        return "the extension was built without CUDA kernels (no nvcc at build time, or MINILLM_CUDA=OFF)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return "this op or its arguments have no CUDA kernel, or the GPU's compute capability is below 8.0"
 
 
 def backend_info() -> dict:
     """What runs where: the extension, its SIMD level and threads, and each op's path per device type."""
     native_cpu = native_available()
+    cuda_devices = _C.cuda_device_count() if cuda_kernels_built() else 0
+    cuda_native = native_cpu and cuda_devices > 0 and torch.cuda.is_available() and cuda_device_ok(torch.device("cuda"))
     paths = {
         "cpu": f"native C++ ({simd_level()})" if native_cpu else "torch",
-        "cuda": "torch",  # CUDA kernels arrive with cuda/; until then the torch path
+        "cuda": "native CUDA" if cuda_native else f"torch ({_why_torch(torch.device('cuda'))})",
         "mps": "torch",
         "other": "torch",
     }
@@ -135,7 +180,9 @@ def backend_info() -> dict:
         "simd_level": simd_level(),
         "simd_levels": simd_levels(),
         "openmp": bool(_C.openmp) if _C is not None else False,
-        "cuda_kernels_built": bool(_C.cuda) if _C is not None else False,
+        "cuda_kernels_built": cuda_kernels_built(),
+        "cuda_devices": cuda_devices,
         "threads": torch.get_num_threads(),
-        "ops": {"attention": dict(paths), "topk_search": dict(paths), "linear_small_m": dict(paths)},
+        "ops": {"attention": dict(paths), "topk_search": dict(paths),
+                "linear_small_m": {**paths, "cuda": "torch (F.linear)"}},
     }

@@ -118,6 +118,58 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_mask, causal,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+# CUDA kernels (cuda/attention.cuh): fp32/bf16/fp16 with fp32 accumulation, head dims up to 256.
+_CUDA_MAX_D = 256
+
+
+def _cuda_fits(q: Tensor) -> bool:
+    return q.dtype != torch.float64 and q.shape[-1] <= _CUDA_MAX_D
+
+
+@_attention_fwd.register_kernel("cuda")
+def _attention_fwd_cuda(q, k, v, key_padding_mask, causal, causal_offset, scale):
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    out = q.new_empty((B, H, Nq, D))
+    lse = q.new_empty((B, H, Nq), dtype=torch.float32)
+    if out.numel() == 0 or Nk == 0:
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
+    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    _backend._C.cuda_attention_fwd(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        mask.data_ptr() if mask is not None else 0,
+        (B, H, Nq, Nk, D), _strides(q), _strides(k), _strides(v),
+        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], q.device.index, _backend.cuda_stream(q),
+    )
+    return out, lse
+
+
+@_attention_bwd.register_kernel("cuda")
+def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, causal, causal_offset, scale):
+    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    delta = torch.empty(B * H * Nq, dtype=torch.float32, device=q.device)  # (B*H*Nq) scratch
+    _backend._C.cuda_attention_bwd(
+        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        dlse.data_ptr() if dlse is not None else 0, mask.data_ptr() if mask is not None else 0,
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        (B, H, Nq, Nk, D), _strides(dout), _strides(q), _strides(k), _strides(v), _strides(out),
+        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], delta.data_ptr(), q.device.index,
+        _backend.cuda_stream(q),
+    )
+    return dq, dk, dv
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, causal, causal_offset, scale = inputs
     out, lse = output
@@ -197,8 +249,12 @@ def _check_mask(key_padding_mask, q: Tensor, k: Tensor) -> None:
         raise ValueError(f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
 
 
+def _native(q: Tensor) -> bool:
+    return _backend.native_for(q.device, cuda=True) and (q.device.type == "cpu" or _cuda_fits(q))
+
+
 def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: float) -> Tensor:
-    native = _backend.native_for(q.device)
+    native = _native(q)
     _backend.log_path_once("attention", q.device, native)
     if native:
         out, _ = _attention_fwd(q, k, v, key_padding_mask, causal, causal_offset, scale)
@@ -232,8 +288,9 @@ def attention(
         (B, H, Nq, D) in the input dtype. A query row that sees no key is 0 (never NaN).
         NaN or inf in a visible position propagates to the outputs that attend to it.
 
-    CPU tensors run the C++ kernel (fp32 accumulation for 16-bit inputs, O(N) extra memory); other
-    devices run :func:`minillm.ops.reference.attention_reference`.
+    CPU tensors run the C++ kernel (fp32 accumulation for 16-bit inputs, O(N) extra memory); CUDA tensors
+    run the CUDA kernels when the extension has them (float32/bfloat16/float16, D <= 256, compute
+    capability >= 8.0); everything else runs :func:`minillm.ops.reference.attention_reference`.
     """
     _check_qkv(q, k, v)
     _check_mask(key_padding_mask, q, k)
@@ -278,7 +335,7 @@ def scaled_dot_product_attention(
         and key.device == query.device and value.device == query.device
         and dropout_p == 0.0 and not (is_causal and attn_mask is not None)
         and key.shape[-1] == query.shape[-1] == value.shape[-1] and key.shape[2] == value.shape[2]
-        and _backend.native_for(query.device)
+        and _native(query)
     )
     kpm = None
     if fits and enable_gqa and key.shape[1] != query.shape[1]:

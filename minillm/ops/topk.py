@@ -39,6 +39,31 @@ def _topk_search(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[
     return scores, idx
 
 
+# The CUDA kernel's candidate buffers fit the default 48 KB of shared memory up to this k.
+_CUDA_MAX_K = 1024
+
+
+@_topk_search.register_kernel("cuda")
+def _topk_search_cuda(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
+    queries = queries.contiguous()
+    corpus = corpus if corpus.stride(-1) == 1 or corpus.size(-1) == 1 else corpus.contiguous()
+    Q, d = queries.shape
+    N = corpus.shape[0]
+    scores = queries.new_empty((Q, k), dtype=torch.float32)
+    idx = torch.empty((Q, k), dtype=torch.int64, device=queries.device)
+    if Q == 0:
+        return scores, idx
+    device = queries.device.index
+    # (parts x Q x k) candidates when the corpus is split across blocks
+    workspace = torch.empty(_backend._C.cuda_topk_workspace(Q, N, k, device), dtype=torch.uint8, device=queries.device)
+    _backend._C.cuda_topk(
+        queries.data_ptr(), corpus.data_ptr(), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
+        _METRIC_CODE[metric], scores.data_ptr(), idx.data_ptr(), workspace.data_ptr() if workspace.numel() else 0,
+        device, _backend.cuda_stream(queries),
+    )
+    return scores, idx
+
+
 @_topk_search.register_fake
 def _topk_search_fake(queries, corpus, k, metric):
     Q = queries.shape[0]
@@ -119,7 +144,7 @@ def topk_search(
     if q.numel() and not bool(torch.isfinite(q).all()):
         raise ValueError("queries contain NaN or inf; clean them (e.g. torch.nan_to_num) before searching")
 
-    native = _backend.native_for(c.device)
+    native = _backend.native_for(c.device, cuda=True) and (c.device.type == "cpu" or k <= _CUDA_MAX_K)
     _backend.log_path_once("topk_search", c.device, native)
     if native:
         scores, idx = _topk_search(q, c, k, metric)
@@ -129,5 +154,5 @@ def topk_search(
     if single:
         scores, idx = scores[0], idx[0]
     if as_numpy:
-        return scores.numpy(), idx.numpy()
+        return scores.cpu().numpy(), idx.cpu().numpy()
     return scores, idx

@@ -1,0 +1,159 @@
+"""minillm.ops with CUDA: what runs without a GPU (import, backend_info, clean errors), the Python glue of the
+CUDA custom-op kernels (checked on CPU tensors by routing the CUDA bindings to the CPU kernels, which take
+the same raw-pointer arguments), and, on a machine with a GPU, the real kernels against the reference."""
+import importlib
+import pathlib
+import subprocess
+import sys
+import tempfile
+import types
+
+import pytest
+import torch
+
+from minillm.ops import _backend, attention, backend_info, topk_search
+from minillm.ops.reference import attention_reference, topk_search_reference
+
+# The package re-exports functions named like these modules, so fetch the modules themselves.
+attention_mod = importlib.import_module("minillm.ops.attention")
+topk_mod = importlib.import_module("minillm.ops.topk")
+needs_ext = pytest.mark.skipif(not _backend.native_available(), reason="native extension not available")
+has_gpu = torch.cuda.is_available()
+
+
+@needs_ext
+def test_backend_info_reports_the_cuda_path():
+    info = backend_info()
+    assert info["cuda_kernels_built"] == bool(_backend._C.cuda)
+    cuda_path = info["ops"]["attention"]["cuda"]
+    if has_gpu and info["cuda_kernels_built"]:
+        assert cuda_path == "native CUDA"
+    else:
+        assert cuda_path.startswith("torch (") and info["cuda_devices"] == 0
+    assert info["ops"]["linear_small_m"]["cuda"].startswith("torch")
+
+
+@needs_ext
+@pytest.mark.skipif(has_gpu, reason="checks the behaviour without a GPU")
+def test_cuda_bindings_fail_cleanly_without_a_gpu():
+    if not _backend.cuda_kernels_built():
+        pytest.skip("extension built without CUDA kernels")
+    assert _backend._C.cuda_device_count() == 0
+    with pytest.raises(RuntimeError, match="cudaSetDevice"):
+        _backend._C.cuda_topk_workspace(1, 100, 10, 0)
+    with pytest.raises(RuntimeError, match="cudaSetDevice"):
+        _backend._C.cuda_attention_fwd(0, 0, 0, 0, 0, 0, (1, 1, 1, 1, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8),
+                                       False, 0, 1.0, 0, 0, 0)
+    # and the process is fine afterwards
+    q = torch.randn(1, 1, 4, 8)
+    torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q))
+
+
+class CpuShim(types.SimpleNamespace):
+    """Stands in for minillm._C: the cuda_* entry points forward their raw-pointer arguments to the CPU
+    kernels, so the CUDA glue in minillm.ops runs end to end on CPU tensors."""
+
+    def __init__(self, real):
+        super().__init__(real=real, calls=[])
+
+    def __getattr__(self, name):  # everything else: the real extension
+        return getattr(self.real, name)
+
+    def cuda_attention_fwd(self, *args):
+        *kernel_args, device, stream = args
+        self.calls.append(("fwd", device, stream))
+        self.real.attention_fwd(*kernel_args, 1)
+
+    def cuda_attention_bwd(self, *args):
+        *kernel_args, delta, device, stream = args
+        self.calls.append(("bwd", device, stream))
+        assert delta != 0
+        self.real.attention_bwd(*kernel_args, 1)
+
+    def cuda_topk_workspace(self, Q, N, k, device):
+        return Q * k * 12
+
+    def cuda_topk(self, *args):
+        *kernel_args, workspace, device, stream = args
+        self.calls.append(("topk", device, stream))
+        self.real.topk(*kernel_args, 1)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_glue_passes_consistent_arguments(monkeypatch, dtype):
+    shim = CpuShim(_backend._C)
+    monkeypatch.setattr(_backend, "_C", shim)
+    monkeypatch.setattr(_backend, "cuda_stream", lambda t: 1234)
+    B, H, Nq, Nk, D = 2, 3, 9, 13, 16
+    qkv = torch.randn(B, Nk, 3, H, D, dtype=dtype)
+    q = qkv[:, -Nq:, 0].transpose(1, 2)  # strided views, as a fused projection gives
+    k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+    mask = torch.rand(B, Nk) > 0.3
+    mask[:, 0] = True
+    dout = torch.randn(B, H, Nq, D, dtype=dtype)
+    dlse = torch.randn(B, H, Nq)
+    out, lse = attention_mod._attention_fwd_cuda(q, k, v, mask, True, Nk - Nq, 0.25)
+    want_out, want_lse = attention_mod._attention_fwd(q, k, v, mask, True, Nk - Nq, 0.25)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    grads = attention_mod._attention_bwd_cuda(dout, q, k, v, out, lse, dlse, mask, True, Nk - Nq, 0.25)
+    want = attention_mod._attention_bwd(dout, q, k, v, out, lse, dlse, mask, True, Nk - Nq, 0.25)
+    for g, w in zip(grads, want):
+        assert g.is_contiguous() and torch.equal(g, w)
+    corpus = torch.randn(300, 40)[:, :24]
+    queries = torch.randn(5, 24)
+    scores, idx = topk_mod._topk_search_cuda(queries, corpus, 7, "cosine")
+    want_scores, want_idx = topk_mod._topk_search(queries, corpus, 7, "cosine")
+    assert torch.equal(scores, want_scores) and torch.equal(idx, want_idx)
+    assert [c[0] for c in shim.calls] == ["fwd", "bwd", "topk"]
+    assert all(c[2] == 1234 for c in shim.calls)
+
+
+# ---- on a GPU ----
+
+gpu = pytest.mark.skipif(not (has_gpu and _backend.native_available() and _backend.cuda_kernels_built()),
+                         reason="needs a CUDA GPU and an extension built with the CUDA kernels")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk,D", [(1, 77, 64), (100, 100, 64), (130, 70, 128), (65, 200, 256), (33, 33, 40)])
+def test_gpu_attention_matches_reference(dtype, causal, Nq, Nk, D):
+    dev = torch.device("cuda")
+    B, H = 2, 3
+    q, k, v = (torch.randn(B, H, n, D, device=dev, dtype=dtype, requires_grad=True) for n in (Nq, Nk, Nk))
+    mask = torch.rand(B, Nk, device=dev) > 0.25
+    mask[:, 0] = True
+    out = attention(q, k, v, causal=causal, key_padding_mask=mask)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = attention_reference(*ref, causal=causal, key_padding_mask=mask)
+    want.backward(grad.double())
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    for g, w in zip((out, q.grad, k.grad, v.grad), (want, *(t.grad for t in ref))):
+        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol)
+
+
+@gpu
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("k", [1, 10, 1000])
+def test_gpu_topk_matches_reference(metric, k):
+    dev = torch.device("cuda")
+    corpus, queries = torch.randn(20000, 96, device=dev), torch.randn(37, 96, device=dev)
+    scores, idx = topk_search(queries, corpus, k, metric)
+    want_scores, _ = topk_search_reference(queries.double(), corpus.double(), k, metric)
+    torch.testing.assert_close(scores.double(), want_scores, atol=1e-3, rtol=1e-4)
+    assert all(len(set(r.tolist())) == k for r in idx.cpu())
+
+
+@pytest.mark.skipif(has_gpu, reason="checks the refusal without a GPU")
+@pytest.mark.parametrize("script", ["bench_attention.py", "bench_topk.py"])
+def test_benchmarks_refuse_device_cuda_cleanly_without_a_gpu(script):
+    bench = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / script
+    res = subprocess.run([sys.executable, str(bench), "--device", "cuda"], capture_output=True, text=True,
+                         cwd=tempfile.gettempdir(), timeout=120)
+    assert res.returncode == 1
+    assert "--device cuda: no CUDA device is available here" in res.stderr
+    assert "Traceback" not in res.stderr
