@@ -1,5 +1,7 @@
 """Exact top-k search: minillm.ops.topk_search vs torch (mm + topk), numpy (argpartition), FAISS IndexFlatIP
 (defaults and tuned) and usearch exact search, every contender in its own subprocess on the same seeded data.
+minillm also runs on compressed corpus storage: fp16, bf16, and int8 codes with exact rescoring (Int8Corpus);
+their "x/minillm" columns are time ratios against the fp32 kernel (below 1 = faster) and recall is against it.
 
 Separate processes keep FAISS's and usearch's OpenMP runtimes from sharing torch's, and give each a clean
 peak-memory reading. Each writes its ids; the parent computes recall@k against minillm's exact result
@@ -45,6 +47,14 @@ def status_mb(field):
 if kind == "minillm":
     import minillm
     run = lambda q: minillm.ops.topk_search(q, X, k, "ip")[1]
+elif kind.startswith("minillm-"):  # compressed corpus storage, built before timing
+    import minillm, torch
+    storage = kind.split("-")[1]
+    if storage == "int8":
+        C = minillm.ops.Int8Corpus(X)
+    else:
+        C = torch.from_numpy(X).to({"fp16": torch.float16, "bf16": torch.bfloat16}[storage])
+    run = lambda q: minillm.ops.topk_search(q, C, k, "ip")[1]
 elif kind == "torch":
     import torch
     Xt = torch.from_numpy(X)
@@ -83,7 +93,7 @@ res["extra_mb"] = max(0.0, status_mb("VmHWM") - base)
 json.dump(res, open(out + ".json", "w"))
 '''
 
-KINDS = ("minillm", "torch", "numpy", "faiss", "faiss-tuned", "usearch")
+KINDS = ("minillm", "minillm-fp16", "minillm-bf16", "minillm-int8", "torch", "numpy", "faiss", "faiss-tuned", "usearch")
 
 
 def main() -> None:
@@ -118,7 +128,8 @@ def main() -> None:
                 results = {}
                 for kind in args.kinds:
                     qs = [q for q in args.queries
-                          if kind in ("minillm", "faiss", "faiss-tuned", "usearch") or q * n * 4 / 1e9 <= args.max_score_gb]
+                          if kind.startswith("minillm") or kind in ("faiss", "faiss-tuned", "usearch")
+                          or q * n * 4 / 1e9 <= args.max_score_gb]
                     for q in set(args.queries) - set(qs):
                         reasons[f"{kind} n={n} d={d} Q={q}"] = f"needs a {q * n * 4 / 1e9:.1f} GB score matrix"
                     if not qs:

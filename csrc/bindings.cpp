@@ -93,8 +93,11 @@ AttnBwdArgs bwd_args(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uint
 }
 
 TopkArgs topk_args(uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N,
-                   int64_t d, int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads) {
+                   int64_t d, int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads,
+                   uintptr_t row_scale = 0, uintptr_t row_norm2 = 0) {
   TopkArgs a{};
+  a.row_scale = ptr<const float*>(row_scale);
+  a.row_norm2 = ptr<const float*>(row_norm2);
   a.queries = ptr<const float*>(queries);
   a.corpus = ptr<const void*>(corpus);
   a.corpus_stride = corpus_stride;
@@ -176,12 +179,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "topk",
       [](uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
-         int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads) {
+         int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads, uintptr_t row_scale,
+         uintptr_t row_norm2) {
         check(run_topk(topk_args(queries, corpus, corpus_stride, dtype, Q, N, d, k, metric, out_scores, out_idx,
-                                 nthreads)),
+                                 nthreads, row_scale, row_norm2)),
               "topk");
       },
-      "Exact top-k search on raw pointers (see csrc/kernels.h).");
+      py::arg("queries"), py::arg("corpus"), py::arg("corpus_stride"), py::arg("dtype"), py::arg("Q"), py::arg("N"),
+      py::arg("d"), py::arg("k"), py::arg("metric"), py::arg("out_scores"), py::arg("out_idx"), py::arg("nthreads"),
+      py::arg("row_scale") = 0, py::arg("row_norm2") = 0,
+      "Top-k search on raw pointers (see csrc/kernels.h); row_scale/row_norm2 for an int8 corpus.");
 
   m.def(
       "linear_small_m",

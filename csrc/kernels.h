@@ -7,8 +7,9 @@
 
 namespace minillm {
 
-// Storage dtype of tensors handed to a kernel. Accumulation is fp32 for F32/BF16/F16 and fp64 for F64.
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
+// Storage dtype of tensors handed to a kernel. Accumulation is fp32 for F32/BF16/F16/I8 and fp64 for F64.
+// I8 is only a top-k corpus format: int8 codes with one fp32 scale per row.
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3, kI8 = 4 };
 
 enum Metric : int { kIP = 0, kCosine = 1, kL2 = 2 };
 
@@ -61,11 +62,15 @@ struct AttnBwdArgs {
 
 // Exact top-k. queries: contiguous fp32 (Q, d). corpus: (N, d) rows of the given dtype with
 // row stride corpus_stride (elements), unit stride along d. Outputs contiguous (Q, k).
+// kI8 corpus: row j is row_scale[j] * codes[j], with codes zero-padded to a multiple of 64 columns
+// (corpus_stride >= that) and row_norm2[j] its squared norm (cosine, l2); scores are then approximate.
 struct TopkArgs {
   const float* queries;
   const void* corpus;
   int64_t corpus_stride;
-  int dtype;  // kF32, kBF16 or kF16
+  int dtype;  // kF32, kBF16, kF16 or kI8
+  const float* row_scale;  // kI8 only
+  const float* row_norm2;  // kI8 only
   int64_t Q, N, d, k;
   int metric;
   float* out_scores;

@@ -154,7 +154,7 @@ inline uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | (r >> 13));
 }
 
-inline int64_t elem_size(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; }
+inline int64_t elem_size(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : dtype == kI8 ? 1 : 2; }
 inline const void* at(const void* base, int dtype, int64_t off) {
   return static_cast<const char*>(base) + off * elem_size(dtype);
 }
@@ -179,8 +179,9 @@ inline void load_row(const void* src, int dtype, int64_t n, int64_t n_pad, T mul
       break;
     }
     default: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(f16_to_f32(s[i])) * mul;
+      // _Float16 lets the compiler use the conversion instructions (F16C) the file is built for.
+      const _Float16* s = static_cast<const _Float16*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<float>(s[i])) * mul;
       break;
     }
   }
@@ -746,6 +747,49 @@ inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const
   for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
 }
 
+// int8 corpus rows: W codes per step, widened to fp32 in registers (no converted copy of the tile).
+typedef int8_t vi8_t __attribute__((vector_size(VB / 4)));
+inline vec_t<float> vload_i8(const int8_t* p) {
+  vi8_t c;
+  std::memcpy(&c, p, VB / 4);
+  return __builtin_convertvector(c, vec_t<float>);
+}
+
+// S[i, j] = <Qp[i], C[j]> over K (a multiple of W; C zero-padded to it), codes unscaled.
+template <int MQ, int NC>
+inline void dot_tile_i8(int64_t K, const float* Qp, int64_t ldq, const int8_t* C, int64_t ldc, float* S, int64_t lds) {
+  typedef vec_t<float> V;
+  constexpr int W = Vec<float>::W;
+  V acc[MQ][NC];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = V{};
+  for (int64_t p = 0; p < K; p += W) {
+    V c[NC];
+    for (int j = 0; j < NC; ++j) c[j] = vload_i8(C + j * ldc + p);
+    for (int i = 0; i < MQ; ++i) {
+      const V x = vload(Qp + i * ldq + p);
+      for (int j = 0; j < NC; ++j) acc[i][j] += x * c[j];
+    }
+  }
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) S[i * lds + j] = hsum<float>(acc[i][j]);
+}
+
+template <int MQ>
+inline void dot_rows_i8(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const int8_t* C, int64_t ldc, float* S,
+                        int64_t lds) {
+  int64_t j = 0;
+  for (; j + kNC <= nrows; j += kNC) dot_tile_i8<MQ, kNC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (; j < nrows; ++j) dot_tile_i8<MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+}
+
+inline void dot_block_i8(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc,
+                         int64_t nrows, float* S, int64_t lds) {
+  int64_t i = 0;
+  for (; i + kMQ <= nq; i += kMQ) dot_rows_i8<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+  for (; i < nq; ++i) dot_rows_i8<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+}
+
 inline float self_dot(const float* x, int64_t K) {
   typedef vec_t<float> V;
   V s = V{};
@@ -760,8 +804,9 @@ int topk_impl(const TopkArgs& a) {
   const int64_t Q = a.Q, N = a.N, d = a.d, k = a.k;
   const int64_t dp = round_up(d, kPad);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
-  // fp32 rows with whole vectors are scored in place; anything else is converted tile by tile.
-  const bool direct = a.dtype == kF32 && d == dp;
+  // fp32 rows with whole vectors and int8 codes are scored in place; anything else is converted tile by tile.
+  const bool i8 = a.dtype == kI8;
+  const bool direct = (a.dtype == kF32 && d == dp) || i8;
   // ~32 KB of corpus per tile keeps it in L1/L2 while every query of the item passes over it.
   const int64_t tile = imax(kNC, imin(512, (8192 / dp) / kNC * kNC));
   const int64_t nqb = (Q + kQb - 1) / kQb;
@@ -801,20 +846,28 @@ int topk_impl(const TopkArgs& a) {
       const int64_t c_begin = part * tiles_per_part * tile, c_end = imin(N, c_begin + tiles_per_part * tile);
       for (int64_t t0 = c_begin; t0 < c_end; t0 += tile) {
         const int64_t nrows = imin(tile, c_end - t0);
-        const float* C;
-        int64_t ldc;
-        if (direct) {
-          C = static_cast<const float*>(a.corpus) + t0 * a.corpus_stride;
-          ldc = a.corpus_stride;
+        if (i8) {
+          // Codes are scored unscaled; the row's scale multiplies the dot product.
+          dot_block_i8(dp, Qp + q0 * dp, dp, nq, static_cast<const int8_t*>(a.corpus) + t0 * a.corpus_stride,
+                       a.corpus_stride, nrows, S, tile);
+          for (int64_t r = 0; r < nq; ++r)
+            for (int64_t j = 0; j < nrows; ++j) S[r * tile + j] *= a.row_scale[t0 + j];
+          if (a.metric != kIP)
+            for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
         } else {
-          for (int64_t j = 0; j < nrows; ++j)
-            load_row<float>(at(a.corpus, a.dtype, (t0 + j) * a.corpus_stride), a.dtype, d, dp, 1.0f, conv + j * dp);
-          C = conv;
-          ldc = dp;
+          const float* C = conv;
+          int64_t ldc = dp;
+          if (direct) {
+            C = static_cast<const float*>(a.corpus) + t0 * a.corpus_stride;
+            ldc = a.corpus_stride;
+          } else {
+            for (int64_t j = 0; j < nrows; ++j)
+              load_row<float>(at(a.corpus, a.dtype, (t0 + j) * a.corpus_stride), a.dtype, d, dp, 1.0f, conv + j * dp);
+          }
+          if (a.metric != kIP)
+            for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot(C + j * ldc, dp);
+          dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile);
         }
-        if (a.metric != kIP)
-          for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot(C + j * ldc, dp);
-        dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile);
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t q = q0 + r;
           Cand* hp = heaps + (q * parts + part) * k;

@@ -12,7 +12,7 @@ fi
 # The build's own summary: which SIMD levels, and each CUDA source with the architectures nvcc built.
 grep -E "^ *-- minillm:" "$log" | sed -E 's/^ *//' || true
 grep -E "nvcc .* -c [^ ]+\.cu" "$log" | awk '{f = ""; g = ""; for (i = 1; i <= NF; i++) {
-  if ($i ~ /^--generate-code=/) g = g " " substr($i, 16); if ($i == "-c") f = $(i + 1) }
+  if ($i ~ /^--generate-code=/) g = g " " substr($i, 17); if ($i == "-c") f = $(i + 1) }
   n = split(f, p, "/"); print "nvcc compiled " p[n - 1] "/" p[n] " for" g }' || true
 rm -f "$log"
 # Plain `pytest`, not `python -m pytest`: the latter puts the source tree (no built extension) first on sys.path.

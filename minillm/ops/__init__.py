@@ -6,12 +6,13 @@ the plain-torch twins in :mod:`minillm.ops.reference`. :func:`backend_info` says
 from minillm.ops._backend import backend_info, force_torch, set_simd_level, simd_level, simd_levels
 from minillm.ops.attention import attention, scaled_dot_product_attention
 from minillm.ops.linear import Linear, linear
-from minillm.ops.topk import topk_search
+from minillm.ops.topk import Int8Corpus, topk_search
 
 __all__ = [
     "attention",
     "scaled_dot_product_attention",
     "topk_search",
+    "Int8Corpus",
     "linear",
     "Linear",
     "backend_info",

@@ -86,14 +86,127 @@ def _as_tensor(name: str, x) -> Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
+# ---- int8 corpus: approximate scan, exact rescoring ----
+
+_I8_ALIGN = 64  # codes are zero-padded to a multiple of this many columns (every SIMD width divides it)
+_I8_CODE = 4  # csrc/kernels.h: kI8
+
+
+@torch.library.custom_op("minillm::topk_int8", mutates_args=(), device_types="cpu")
+def _topk_int8(queries: Tensor, codes: Tensor, scales: Tensor, norm2: Tensor, d: int, k: int,
+               metric: str) -> Tuple[Tensor, Tensor]:
+    """queries: (Q, d) float32; codes: (N, Dpad) int8, row j ~ scales[j] * codes[j]; norm2: (N,) squared norms
+    -> approximate scores (Q, k) float32 and indices (Q, k), best first."""
+    queries = queries.contiguous()
+    Q, N = queries.shape[0], codes.shape[0]
+    scores = queries.new_empty((Q, k), dtype=torch.float32)
+    idx = torch.empty((Q, k), dtype=torch.int64)
+    if Q == 0:
+        return scores, idx
+    _backend._C.topk(
+        queries.data_ptr(), codes.data_ptr(), codes.stride(0), _I8_CODE, Q, N, d, k, _METRIC_CODE[metric],
+        scores.data_ptr(), idx.data_ptr(), torch.get_num_threads(), scales.data_ptr(), norm2.data_ptr(),
+    )
+    return scores, idx
+
+
+@_topk_int8.register_fake
+def _topk_int8_fake(queries, codes, scales, norm2, d, k, metric):
+    Q = queries.shape[0]
+    return queries.new_empty((Q, k), dtype=torch.float32), torch.empty((Q, k), dtype=torch.int64)
+
+
+class Int8Corpus:
+    """A corpus stored as int8 codes, one fp32 scale per row, for :func:`topk_search`.
+
+    The scan reads one byte per value instead of four. It ranks rows by the approximate score
+    ``scale_j * <q, codes_j>`` and keeps the best ``rescore * k`` as candidates, which are then rescored
+    exactly against the original float rows (kept by reference, so a memory map stays on disk). Results are
+    exact whenever the true top-k are among the candidates; with the default ``rescore=8`` on sentence
+    embeddings that is every query we measured (``benchmarks/bench_topk.py --storage``). This is an explicit
+    choice: ``topk_search`` never quantizes on its own.
+
+    Args:
+        vectors: (N, d) float32, float16 or bfloat16 CPU tensor or numpy array, finite (NaN/inf raise).
+        rescore: candidates kept per result for exact rescoring, >= 1.
+
+    Attributes: ``codes`` (N, Dpad) int8 (zero-padded columns), ``scales`` (N,) and ``norm2`` (N,) float32,
+    ``vectors`` (the input rows), ``rescore``.
+    """
+
+    def __init__(self, vectors: ArrayLike, rescore: int = 8, *, _chunk: int = 1 << 16):
+        v = _as_tensor("vectors", vectors)
+        if v.dim() != 2 or v.shape[1] == 0:
+            raise ValueError(f"vectors must be 2-D (N, d) with d >= 1, got shape {tuple(v.shape)}")
+        if v.dtype not in _CORPUS_CODE:
+            raise TypeError(f"vectors must be float32, float16 or bfloat16, got {v.dtype}")
+        if v.device.type != "cpu":
+            raise ValueError(f"Int8Corpus runs on the CPU; got vectors on {v.device}")
+        if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 1:
+            raise ValueError(f"rescore must be an int >= 1, got {rescore!r}")
+        N, d = v.shape
+        self.vectors, self.rescore = v.detach(), rescore
+        dpad = -(-d // _I8_ALIGN) * _I8_ALIGN
+        self.codes = torch.zeros((N, dpad), dtype=torch.int8)
+        self.scales = torch.empty(N, dtype=torch.float32)
+        self.norm2 = torch.empty(N, dtype=torch.float32)
+        for r0 in range(0, N, _chunk):  # chunks: no full fp32 copy of a large (maybe memory-mapped) corpus
+            x = self.vectors[r0:r0 + _chunk].float()
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("vectors contain NaN or inf; int8 codes need finite values")
+            amax = x.abs().amax(dim=1)
+            scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+            self.codes[r0:r0 + len(x), :d] = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            self.scales[r0:r0 + len(x)] = scale
+            self.norm2[r0:r0 + len(x)] = (x.double() ** 2).sum(dim=1).float()
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.vectors.shape)
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def __repr__(self) -> str:
+        return f"Int8Corpus(N={self.shape[0]}, d={self.shape[1]}, rescore={self.rescore})"
+
+
+def _rescore(q: Tensor, vectors: Tensor, cand: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
+    """Exact scores of the candidate rows; the best k, ties to the lower index. q: (Q, d), cand: (Q, C)."""
+    cand, _ = torch.sort(cand, dim=1)  # ascending index, so a stable sort breaks ties to the lower one
+    Q, C = cand.shape
+    rows = vectors[cand.reshape(-1)].float().reshape(Q, C, -1)  # (Q, C, d)
+    if metric == "l2":
+        s = ((rows - q[:, None, :]) ** 2).sum(-1)
+    elif metric == "cosine":
+        tiny = torch.finfo(torch.float32).tiny
+        qn = q / q.norm(dim=1, keepdim=True).clamp_min(tiny)
+        s = torch.bmm(rows, qn[:, :, None])[..., 0] / rows.norm(dim=-1).clamp_min(tiny)
+    else:
+        s = torch.bmm(rows, q[:, :, None])[..., 0]
+    key = -s if metric == "l2" else s
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]  # (Q, k)
+    return torch.gather(s, 1, order), torch.gather(cand, 1, order)
+
+
+def _check_k(k, N: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not (1 <= int(k) <= N):
+        raise ValueError(f"k must satisfy 1 <= k <= N = {N}, got k = {int(k)}")
+    return int(k)
+
+
 def topk_search(
-    queries: ArrayLike, corpus: ArrayLike, k: int, metric: str = "ip"
+    queries: ArrayLike, corpus: Union[ArrayLike, Int8Corpus], k: int, metric: str = "ip"
 ) -> Tuple[ArrayLike, ArrayLike]:
     """Exact k nearest neighbours of each query in `corpus`.
 
     Args:
         queries: (Q, d) or (d,) float tensor or numpy array (computed in fp32).
-        corpus: (N, d), float32, bfloat16 or float16 (numpy: float32 or float16), on the queries' device.
+        corpus: (N, d), float32, bfloat16 or float16 (numpy: float32 or float16), on the queries' device; or an
+            :class:`Int8Corpus` (CPU): an int8 scan of a quarter of the bytes, then exact rescoring of
+            ``rescore * k`` candidates.
         k: number of results, 1 <= k <= N.
         metric: "ip" (inner product, larger first), "cosine" (larger first; a zero vector scores 0)
             or "l2" (squared Euclidean distance, smaller first).
@@ -108,12 +221,10 @@ def topk_search(
     """
     as_numpy = isinstance(queries, np.ndarray)
     q = _as_tensor("queries", queries)
-    c = _as_tensor("corpus", corpus)
+    int8 = isinstance(corpus, Int8Corpus)
+    c = corpus.vectors if int8 else _as_tensor("corpus", corpus)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    k = int(k)
     if c.dim() != 2:
         raise ValueError(f"corpus must be 2-D (N, d), got shape {tuple(c.shape)}")
     if q.dim() not in (1, 2):
@@ -128,8 +239,7 @@ def topk_search(
         raise ValueError("vectors must have d >= 1 dimensions, got d = 0")
     if q.shape[1] != d:
         raise ValueError(f"queries have d = {q.shape[1]} but corpus has d = {d}")
-    if not (1 <= k <= N):
-        raise ValueError(f"k must satisfy 1 <= k <= N = {N}, got k = {k}")
+    k = _check_k(k, N)
     if not q.dtype.is_floating_point:
         raise TypeError(f"queries must be a floating-point tensor, got {q.dtype}")
     if c.dtype == torch.float64:
@@ -144,13 +254,24 @@ def topk_search(
     if q.numel() and not bool(torch.isfinite(q).all()):
         raise ValueError("queries contain NaN or inf; clean them (e.g. torch.nan_to_num) before searching")
 
-    native = _backend.native_for(c.device, cuda=True) and (c.device.type == "cpu" or k <= _CUDA_MAX_K)
-    _backend.log_path_once("topk_search", c.device, native)
-    if native:
-        scores, idx = _topk_search(q, c, k, metric)
+    if int8:
+        native = _backend.native_for(c.device)
+        _backend.log_path_once("topk_search(int8)", c.device, native)
+        if native:
+            candidates = min(N, max(k * corpus.rescore, k + 16))
+            _, cand = _topk_int8(q, corpus.codes, corpus.scales, corpus.norm2, d, candidates, metric)
+            scores, idx = _rescore(q, c, cand, k, metric)
+        else:  # the plain-torch twin: what the int8 scan plus rescoring aims at, exact search
+            scores, idx = topk_search_reference(q, c, k, metric)
+            scores = scores.to(torch.float32)
     else:
-        scores, idx = topk_search_reference(q, c, k, metric)
-        scores = scores.to(torch.float32)
+        native = _backend.native_for(c.device, cuda=True) and (c.device.type == "cpu" or k <= _CUDA_MAX_K)
+        _backend.log_path_once("topk_search", c.device, native)
+        if native:
+            scores, idx = _topk_search(q, c, k, metric)
+        else:
+            scores, idx = topk_search_reference(q, c, k, metric)
+            scores = scores.to(torch.float32)
     if single:
         scores, idx = scores[0], idx[0]
     if as_numpy:
