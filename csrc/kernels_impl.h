@@ -12,6 +12,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "kernels.h"
 
@@ -159,6 +163,38 @@ inline const void* at(const void* base, int dtype, int64_t off) {
   return static_cast<const char*>(base) + off * elem_size(dtype);
 }
 
+// Bulk conversions to fp32 with the instructions this file's ISA has (GCC does not vectorise the
+// generic forms of these), scalar code elsewhere and for the tails.
+inline void f16_to_f32_n(const uint16_t* s, int64_t n, float mul, float* dst) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 m = _mm512_set1_ps(mul);
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))), m));
+#elif defined(__F16C__)
+  const __m256 m = _mm256_set1_ps(mul);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))), m));
+#endif
+  for (; i < n; ++i) dst[i] = f16_to_f32(s[i]) * mul;
+}
+
+inline void i8_to_f32(const int8_t* s, int64_t n, float mul, float* dst) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 m = _mm512_set1_ps(mul);
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)))), m));
+#elif defined(__AVX2__)
+  const __m256 m = _mm256_set1_ps(mul);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)))), m));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(s[i]) * mul;
+}
+
 // Reads n elements of `dtype` into dst and zero-fills dst up to n_pad, multiplying by mul.
 template <typename T>
 inline void load_row(const void* src, int dtype, int64_t n, int64_t n_pad, T mul, T* dst) {
@@ -178,10 +214,22 @@ inline void load_row(const void* src, int dtype, int64_t n, int64_t n_pad, T mul
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(bf16_to_f32(s[i])) * mul;
       break;
     }
+    case kI8: {
+      const int8_t* s = static_cast<const int8_t*>(src);
+      if constexpr (std::is_same<T, float>::value) {
+        i8_to_f32(s, n, mul, dst);
+      } else {
+        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(s[i]) * mul;
+      }
+      break;
+    }
     default: {
-      // _Float16 lets the compiler use the conversion instructions (F16C) the file is built for.
-      const _Float16* s = static_cast<const _Float16*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<float>(s[i])) * mul;
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      if constexpr (std::is_same<T, float>::value) {
+        f16_to_f32_n(s, n, mul, dst);
+      } else {
+        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(f16_to_f32(s[i])) * mul;
+      }
       break;
     }
   }
@@ -747,47 +795,138 @@ inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const
   for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
 }
 
-// int8 corpus rows: W codes per step, widened to fp32 in registers (no converted copy of the tile).
-typedef int8_t vi8_t __attribute__((vector_size(VB / 4)));
-inline vec_t<float> vload_i8(const int8_t* p) {
-  vi8_t c;
-  std::memcpy(&c, p, VB / 4);
-  return __builtin_convertvector(c, vec_t<float>);
+// Corpus rows stored as bf16, fp16 or int8, widened to fp32 in registers W values at a time, so a
+// few queries score them without a converted copy of the tile.
+template <int DT>
+inline vec_t<float> vload_cvt(const void* base, int64_t off) {
+  vec_t<float> v;
+  if constexpr (DT == kI8) {
+    const int8_t* p = static_cast<const int8_t*>(base) + off;
+#if defined(__AVX512F__)
+    if constexpr (VB == 64) {
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      std::memcpy(&v, &f, VB);
+      return v;
+    }
+#endif
+#if defined(__AVX2__)
+    if constexpr (VB == 32) {
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+      std::memcpy(&v, &f, VB);
+      return v;
+    }
+#endif
+    for (int i = 0; i < Vec<float>::W; ++i) v[i] = static_cast<float>(p[i]);
+  } else if constexpr (DT == kF16) {
+    const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+#if defined(__AVX512F__)
+    if constexpr (VB == 64) {
+      const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      std::memcpy(&v, &f, VB);
+      return v;
+    }
+#endif
+#if defined(__F16C__)
+    if constexpr (VB == 32) {
+      const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      std::memcpy(&v, &f, VB);
+      return v;
+    }
+#endif
+    for (int i = 0; i < Vec<float>::W; ++i) v[i] = f16_to_f32(p[i]);
+  } else {  // bf16: the upper half of an fp32
+    typedef uint16_t VH __attribute__((vector_size(VB / 2)));
+    typedef uint32_t VU __attribute__((vector_size(VB)));
+    VH h;
+    std::memcpy(&h, static_cast<const uint16_t*>(base) + off, VB / 2);
+    const VU u = __builtin_convertvector(h, VU) << 16;
+    std::memcpy(&v, &u, VB);
+  }
+  return v;
 }
 
-// S[i, j] = <Qp[i], C[j]> over K (a multiple of W; C zero-padded to it), codes unscaled.
-template <int MQ, int NC>
-inline void dot_tile_i8(int64_t K, const float* Qp, int64_t ldq, const int8_t* C, int64_t ldc, float* S, int64_t lds) {
+inline float load_cvt(int dt, const void* base, int64_t off) {
+  if (dt == kI8) return static_cast<float>(static_cast<const int8_t*>(base)[off]);
+  const uint16_t h = static_cast<const uint16_t*>(base)[off];
+  return dt == kF16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+// S[i, j] = <Qp[i], row j> over the first K values of each row (Qp zero-padded past K).
+template <int DT, int MQ, int NC>
+inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C, int64_t ldc, float* S, int64_t lds) {
   typedef vec_t<float> V;
   constexpr int W = Vec<float>::W;
   V acc[MQ][NC];
   for (int i = 0; i < MQ; ++i)
     for (int j = 0; j < NC; ++j) acc[i][j] = V{};
-  for (int64_t p = 0; p < K; p += W) {
+  int64_t p = 0;
+  for (; p + W <= K; p += W) {
     V c[NC];
-    for (int j = 0; j < NC; ++j) c[j] = vload_i8(C + j * ldc + p);
+    for (int j = 0; j < NC; ++j) c[j] = vload_cvt<DT>(C, j * ldc + p);
     for (int i = 0; i < MQ; ++i) {
       const V x = vload(Qp + i * ldq + p);
       for (int j = 0; j < NC; ++j) acc[i][j] += x * c[j];
     }
   }
   for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) S[i * lds + j] = hsum<float>(acc[i][j]);
+    for (int j = 0; j < NC; ++j) {
+      float s = hsum<float>(acc[i][j]);
+      for (int64_t t = p; t < K; ++t) s += Qp[i * ldq + t] * load_cvt(DT, C, j * ldc + t);
+      S[i * lds + j] = s;
+    }
 }
 
-template <int MQ>
-inline void dot_rows_i8(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const int8_t* C, int64_t ldc, float* S,
-                        int64_t lds) {
+template <int DT, int MQ>
+inline void dot_rows_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const void* C, int64_t ldc, float* S,
+                         int64_t lds) {
+  const int64_t es = DT == kI8 ? 1 : 2;
   int64_t j = 0;
-  for (; j + kNC <= nrows; j += kNC) dot_tile_i8<MQ, kNC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
-  for (; j < nrows; ++j) dot_tile_i8<MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (; j + kNC <= nrows; j += kNC)
+    dot_tile_cvt<DT, MQ, kNC>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
+  for (; j < nrows; ++j)
+    dot_tile_cvt<DT, MQ, 1>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
 }
 
-inline void dot_block_i8(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc,
-                         int64_t nrows, float* S, int64_t lds) {
+template <int DT>
+inline void dot_block_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const void* C, int64_t ldc,
+                          int64_t nrows, float* S, int64_t lds) {
   int64_t i = 0;
-  for (; i + kMQ <= nq; i += kMQ) dot_rows_i8<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
-  for (; i < nq; ++i) dot_rows_i8<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+  for (; i + kMQ <= nq; i += kMQ) dot_rows_cvt<DT, kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+  for (; i < nq; ++i) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+}
+
+template <int DT>
+inline float self_dot_cvt(const void* C, int64_t off, int64_t K) {
+  typedef vec_t<float> V;
+  constexpr int W = Vec<float>::W;
+  V acc = V{};
+  int64_t p = 0;
+  for (; p + W <= K; p += W) {
+    const V x = vload_cvt<DT>(C, off + p);
+    acc += x * x;
+  }
+  float s = hsum<float>(acc);
+  for (; p < K; ++p) {
+    const float x = load_cvt(DT, C, off + p);
+    s += x * x;
+  }
+  return s;
+}
+
+// Squared norm of a 16-bit row (the int8 format carries exact norms instead).
+inline float self_dot_stored(int dt, const void* C, int64_t off, int64_t K) {
+  return dt == kF16 ? self_dot_cvt<kF16>(C, off, K) : self_dot_cvt<kBF16>(C, off, K);
+}
+
+// Scores of a tile of a 16-bit or int8 corpus for a few queries, widened in registers.
+inline void dot_block_stored(int dt, int64_t K, const float* Qp, int64_t ldq, int64_t nq, const void* C, int64_t ldc,
+                             int64_t nrows, float* S, int64_t lds) {
+  if (dt == kI8)
+    dot_block_cvt<kI8>(K, Qp, ldq, nq, C, ldc, nrows, S, lds);
+  else if (dt == kF16)
+    dot_block_cvt<kF16>(K, Qp, ldq, nq, C, ldc, nrows, S, lds);
+  else
+    dot_block_cvt<kBF16>(K, Qp, ldq, nq, C, ldc, nrows, S, lds);
 }
 
 inline float self_dot(const float* x, int64_t K) {
@@ -805,8 +944,10 @@ int topk_impl(const TopkArgs& a) {
   const int64_t dp = round_up(d, kPad);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
   // fp32 rows with whole vectors and int8 codes are scored in place; anything else is converted tile by tile.
-  const bool i8 = a.dtype == kI8;
-  const bool direct = (a.dtype == kF32 && d == dp) || i8;
+  // 16-bit and int8 rows: for a few queries each value is widened in registers as it is used; for more,
+  // the tile is widened (int8: and scaled) once into fp32 and every query reuses it.
+  const bool fused = a.dtype != kF32 && Q <= kMQ;
+  const bool direct = (a.dtype == kF32 && d == dp) || fused;
   // ~32 KB of corpus per tile keeps it in L1/L2 while every query of the item passes over it.
   const int64_t tile = imax(kNC, imin(512, (8192 / dp) / kNC * kNC));
   const int64_t nqb = (Q + kQb - 1) / kQb;
@@ -846,14 +987,17 @@ int topk_impl(const TopkArgs& a) {
       const int64_t c_begin = part * tiles_per_part * tile, c_end = imin(N, c_begin + tiles_per_part * tile);
       for (int64_t t0 = c_begin; t0 < c_end; t0 += tile) {
         const int64_t nrows = imin(tile, c_end - t0);
-        if (i8) {
-          // Codes are scored unscaled; the row's scale multiplies the dot product.
-          dot_block_i8(dp, Qp + q0 * dp, dp, nq, static_cast<const int8_t*>(a.corpus) + t0 * a.corpus_stride,
-                       a.corpus_stride, nrows, S, tile);
-          for (int64_t r = 0; r < nq; ++r)
-            for (int64_t j = 0; j < nrows; ++j) S[r * tile + j] *= a.row_scale[t0 + j];
-          if (a.metric != kIP)
-            for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
+        if (fused) {
+          dot_block_stored(a.dtype, d, Qp + q0 * dp, dp, nq, at(a.corpus, a.dtype, t0 * a.corpus_stride),
+                           a.corpus_stride, nrows, S, tile);
+          if (a.dtype == kI8) {  // codes are scored unscaled; the row's scale multiplies the dot product
+            for (int64_t r = 0; r < nq; ++r)
+              for (int64_t j = 0; j < nrows; ++j) S[r * tile + j] *= a.row_scale[t0 + j];
+            if (a.metric != kIP)
+              for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
+          } else if (a.metric != kIP) {
+            for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot_stored(a.dtype, a.corpus, (t0 + j) * a.corpus_stride, d);
+          }
         } else {
           const float* C = conv;
           int64_t ldc = dp;
@@ -862,9 +1006,12 @@ int topk_impl(const TopkArgs& a) {
             ldc = a.corpus_stride;
           } else {
             for (int64_t j = 0; j < nrows; ++j)
-              load_row<float>(at(a.corpus, a.dtype, (t0 + j) * a.corpus_stride), a.dtype, d, dp, 1.0f, conv + j * dp);
+              load_row<float>(at(a.corpus, a.dtype, (t0 + j) * a.corpus_stride), a.dtype, d, dp,
+                              a.dtype == kI8 ? a.row_scale[t0 + j] : 1.0f, conv + j * dp);
           }
-          if (a.metric != kIP)
+          if (a.metric != kIP && a.dtype == kI8)
+            for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
+          else if (a.metric != kIP)
             for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot(C + j * ldc, dp);
           dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile);
         }

@@ -99,11 +99,22 @@ def test_exact_ties_go_to_the_lower_index(metric):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_half_precision_corpus(dtype, metric):
+@pytest.mark.parametrize("Q", [1, 3, 9])  # up to 4 queries widen rows in registers; more convert tiles
+def test_half_precision_corpus(dtype, metric, Q):
     c = torch.randn(1500, 40).to(dtype)
-    q = torch.randn(9, 40)
+    q = torch.randn(Q, 40)
     scores, idx = topk_search(q, c, 10, metric)
     check_topk(q, c.float(), 10, metric, scores, idx)  # the same (rounded) corpus values, in fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_strided_corpus_at_every_simd_level(simd_level, dtype):
+    wide = torch.randn(900, 50).to(dtype)
+    c = wide[:, 3:40]  # d = 37 (vector tails), row stride 50, odd start
+    for Q in (1, 6):
+        q = torch.randn(Q, 37)
+        for metric in METRICS:
+            check_topk(q, c.float(), 7, metric, *topk_search(q, c, 7, metric))
 
 
 def test_numpy_float16_and_single_query():
