@@ -5,8 +5,11 @@
     D, I = index.search(queries, k=10)       # (Q, k) scores / squared distances and ids, like FAISS
     index.remove_ids([3, 5]); index.save("my.index"); index = FlatIndex.load("my.index", mmap=True)
 
-Storage is float32 or float16 (scanned natively, fp32 accumulation). Searches may run from many threads
-at once (the kernel releases the GIL); writes wait for them and are serialised.
+Storage is float32, float16 (scanned natively, fp32 accumulation) or int8: per-row-scaled int8 codes are
+scanned and the best 8k candidates rescored exactly against float32 rows kept beside them (FAISS's
+IndexRefineFlat over a scalar quantizer; `Int8Corpus` in minillm.ops), a quarter of the bytes scanned.
+Searches may run from many threads at once (the kernel releases the GIL); writes wait for them and are
+serialised.
 """
 from __future__ import annotations
 
@@ -19,13 +22,13 @@ from typing import Iterator, Tuple, Union
 import numpy as np
 import torch
 
-from minillm.ops import topk_search
+from minillm.ops import Int8Corpus, topk_search
 from minillm.utils import atomic_dir, find_dir
 
 FORMAT = "minillm-flat-index"
 FORMAT_VERSION = 1
 METRICS = ("ip", "cosine", "l2")
-DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.float32}  # dtype -> stored vector rows
 
 
 class _RWLock:
@@ -80,15 +83,29 @@ class FlatIndex:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}"
-                             + ("; int8 storage needs the int8 kernel, not yet available" if dtype == "int8" else ""))
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
         self.dim, self.metric, self.dtype = int(dim), metric, dtype
-        self._vectors = np.empty((0, self.dim), dtype=DTYPES[dtype])  # (capacity, d), rows [0, n) live
-        self._ids = np.empty((0,), dtype=np.int64)
+        self._arrays = self._empty_arrays(0)  # name -> (capacity, ...) array, rows [0, n) live
         self._n = 0
         self._pos: dict = {}  # id -> row
         self._next_id = 0
         self._lock = _RWLock()
+
+    def _empty_arrays(self, cap: int) -> dict:
+        arrays = {"vectors": np.empty((cap, self.dim), dtype=DTYPES[self.dtype]), "ids": np.empty((cap,), np.int64)}
+        if self.dtype == "int8":  # the scanned codes, beside the float rows that rescore candidates
+            dpad = -(-self.dim // 64) * 64
+            arrays.update(codes=np.zeros((cap, dpad), np.int8), scales=np.empty((cap,), np.float32),
+                          norm2=np.empty((cap,), np.float32))
+        return arrays
+
+    @property
+    def _vectors(self) -> np.ndarray:
+        return self._arrays["vectors"]
+
+    @property
+    def _ids(self) -> np.ndarray:
+        return self._arrays["ids"]
 
     # ---- properties ----
     @property
@@ -129,12 +146,10 @@ class FlatIndex:
     def _grow(self, extra: int) -> None:
         need = self._n + extra
         if need > self._vectors.shape[0] or not self._vectors.flags.writeable:
-            cap = max(need, 2 * self._vectors.shape[0], 1024)
-            vectors = np.empty((cap, self.dim), dtype=DTYPES[self.dtype])
-            vectors[: self._n] = self._vectors[: self._n]
-            ids = np.empty((cap,), dtype=np.int64)
-            ids[: self._n] = self._ids[: self._n]
-            self._vectors, self._ids = vectors, ids
+            arrays = self._empty_arrays(max(need, 2 * self._vectors.shape[0], 1024))
+            for name, a in arrays.items():
+                a[: self._n] = self._arrays[name][: self._n]
+            self._arrays = arrays
 
     def add(self, x) -> np.ndarray:
         """Adds vectors (n, d) with sequential ids; returns the ids."""
@@ -162,8 +177,13 @@ class FlatIndex:
 
     def _add_locked(self, x: np.ndarray, ids: np.ndarray) -> None:
         self._grow(len(x))
-        self._vectors[self._n: self._n + len(x)] = x
-        self._ids[self._n: self._n + len(x)] = ids
+        rows = slice(self._n, self._n + len(x))
+        self._vectors[rows] = x
+        self._ids[rows] = ids
+        if self.dtype == "int8":
+            codes, scales, norm2 = Int8Corpus.quantize(x)
+            self._arrays["codes"][rows], self._arrays["scales"][rows] = codes.numpy(), scales.numpy()
+            self._arrays["norm2"][rows] = norm2.numpy()
         for j, i in enumerate(ids.tolist()):
             self._pos[i] = self._n + j
         self._n += len(x)
@@ -183,10 +203,9 @@ class FlatIndex:
                     continue
                 last = self._n - 1
                 if row != last:
-                    self._vectors[row] = self._vectors[last]
-                    moved = int(self._ids[last])
-                    self._ids[row] = moved
-                    self._pos[moved] = row
+                    for a in self._arrays.values():
+                        a[row] = a[last]
+                    self._pos[int(self._ids[row])] = row
                 self._n -= 1
                 removed += 1
         return removed
@@ -194,8 +213,7 @@ class FlatIndex:
     def reset(self) -> None:
         """Removes everything."""
         with self._lock.write():
-            self._vectors = np.empty((0, self.dim), dtype=DTYPES[self.dtype])
-            self._ids = np.empty((0,), dtype=np.int64)
+            self._arrays = self._empty_arrays(0)
             self._n, self._pos, self._next_id = 0, {}, 0
 
     # ---- search ----
@@ -221,11 +239,11 @@ class FlatIndex:
         D = np.full((len(q), k), fill, dtype=np.float32)
         I = np.full((len(q), k), -1, dtype=np.int64)
         with self._lock.read():
-            rows = self._vectors[: self._n]
-            ids = self._ids[: self._n]
+            live = {name: a[: self._n] for name, a in self._arrays.items()}
             if filter is not None:
                 keep = self._filter_rows(filter)
-                rows, ids = rows[keep], ids[keep]
+                live = {name: a[keep] for name, a in live.items()}
+            rows, ids = live["vectors"], live["ids"]
             n = len(rows)
             if n and len(q):
                 kk = min(k, n)
@@ -234,7 +252,10 @@ class FlatIndex:
                 if self.metric == "cosine":
                     norms = np.linalg.norm(q, axis=1, keepdims=True)
                     qs = q / np.where(norms > 0, norms, 1)
-                scores, idx = topk_search(qs, np.ascontiguousarray(rows), kk, metric)
+                corpus = np.ascontiguousarray(rows)
+                if self.dtype == "int8":
+                    corpus = Int8Corpus.from_parts(corpus, live["codes"], live["scales"], live["norm2"])
+                scores, idx = topk_search(qs, corpus, kk, metric)
                 D[:, :kk], I[:, :kk] = scores, ids[idx]
         if single:
             D, I = D[0], I[0]
@@ -254,12 +275,12 @@ class FlatIndex:
 
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Writes a folder: index.json (format, version, dim, metric, dtype, count), vectors.npy, ids.npy;
-        atomically replacing any previous index at `path`."""
+        """Writes a folder: index.json (format, version, dim, metric, dtype, count), vectors.npy, ids.npy
+        (int8: also codes.npy, scales.npy, norm2.npy); atomically replacing any previous index at `path`."""
         with self._lock.read():
             with atomic_dir(path) as tmp:
-                np.save(tmp / "vectors.npy", np.ascontiguousarray(self._vectors[: self._n]))
-                np.save(tmp / "ids.npy", self._ids[: self._n])
+                for name, a in self._arrays.items():
+                    np.save(tmp / f"{name}.npy", np.ascontiguousarray(a[: self._n]))
                 (tmp / "index.json").write_text(json.dumps({
                     "format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "metric": self.metric,
                     "dtype": self.dtype, "ntotal": self._n, "next_id": self._next_id}) + "\n")
@@ -277,14 +298,16 @@ class FlatIndex:
             raise ValueError(f"{path} has index format version {meta.get('version')}; this minillm reads "
                              f"version {FORMAT_VERSION}")
         index = cls(meta["dim"], meta["metric"], meta["dtype"])
-        vectors = np.load(found / "vectors.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
-        ids = np.load(found / "ids.npy", allow_pickle=False)
-        if vectors.shape != (meta["ntotal"], meta["dim"]) or vectors.dtype != DTYPES[meta["dtype"]] or len(ids) != len(vectors):
-            raise ValueError(f"{path}: stored arrays do not match index.json (vectors {vectors.shape} "
-                             f"{vectors.dtype}, ids {ids.shape})")
-        index._vectors, index._ids, index._n = vectors, ids.astype(np.int64), len(ids)
-        index._pos = {int(i): r for r, i in enumerate(ids.tolist())}
-        index._next_id = int(meta.get("next_id", len(ids)))
+        arrays = {}
+        for name, empty in index._arrays.items():
+            a = np.load(found / f"{name}.npy", mmap_mode="r" if mmap and name != "ids" else None, allow_pickle=False)
+            if a.shape[1:] != empty.shape[1:] or a.dtype != empty.dtype or len(a) != meta["ntotal"]:
+                raise ValueError(f"{path}: {name}.npy ({a.shape} {a.dtype}) does not match index.json "
+                                 f"({meta['ntotal']} rows of {empty.shape[1:]} {empty.dtype})")
+            arrays[name] = a
+        index._arrays, index._n = arrays, meta["ntotal"]
+        index._pos = {int(i): r for r, i in enumerate(arrays["ids"].tolist())}
+        index._next_id = int(meta.get("next_id", index._n))
         return index
 
     def __repr__(self) -> str:

@@ -73,7 +73,7 @@ def _topk_search_fake(queries, corpus, k, metric):
 
 def _as_tensor(name: str, x) -> Tensor:
     if isinstance(x, np.ndarray):
-        if x.dtype not in (np.float32, np.float16, np.float64):
+        if x.dtype not in (np.float32, np.float16, np.float64) and not (name == "codes" and x.dtype == np.int8):
             raise TypeError(f"{name} must be a float32 or float16 array, got dtype {x.dtype}")
         if any(s < 0 for s in x.strides):
             x = np.ascontiguousarray(x)
@@ -144,21 +144,46 @@ class Int8Corpus:
             raise ValueError(f"Int8Corpus runs on the CPU; got vectors on {v.device}")
         if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 1:
             raise ValueError(f"rescore must be an int >= 1, got {rescore!r}")
-        N, d = v.shape
         self.vectors, self.rescore = v.detach(), rescore
+        self.codes, self.scales, self.norm2 = self.quantize(self.vectors, _chunk=_chunk)
+
+    @staticmethod
+    def quantize(vectors: ArrayLike, *, _chunk: int = 1 << 16) -> Tuple[Tensor, Tensor, Tensor]:
+        """(codes (N, Dpad) int8, scales (N,), norm2 (N,)) of float rows (N, d): row j ~ scales[j] * codes[j]."""
+        v = _as_tensor("vectors", vectors)
+        N, d = v.shape
         dpad = -(-d // _I8_ALIGN) * _I8_ALIGN
-        self.codes = torch.zeros((N, dpad), dtype=torch.int8)
-        self.scales = torch.empty(N, dtype=torch.float32)
-        self.norm2 = torch.empty(N, dtype=torch.float32)
+        codes = torch.zeros((N, dpad), dtype=torch.int8)
+        scales = torch.empty(N, dtype=torch.float32)
+        norm2 = torch.empty(N, dtype=torch.float32)
         for r0 in range(0, N, _chunk):  # chunks: no full fp32 copy of a large (maybe memory-mapped) corpus
-            x = self.vectors[r0:r0 + _chunk].float()
+            x = v[r0:r0 + _chunk].float()
             if not bool(torch.isfinite(x).all()):
                 raise ValueError("vectors contain NaN or inf; int8 codes need finite values")
             amax = x.abs().amax(dim=1)
             scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            self.codes[r0:r0 + len(x), :d] = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-            self.scales[r0:r0 + len(x)] = scale
-            self.norm2[r0:r0 + len(x)] = (x.double() ** 2).sum(dim=1).float()
+            codes[r0:r0 + len(x), :d] = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            scales[r0:r0 + len(x)] = scale
+            norm2[r0:r0 + len(x)] = (x.double() ** 2).sum(dim=1).float()
+        return codes, scales, norm2
+
+    @classmethod
+    def from_parts(cls, vectors: ArrayLike, codes: ArrayLike, scales: ArrayLike, norm2: ArrayLike,
+                   rescore: int = 8) -> "Int8Corpus":
+        """An Int8Corpus over codes made earlier by :meth:`quantize` (e.g. kept by an index), not recomputed."""
+        self = cls.__new__(cls)
+        self.vectors, self.rescore = _as_tensor("vectors", vectors).detach(), rescore
+        self.codes, self.scales, self.norm2 = (_as_tensor(n, a) for n, a in
+                                               (("codes", codes), ("scales", scales), ("norm2", norm2)))
+        N, d = self.vectors.shape
+        if (self.codes.dtype != torch.int8 or self.codes.shape[0] != N or self.codes.shape[1] % _I8_ALIGN
+                or self.codes.shape[1] < d or self.codes.stride(1) != 1 or self.scales.shape != (N,)
+                or self.norm2.shape != (N,)):
+            raise ValueError(f"codes/scales/norm2 do not match {N} vectors of d = {d}: codes "
+                             f"{tuple(self.codes.shape)} {self.codes.dtype}, scales {tuple(self.scales.shape)}, "
+                             f"norm2 {tuple(self.norm2.shape)}; make them with Int8Corpus.quantize")
+        self.scales, self.norm2 = self.scales.float().contiguous(), self.norm2.float().contiguous()
+        return self
 
     @property
     def shape(self) -> Tuple[int, int]:
