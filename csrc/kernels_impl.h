@@ -939,6 +939,55 @@ inline float self_dot(const float* x, int64_t K) {
   return hsum<float>(s);
 }
 
+constexpr int64_t kGemmMinQ = 32;  // queries from which top-k scores tiles as a GEMM
+
+// Offers scores S (nrows, ldS) -- row j of the tile against query i at S[j * ldS + i] -- to the running
+// top-k of each query, W queries per test of the bar. Heaps of consecutive queries are hstride apart.
+inline void select_by_row(const float* S, int64_t ldS, int64_t nrows, int64_t t0, int64_t nq, const float* qq,
+                          const float* invq, const float* cc, int metric, int64_t k, Cand* heap0, int64_t hstride,
+                          int64_t* size0, int64_t sstride, float* bar, int32_t* open) {
+  typedef vec_t<float> V;
+  typedef int32_t VI __attribute__((vector_size(VB)));
+  constexpr int W = Vec<float>::W;
+  for (int64_t j = 0; j < nrows; ++j) {
+    const float* srow = S + j * ldS;
+    const float inv_c = metric == kCosine && cc[j] > 0 ? 1.0f / std::sqrt(cc[j]) : 0.0f;
+    for (int64_t i0 = 0; i0 < nq; i0 += W) {
+      V key = vload(srow + i0);
+      if (metric == kCosine) {
+        key = key * vload(invq + i0) * inv_c;
+      } else if (metric == kL2) {
+        V dist = vload(qq + i0) + cc[j] - 2.0f * key;
+        dist = dist < V{} ? V{} : dist;                // rounding can push a zero distance below 0
+        key = -dist;
+      }
+      VI pass;
+      std::memcpy(&pass, open + i0, VB);
+      pass |= key > vload(bar + i0);
+      uint64_t any[VB / 8], bits = 0;
+      std::memcpy(any, &pass, VB);
+      for (int w = 0; w < VB / 8; ++w) bits |= any[w];
+      if (!bits) continue;
+      for (int l = 0; l < W && i0 + l < nq; ++l) {
+        if (!pass[l]) continue;
+        const int64_t i = i0 + l;
+        Cand c;
+        c.key = key[l];
+        c.nan = c.key != c.key;
+        c.idx = t0 + j;
+        if (c.nan) c.key = -INFINITY;
+        Cand* hp = heap0 + i * hstride;
+        int64_t* n = size0 + i * sstride;
+        heap_push(hp, n, k, c);
+        if (*n == k) {
+          open[i] = 0;
+          bar[i] = hp[0].key;
+        }
+      }
+    }
+  }
+}
+
 int topk_impl(const TopkArgs& a) {
   const int64_t Q = a.Q, N = a.N, d = a.d, k = a.k;
   const int64_t dp = round_up(d, kPad);
@@ -948,6 +997,11 @@ int topk_impl(const TopkArgs& a) {
   // the tile is widened (int8: and scaled) once into fp32 and every query reuses it.
   const bool fused = a.dtype != kF32 && Q <= kMQ;
   const bool direct = (a.dtype == kF32 && d == dp) || fused;
+  // Many queries: each tile is scored as a GEMM, tile rows x (dp x queries) with the queries transposed
+  // once per work item, which runs near the FMA peak; per-pair dot products would spend a horizontal sum
+  // on every (query, row). Scores of one row for all queries then sit side by side, so the running
+  // top-k's bar is tested a vector of queries at a time.
+  const bool use_gemm = Q >= kGemmMinQ;
   // ~32 KB of corpus per tile keeps it in L1/L2 while every query of the item passes over it.
   const int64_t tile = imax(kNC, imin(512, (8192 / dp) / kNC * kNC));
   const int64_t nqb = (Q + kQb - 1) / kQb;
@@ -969,24 +1023,62 @@ int topk_impl(const TopkArgs& a) {
   }
   for (int64_t i = 0; i < Q * parts; ++i) sizes[i] = 0;
 
-  const size_t arena_bytes =
-      Arena::need<float>(direct ? 0 : tile * dp) + Arena::need<float>(kQb * tile) + Arena::need<float>(tile);
+  const size_t arena_bytes = Arena::need<float>(direct ? 0 : tile * dp) + Arena::need<float>(kQb * tile) +
+                             Arena::need<float>(tile) + (use_gemm ? Arena::need<float>(dp * kQb) : 0) +
+                             3 * Arena::need<float>(kQb) + Arena::need<int32_t>(kQb);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
     const bool ok = thread_arena_ok(arena, &status);
     float* conv = ok ? arena.take<float>(direct ? 0 : tile * dp) : nullptr;  // (tile, dp)
-    float* S = ok ? arena.take<float>(kQb * tile) : nullptr;                 // (kQb, tile)
+    float* S = ok ? arena.take<float>(kQb * tile) : nullptr;                 // (kQb, tile) or (tile, qpad)
     float* cc = ok ? arena.take<float>(tile) : nullptr;                      // corpus squared norms
+    float* QT = ok && use_gemm ? arena.take<float>(dp * kQb) : nullptr;      // (dp, qpad) queries transposed
+    float* bar = ok ? arena.take<float>(kQb) : nullptr;    // per query: the key to beat once its heap is full
+    float* invq = ok ? arena.take<float>(kQb) : nullptr;   // per query: 1 / |q| (cosine)
+    float* qn2 = ok ? arena.take<float>(kQb) : nullptr;    // per query: |q|^2 (l2), 0 in padding lanes
+    int32_t* open = ok ? arena.take<int32_t>(kQb) : nullptr;  // per query: -1 while its heap has room
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nqb * parts; ++it) {
       if (!ok) continue;
       const int64_t qb = it / parts, part = it % parts;
       const int64_t q0 = qb * kQb, nq = imin(kQb, Q - q0);
       const int64_t c_begin = part * tiles_per_part * tile, c_end = imin(N, c_begin + tiles_per_part * tile);
+      const int64_t qpad = round_up(nq, Vec<float>::W);
+      if (use_gemm) {
+        for (int64_t p = 0; p < dp; ++p)
+          for (int64_t i = 0; i < qpad; ++i) QT[p * qpad + i] = i < nq ? Qp[(q0 + i) * dp + p] : 0.0f;
+        for (int64_t i = 0; i < qpad; ++i) {
+          // Padding lanes can never pass: their bar is +inf and they have no room.
+          bar[i] = i < nq ? -INFINITY : INFINITY;
+          open[i] = i < nq ? -1 : 0;
+          invq[i] = i < nq && qq[q0 + i] > 0 ? 1.0f / std::sqrt(qq[q0 + i]) : 0.0f;
+          qn2[i] = i < nq ? qq[q0 + i] : 0.0f;
+        }
+      }
       for (int64_t t0 = c_begin; t0 < c_end; t0 += tile) {
         const int64_t nrows = imin(tile, c_end - t0);
+        if (use_gemm) {
+          const float* C = conv;
+          int64_t ldc = dp;
+          if (direct) {
+            C = static_cast<const float*>(a.corpus) + t0 * a.corpus_stride;
+            ldc = a.corpus_stride;
+          } else {
+            for (int64_t j = 0; j < nrows; ++j)
+              load_row<float>(at(a.corpus, a.dtype, (t0 + j) * a.corpus_stride), a.dtype, d, dp,
+                              a.dtype == kI8 ? a.row_scale[t0 + j] : 1.0f, conv + j * dp);
+          }
+          if (a.metric != kIP && a.dtype == kI8)
+            for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
+          else if (a.metric != kIP)
+            for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot(C + j * ldc, dp);
+          gemm<float>(nrows, qpad, dp, C, ldc, QT, qpad, S, qpad, false);  // S: (nrows, qpad)
+          select_by_row(S, qpad, nrows, t0, nq, qn2, invq, cc, a.metric, k, heaps + (q0 * parts + part) * k,
+                        parts * k, sizes + q0 * parts + part, parts, bar, open);
+          continue;
+        }
         if (fused) {
           dot_block_stored(a.dtype, d, Qp + q0 * dp, dp, nq, at(a.corpus, a.dtype, t0 * a.corpus_stride),
                            a.corpus_stride, nrows, S, tile);

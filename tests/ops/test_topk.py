@@ -82,19 +82,20 @@ def test_every_simd_level(simd_level, metric):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_exact_ties_go_to_the_lower_index(metric):
+@pytest.mark.parametrize("Q", [7, 40])  # per-pair dot products; tiles scored as a GEMM from 32 queries
+def test_exact_ties_go_to_the_lower_index(metric, Q):
     base = torch.randn(50, 16)
     c = base.repeat(3, 1)  # rows j, j + 50 and j + 100 are identical
-    q = torch.randn(7, 16)
+    q = torch.randn(Q, 16)
     scores, idx = topk_search(q, c, 9, metric)
     ref_scores, ref_idx = topk_search_reference(q, c, 9, metric)
     assert torch.equal(idx, ref_idx)
     # Each best row comes back three times, in index order.
-    assert torch.equal(idx[:, 1] - idx[:, 0], torch.full((7,), 50))
-    assert torch.equal(idx[:, 2] - idx[:, 1], torch.full((7,), 50))
+    assert torch.equal(idx[:, 1] - idx[:, 0], torch.full((Q,), 50))
+    assert torch.equal(idx[:, 2] - idx[:, 1], torch.full((Q,), 50))
     # All-equal scores: the first k indices.
     s, i = topk_search(q, torch.ones(300, 16), 12, metric)
-    assert torch.equal(i, torch.arange(12).expand(7, 12))
+    assert torch.equal(i, torch.arange(12).expand(Q, 12))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -134,10 +135,11 @@ def test_strided_corpus_views():
     check_topk(q, ct, 10, "l2", *topk_search(q, ct, 10, "l2"))
 
 
-def test_nan_corpus_rows_rank_last():
+@pytest.mark.parametrize("Q", [2, 40])
+def test_nan_corpus_rows_rank_last(Q):
     c = torch.randn(100, 8)
     c[3] = float("nan")
-    q = torch.randn(2, 8)
+    q = torch.randn(Q, 8)
     scores, idx = topk_search(q, c, 100, "ip")
     assert (idx[:, -1] == 3).all() and torch.isnan(scores[:, -1]).all()
     assert torch.isfinite(scores[:, :-1]).all()

@@ -31,7 +31,7 @@ def test_codes_reconstruct_each_row_within_half_a_step():
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("Q,k", [(1, 10), (5, 1), (70, 25)])
+@pytest.mark.parametrize("Q,k", [(1, 10), (5, 1), (20, 3), (70, 25)])
 def test_results_equal_exact_search_on_clustered_data(metric, Q, k):
     c = clustered(4000, 96)
     q = c[torch.randint(0, 4000, (Q,))] + 0.05 * torch.randn(Q, 96)
