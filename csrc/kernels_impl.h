@@ -780,19 +780,34 @@ constexpr int kMQ = VB >= 64 ? 4 : 2;  // queries per dot micro-kernel
 constexpr int kNC = 4;                 // corpus rows per dot micro-kernel
 constexpr int64_t kQb = 64;            // queries per work item
 
+// Rows ahead of the one being scored that are requested from memory early: narrow rows come in faster
+// than the hardware prefetcher ramps up within a tile.
+constexpr int64_t kPrefetchBytes = 4096;
+
+inline void prefetch_rows(const void* C, int64_t row_bytes, int64_t j, int64_t nrows) {
+  const char* base = static_cast<const char*>(C);
+  const int64_t ahead = kPrefetchBytes / row_bytes + 1;
+  if (j + ahead >= nrows) return;
+  const char* row = base + (j + ahead) * row_bytes;
+  for (int64_t b = 0; b < kNC * row_bytes; b += 64) __builtin_prefetch(row + b);
+}
+
 template <int MQ>
 inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const float* C, int64_t ldc, float* S,
-                     int64_t lds) {
+                     int64_t lds, bool prefetch = false) {
   int64_t j = 0;
-  for (; j + kNC <= nrows; j += kNC) dot_tile<float, MQ, kNC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (; j + kNC <= nrows; j += kNC) {
+    if (prefetch) prefetch_rows(C, ldc * 4, j, nrows);
+    dot_tile<float, MQ, kNC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  }
   for (; j < nrows; ++j) dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
 }
 
 inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const float* C, int64_t ldc,
-                      int64_t nrows, float* S, int64_t lds) {
+                      int64_t nrows, float* S, int64_t lds, bool prefetch = false) {
   int64_t i = 0;
-  for (; i + kMQ <= nq; i += kMQ) dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
-  for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+  for (; i + kMQ <= nq; i += kMQ) dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, prefetch && i == 0);
+  for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, prefetch && i == 0);
 }
 
 // Corpus rows stored as bf16, fp16 or int8, widened to fp32 in registers W values at a time, so a
@@ -878,11 +893,13 @@ inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C,
 
 template <int DT, int MQ>
 inline void dot_rows_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const void* C, int64_t ldc, float* S,
-                         int64_t lds) {
+                         int64_t lds, bool prefetch) {
   const int64_t es = DT == kI8 ? 1 : 2;
   int64_t j = 0;
-  for (; j + kNC <= nrows; j += kNC)
+  for (; j + kNC <= nrows; j += kNC) {
+    if (prefetch) prefetch_rows(C, ldc * es, j, nrows);
     dot_tile_cvt<DT, MQ, kNC>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
+  }
   for (; j < nrows; ++j)
     dot_tile_cvt<DT, MQ, 1>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
 }
@@ -891,8 +908,9 @@ template <int DT>
 inline void dot_block_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const void* C, int64_t ldc,
                           int64_t nrows, float* S, int64_t lds) {
   int64_t i = 0;
-  for (; i + kMQ <= nq; i += kMQ) dot_rows_cvt<DT, kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
-  for (; i < nq; ++i) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+  for (; i + kMQ <= nq; i += kMQ)
+    dot_rows_cvt<DT, kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, i == 0);
+  for (; i < nq; ++i) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, i == 0);
 }
 
 template <int DT>
@@ -916,6 +934,131 @@ inline float self_dot_cvt(const void* C, int64_t off, int64_t K) {
 // Squared norm of a 16-bit row (the int8 format carries exact norms instead).
 inline float self_dot_stored(int dt, const void* C, int64_t off, int64_t K) {
   return dt == kF16 ? self_dot_cvt<kF16>(C, off, K) : self_dot_cvt<kBF16>(C, off, K);
+}
+
+// int8 codes against queries quantized to int16: pairs of int16 products summed into int32 lanes
+// (vpmaddwd), two instructions per 32 codes instead of widening every code to fp32. K is a multiple of
+// 64 (codes and queries are zero-padded to it); the caller rescales S by both quantization scales.
+constexpr int64_t kI8Pad = 64;
+
+template <int MQ, int NC>
+inline void dot_tile_i8q(int64_t K, const int16_t* Qi, int64_t ldq, const int8_t* C, int64_t ldc, float* S,
+                         int64_t lds) {
+#if defined(__AVX512BW__)
+  __m512i acc[MQ][NC];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t p = 0; p < K; p += 32) {
+    __m512i c[NC];
+    for (int j = 0; j < NC; ++j)
+      c[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + j * ldc + p)));
+    for (int i = 0; i < MQ; ++i) {
+      const __m512i x = _mm512_loadu_si512(Qi + i * ldq + p);
+      for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_madd_epi16(x, c[j]));
+    }
+  }
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) S[i * lds + j] = static_cast<float>(_mm512_reduce_add_epi32(acc[i][j]));
+#elif defined(__AVX2__)
+  __m256i acc[MQ][NC];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < K; p += 16) {
+    __m256i c[NC];
+    for (int j = 0; j < NC; ++j)
+      c[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(C + j * ldc + p)));
+    for (int i = 0; i < MQ; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Qi + i * ldq + p));
+      for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(x, c[j]));
+    }
+  }
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) {
+      int32_t lanes[8];
+      std::memcpy(lanes, &acc[i][j], 32);
+      int32_t t = 0;
+      for (int l = 0; l < 8; ++l) t += lanes[l];
+      S[i * lds + j] = static_cast<float>(t);
+    }
+#else
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) {
+      int32_t t = 0;
+      for (int64_t p = 0; p < K; ++p) t += int32_t(Qi[i * ldq + p]) * int32_t(C[j * ldc + p]);
+      S[i * lds + j] = static_cast<float>(t);
+    }
+#endif
+}
+
+inline void dot_block_i8q(int64_t K, const int16_t* Qi, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc,
+                          int64_t nrows, float* S, int64_t lds) {
+  for (int64_t i = 0; i < nq; ++i) {
+    int64_t j = 0;
+    for (; j + kNC <= nrows; j += kNC) {
+      if (i == 0) prefetch_rows(C, ldc, j, nrows);
+      dot_tile_i8q<1, kNC>(K, Qi + i * ldq, ldq, C + j * ldc, ldc, S + i * lds + j, lds);
+    }
+    for (; j < nrows; ++j) dot_tile_i8q<1, 1>(K, Qi + i * ldq, ldq, C + j * ldc, ldc, S + i * lds + j, lds);
+  }
+}
+
+#if defined(__AVX512BW__)
+// With AVX512-VNNI (checked at run time): vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes and
+// adds them into an int32 lane, 64 products per instruction. The query goes in as u8 = q8 + 128
+// (q8 in [-127, 127]); a second vpdpbusd against ones sums the codes, and 128 * sum(codes) is taken back.
+__attribute__((target("avx512vnni,avx512bw,avx512f"))) inline void dot_block_i8_vnni(
+    int64_t K, const uint8_t* Qu, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc, int64_t nrows, float* S,
+    int64_t lds) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t i = 0; i < nq; ++i) {
+    const uint8_t* q = Qu + i * ldq;
+    int64_t j = 0;
+    for (; j < nrows; j += kNC) {
+      const int nc = static_cast<int>(imin(kNC, nrows - j));
+      if (i == 0) prefetch_rows(C, ldc, j, nrows);
+      __m512i acc[kNC], sum[kNC];
+      for (int r = 0; r < kNC; ++r) acc[r] = sum[r] = _mm512_setzero_si512();
+      for (int64_t p = 0; p < K; p += 64) {
+        const __m512i x = _mm512_loadu_si512(q + p);
+        for (int r = 0; r < kNC; ++r) {
+          if (r >= nc) break;
+          const __m512i c = _mm512_loadu_si512(C + (j + r) * ldc + p);
+          acc[r] = _mm512_dpbusd_epi32(acc[r], x, c);
+          sum[r] = _mm512_dpbusd_epi32(sum[r], ones, c);
+        }
+      }
+      for (int r = 0; r < nc; ++r)
+        S[i * lds + j + r] =
+            static_cast<float>(_mm512_reduce_add_epi32(acc[r]) - 128 * _mm512_reduce_add_epi32(sum[r]));
+    }
+  }
+}
+
+// MINILLM_NO_VNNI=1 takes the vpmaddwd path instead (tests cover both on a VNNI machine).
+inline bool cpu_has_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512vnni") && !std::getenv("MINILLM_NO_VNNI");
+  return has;
+}
+
+// Queries as u8 = round(q * scale) + 128 with |q| * scale <= 127. Returns 1 / scale (0 for a zero query).
+inline float quantize_u8(const float* q, int64_t d, int64_t K, uint8_t* out) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < d; ++i) amax = std::fabs(q[i]) > amax ? std::fabs(q[i]) : amax;
+  const float scale = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int64_t i = 0; i < K; ++i) out[i] = static_cast<uint8_t>(128 + (i < d ? std::lrint(q[i] * scale) : 0));
+  return scale > 0.0f ? 1.0f / scale : 0.0f;
+}
+#endif
+
+// Queries as int16 with one scale each: |q_i| * scale <= a bound that keeps a K-long int32 sum of
+// int16 x int8 products from overflowing. Returns 1 / scale (0 for a zero query).
+inline float quantize_i16(const float* q, int64_t d, int64_t K, int16_t* out) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < d; ++i) amax = std::fabs(q[i]) > amax ? std::fabs(q[i]) : amax;
+  const double bound = std::fmin(32767.0, 2147483647.0 / (127.0 * static_cast<double>(K)) - 1.0);
+  const float scale = amax > 0.0f ? static_cast<float>(bound / amax) : 0.0f;
+  for (int64_t i = 0; i < K; ++i) out[i] = i < d ? static_cast<int16_t>(std::lrint(q[i] * scale)) : 0;
+  return scale > 0.0f ? 1.0f / scale : 0.0f;
 }
 
 // Scores of a tile of a 16-bit or int8 corpus for a few queries, widened in registers.
@@ -1003,23 +1146,41 @@ int topk_impl(const TopkArgs& a) {
   // top-k's bar is tested a vector of queries at a time.
   const bool use_gemm = Q >= kGemmMinQ;
   // ~32 KB of corpus per tile keeps it in L1/L2 while every query of the item passes over it.
-  const int64_t tile = imax(kNC, imin(512, (8192 / dp) / kNC * kNC));
+  // Rows scanned in place for a few queries (fused) need no converted copy: longer tiles, fewer passes.
+  const int64_t tile = fused || (direct && Q <= kMQ) ? 256 : imax(kNC, imin(512, (8192 / dp) / kNC * kNC));
   const int64_t nqb = (Q + kQb - 1) / kQb;
   const int64_t ntiles = (N + tile - 1) / tile;
   // Few query blocks (small Q): also split the corpus, one running top-k per (query, part).
   const int64_t parts = nqb >= nt ? 1 : imax(1, imin(ntiles, (2 * nt + nqb - 1) / nqb));
   const int64_t tiles_per_part = (ntiles + parts - 1) / parts;
 
+  // int8 codes for a few queries: integer dot products against int16 queries (codes padded to kI8Pad).
+  const bool i8q = fused && a.dtype == kI8;
+  const int64_t di = round_up(d, kI8Pad);
   Arena shared(Arena::need<float>(Q * dp) + Arena::need<float>(Q) + Arena::need<Cand>(Q * parts * k) +
-               Arena::need<int64_t>(Q * parts));
+               Arena::need<int64_t>(Q * parts) + (i8q ? Arena::need<int16_t>(Q * di) + Arena::need<float>(Q) : 0));
   if (!shared.ok()) return kOutOfMemory;
   float* Qp = shared.take<float>(Q * dp);  // (Q, dp) zero-padded queries
   float* qq = shared.take<float>(Q);       // squared norms
   Cand* heaps = shared.take<Cand>(Q * parts * k);
   int64_t* sizes = shared.take<int64_t>(Q * parts);
+  int16_t* Qi = i8q ? shared.take<int16_t>(Q * di) : nullptr;  // (Q, di) int16 queries (or u8 ones: VNNI)
+  float* qinv = i8q ? shared.take<float>(Q) : nullptr;         // their inverse scales
+#if defined(__AVX512BW__)
+  const bool vnni = i8q && cpu_has_vnni();
+#else
+  const bool vnni = false;
+#endif
   for (int64_t i = 0; i < Q; ++i) {
     load_row<float>(a.queries + i * d, kF32, d, dp, 1.0f, Qp + i * dp);
     qq[i] = self_dot(Qp + i * dp, dp);
+#if defined(__AVX512BW__)
+    if (vnni) {
+      qinv[i] = quantize_u8(a.queries + i * d, d, di, reinterpret_cast<uint8_t*>(Qi) + i * di);
+      continue;
+    }
+#endif
+    if (i8q) qinv[i] = quantize_i16(a.queries + i * d, d, di, Qi + i * di);
   }
   for (int64_t i = 0; i < Q * parts; ++i) sizes[i] = 0;
 
@@ -1079,7 +1240,20 @@ int topk_impl(const TopkArgs& a) {
                         parts * k, sizes + q0 * parts + part, parts, bar, open);
           continue;
         }
-        if (fused) {
+        if (i8q) {
+          const int8_t* codes = static_cast<const int8_t*>(a.corpus) + t0 * a.corpus_stride;
+#if defined(__AVX512BW__)
+          if (vnni)
+            dot_block_i8_vnni(di, reinterpret_cast<const uint8_t*>(Qi) + q0 * di, di, nq, codes, a.corpus_stride,
+                              nrows, S, tile);
+          else
+#endif
+            dot_block_i8q(di, Qi + q0 * di, di, nq, codes, a.corpus_stride, nrows, S, tile);
+          for (int64_t r = 0; r < nq; ++r)  // both quantization scales multiply the integer dot product
+            for (int64_t j = 0; j < nrows; ++j) S[r * tile + j] *= a.row_scale[t0 + j] * qinv[q0 + r];
+          if (a.metric != kIP)
+            for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
+        } else if (fused) {
           dot_block_stored(a.dtype, d, Qp + q0 * dp, dp, nq, at(a.corpus, a.dtype, t0 * a.corpus_stride),
                            a.corpus_stride, nrows, S, tile);
           if (a.dtype == kI8) {  // codes are scored unscaled; the row's scale multiplies the dot product
@@ -1105,7 +1279,7 @@ int topk_impl(const TopkArgs& a) {
             for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
           else if (a.metric != kIP)
             for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot(C + j * ldc, dp);
-          dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile);
+          dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile, direct);
         }
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t q = q0 + r;

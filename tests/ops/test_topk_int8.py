@@ -1,4 +1,9 @@
 """minillm.ops.Int8Corpus: int8 codes scanned by the kernel, candidates rescored exactly."""
+import os
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -43,10 +48,26 @@ def test_results_equal_exact_search_on_clustered_data(metric, Q, k):
 
 
 def test_every_simd_level(simd_level):
-    c, q = torch.randn(1000, 40), torch.randn(3, 40)
-    _, idx = topk_search(q, Int8Corpus(c), 10, "ip")
-    _, want = topk_search_reference(q, c, 10, "ip")
-    assert torch.equal(idx, want)
+    c = torch.randn(1000, 40)
+    for Q in (1, 3, 40):  # integer dot products for a few queries, widened tiles for more
+        q = torch.randn(Q, 40)
+        _, idx = topk_search(q, Int8Corpus(c), 10, "ip")
+        _, want = topk_search_reference(q, c, 10, "ip")
+        assert torch.equal(idx, want)
+
+
+def test_without_vnni():
+    # On a CPU with AVX512-VNNI the int8 scan uses vpdpbusd; MINILLM_NO_VNNI=1 checks the vpmaddwd path.
+    code = (
+        "import torch; from minillm.ops import Int8Corpus, topk_search;"
+        "from minillm.ops.reference import topk_search_reference as ref;"
+        "torch.manual_seed(0); c = torch.randn(3000, 70); q = torch.randn(2, 70);"
+        "assert torch.equal(topk_search(q, Int8Corpus(c), 10, 'cosine')[1], ref(q, c, 10, 'cosine')[1])"
+    )
+    env = dict(os.environ, MINILLM_NO_VNNI="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=tempfile.gettempdir())
+    assert res.returncode == 0, res.stderr
 
 
 def test_exact_ties_go_to_the_lower_index():
