@@ -91,10 +91,13 @@ class Packed(NamedTuple):
         """(B, N, ...) -> (T, ...)"""
         return x[self.b, self.n]
 
-    def unpack(self, x: Tensor) -> Tensor:
-        """(T, ...) -> (B, N, ...) with zeros at padding."""
+    def unpack(self, x: Tensor, fill_padding: bool = True) -> Tensor:
+        """(T, ...) -> (B, N, ...) with zeros at padding (or, with fill_padding=False, whatever the
+        allocator held: for attention inputs, whose padded keys are never read and whose padded query
+        rows are dropped again by `pack`)."""
         B, N = self.mask.shape
-        out = x.new_zeros((B, N) + tuple(x.shape[1:]))
+        shape = (B, N) + tuple(x.shape[1:])
+        out = x.new_zeros(shape) if fill_padding else x.new_empty(shape)
         out[self.b, self.n] = x  # in place on a fresh tensor: no second copy
         return out
 
@@ -137,7 +140,10 @@ class Attention(nn.Module):
         packed: Optional[Packed] = None,
     ) -> Tensor:
         if packed is not None:  # x: (T, C) real tokens only
-            q, k, v = self._split(packed.unpack(self.qkv(x)), 3)
+            # Without autograd, padded query rows may hold anything (their outputs are dropped by pack);
+            # with it they must be finite, or 0 * inf in the backward would reach dK and dV.
+            qkv = packed.unpack(self.qkv(x), fill_padding=torch.is_grad_enabled())
+            q, k, v = self._split(qkv, 3)
             out = ops.attention(q, k, v, causal=causal, key_padding_mask=packed.mask)  # (B, H, N, Dh)
             out = packed.pack(out.permute(0, 2, 1, 3)).flatten(1)  # (T, H, Dh) -> (T, C)
             return self.dropout(self.proj(out))
