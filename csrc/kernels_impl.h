@@ -810,29 +810,12 @@ inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const
   for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, prefetch && i == 0);
 }
 
-// Corpus rows stored as bf16, fp16 or int8, widened to fp32 in registers W values at a time, so a
-// few queries score them without a converted copy of the tile.
+// Corpus rows stored as bf16 or fp16, widened to fp32 in registers W values at a time, so a few
+// queries score them without a converted copy of the tile.
 template <int DT>
 inline vec_t<float> vload_cvt(const void* base, int64_t off) {
   vec_t<float> v;
-  if constexpr (DT == kI8) {
-    const int8_t* p = static_cast<const int8_t*>(base) + off;
-#if defined(__AVX512F__)
-    if constexpr (VB == 64) {
-      const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-      std::memcpy(&v, &f, VB);
-      return v;
-    }
-#endif
-#if defined(__AVX2__)
-    if constexpr (VB == 32) {
-      const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-      std::memcpy(&v, &f, VB);
-      return v;
-    }
-#endif
-    for (int i = 0; i < Vec<float>::W; ++i) v[i] = static_cast<float>(p[i]);
-  } else if constexpr (DT == kF16) {
+  if constexpr (DT == kF16) {
     const uint16_t* p = static_cast<const uint16_t*>(base) + off;
 #if defined(__AVX512F__)
     if constexpr (VB == 64) {
@@ -861,7 +844,6 @@ inline vec_t<float> vload_cvt(const void* base, int64_t off) {
 }
 
 inline float load_cvt(int dt, const void* base, int64_t off) {
-  if (dt == kI8) return static_cast<float>(static_cast<const int8_t*>(base)[off]);
   const uint16_t h = static_cast<const uint16_t*>(base)[off];
   return dt == kF16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
@@ -894,7 +876,7 @@ inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C,
 template <int DT, int MQ>
 inline void dot_rows_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const void* C, int64_t ldc, float* S,
                          int64_t lds, bool prefetch) {
-  const int64_t es = DT == kI8 ? 1 : 2;
+  const int64_t es = 2;  // bytes per value
   int64_t j = 0;
   for (; j + kNC <= nrows; j += kNC) {
     if (prefetch) prefetch_rows(C, ldc * es, j, nrows);
@@ -931,7 +913,7 @@ inline float self_dot_cvt(const void* C, int64_t off, int64_t K) {
   return s;
 }
 
-// Squared norm of a 16-bit row (the int8 format carries exact norms instead).
+// Squared norm of a 16-bit row.
 inline float self_dot_stored(int dt, const void* C, int64_t off, int64_t K) {
   return dt == kF16 ? self_dot_cvt<kF16>(C, off, K) : self_dot_cvt<kBF16>(C, off, K);
 }
@@ -1061,12 +1043,10 @@ inline float quantize_i16(const float* q, int64_t d, int64_t K, int16_t* out) {
   return scale > 0.0f ? 1.0f / scale : 0.0f;
 }
 
-// Scores of a tile of a 16-bit or int8 corpus for a few queries, widened in registers.
+// Scores of a tile of a 16-bit corpus for a few queries, widened in registers.
 inline void dot_block_stored(int dt, int64_t K, const float* Qp, int64_t ldq, int64_t nq, const void* C, int64_t ldc,
                              int64_t nrows, float* S, int64_t lds) {
-  if (dt == kI8)
-    dot_block_cvt<kI8>(K, Qp, ldq, nq, C, ldc, nrows, S, lds);
-  else if (dt == kF16)
+  if (dt == kF16)
     dot_block_cvt<kF16>(K, Qp, ldq, nq, C, ldc, nrows, S, lds);
   else
     dot_block_cvt<kBF16>(K, Qp, ldq, nq, C, ldc, nrows, S, lds);
@@ -1218,23 +1198,30 @@ int topk_impl(const TopkArgs& a) {
           qn2[i] = i < nq ? qq[q0 + i] : 0.0f;
         }
       }
+      // A tile as fp32 rows, read in place (fp32 whole vectors) or converted (int8: and scaled), and the
+      // rows' squared norms in cc.
+      auto fp32_tile = [&](int64_t t0, int64_t nrows, int64_t* ldc) -> const float* {
+        const float* C = conv;
+        *ldc = dp;
+        if (direct) {
+          C = static_cast<const float*>(a.corpus) + t0 * a.corpus_stride;
+          *ldc = a.corpus_stride;
+        } else {
+          for (int64_t j = 0; j < nrows; ++j)
+            load_row<float>(at(a.corpus, a.dtype, (t0 + j) * a.corpus_stride), a.dtype, d, dp,
+                            a.dtype == kI8 ? a.row_scale[t0 + j] : 1.0f, conv + j * dp);
+        }
+        if (a.metric != kIP && a.dtype == kI8)
+          for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
+        else if (a.metric != kIP)
+          for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot(C + j * *ldc, dp);
+        return C;
+      };
       for (int64_t t0 = c_begin; t0 < c_end; t0 += tile) {
         const int64_t nrows = imin(tile, c_end - t0);
         if (use_gemm) {
-          const float* C = conv;
-          int64_t ldc = dp;
-          if (direct) {
-            C = static_cast<const float*>(a.corpus) + t0 * a.corpus_stride;
-            ldc = a.corpus_stride;
-          } else {
-            for (int64_t j = 0; j < nrows; ++j)
-              load_row<float>(at(a.corpus, a.dtype, (t0 + j) * a.corpus_stride), a.dtype, d, dp,
-                              a.dtype == kI8 ? a.row_scale[t0 + j] : 1.0f, conv + j * dp);
-          }
-          if (a.metric != kIP && a.dtype == kI8)
-            for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
-          else if (a.metric != kIP)
-            for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot(C + j * ldc, dp);
+          int64_t ldc;
+          const float* C = fp32_tile(t0, nrows, &ldc);
           gemm<float>(nrows, qpad, dp, C, ldc, QT, qpad, S, qpad, false);  // S: (nrows, qpad)
           select_by_row(S, qpad, nrows, t0, nq, qn2, invq, cc, a.metric, k, heaps + (q0 * parts + part) * k,
                         parts * k, sizes + q0 * parts + part, parts, bar, open);
@@ -1253,32 +1240,14 @@ int topk_impl(const TopkArgs& a) {
             for (int64_t j = 0; j < nrows; ++j) S[r * tile + j] *= a.row_scale[t0 + j] * qinv[q0 + r];
           if (a.metric != kIP)
             for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
-        } else if (fused) {
+        } else if (fused) {  // 16-bit rows
           dot_block_stored(a.dtype, d, Qp + q0 * dp, dp, nq, at(a.corpus, a.dtype, t0 * a.corpus_stride),
                            a.corpus_stride, nrows, S, tile);
-          if (a.dtype == kI8) {  // codes are scored unscaled; the row's scale multiplies the dot product
-            for (int64_t r = 0; r < nq; ++r)
-              for (int64_t j = 0; j < nrows; ++j) S[r * tile + j] *= a.row_scale[t0 + j];
-            if (a.metric != kIP)
-              for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
-          } else if (a.metric != kIP) {
+          if (a.metric != kIP)
             for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot_stored(a.dtype, a.corpus, (t0 + j) * a.corpus_stride, d);
-          }
         } else {
-          const float* C = conv;
-          int64_t ldc = dp;
-          if (direct) {
-            C = static_cast<const float*>(a.corpus) + t0 * a.corpus_stride;
-            ldc = a.corpus_stride;
-          } else {
-            for (int64_t j = 0; j < nrows; ++j)
-              load_row<float>(at(a.corpus, a.dtype, (t0 + j) * a.corpus_stride), a.dtype, d, dp,
-                              a.dtype == kI8 ? a.row_scale[t0 + j] : 1.0f, conv + j * dp);
-          }
-          if (a.metric != kIP && a.dtype == kI8)
-            for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
-          else if (a.metric != kIP)
-            for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot(C + j * ldc, dp);
+          int64_t ldc;
+          const float* C = fp32_tile(t0, nrows, &ldc);
           dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile, direct);
         }
         for (int64_t r = 0; r < nq; ++r) {

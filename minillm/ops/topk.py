@@ -21,15 +21,20 @@ _CORPUS_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ArrayLike = Union[Tensor, np.ndarray]
 
 
+def _prepare(queries: Tensor, corpus: Tensor, k: int):
+    """Kernel-ready inputs (contiguous queries, unit column stride corpus) and empty outputs (Q, k)."""
+    queries = queries.contiguous()
+    corpus = corpus if corpus.stride(-1) == 1 or corpus.size(-1) == 1 else corpus.contiguous()
+    scores = queries.new_empty((queries.shape[0], k), dtype=torch.float32)
+    idx = torch.empty((queries.shape[0], k), dtype=torch.int64, device=queries.device)
+    return queries, corpus, scores, idx
+
+
 @torch.library.custom_op("minillm::topk_search", mutates_args=(), device_types="cpu")
 def _topk_search(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
     """queries: (Q, d) float32; corpus: (N, d) float32/bfloat16/float16 -> scores (Q, k) float32, indices (Q, k)."""
-    queries = queries.contiguous()
-    corpus = corpus if corpus.stride(-1) == 1 or corpus.size(-1) == 1 else corpus.contiguous()
-    Q, d = queries.shape
-    N = corpus.shape[0]
-    scores = queries.new_empty((Q, k), dtype=torch.float32)
-    idx = torch.empty((Q, k), dtype=torch.int64, device=queries.device)
+    queries, corpus, scores, idx = _prepare(queries, corpus, k)
+    (Q, d), N = queries.shape, corpus.shape[0]
     if Q == 0:
         return scores, idx
     _backend._C.topk(
@@ -45,12 +50,8 @@ _CUDA_MAX_K = 1024
 
 @_topk_search.register_kernel("cuda")
 def _topk_search_cuda(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
-    queries = queries.contiguous()
-    corpus = corpus if corpus.stride(-1) == 1 or corpus.size(-1) == 1 else corpus.contiguous()
-    Q, d = queries.shape
-    N = corpus.shape[0]
-    scores = queries.new_empty((Q, k), dtype=torch.float32)
-    idx = torch.empty((Q, k), dtype=torch.int64, device=queries.device)
+    queries, corpus, scores, idx = _prepare(queries, corpus, k)
+    (Q, d), N = queries.shape, corpus.shape[0]
     if Q == 0:
         return scores, idx
     device = queries.device.index
