@@ -2,7 +2,9 @@
 backend) vs a naive softmax(QK^T)V, side by side in one run.
 
 For each N: causal and bidirectional, forward and forward+backward, plus a key-padding case (the last
-25% of keys padded, as in a right-padded batch, given to torch as the equivalent boolean mask). Every case is checked against the fp64
+25% of keys padded, as in a right-padded batch, given to torch as the equivalent boolean mask) and a
+variable-length batch (lengths uniform in [N/8, N]; minillm skips padded queries and keys, torch gets the
+boolean key mask and computes every row). Every case is checked against the fp64
 reference before it is timed. GFLOP/s count 4*B*H*N^2*D for the forward (halved for causal) and 2.5x
 that for the backward; a torch.mm rate of the same run gives the machine's matmul ceiling.
 
@@ -64,9 +66,15 @@ def main() -> None:
         q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
         grad = torch.randn(B, H, N, D, device=dev, dtype=dtype)
         keep = (torch.arange(N, device=dev) < N - N // 4).expand(B, N)  # the last 25% of keys are padding
-        cases = [("bidir", False, None), ("causal", True, None), ("pad25%", False, keep)]
+        # A variable-length batch: lengths uniform in [N/8, N], padded to N (torch gets the same bool mask).
+        gen = torch.Generator().manual_seed(N)
+        lengths = torch.randint(max(1, N // 8), N + 1, (B,), generator=gen).to(dev)
+        varlen = torch.arange(N, device=dev)[None, :] < lengths[:, None]
+        cases = [("bidir", False, None), ("causal", True, None), ("pad25%", False, keep), ("varlen", False, varlen)]
         for name, causal, mask in cases:
-            ours = lambda: attention(q, k, v, causal=causal, key_padding_mask=mask)  # noqa: E731
+            # varlen: padded queries are skipped too (their rows come back 0; torch computes them)
+            qmask = mask if name == "varlen" else None
+            ours = lambda: attention(q, k, v, causal=causal, key_padding_mask=mask, query_padding_mask=qmask)  # noqa: E731
             tmask = mask[:, None, None, :] if mask is not None else None
             flash = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=tmask, is_causal=causal)  # noqa: E731
 
@@ -76,7 +84,10 @@ def main() -> None:
 
             ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=causal,
                                       key_padding_mask=mask)
-            err = (ours().detach().double() - ref).abs().max().item()
+            diff = ours().detach().double() - ref
+            if qmask is not None:
+                diff = diff[qmask[:, None, :, None].expand_as(diff)]  # rows torch computes and we skip
+            err = diff.abs().max().item()
             tol = 1e-4 if dtype == torch.float32 else 5e-2
             if err > tol:
                 sys.exit(f"N={N} {name}: minillm differs from the reference by {err:.2e}; not timing")

@@ -41,7 +41,7 @@ void check(int status, const char* what) {
 }
 
 AttnFwdArgs fwd_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm,
-                     const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal,
+                     uintptr_t qpm, const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal,
                      int64_t causal_offset, double scale, int dtype, int nthreads) {
   AttnFwdArgs a{};
   a.q = ptr<const void*>(q);
@@ -50,6 +50,7 @@ AttnFwdArgs fwd_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintp
   a.out = ptr<void*>(out);
   a.lse = ptr<void*>(lse);
   a.kpm = ptr<const uint8_t*>(kpm);
+  a.qpm = ptr<const uint8_t*>(qpm);
   a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
   copy3(a.q_stride, qs);
   copy3(a.k_stride, ks);
@@ -63,7 +64,7 @@ AttnFwdArgs fwd_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintp
 }
 
 AttnBwdArgs bwd_args(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-                     uintptr_t dlse, uintptr_t kpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz,
+                     uintptr_t dlse, uintptr_t kpm, uintptr_t qpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz,
                      const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os,
                      bool causal, int64_t causal_offset, double scale, int dtype, int nthreads) {
   AttnBwdArgs a{};
@@ -75,6 +76,7 @@ AttnBwdArgs bwd_args(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uint
   a.lse = ptr<const void*>(lse);
   a.dlse = ptr<const void*>(dlse);
   a.kpm = ptr<const uint8_t*>(kpm);
+  a.qpm = ptr<const uint8_t*>(qpm);
   a.dq = ptr<void*>(dq);
   a.dk = ptr<void*>(dk);
   a.dv = ptr<void*>(dv);
@@ -155,10 +157,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "attention_fwd",
-      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm, const Sizes& sz,
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm, uintptr_t qpm,
+         const Sizes& sz,
          const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset, double scale,
          int dtype, int nthreads) {
-        check(run_attention_fwd(fwd_args(q, k, v, out, lse, kpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype,
+        check(run_attention_fwd(fwd_args(q, k, v, out, lse, kpm, qpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype,
                                          nthreads)),
               "attention_fwd");
       },
@@ -167,10 +170,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "attention_bwd",
       [](uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t dlse,
-         uintptr_t kpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz, const Strides& dos,
+         uintptr_t kpm, uintptr_t qpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz, const Strides& dos,
          const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
          int64_t causal_offset, double scale, int dtype, int nthreads) {
-        check(run_attention_bwd(bwd_args(dout, q, k, v, out, lse, dlse, kpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
+        check(run_attention_bwd(bwd_args(dout, q, k, v, out, lse, dlse, kpm, qpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
                                          causal_offset, scale, dtype, nthreads)),
               "attention_bwd");
       },
@@ -237,20 +240,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", [] { return minillm::cuda_api::device_count(); }, "CUDA devices visible (0 without a driver).");
   m.def(
       "cuda_attention_fwd",
-      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm, const Sizes& sz,
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm, uintptr_t qpm,
+         const Sizes& sz,
          const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset, double scale,
          int dtype, int device, uintptr_t stream) {
-        const AttnFwdArgs a = fwd_args(q, k, v, out, lse, kpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype, 0);
+        const AttnFwdArgs a = fwd_args(q, k, v, out, lse, kpm, qpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype, 0);
         run_cuda([&](std::string* e) { return minillm::cuda_api::attention_fwd(a, device, stream, e); });
       },
       "Attention forward on CUDA device pointers (see cuda/cuda_api.h).");
   m.def(
       "cuda_attention_bwd",
       [](uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t dlse,
-         uintptr_t kpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz, const Strides& dos,
+         uintptr_t kpm, uintptr_t qpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz, const Strides& dos,
          const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
          int64_t causal_offset, double scale, int dtype, uintptr_t delta, int device, uintptr_t stream) {
-        const AttnBwdArgs a = bwd_args(dout, q, k, v, out, lse, dlse, kpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
+        const AttnBwdArgs a = bwd_args(dout, q, k, v, out, lse, dlse, kpm, qpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
                                        causal_offset, scale, dtype, 0);
         run_cuda([&](std::string* e) {
           return minillm::cuda_api::attention_bwd(a, ptr<float*>(delta), device, stream, e);

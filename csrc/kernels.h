@@ -20,7 +20,8 @@ enum Status : int { kOk = 0, kOutOfMemory = 1 };
 // and unit stride along D. out: contiguous (B, H, Nq, D) of the input dtype; lse: contiguous
 // (B, H, Nq) in the accumulation type (float, or double for F64).
 // Key j is visible to query i when kpm[b*Nk + j] != 0 (if kpm is set) and, if causal,
-// j <= i + causal_offset.
+// j <= i + causal_offset. A query with qpm[b*Nq + i] == 0 (if qpm is set) is not computed: out = 0,
+// lse = +inf, and zero gradients, like a query that sees no key.
 struct AttnFwdArgs {
   const void* q;
   const void* k;
@@ -28,6 +29,7 @@ struct AttnFwdArgs {
   void* out;
   void* lse;
   const uint8_t* kpm;  // (B, Nk) contiguous or nullptr
+  const uint8_t* qpm;  // (B, Nq) contiguous or nullptr
   int64_t B, H, Nq, Nk, D;
   int64_t q_stride[3], k_stride[3], v_stride[3];
   bool causal;
@@ -48,6 +50,7 @@ struct AttnBwdArgs {
   const void* lse;
   const void* dlse;  // nullptr when the log-sum-exp output had no gradient
   const uint8_t* kpm;
+  const uint8_t* qpm;
   void* dq;
   void* dk;
   void* dv;

@@ -384,6 +384,22 @@ inline void visible_blocks(const uint8_t* kpm, int64_t Nk, int64_t bk, int64_t n
 // rows, with no transposed or converted copy of K and V (which would cost as much as the math).
 constexpr int64_t kDecodeRows = 4;
 
+// Query padding (qpm, the (Nq) row of one batch entry): true when any of rows [i0, i1) is computed.
+inline bool any_query(const uint8_t* qpm, int64_t i0, int64_t i1) {
+  if (!qpm) return i0 < i1;
+  for (int64_t i = i0; i < i1; ++i)
+    if (qpm[i]) return true;
+  return false;
+}
+
+// The output of a query that is padded or sees no key: zeros, and lse = +inf so that backward's P is 0.
+template <typename T>
+inline void write_empty_row(const AttnFwdArgs& a, int64_t row, T* scratch, int64_t Dp) {
+  std::memset(scratch, 0, sizeof(T) * Dp);
+  store_row<T>(scratch, a.D, T(1), a.dtype, const_cast<void*>(at(a.out, a.dtype, row * a.D)));
+  static_cast<T*>(a.lse)[row] = INFINITY;
+}
+
 template <typename T>
 int attention_decode_impl(const AttnFwdArgs& a) {
   typedef vec_t<T> V;
@@ -422,7 +438,12 @@ int attention_decode_impl(const AttnFwdArgs& a) {
         load_row<T>(p, a.dtype, D, Dp, T(1), row);
         return row;
       };
+      const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
       for (int64_t i = 0; i < Nq; ++i) {
+        if (qpm && !qpm[i]) {
+          write_empty_row<T>(a, bh * Nq + i, acc, Dp);
+          continue;
+        }
         load_row<T>(at(a.q, a.dtype, b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2]), a.dtype, D, Dp,
                     static_cast<T>(a.scale), qv);
         const int64_t n_vis = a.causal ? imax(0, imin(Nk, i + a.causal_offset + 1)) : Nk;
@@ -504,6 +525,11 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       const int64_t q_begin = (it % chunks) * qb_per_chunk * kBq;
       const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * kBq);
       if (q_begin >= q_end) continue;
+      const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
+      if (!any_query(qpm, q_begin, q_end)) {  // every query here is padding: nothing to read
+        for (int64_t i = q_begin; i < q_end; ++i) write_empty_row<T>(a, bh * Nq + i, acc, Dp);
+        continue;
+      }
       const int64_t k_end = a.causal ? imax(0, imin(Nk, q_end + off)) : Nk;  // keys any row here sees
       const int64_t ldk = imax(bk, round_up(k_end, bk));
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
@@ -530,6 +556,10 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
 
       for (int64_t i0 = q_begin; i0 < q_end; i0 += kBq) {
         const int64_t rows = imin(kBq, q_end - i0);
+        if (!any_query(qpm, i0, i0 + rows)) {
+          for (int64_t r = 0; r < rows; ++r) write_empty_row<T>(a, bh * Nq + i0 + r, acc, Dp);
+          continue;
+        }
         for (int64_t r = 0; r < rows; ++r)
           load_row<T>(at(a.q, a.dtype, qbase + (i0 + r) * a.q_stride[2]), a.dtype, D, Dp, static_cast<T>(a.scale),
                       Qs + r * Dp);
@@ -576,7 +606,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
         for (int64_t r = 0; r < rows; ++r) {
           void* orow = const_cast<void*>(at(a.out, a.dtype, (bh * Nq + i0 + r) * D));
-          if (l[r] == T(0)) {  // no visible key: the row is defined as 0, and +inf makes backward's P zero
+          if (l[r] == T(0) || (qpm && !qpm[i0 + r])) {  // padded query, or no visible key: the row is 0
             std::memset(acc + r * Dp, 0, sizeof(T) * Dp);
             store_row<T>(acc + r * Dp, D, T(1), a.dtype, orow);
             lse[r] = INFINITY;
@@ -635,9 +665,16 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
       if (!ok) continue;
       const int64_t b = bh / H, h = bh % H;
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
+      const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
       const T* lse = static_cast<const T*>(a.lse) + bh * Nq;
       const T* dlse = a.dlse ? static_cast<const T*>(a.dlse) + bh * Nq : nullptr;
       for (int64_t i = 0; i < Nq; ++i) {
+        if (qpm && !qpm[i]) {  // a padded query's q and dO are never read: zero rows keep the GEMMs clean
+          std::memset(Qs + i * Dp, 0, sizeof(T) * Dp);
+          std::memset(dO + i * Dp, 0, sizeof(T) * Dp);
+          Dl[i] = 0;
+          continue;
+        }
         load_row<T>(at(a.q, a.dtype, b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2]), a.dtype, D, Dp,
                     static_cast<T>(a.scale), Qs + i * Dp);
         load_row<T>(at(a.dout, a.dtype, b * a.do_stride[0] + h * a.do_stride[1] + i * a.do_stride[2]), a.dtype, D,
@@ -675,12 +712,18 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
         const int64_t i_first = a.causal ? imax(0, j0 - off) / kBq * kBq : 0;
         for (int64_t i0 = i_first; i0 < Nq; i0 += kBq) {
           const int64_t rows = imin(kBq, Nq - i0);
+          if (!any_query(qpm, i0, i0 + rows)) continue;
           gemm<T>(rows, bk, Dp, Qs + i0 * Dp, Dp, Kt + j0, NkP, P, bk, false);
           gemm<T>(rows, bk, Dp, dO + i0 * Dp, Dp, Vt + j0, NkP, dS, bk, false);
           const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kpm);
           for (int64_t r = 0; r < rows; ++r) {
             T* p = P + r * bk;
             T* ds = dS + r * bk;
+            if (qpm && !qpm[i0 + r]) {  // a padded query takes no part, whatever its q or dO hold
+              std::memset(p, 0, sizeof(T) * bk);
+              std::memset(ds, 0, sizeof(T) * bk);
+              continue;
+            }
             if (masked) mask_block<T>(p, j0, bk, Nk, a.causal, i0 + r + off, kpm);
             const V lv = vbcast(lse[i0 + r]), dv = vbcast(Dl[i0 + r]);
             for (int64_t c = 0; c < bk; c += W) {

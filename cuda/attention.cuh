@@ -6,7 +6,8 @@
 // head-dim columns d = lane + 32 t (t < DPL, so D <= 32 * DPL <= 256). Shapes and masks follow
 // csrc/kernels.h: q (B, H, Nq, D), k/v (B, H, Nk, D) with (b, h, n) strides and unit stride along D;
 // key j is visible to query i when kpm[b, j] != 0 (if given) and, if causal, j <= i + causal_offset.
-// Padded keys are never read. A query that sees no key gets out = 0, lse = +inf and zero gradients.
+// Padded keys are never read. A query that sees no key, or is padding (qpm), gets out = 0, lse = +inf and
+// zero gradients (backward skips rows whose lse is +inf).
 #pragma once
 
 #include "common.cuh"
@@ -109,6 +110,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttnFwdArgs
       const int rl = warp * R + r;
       const int64_t i = q0 + rl;
       if (i >= a.Nq) break;
+      if (a.qpm && !a.qpm[b * a.Nq + i]) continue;  // a padded query: left as a row that sees no key
       const int64_t j = k0 + lane;
       float s = -INFINITY;
       if (vis[lane] != 0.0f && (!a.causal || j <= i + a.causal_offset)) {
@@ -216,8 +218,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_bwd_dkdv_kernel(AttnBw
     for (int e = tid; e < kTile * D; e += kAttnThreads) {
       const int il = e / D, d = e % D;
       const int64_t i = i0 + il;
-      Qs[il * QS + d] = i < a.Nq ? load<T>(a.q, a.q_stride, b, h, i, d) : 0.0f;
-      dOs[il * QS + d] = i < a.Nq ? load<T>(a.dout, a.do_stride, b, h, i, d) : 0.0f;
+      // A padded query's q and dO are never read (its p is 0, and 0 * NaN would still be NaN).
+      const bool on = i < a.Nq && (a.qpm == nullptr || a.qpm[b * a.Nq + i] != 0);
+      Qs[il * QS + d] = on ? load<T>(a.q, a.q_stride, b, h, i, d) : 0.0f;
+      dOs[il * QS + d] = on ? load<T>(a.dout, a.do_stride, b, h, i, d) : 0.0f;
     }
     if (tid < kTile) {
       const int64_t i = i0 + tid, row = (b * a.H + h) * a.Nq + i;

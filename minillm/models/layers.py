@@ -140,11 +140,11 @@ class Attention(nn.Module):
         packed: Optional[Packed] = None,
     ) -> Tensor:
         if packed is not None:  # x: (T, C) real tokens only
-            # Without autograd, padded query rows may hold anything (their outputs are dropped by pack);
-            # with it they must be finite, or 0 * inf in the backward would reach dK and dV.
-            qkv = packed.unpack(self.qkv(x), fill_padding=torch.is_grad_enabled())
-            q, k, v = self._split(qkv, 3)
-            out = ops.attention(q, k, v, causal=causal, key_padding_mask=packed.mask)  # (B, H, N, Dh)
+            # Padded positions are left unfilled: the kernel never reads padded keys nor padded queries
+            # (query_padding_mask), forward or backward, and pack drops their output rows.
+            q, k, v = self._split(packed.unpack(self.qkv(x), fill_padding=False), 3)
+            out = ops.attention(q, k, v, causal=causal, key_padding_mask=packed.mask,
+                                query_padding_mask=packed.mask)  # (B, H, N, Dh)
             out = packed.pack(out.permute(0, 2, 1, 3)).flatten(1)  # (T, H, Dh) -> (T, C)
             return self.dropout(self.proj(out))
         B, N, C = x.shape

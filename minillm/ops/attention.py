@@ -1,7 +1,8 @@
 """Fused scaled-dot-product attention: public wrappers, the `minillm::attention_*` custom ops,
 their fake (meta) implementations and autograd registration.
 
-Shapes: q (B, H, Nq, D); k, v (B, H, Nk, D); key_padding_mask (B, Nk) bool, True = keep.
+Shapes: q (B, H, Nq, D); k, v (B, H, Nk, D); key_padding_mask (B, Nk) bool, True = keep;
+query_padding_mask (B, Nq) bool, True = compute.
 """
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def _strides(t: Tensor) -> Tuple[int, int, int]:
     return (s[0], s[1], s[2])
 
 
+def _mask_ptr(mask: Optional[Tensor]) -> Tuple[int, Optional[Tensor]]:
+    """(data pointer or 0, the contiguous tensor that owns it, kept alive by the caller)."""
+    if mask is None:
+        return 0, None
+    mask = mask.contiguous()
+    return mask.data_ptr(), mask
+
+
 # ---- custom ops (schema once; CPU implementation here, fake + autograd beside it) ----
 
 
@@ -48,12 +57,13 @@ def _attention_fwd(
     k: Tensor,
     v: Tensor,
     key_padding_mask: Optional[Tensor],
+    query_padding_mask: Optional[Tensor],
     causal: bool,
     causal_offset: int,
     scale: float,
 ) -> Tuple[Tensor, Tensor]:
     """Returns out (B, H, Nq, D) and the log-sum-exp (B, H, Nq) in fp32 (fp64 for fp64 inputs);
-    lse is +inf for a query that sees no key."""
+    lse is +inf for a query that sees no key or is padding."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -63,10 +73,9 @@ def _attention_fwd(
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
     _backend._C.attention_fwd(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        mask.data_ptr() if mask is not None else 0,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), kpm[0], qpm[0],
         (B, H, Nq, Nk, D), _strides(q), _strides(k), _strides(v),
         causal, causal_offset, scale, _DTYPE_CODE[q.dtype], _threads(B * H * Nq * Nk * D),
     )
@@ -74,7 +83,7 @@ def _attention_fwd(
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, key_padding_mask, causal, causal_offset, scale):
+def _attention_fwd_fake(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
     B, H, Nq, D = q.shape
     return q.new_empty((B, H, Nq, D)), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
 
@@ -89,6 +98,7 @@ def _attention_bwd(
     lse: Tensor,
     dlse: Optional[Tensor],
     key_padding_mask: Optional[Tensor],
+    query_padding_mask: Optional[Tensor],
     causal: bool,
     causal_offset: int,
     scale: float,
@@ -102,10 +112,10 @@ def _attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
-    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
     _backend._C.attention_bwd(
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        dlse.data_ptr() if dlse is not None else 0, mask.data_ptr() if mask is not None else 0,
+        dlse.data_ptr() if dlse is not None else 0, kpm[0], qpm[0],
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         (B, H, Nq, Nk, D), _strides(dout), _strides(q), _strides(k), _strides(v), _strides(out),
         causal, causal_offset, scale, _DTYPE_CODE[q.dtype], _threads(3 * B * H * Nq * Nk * D),
@@ -114,7 +124,8 @@ def _attention_bwd(
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_mask, causal, causal_offset, scale):
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
+                        scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -127,7 +138,7 @@ def _cuda_fits(q: Tensor) -> bool:
 
 
 @_attention_fwd.register_kernel("cuda")
-def _attention_fwd_cuda(q, k, v, key_padding_mask, causal, causal_offset, scale):
+def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -137,10 +148,9 @@ def _attention_fwd_cuda(q, k, v, key_padding_mask, causal, causal_offset, scale)
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
     _backend._C.cuda_attention_fwd(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        mask.data_ptr() if mask is not None else 0,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), kpm[0], qpm[0],
         (B, H, Nq, Nk, D), _strides(q), _strides(k), _strides(v),
         causal, causal_offset, scale, _DTYPE_CODE[q.dtype], q.device.index, _backend.cuda_stream(q),
     )
@@ -148,7 +158,8 @@ def _attention_fwd_cuda(q, k, v, key_padding_mask, causal, causal_offset, scale)
 
 
 @_attention_bwd.register_kernel("cuda")
-def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, causal, causal_offset, scale):
+def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
+                        scale):
     dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -157,11 +168,11 @@ def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, causal,
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
-    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
     delta = torch.empty(B * H * Nq, dtype=torch.float32, device=q.device)  # (B*H*Nq) scratch
     _backend._C.cuda_attention_bwd(
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        dlse.data_ptr() if dlse is not None else 0, mask.data_ptr() if mask is not None else 0,
+        dlse.data_ptr() if dlse is not None else 0, kpm[0], qpm[0],
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         (B, H, Nq, Nk, D), _strides(dout), _strides(q), _strides(k), _strides(v), _strides(out),
         causal, causal_offset, scale, _DTYPE_CODE[q.dtype], delta.data_ptr(), q.device.index,
@@ -171,19 +182,19 @@ def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, causal,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, causal_offset, scale = inputs
+    q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, query_padding_mask)
     ctx.causal, ctx.causal_offset, ctx.scale = causal, causal_offset, scale
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, query_padding_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, ctx.causal, ctx.causal_offset,
-                                ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, ctx.causal,
+                                ctx.causal_offset, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -232,35 +243,33 @@ def _check_qkv(q, k, v) -> None:
         )
 
 
-def _check_mask(key_padding_mask, q: Tensor, k: Tensor) -> None:
-    if key_padding_mask is None:
+def _check_mask(name: str, mask, expected: Tuple[int, int], device: torch.device) -> None:
+    layout = "(B, Nk)" if name == "key_padding_mask" else "(B, Nq)"
+    if mask is None:
         return
-    if not isinstance(key_padding_mask, Tensor):
-        raise TypeError(f"key_padding_mask must be a bool tensor (B, Nk) or None, got {type(key_padding_mask).__name__}")
-    if key_padding_mask.dtype != torch.bool:
-        raise TypeError(
-            f"key_padding_mask must be torch.bool (True = keep), got {key_padding_mask.dtype}; "
-            "for a 0/1 mask pass mask.bool()"
-        )
-    expected = (k.shape[0], k.shape[2])
-    if tuple(key_padding_mask.shape) != expected:
-        raise ValueError(f"key_padding_mask must have shape (B, Nk) = {expected}, got {tuple(key_padding_mask.shape)}")
-    if key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool tensor {layout} or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be torch.bool (True = keep), got {mask.dtype}; for a 0/1 mask pass mask.bool()")
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"{name} must have shape {layout} = {expected}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} must be on {device}, got {mask.device}")
 
 
 def _native(q: Tensor) -> bool:
     return _backend.native_for(q.device, cuda=True) and (q.device.type == "cpu" or _cuda_fits(q))
 
 
-def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: float) -> Tensor:
+def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: float,
+         query_padding_mask: Optional[Tensor] = None) -> Tensor:
     native = _native(q)
     _backend.log_path_once("attention", q.device, native)
     if native:
-        out, _ = _attention_fwd(q, k, v, key_padding_mask, causal, causal_offset, scale)
+        out, _ = _attention_fwd(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
         return out
     return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                               causal_offset=causal_offset)
+                               causal_offset=causal_offset, query_padding_mask=query_padding_mask)
 
 
 def attention(
@@ -270,6 +279,7 @@ def attention(
     *,
     causal: bool = False,
     key_padding_mask: Optional[Tensor] = None,
+    query_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
 ) -> Tensor:
     """Fused scaled-dot-product attention, softmax(q k^T * scale) v, with forward and backward kernels.
@@ -282,6 +292,9 @@ def attention(
             KV-cache decoding (Nq new queries after Nk - Nq cached keys) each query sees the cache
             and itself. Queries that see no key (Nq > Nk) return 0.
         key_padding_mask: (B, Nk) bool, True = keep the key. Padded keys' values are never read.
+        query_padding_mask: (B, Nq) bool, True = compute the query. Padded queries are skipped: their
+            output rows are 0 and get no gradient. For a padded self-attention batch pass the same mask
+            as both masks, and padding costs nothing in either direction (variable-length batches).
         scale: multiplier of q k^T; default 1 / sqrt(D).
 
     Returns:
@@ -293,11 +306,12 @@ def attention(
     capability >= 8.0); everything else runs :func:`minillm.ops.reference.attention_reference`.
     """
     _check_qkv(q, k, v)
-    _check_mask(key_padding_mask, q, k)
+    _check_mask("key_padding_mask", key_padding_mask, (k.shape[0], k.shape[2]), q.device)
+    _check_mask("query_padding_mask", query_padding_mask, (q.shape[0], q.shape[2]), q.device)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(scale, q.shape[-1])
-    return _run(q, k, v, key_padding_mask, causal, k.shape[2] - q.shape[2], scale)
+    return _run(q, k, v, key_padding_mask, causal, k.shape[2] - q.shape[2], scale, query_padding_mask)
 
 
 def _as_key_padding(attn_mask: Tensor, B: int, Nq: int, Nk: int) -> Optional[Tensor]:

@@ -27,30 +27,37 @@ def attention_reference(
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     causal_offset: Optional[int] = None,
+    query_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """softmax(q k^T * scale + mask) v, with minillm's masking rules.
 
-    q: (B, H, Nq, D); k, v: (B, H, Nk, D); key_padding_mask: bool (B, Nk), True = keep.
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D); key_padding_mask: bool (B, Nk), True = keep;
+    query_padding_mask: bool (B, Nq), True = compute (a padded query returns 0 and gets no gradient).
     Causal: key j is visible to query i when j <= i + causal_offset; the default offset Nk - Nq
     aligns the last query with the last key (bottom-right, as in KV-cache decoding).
-    A query that sees no key returns 0. Values of padded keys are never used.
+    A query that sees no key returns 0. Padded keys, values and queries are never used.
     Returns (B, H, Nq, D) in q's dtype.
     """
     Nq, Nk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     dt = _opmath(q.dtype)
     qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
-    s = (qf @ kf.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
+    # Padded queries, keys and values are never used, even in the backward (0 * inf would be NaN).
     visible = None
+    if query_padding_mask is not None:
+        qf = qf.masked_fill(~query_padding_mask[:, None, :, None], 0)
+        visible = query_padding_mask[:, None, :, None]  # (B, 1, Nq, 1)
+    if key_padding_mask is not None:
+        kf = kf.masked_fill(~key_padding_mask[:, None, :, None], 0)
+        vf = vf.masked_fill(~key_padding_mask[:, None, :, None], 0)
+        keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, Nk)
+        visible = keep if visible is None else visible & keep
     if causal:
         off = Nk - Nq if causal_offset is None else causal_offset
         i = torch.arange(Nq, device=q.device)[:, None]
         j = torch.arange(Nk, device=q.device)[None, :]
-        visible = j <= i + off  # (Nq, Nk)
-    if key_padding_mask is not None:
-        keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, Nk)
-        visible = keep if visible is None else visible & keep
-        vf = vf.masked_fill(~key_padding_mask[:, None, :, None], 0)
+        visible = (j <= i + off) if visible is None else visible & (j <= i + off)  # (Nq, Nk)
+    s = (qf @ kf.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
     if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
     # Softmax is shift-invariant, so the shift carries no gradient; rows with no visible key shift by 0.

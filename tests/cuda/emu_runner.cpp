@@ -2,7 +2,7 @@
 // Driven by tests/cuda/test_emulated_kernels.py, which writes the inputs and checks the outputs
 // against minillm.ops.reference:
 //
-//   emu_runner attention DIR   forward then backward; DIR/args.txt + q,k,v,dout[,mask,dlse].bin in,
+//   emu_runner attention DIR   forward then backward; DIR/args.txt + q,k,v,dout[,mask,qmask,dlse].bin in,
 //                              out,lse,dq,dk,dv.bin out
 //   emu_runner topk DIR        DIR/args.txt + queries,corpus.bin in, scores,idx.bin out
 //   emu_runner selftest        the emulator's own checks: barriers, shuffles, atomics, block indices
@@ -79,8 +79,9 @@ int run_attention(const std::string& dir) {
   const size_t max_smem = size_t(geti(m, "max_smem"));
   auto q = read_file(dir + "/q.bin"), k = read_file(dir + "/k.bin"), v = read_file(dir + "/v.bin");
   auto dout = read_file(dir + "/dout.bin");
-  std::vector<unsigned char> mask, dlse;
+  std::vector<unsigned char> mask, qmask, dlse;
   if (exists(dir + "/mask.bin")) mask = read_file(dir + "/mask.bin");
+  if (exists(dir + "/qmask.bin")) qmask = read_file(dir + "/qmask.bin");
   if (exists(dir + "/dlse.bin")) dlse = read_file(dir + "/dlse.bin");
   strides3(m, "q", f.q_stride);
   strides3(m, "k", f.k_stride);
@@ -90,6 +91,7 @@ int run_attention(const std::string& dir) {
   std::vector<float> lse(nq), delta(nq);
   f.q = q.data(), f.k = k.data(), f.v = v.data(), f.out = out.data(), f.lse = lse.data();
   f.kpm = mask.empty() ? nullptr : mask.data();
+  f.qpm = qmask.empty() ? nullptr : qmask.data();
   int status = cuda::attention_fwd_launch(f, nullptr, max_smem);
   if (status != cuda::kLaunchOk) return status;
 
@@ -97,6 +99,7 @@ int run_attention(const std::string& dir) {
   b.dout = dout.data(), b.q = q.data(), b.k = k.data(), b.v = v.data(), b.out = out.data(), b.lse = lse.data();
   b.dlse = dlse.empty() ? nullptr : dlse.data();
   b.kpm = f.kpm;
+  b.qpm = f.qpm;
   b.dq = dq.data(), b.dk = dk.data(), b.dv = dv.data();
   b.B = f.B, b.H = f.H, b.Nq = f.Nq, b.Nk = f.Nk, b.D = f.D;
   strides3(m, "dout", b.do_stride);

@@ -42,7 +42,7 @@ def test_cuda_bindings_fail_cleanly_without_a_gpu():
     with pytest.raises(RuntimeError, match="cudaSetDevice"):
         _backend._C.cuda_topk_workspace(1, 100, 10, 0)
     with pytest.raises(RuntimeError, match="cudaSetDevice"):
-        _backend._C.cuda_attention_fwd(0, 0, 0, 0, 0, 0, (1, 1, 1, 1, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8),
+        _backend._C.cuda_attention_fwd(0, 0, 0, 0, 0, 0, 0, (1, 1, 1, 1, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8),
                                        False, 0, 1.0, 0, 0, 0)
     # and the process is fine afterwards
     q = torch.randn(1, 1, 4, 8)
@@ -93,11 +93,12 @@ def test_cuda_glue_passes_consistent_arguments(monkeypatch, dtype):
     mask[:, 0] = True
     dout = torch.randn(B, H, Nq, D, dtype=dtype)
     dlse = torch.randn(B, H, Nq)
-    out, lse = attention_mod._attention_fwd_cuda(q, k, v, mask, True, Nk - Nq, 0.25)
-    want_out, want_lse = attention_mod._attention_fwd(q, k, v, mask, True, Nk - Nq, 0.25)
+    qmask = torch.rand(B, Nq) > 0.2
+    out, lse = attention_mod._attention_fwd_cuda(q, k, v, mask, qmask, True, Nk - Nq, 0.25)
+    want_out, want_lse = attention_mod._attention_fwd(q, k, v, mask, qmask, True, Nk - Nq, 0.25)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
-    grads = attention_mod._attention_bwd_cuda(dout, q, k, v, out, lse, dlse, mask, True, Nk - Nq, 0.25)
-    want = attention_mod._attention_bwd(dout, q, k, v, out, lse, dlse, mask, True, Nk - Nq, 0.25)
+    grads = attention_mod._attention_bwd_cuda(dout, q, k, v, out, lse, dlse, mask, qmask, True, Nk - Nq, 0.25)
+    want = attention_mod._attention_bwd(dout, q, k, v, out, lse, dlse, mask, qmask, True, Nk - Nq, 0.25)
     for g, w in zip(grads, want):
         assert g.is_contiguous() and torch.equal(g, w)
     corpus = torch.randn(300, 40)[:, :24]

@@ -39,10 +39,10 @@ def write_args(path: pathlib.Path, **args) -> None:
 # ---- attention ----
 
 
-def reference_grads(q, k, v, mask, causal, scale, dout, dlse):
+def reference_grads(q, k, v, mask, causal, scale, dout, dlse, qmask=None):
     """fp64 out, lse and gradients of (out, lse) . (dout, dlse) by autograd through the reference."""
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = attention_reference(q, k, v, causal=causal, key_padding_mask=mask, scale=scale)
+    out = attention_reference(q, k, v, causal=causal, key_padding_mask=mask, scale=scale, query_padding_mask=qmask)
     Nq, Nk = q.shape[2], k.shape[2]
     s = (q @ k.transpose(-1, -2)) * scale
     vis = torch.ones(Nq, Nk, dtype=torch.bool)
@@ -51,6 +51,8 @@ def reference_grads(q, k, v, mask, causal, scale, dout, dlse):
     vis = vis[None, None].expand(q.shape[0], 1, Nq, Nk)
     if mask is not None:
         vis = vis & mask[:, None, None, :]
+    if qmask is not None:
+        vis = vis & qmask[:, None, :, None]
     # A row that sees no key has lse = +inf (so exp(s - lse) = 0 in the backward), as the kernels.
     lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), dim=-1).masked_fill(~vis.any(-1), float("inf"))
     loss = (out * dout.double()).sum()
@@ -60,7 +62,7 @@ def reference_grads(q, k, v, mask, causal, scale, dout, dlse):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
-def run_attention(emu, tmp_path, q, k, v, mask=None, causal=False, scale=None, dout=None, dlse=None):
+def run_attention(emu, tmp_path, q, k, v, mask=None, causal=False, scale=None, dout=None, dlse=None, qmask=None):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -71,6 +73,8 @@ def run_attention(emu, tmp_path, q, k, v, mask=None, causal=False, scale=None, d
         args.update({f"{name}_s{i}": t.stride(i) for i in range(3)})
     if mask is not None:
         (tmp_path / "mask.bin").write_bytes(mask.to(torch.uint8).contiguous().numpy().tobytes())
+    if qmask is not None:
+        (tmp_path / "qmask.bin").write_bytes(qmask.to(torch.uint8).contiguous().numpy().tobytes())
     if dlse is not None:
         write_tensor(tmp_path / "dlse.bin", dlse.float().contiguous())
     write_args(tmp_path / "args.txt", **args)
@@ -122,6 +126,22 @@ def test_attention_fully_masked_rows_are_zero_with_inf_lse(emu, tmp_path):
     assert (out[1] == 0).all() and torch.isinf(lse[1]).all()
     assert (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
     assert torch.isfinite(out).all()
+
+
+def test_attention_query_padding_skips_rows(emu, tmp_path):
+    B, H, Nq, Nk, D = 2, 2, 37, 45, 24
+    q, k, v = (torch.randn(B, H, n, D) for n in (Nq, Nk, Nk))
+    mask = padding_mask(B, Nk)
+    qmask = torch.rand(B, Nq) > 0.3
+    qmask[0, 20:] = False
+    dout = torch.randn(B, H, Nq, D)
+    padded = ~qmask[:, None, :, None].expand_as(q)
+    q_in, dout_in = q.masked_fill(padded, float("nan")), dout.masked_fill(padded, float("nan"))  # never read
+    got = run_attention(emu, tmp_path, q_in, k, v, mask, True, dout=dout_in, qmask=qmask)
+    want = reference_grads(q, k, v, mask, True, 1 / math.sqrt(D), dout.masked_fill(padded, 0), None, qmask=qmask)
+    for name, g, w, atol in zip(("out", "lse", "dq", "dk", "dv"), got, want, (1e-5, 1e-5, 1e-5, 3e-5, 3e-5)):
+        torch.testing.assert_close(g, w.float(), atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert torch.isinf(got[1][~qmask[:, None, :].expand(B, H, Nq)]).all()
 
 
 def test_attention_never_reads_padded_keys(emu, tmp_path):

@@ -134,17 +134,26 @@ def test_gradcheck_through_lse_output():
     q, k, v, mask = make_inputs(2, 2, 5, 6, 4, dtype=torch.float64, padded=True)
     args = tuple(t.requires_grad_() for t in (q, k, v))
     op = torch.ops.minillm.attention_fwd
-    assert torch.autograd.gradcheck(lambda a, b, c: op(a, b, c, mask, True, 1, 0.7), args)
+    assert torch.autograd.gradcheck(lambda a, b, c: op(a, b, c, mask, None, True, 1, 0.7), args)
+    qmask = torch.tensor([[True, False, True, True, False], [False, True, True, True, True]])
+
+    def with_query_padding(a, b, c):  # padded rows' lse is a constant +inf: compare the others
+        out, lse = op(a, b, c, mask, qmask, True, 1, 0.7)
+        return out, lse.masked_fill(~qmask[:, None, :], 0.0)
+
+    assert torch.autograd.gradcheck(with_query_padding, args)
 
 
 def test_opcheck_forward_and_backward():
     for causal, padded in [(False, False), (True, True)]:
         q, k, v, mask = make_inputs(2, 3, 9, 11, 16, padded=padded)
+        qmask = torch.rand(2, 9) > 0.3 if padded else None
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        torch.library.opcheck(torch.ops.minillm.attention_fwd.default, (q, k, v, mask, causal, 2, 0.25))
-        out, lse = torch.ops.minillm.attention_fwd(q, k, v, mask, causal, 2, 0.25)
+        torch.library.opcheck(torch.ops.minillm.attention_fwd.default, (q, k, v, mask, qmask, causal, 2, 0.25))
+        out, lse = torch.ops.minillm.attention_fwd(q, k, v, mask, qmask, causal, 2, 0.25)
         dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-        args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dlse, mask, causal, 2, 0.25)
+        args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dlse, mask, qmask, causal, 2,
+                0.25)
         torch.library.opcheck(torch.ops.minillm.attention_bwd.default, args)
 
 
@@ -282,3 +291,33 @@ def test_sdpa_dropin_gqa():
 def test_default_scale_is_inverse_sqrt_d():
     q, k, v, _ = make_inputs(1, 1, 4, 4, 9)
     torch.testing.assert_close(attention(q, k, v), attention(q, k, v, scale=1 / math.sqrt(9)))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("Nq,Nk", [(3, 9), (70, 70), (300, 97)])  # the decode path, then blocked rows
+def test_query_padding_skips_rows_forward_and_backward(causal, Nq, Nk):
+    B, H, D = 3, 2, 40
+    q, k, v, mask = make_inputs(B, H, Nq, Nk, D, padded=True)
+    qmask = torch.rand(B, Nq) > 0.3
+    qmask[0, Nq // 2:] = False  # trailing padding, as in a right-padded batch
+    qmask[1] = False  # a sequence with no query at all
+    q[~qmask[:, None, :, None].expand_as(q)] = float("nan")  # never read
+    grad = torch.randn(B, H, Nq, D)
+    got = forward_backward(
+        lambda a, b, c: attention(a, b, c, causal=causal, key_padding_mask=mask, query_padding_mask=qmask),
+        q, k, v, grad)
+    want = forward_backward(
+        lambda a, b, c: attention_reference(a, b, c, causal=causal, key_padding_mask=mask, query_padding_mask=qmask),
+        q.nan_to_num().double(), k.double(), v.double(), grad.double())
+    for name, g, w, atol in zip(("out", "dq", "dk", "dv"), got, want, (1e-5, 1e-5, 3e-5, 3e-5)):
+        torch.testing.assert_close(g, w.float(), atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    rows = ~qmask[:, None, :, None].expand_as(q)
+    assert (got[0][rows] == 0).all() and (got[1][rows] == 0).all()
+
+
+def test_query_padding_at_every_simd_level(simd_level):
+    q, k, v, mask = make_inputs(2, 2, 50, 50, 24, padded=True)
+    qmask = mask.clone()
+    out = attention(q, k, v, causal=True, key_padding_mask=mask, query_padding_mask=qmask)
+    want = attention_reference(q, k, v, causal=True, key_padding_mask=mask, query_padding_mask=qmask)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
