@@ -179,10 +179,12 @@ class SentenceEncoder:
         """
         single = isinstance(sentences, str)
         sentences = [sentences] if single else list(sentences)
-        # Sorting by token count (tokenizing twice costs ~1% of the encoder's time) keeps batches even.
-        lengths = [len(e) for e in self.tokenizer.encode_batch(sentences, max_length=self.max_length,
-                                                               add_special_tokens=True, padding=False)["input_ids"]]
-        order = np.argsort([-n for n in lengths], kind="stable")
+        # Tokenized once; sorting by token count keeps batches even.
+        encoded = self.tokenizer.encode_batch(sentences, max_length=self.max_length, add_special_tokens=True,
+                                              padding=False)["input_ids"]
+        order = np.argsort([-len(e) for e in encoded], kind="stable")
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else pad
         out = torch.empty(len(sentences), self.dim)
         starts = range(0, len(sentences), batch_size)
         if show_progress:
@@ -191,10 +193,13 @@ class SentenceEncoder:
             starts = tqdm(starts, desc="embedding", unit="batch")
         for start in starts:
             idx = order[start:start + batch_size]
-            batch = self.tokenizer.encode_batch([sentences[i] for i in idx], max_length=self.max_length,
-                                                add_special_tokens=True)
-            ids = batch["input_ids"].to(self.model.device)
-            mask = batch["attention_mask"].to(self.model.device)
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, N), right-padded
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+                mask[r, :len(encoded[i])] = 1
+            ids, mask = ids.to(self.model.device), mask.to(self.model.device)
             vec = pool(self.model.encode(ids, mask), mask, self.pooling).float()
             out[torch.as_tensor(idx)] = F.normalize(vec, dim=-1).cpu() if self.normalize else vec.cpu()
         out = out[0] if single else out
