@@ -1,4 +1,5 @@
-"""minillm.FlatIndex vs faiss.IndexFlatIP (defaults, and tuned), each in its own process.
+"""minillm.FlatIndex (float32, float16 and int8 storage) vs faiss.IndexFlatIP (defaults, and tuned), each in
+its own process.
 
 In one process with torch, FAISS and torch would share one OpenMP runtime, which distorts both, so
 every contender runs in a fresh subprocess on the same seeded data and writes its ids to disk; the
@@ -31,9 +32,9 @@ qs = [int(x) for x in sys.argv[6].split(",")]
 rng = np.random.default_rng(0)
 X = rng.standard_normal((n, d), dtype=np.float32); X /= np.linalg.norm(X, axis=1, keepdims=True)
 Q = X[rng.integers(0, n, max(qs))] + 0.1 * rng.standard_normal((max(qs), d), dtype=np.float32)
-if kind == "minillm":
+if kind.startswith("minillm"):
     import minillm
-    index = minillm.FlatIndex(d, "ip")
+    index = minillm.FlatIndex(d, "ip", dtype=kind.split("-")[1] if "-" in kind else "float32")
 else:
     import faiss
     if kind == "faiss-tuned":
@@ -50,6 +51,11 @@ for q in qs:
     np.save(f"{out}-{q}.npy", I)
 json.dump(res, open(out + ".json", "w"))
 '''
+
+
+# minillm's storage variants ("minillm" is float32) and the FAISS baselines; "x/minillm" columns are
+# time ratios against minillm float32 (above 1: slower than it), recall is against its ids.
+KINDS = ("minillm", "minillm-float16", "minillm-int8", "faiss", "faiss-tuned")
 
 
 def main() -> None:
@@ -70,7 +76,7 @@ def main() -> None:
         f.write(WORKER)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     results, reasons = {}, {}
-    for kind in ("minillm", "faiss", "faiss-tuned"):
+    for kind in KINDS:
         e = dict(env, OPENBLAS_CORETYPE="SkylakeX") if kind == "faiss-tuned" else env
         out = os.path.join(tmp, kind)
         proc = subprocess.run([sys.executable, script, kind, str(args.n), str(args.dim), str(args.k), out,
@@ -87,7 +93,7 @@ def main() -> None:
         mine = results.get("minillm", {}).get("search_ms", {}).get(str(q), math.nan)
         row["minillm ms"] = mine
         base = np.load(os.path.join(tmp, f"minillm-{q}.npy")) if "minillm" in results else None
-        for kind in ("faiss", "faiss-tuned"):
+        for kind in KINDS[1:]:
             ms = results.get(kind, {}).get("search_ms", {}).get(str(q), math.nan)
             row[f"{kind} ms"] = ms
             row[f"{kind}/minillm"] = ms / mine if mine == mine else math.nan
