@@ -94,8 +94,7 @@ class FlatIndex:
     def _empty_arrays(self, cap: int) -> dict:
         arrays = {"vectors": np.empty((cap, self.dim), dtype=DTYPES[self.dtype]), "ids": np.empty((cap,), np.int64)}
         if self.dtype == "int8":  # the scanned codes, beside the float rows that rescore candidates
-            dpad = -(-self.dim // 64) * 64
-            arrays.update(codes=np.zeros((cap, dpad), np.int8), scales=np.empty((cap,), np.float32),
+            arrays.update(codes=np.zeros((cap, Int8Corpus.code_width(self.dim)), np.int8), scales=np.empty((cap,), np.float32),
                           norm2=np.empty((cap,), np.float32))
         return arrays
 
