@@ -55,6 +55,22 @@ MINILLM_DEVICE bool key_kept(const uint8_t* kpm, int64_t b, int64_t Nk, int64_t 
   return kpm == nullptr || kpm[b * Nk + j] != 0;
 }
 
+// Block-wide: keys k0 .. k0 + rows - 1 of (b, h) into shared memory, K rows ks and V rows vs floats apart;
+// keys at or past kend, or padded, are stored as zeros (never read) and marked 0 in vis.
+template <typename T, typename Args>
+MINILLM_DEVICE void load_keys(const Args& a, int64_t b, int64_t h, int64_t k0, int64_t kend, int rows, float* Ks,
+                              int ks, float* Vs, int vs, float* vis) {
+  const int D = int(a.D);
+  for (int e = int(threadIdx.x); e < rows * D; e += kAttnThreads) {
+    const int jl = e / D, d = e % D;
+    const int64_t j = k0 + jl;
+    const bool on = j < kend && key_kept(a.kpm, b, a.Nk, j);
+    Ks[jl * ks + d] = on ? load<T>(a.k, a.k_stride, b, h, j, d) : 0.0f;
+    Vs[jl * vs + d] = on ? load<T>(a.v, a.v_stride, b, h, j, d) : 0.0f;
+    if (d == 0) vis[jl] = on ? 1.0f : 0.0f;
+  }
+}
+
 // ---- forward ----
 
 template <typename T, int DPL>
@@ -93,14 +109,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(AttnFwdArgs
 
   for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
     __syncthreads();  // every warp is done with the previous tile
-    for (int e = tid; e < kTile * D; e += kAttnThreads) {
-      const int jl = e / D, d = e % D;
-      const int64_t j = k0 + jl;
-      const bool on = j < kend && key_kept(a.kpm, b, a.Nk, j);
-      Ks[jl * KS + d] = on ? load<T>(a.k, a.k_stride, b, h, j, d) : 0.0f;
-      Vs[jl * D + d] = on ? load<T>(a.v, a.v_stride, b, h, j, d) : 0.0f;
-      if (d == 0) vis[jl] = on ? 1.0f : 0.0f;
-    }
+    load_keys<T>(a, b, h, k0, kend, kTile, Ks, KS, Vs, D, vis);
     __syncthreads();
     bool any = false;
     for (int jl = 0; jl < kTile; ++jl) any = any || vis[jl] != 0.0f;
@@ -198,14 +207,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_bwd_dkdv_kernel(AttnBw
   float* DSw = Pw + kAttnWarps * kTile;  // (warps, 32)
   float* kvis = DSw + kAttnWarps * kTile;  // (BK)
 
-  for (int e = tid; e < BK * D; e += kAttnThreads) {
-    const int jl = e / D, d = e % D;
-    const int64_t j = k0 + jl;
-    const bool on = j < a.Nk && key_kept(a.kpm, b, a.Nk, j);
-    Ks[e] = on ? load<T>(a.k, a.k_stride, b, h, j, d) : 0.0f;
-    Vs[e] = on ? load<T>(a.v, a.v_stride, b, h, j, d) : 0.0f;
-    if (d == 0) kvis[jl] = on ? 1.0f : 0.0f;
-  }
+  load_keys<T>(a, b, h, k0, a.Nk, BK, Ks, D, Vs, D, kvis);
 
   float dk[KPW][DPL], dv[KPW][DPL];
   for (int kk = 0; kk < KPW; ++kk)
@@ -327,14 +329,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_bwd_dq_kernel(AttnBwdA
 
   for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
     __syncthreads();
-    for (int e = tid; e < kTile * D; e += kAttnThreads) {
-      const int jl = e / D, d = e % D;
-      const int64_t j = k0 + jl;
-      const bool on = j < kend && key_kept(a.kpm, b, a.Nk, j);
-      Ks[jl * KS + d] = on ? load<T>(a.k, a.k_stride, b, h, j, d) : 0.0f;
-      Vs[jl * KS + d] = on ? load<T>(a.v, a.v_stride, b, h, j, d) : 0.0f;
-      if (d == 0) kvis[jl] = on ? 1.0f : 0.0f;
-    }
+    load_keys<T>(a, b, h, k0, kend, kTile, Ks, KS, Vs, KS, kvis);
     __syncthreads();
     bool any = false;
     for (int jl = 0; jl < kTile; ++jl) any = any || kvis[jl] != 0.0f;

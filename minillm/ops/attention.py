@@ -48,6 +48,46 @@ def _mask_ptr(mask: Optional[Tensor]) -> Tuple[int, Optional[Tensor]]:
     return mask.data_ptr(), mask
 
 
+# One preparation per direction for every device: kernel-ready inputs (unit stride along D, contiguous
+# lse and masks), fresh contiguous outputs, the empty-shape answers; then launch(raw arguments, work in
+# multiply-adds) runs the device's kernel, which appends its own trailing arguments (threads, or device
+# and stream).
+def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, launch):
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    out = q.new_empty((B, H, Nq, D))
+    lse = q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
+    if out.numel() == 0 or Nk == 0:
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
+    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
+    launch((q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), kpm[0], qpm[0],
+            (B, H, Nq, Nk, D), _strides(q), _strides(k), _strides(v),
+            causal, causal_offset, scale, _DTYPE_CODE[q.dtype]), B * H * Nq * Nk * D)
+    return out, lse
+
+
+def _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
+                     scale, launch):
+    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
+    launch((dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            dlse.data_ptr() if dlse is not None else 0, kpm[0], qpm[0],
+            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+            (B, H, Nq, Nk, D), _strides(dout), _strides(q), _strides(k), _strides(v), _strides(out),
+            causal, causal_offset, scale, _DTYPE_CODE[q.dtype]), 3 * B * H * Nq * Nk * D)
+    return dq, dk, dv
+
+
 # ---- custom ops (schema once; CPU implementation here, fake + autograd beside it) ----
 
 
@@ -64,22 +104,8 @@ def _attention_fwd(
 ) -> Tuple[Tensor, Tensor]:
     """Returns out (B, H, Nq, D) and the log-sum-exp (B, H, Nq) in fp32 (fp64 for fp64 inputs);
     lse is +inf for a query that sees no key or is padding."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    out = q.new_empty((B, H, Nq, D))
-    lse = q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
-    if out.numel() == 0 or Nk == 0:
-        out.zero_()
-        lse.fill_(float("inf"))
-        return out, lse
-    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
-    _backend._C.attention_fwd(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), kpm[0], qpm[0],
-        (B, H, Nq, Nk, D), _strides(q), _strides(k), _strides(v),
-        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], _threads(B * H * Nq * Nk * D),
-    )
-    return out, lse
+    return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
+                    lambda args, work: _backend._C.attention_fwd(*args, _threads(work)))
 
 
 @_attention_fwd.register_fake
@@ -104,23 +130,9 @@ def _attention_bwd(
     scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attention_fwd given the gradients of both of its outputs."""
-    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    lse = lse.contiguous()
-    dlse = dlse.contiguous() if dlse is not None else None
-    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
-    _backend._C.attention_bwd(
-        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        dlse.data_ptr() if dlse is not None else 0, kpm[0], qpm[0],
-        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-        (B, H, Nq, Nk, D), _strides(dout), _strides(q), _strides(k), _strides(v), _strides(out),
-        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], _threads(3 * B * H * Nq * Nk * D),
-    )
-    return dq, dk, dv
+    return _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
+                            causal_offset, scale,
+                            lambda args, work: _backend._C.attention_bwd(*args, _threads(work)))
 
 
 @_attention_bwd.register_fake
@@ -139,46 +151,19 @@ def _cuda_fits(q: Tensor) -> bool:
 
 @_attention_fwd.register_kernel("cuda")
 def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    out = q.new_empty((B, H, Nq, D))
-    lse = q.new_empty((B, H, Nq), dtype=torch.float32)
-    if out.numel() == 0 or Nk == 0:
-        out.zero_()
-        lse.fill_(float("inf"))
-        return out, lse
-    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
-    _backend._C.cuda_attention_fwd(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), kpm[0], qpm[0],
-        (B, H, Nq, Nk, D), _strides(q), _strides(k), _strides(v),
-        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], q.device.index, _backend.cuda_stream(q),
-    )
-    return out, lse
+    return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
+                    lambda args, work: _backend._C.cuda_attention_fwd(*args, q.device.index, _backend.cuda_stream(q)))
 
 
 @_attention_bwd.register_kernel("cuda")
 def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
                         scale):
-    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
-    if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    lse = lse.contiguous()
-    dlse = dlse.contiguous() if dlse is not None else None
-    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
-    delta = torch.empty(B * H * Nq, dtype=torch.float32, device=q.device)  # (B*H*Nq) scratch
-    _backend._C.cuda_attention_bwd(
-        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        dlse.data_ptr() if dlse is not None else 0, kpm[0], qpm[0],
-        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-        (B, H, Nq, Nk, D), _strides(dout), _strides(q), _strides(k), _strides(v), _strides(out),
-        causal, causal_offset, scale, _DTYPE_CODE[q.dtype], delta.data_ptr(), q.device.index,
-        _backend.cuda_stream(q),
-    )
-    return dq, dk, dv
+    def launch(args, work):
+        delta = torch.empty(q.shape[0] * q.shape[1] * q.shape[2], dtype=torch.float32, device=q.device)  # scratch
+        _backend._C.cuda_attention_bwd(*args, delta.data_ptr(), q.device.index, _backend.cuda_stream(q))
+
+    return _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
+                            causal_offset, scale, launch)
 
 
 def _setup_context(ctx, inputs, output):
