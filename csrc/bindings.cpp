@@ -18,6 +18,7 @@
 namespace py = pybind11;
 using minillm::AttnBwdArgs;
 using minillm::AttnFwdArgs;
+using minillm::GemmArgs;
 using minillm::LinearArgs;
 using minillm::TopkArgs;
 
@@ -144,6 +145,11 @@ int run_linear(LinearArgs a) {
   return minillm::dispatch_linear_small_m(a);
 }
 
+int run_gemm(GemmArgs g) {
+  py::gil_scoped_release nogil;
+  return minillm::dispatch_gemm(g);
+}
+
 int isa_from_name(const std::string& name) {
   for (int isa = minillm::kScalar; isa <= minillm::kAvx512; ++isa)
     if (name == minillm::isa_name(isa)) return isa;
@@ -208,6 +214,26 @@ PYBIND11_MODULE(_C, m) {
         check(run_linear(a), "linear_small_m");
       },
       "y = x W^T + b for few rows (see csrc/kernels.h).");
+
+  m.def(
+      "gemm",
+      [](uintptr_t a, int64_t lda, bool a_colmajor, uintptr_t b, int64_t ldb, bool b_colmajor, uintptr_t bias,
+         uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
+        GemmArgs g{};
+        g.a = ptr<const void*>(a);
+        g.lda = lda;
+        g.a_colmajor = a_colmajor;
+        g.b = ptr<const void*>(b);
+        g.ldb = ldb;
+        g.b_colmajor = b_colmajor;
+        g.bias = ptr<const void*>(bias);
+        g.c = ptr<void*>(c);
+        g.M = M, g.N = N, g.K = K;
+        g.dtype = dtype;
+        g.nthreads = nthreads;
+        check(run_gemm(g), "gemm");
+      },
+      "C = A B + bias on raw pointers (see csrc/kernels.h).");
 
   m.def("simd_level", [] { return std::string(minillm::isa_name(minillm::current_isa())); },
         "SIMD level the kernels run at now.");

@@ -93,12 +93,30 @@ struct LinearArgs {
   int nthreads;
 };
 
+// C (M, N) = A (M, K) B (K, N) + bias, for linear layers with many rows and their gradients. A is
+// row-major with row stride lda (a_colmajor: column-major, column stride lda), B likewise with ldb;
+// C is contiguous; bias (N) may be null. F32 or F64. K >= 1.
+struct GemmArgs {
+  const void* a;
+  int64_t lda;
+  bool a_colmajor;
+  const void* b;
+  int64_t ldb;
+  bool b_colmajor;
+  const void* bias;
+  void* c;
+  int64_t M, N, K;
+  int dtype;
+  int nthreads;
+};
+
 #define MINILLM_DECLARE_ISA(ns)                   \
   namespace ns {                                  \
   int attention_fwd(const AttnFwdArgs& a);        \
   int attention_bwd(const AttnBwdArgs& a);        \
   int topk(const TopkArgs& a);                    \
   int linear_small_m(const LinearArgs& a);        \
+  int gemm(const GemmArgs& g);                    \
   }
 
 MINILLM_DECLARE_ISA(scalar)
@@ -120,5 +138,6 @@ int dispatch_attention_fwd(const AttnFwdArgs& a);
 int dispatch_attention_bwd(const AttnBwdArgs& a);
 int dispatch_topk(const TopkArgs& a);
 int dispatch_linear_small_m(const LinearArgs& a);
+int dispatch_gemm(const GemmArgs& g);
 
 }  // namespace minillm

@@ -61,5 +61,6 @@ int dispatch_attention_fwd(const AttnFwdArgs& a) { MINILLM_DISPATCH(attention_fw
 int dispatch_attention_bwd(const AttnBwdArgs& a) { MINILLM_DISPATCH(attention_bwd, a) }
 int dispatch_topk(const TopkArgs& a) { MINILLM_DISPATCH(topk, a) }
 int dispatch_linear_small_m(const LinearArgs& a) { MINILLM_DISPATCH(linear_small_m, a) }
+int dispatch_gemm(const GemmArgs& g) { MINILLM_DISPATCH(gemm, g) }
 
 }  // namespace minillm

@@ -162,6 +162,14 @@ def _why_not_cuda() -> str:
     return "this op or its arguments have no CUDA kernel, or the GPU's compute capability is below 8.0"
 
 
+def _linear_cpu_path(native_cpu: bool) -> str:
+    if not native_cpu:
+        return "torch"
+    if simd_level() == "avx512":
+        return "native C++ (avx512): streaming kernel up to 16 rows, packed GEMM beyond"
+    return f"native C++ ({simd_level()}) up to 16 rows, torch (F.linear) beyond: the GEMM needs avx512"
+
+
 def backend_info() -> dict:
     """What runs where: the extension, its SIMD level and threads, and each op's path per device type."""
     native_cpu = native_available()
@@ -184,5 +192,5 @@ def backend_info() -> dict:
         "cuda_devices": cuda_devices,
         "threads": torch.get_num_threads(),
         "ops": {"attention": dict(paths), "topk_search": dict(paths),
-                "linear_small_m": {**paths, "cuda": "torch (F.linear)"}},
+                "linear": {**paths, "cpu": _linear_cpu_path(native_cpu), "cuda": "torch (F.linear)"}},
     }

@@ -1,13 +1,19 @@
-"""Linear layers with few rows (KV-cache decoding): `minillm::linear_small_m`.
+"""Linear layers and their gradients on the native GEMM: `minillm::linear` and `minillm::matmul`.
 
-A decode step multiplies a handful of rows by every weight matrix of the model, so its speed is
-the speed of reading the weights. The kernel streams each weight once; a GEMM library packs (copies)
-the weight first or takes a gemv path that is slower for nn.Linear's (N, K) layout.
-Shapes: x (..., K), weight (N, K), bias (N,) -> (..., N), as in torch.nn.functional.linear.
+Two kernels sit behind `minillm::linear`:
+- few rows (M <= SMALL_M, KV-cache decoding): the step's cost is reading the weights, so each weight row
+  is streamed once, with no packed copy;
+- more rows (training, prompt processing, embedding batches): a packed, register-blocked GEMM
+  (csrc/kernels_impl.h, `gemm_impl`). On this project's AVX-512 machine (AMD Zen 5) it runs at about
+  2x torch's fp32 `addmm`, whose MKL code path does not use AVX-512 on non-Intel CPUs
+  (benchmarks/bench_linear.py measures it side by side).
+
+Backward runs on the same GEMM through `minillm::matmul`: dx = dy W, dW = dy^T x (a transposed view,
+read in place). Shapes: x (..., K), weight (N, K), bias (N,) -> (..., N), as in torch.nn.functional.linear.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,67 +22,146 @@ from torch import Tensor
 
 from minillm.ops import _backend
 
-# Up to this many rows the kernel beats the GEMM; beyond, weights are reused enough for packing to pay.
+# Up to this many rows the streaming kernel beats the GEMM; beyond, weights are reused enough for packing to pay.
 SMALL_M = 16
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 3}
 
 
-def _single_thread_us(M: int, N: int, K: int, itemsize: int) -> float:
+def _small_m_us(M: int, N: int, K: int, itemsize: int) -> float:
     # One thread streams ~15 GB/s of weights and does ~20 GMAC/s of small-M work.
     return itemsize * N * K / 1.5e4 + M * N * K / 2e4
 
 
-@torch.library.custom_op("minillm::linear_small_m", mutates_args=(), device_types="cpu")
-def _linear_small_m(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x: (M, K), weight: (N, K), bias: (N,) or None -> (M, N)."""
-    x = x if x.stride(-1) == 1 or x.size(-1) == 1 else x.contiguous()
-    weight = weight.contiguous()
+def _gemm_us(M: int, N: int, K: int) -> float:
+    # ~100 GMAC/s per AVX-512 thread once the tiles are full.
+    return M * N * K / 1e5
+
+
+def _operand(t: Tensor) -> Tuple[Tensor, int, bool]:
+    """(tensor, leading dim, column-major?) for a 2-D GEMM operand; copies only when neither dim has unit stride."""
+    rows, cols = t.shape
+    s0, s1 = t.stride()
+    if s1 == 1 or cols == 1:
+        return t, max(s0, 1), False
+    if s0 == 1 or rows == 1:
+        return t, max(s1, 1), True
+    t = t.contiguous()
+    return t, max(cols, 1), False
+
+
+def _gemm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """a (M, K) @ b (K, N) + bias (N,) -> contiguous (M, N) on the native GEMM."""
+    M, K = a.shape
+    N = b.shape[1]
+    c = a.new_empty((M, N))
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_() if bias is None else c.copy_(bias.expand(M, N))
+    a, lda, a_col = _operand(a)
+    b, ldb, b_col = _operand(b)
     bias = bias.contiguous() if bias is not None else None
+    _backend._C.gemm(a.data_ptr(), lda, a_col, b.data_ptr(), ldb, b_col, bias.data_ptr() if bias is not None else 0,
+                     c.data_ptr(), M, N, K, _DTYPE_CODE[a.dtype], _backend.threads_for(_gemm_us(M, N, K)))
+    return c
+
+
+# ---- custom ops (schema once; CPU implementation, fake and autograd beside each) ----
+
+
+@torch.library.custom_op("minillm::linear", mutates_args=(), device_types="cpu")
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x: (M, K), weight: (N, K), bias: (N,) or None -> (M, N)."""
     M, K = x.shape
     N = weight.shape[0]
+    if M > SMALL_M or K == 0:
+        return _gemm(x, weight.t(), bias)  # weight.t(): (K, N), column-major, packed by the kernel
+    x = x if x.stride(-1) == 1 or K == 1 else x.contiguous()
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     y = x.new_empty((M, N))
-    if M == 0 or N == 0 or K == 0:
-        return y.zero_() + (bias if bias is not None else 0)
+    if M == 0 or N == 0:
+        return y
     _backend._C.linear_small_m(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
                                y.data_ptr(), M, K, N, x.stride(0), _DTYPE_CODE[x.dtype],
-                               _backend.threads_for(_single_thread_us(M, N, K, weight.element_size())))
+                               _backend.threads_for(_small_m_us(M, N, K, weight.element_size())))
     return y
 
 
-@_linear_small_m.register_fake
-def _linear_small_m_fake(x, weight, bias):
+@_linear.register_fake
+def _linear_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
+@torch.library.custom_op("minillm::matmul", mutates_args=(), device_types="cpu")
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a: (M, K), b: (K, N), any strides -> contiguous (M, N)."""
+    return _gemm(a, b, None)
+
+
+@_matmul.register_fake
+def _matmul_fake(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _linear_setup_context(ctx, inputs, output):
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy):
+def _linear_backward(ctx, dy):
     x, weight = ctx.saved_tensors
-    return dy @ weight, dy.T @ x, (dy.sum(0) if ctx.has_bias else None)
+    dx = _matmul(dy, weight) if ctx.needs_input_grad[0] else None      # (M, N) @ (N, K)
+    dw = _matmul(dy.t(), x) if ctx.needs_input_grad[1] else None       # (N, M) @ (M, K)
+    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
 
 
-_linear_small_m.register_autograd(_backward, setup_context=_setup_context)
+_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def _matmul_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _matmul_backward(ctx, dc):
+    a, b = ctx.saved_tensors
+    da = _matmul(dc, b.t()) if ctx.needs_input_grad[0] else None  # (M, N) @ (N, K)
+    db = _matmul(a.t(), dc) if ctx.needs_input_grad[1] else None  # (K, M) @ (M, N)
+    return da, db
+
+
+_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
+
+
+# ---- public API ----
+
+
+def gemm_native(device: torch.device) -> bool:
+    """True when linear layers with more than SMALL_M rows run the native GEMM on `device`: CPU at the
+    AVX-512 level, where it was measured ahead of torch's BLAS. Below that level F.linear runs."""
+    return _backend.native_for(device) and _backend.simd_level() == "avx512"
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """torch.nn.functional.linear, with the native kernel when x has at most SMALL_M rows.
+    """torch.nn.functional.linear on the native kernels, forward and backward.
 
-    x: (..., K), weight: (N, K), bias: (N,) -> (..., N). The kernel runs for float32/float64 CPU
-    tensors; everything else calls F.linear.
+    x: (..., K), weight: (N, K), bias: (N,) -> (..., N). float32/float64 CPU tensors run the native
+    kernels (few rows: the streaming kernel at every SIMD level; more rows: the GEMM, see
+    :func:`gemm_native`); everything else, and code being compiled by torch.compile, calls F.linear.
     """
     K = weight.shape[-1] if weight.dim() == 2 else -1
     if (
         weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == K and K > 0
-        and x.numel() // K <= SMALL_M and x.dtype in _DTYPE_CODE and weight.dtype == x.dtype
+        and x.dtype in _DTYPE_CODE and weight.dtype == x.dtype
         and (bias is None or (bias.dtype == x.dtype and bias.shape == (weight.shape[0],)))
-        and _backend.native_for(x.device) and weight.device == x.device
+        and weight.device == x.device and _backend.native_for(x.device)
+        and (x.numel() // K <= SMALL_M or gemm_native(x.device))
         and not torch.compiler.is_compiling()
     ):
-        y = _linear_small_m(x.reshape(-1, K), weight, bias)  # (M, N)
+        _backend.log_path_once("linear", x.device, True)
+        y = _linear(x.reshape(-1, K), weight, bias)  # (M, N)
         return y.reshape(x.shape[:-1] + (weight.shape[0],))
     return F.linear(x, weight, bias)
 

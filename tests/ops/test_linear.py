@@ -1,56 +1,119 @@
-"""minillm.ops.linear (few-row native kernel) against torch.nn.functional.linear."""
+"""minillm.ops.linear (streaming kernel for few rows, packed GEMM beyond) against torch.nn.functional.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from minillm.ops import Linear, _backend, linear
-from minillm.ops.linear import SMALL_M
+from minillm.ops.linear import SMALL_M, gemm_native
 
 pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="native extension not available")
 
+op_linear = torch.ops.minillm.linear.default
+op_matmul = torch.ops.minillm.matmul.default
+
+
+def _tol(K):
+    return dict(atol=1e-5 * K ** 0.5, rtol=1e-5)
+
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("K,N", [(384, 1152), (37, 5), (1, 1), (64, 3), (100, 257)])
-@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("K,N", [(384, 1152), (37, 5), (1, 1), (64, 3), (100, 257), (300, 64), (128, 65)])
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16, 17, 23, 96, 97, 250])
 def test_matches_f_linear(M, K, N, bias):
     x, w = torch.randn(M, K), torch.randn(N, K)
     b = torch.randn(N) if bias else None
-    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5 * K ** 0.5, rtol=1e-5)
-    torch.testing.assert_close(linear(x.double(), w.double(), b.double() if bias else None),
-                               F.linear(x.double(), w.double(), b.double() if bias else None))
+    torch.testing.assert_close(op_linear(x, w, b), F.linear(x, w, b), **_tol(K))
+    xd, wd, bd = x.double(), w.double(), (b.double() if bias else None)
+    torch.testing.assert_close(op_linear(xd, wd, bd), F.linear(xd, wd, bd))
 
 
 def test_every_simd_level(simd_level):
-    for M, K, N in [(3, 77, 33), (8, 384, 130), (1, 16, 2)]:
+    # Row tails (M % 6), partial panels (N % 64), several K blocks (K > 128) and row blocks (M > 96).
+    for M, K, N in [(3, 77, 33), (8, 384, 130), (1, 16, 2), (17, 5, 3), (203, 300, 70), (100, 129, 128)]:
         x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
-        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(op_linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+        a, bt = torch.randn(K, M).t(), torch.randn(N, K).t()  # column-major A and B
+        torch.testing.assert_close(op_matmul(a, bt), a @ bt, atol=1e-4, rtol=1e-5)
 
 
-def test_batched_shapes_strides_and_fallback():
+@pytest.mark.parametrize("a_layout", ["row", "col", "strided"])
+@pytest.mark.parametrize("b_layout", ["row", "col", "strided"])
+def test_matmul_any_layout(a_layout, b_layout):
+    def make(rows, cols, layout):
+        if layout == "row":
+            return torch.randn(rows, cols + 3)[:, :cols]  # row stride > cols
+        if layout == "col":
+            return torch.randn(cols, rows + 2)[:, :rows].t()
+        return torch.randn(rows, 2 * cols)[:, ::2]  # no unit stride: copied
+    for M, K, N in [(40, 33, 70), (5, 200, 9), (1, 7, 1), (130, 1, 64)]:
+        a, b = make(M, K, a_layout), make(K, N, b_layout)
+        torch.testing.assert_close(op_matmul(a, b), a @ b, **_tol(K))
+
+
+def test_empty_and_zero_k():
+    w, b = torch.randn(5, 0), torch.randn(5)
+    torch.testing.assert_close(op_linear(torch.randn(30, 0), w, b), b.expand(30, 5))
+    assert op_linear(torch.randn(0, 4), torch.randn(5, 4), None).shape == (0, 5)
+    assert op_matmul(torch.randn(20, 3), torch.randn(3, 0)).shape == (20, 0)
+    torch.testing.assert_close(op_matmul(torch.randn(20, 0), torch.randn(0, 4)), torch.zeros(20, 4))
+
+
+def test_dispatch_batched_strides_and_fallback():
     w, b = torch.randn(24, 40), torch.randn(24)
-    x = torch.randn(2, 3, 40)  # 6 rows: native
-    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-    xs = torch.randn(5, 80)[:, ::2]  # column stride 2: copied, still right
+    for x in [torch.randn(2, 3, 40), torch.randn(4, 30, 40)]:  # few rows (streaming) and many (GEMM)
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    xs = torch.randn(50, 80)[:, ::2]  # column stride 2: copied, still right
     torch.testing.assert_close(linear(xs, w, b), F.linear(xs, w, b), atol=1e-5, rtol=1e-5)
-    big = torch.randn(SMALL_M + 1, 40)  # above the row limit: F.linear
-    torch.testing.assert_close(linear(big, w, b), F.linear(big, w, b))
-    half = torch.randn(2, 40, dtype=torch.bfloat16)
+    half = torch.randn(20, 40, dtype=torch.bfloat16)  # no bf16 kernel: F.linear
     torch.testing.assert_close(linear(half, w.bfloat16()), F.linear(half, w.bfloat16()))
 
 
-def test_gradients_gradcheck_and_opcheck():
-    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+def test_gemm_only_at_avx512():
+    levels = _backend.simd_levels()
+    lower = [lv for lv in levels if lv != "avx512"]
+    if not lower:
+        pytest.skip("no SIMD level below avx512 on this CPU")
+    before = _backend.simd_level()
+    x, w = torch.randn(SMALL_M + 10, 40), torch.randn(24, 40)
+    try:
+        _backend.set_simd_level(lower[0])
+        assert not gemm_native(x.device)
+        assert torch.equal(linear(x, w), F.linear(x, w))  # routed to F.linear, bit for bit
+    finally:
+        _backend.set_simd_level(before)
+    assert gemm_native(x.device) == (before == "avx512")
+
+
+@pytest.mark.parametrize("M", [5, 60])
+def test_gradients_match_torch(M):
+    x = torch.randn(3, M, 48, requires_grad=True)
+    w = torch.randn(70, 48, requires_grad=True)
+    b = torch.randn(70, requires_grad=True)
+    dy = torch.randn(3, M, 70)
+    grads = torch.autograd.grad(linear(x, w, b), (x, w, b), dy)
+    ref = torch.autograd.grad(F.linear(x, w, b), (x, w, b), dy)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("M", [3, 21])
+def test_gradcheck_and_opcheck(M):
+    x = torch.randn(M, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(linear, (x, w, b))
-    assert torch.autograd.gradcheck(lambda x, w: linear(x, w), (x, w))
-    for args in [(x.float(), w.float(), b.float()), (x.float(), w.float(), None)]:
-        torch.library.opcheck(torch.ops.minillm.linear_small_m.default, args)
+    assert torch.autograd.gradcheck(lambda x, w, b: op_linear(x, w, b), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w: op_linear(x, w, None), (x, w))
+    a = torch.randn(6, M, dtype=torch.float64).t().requires_grad_()  # column-major
+    assert torch.autograd.gradcheck(op_matmul, (a, w.t()))
+    for args in [(x.float(), w.float(), b.float()), (x.float(), w.float(), None), (x, w, b)]:
+        torch.library.opcheck(op_linear, args)
+    torch.library.opcheck(op_matmul, (x.detach().float(), w.detach().float().t()))
+    torch.library.opcheck(op_matmul, (a.detach(), w.detach().t()))
 
 
 def test_linear_module_is_a_drop_in():
     layer = Linear(10, 7)
     ref = torch.nn.Linear(10, 7)
     ref.load_state_dict(layer.state_dict())
-    x = torch.randn(4, 10)
-    torch.testing.assert_close(layer(x), ref(x), atol=1e-6, rtol=1e-5)
+    for x in [torch.randn(4, 10), torch.randn(64, 10)]:
+        torch.testing.assert_close(layer(x), ref(x), atol=1e-6, rtol=1e-5)
