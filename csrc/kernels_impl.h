@@ -339,16 +339,16 @@ inline void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* B
   }
 }
 
-template <typename T>
+template <typename T, bool ColA = false>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
           bool acc) {
   constexpr int W = Vec<T>::W;
   int64_t j = 0;
-  for (; j + kNV * W <= N; j += kNV * W) gemm_panel<T, kNV>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
+  for (; j + kNV * W <= N; j += kNV * W) gemm_panel<T, kNV, ColA>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
   switch ((N - j) / W) {
-    case 1: gemm_panel<T, 1>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
-    case 2: gemm_panel<T, 2>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
-    case 3: gemm_panel<T, 3>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
+    case 1: gemm_panel<T, 1, ColA>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
+    case 2: gemm_panel<T, 2, ColA>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
+    case 3: gemm_panel<T, 3, ColA>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
     default: break;
   }
 }
@@ -575,37 +575,45 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
         const int64_t j_end = a.causal ? imax(0, imin(k_end, i0 + rows + off)) : k_end;
         for (int64_t j0 = 0; j0 < j_end; j0 += bk) {
           if (!kvis[j0 / bk]) continue;
-          gemm<T>(rows, bk, Dp, Qs, Dp, Kt + j0, ldk, S, bk, false);
           const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kpm);
-          for (int64_t r = 0; r < rows; ++r) {
-            T* s = S + r * bk;
-            if (masked) mask_block<T>(s, j0, bk, Nk, a.causal, i0 + r + off, kpm);
-            V mv = vbcast<T>(-INFINITY);
-            for (int64_t c = 0; c < bk; c += W) {
-              const V x = vload(s + c);
-              mv = x > mv ? x : mv;
+          // Row tile by row tile: on a causal block crossing the diagonal a tile computes only the keys its
+          // last row sees, which skips the triangle above the diagonal (most of the work when N <= bk).
+          for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+            const int64_t tr = imin(kMR, rows - r0);
+            const int64_t cols = a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
+            if (cols == 0) continue;  // no row of the tile sees a key of this block
+            const int64_t cv = round_up(cols, W);
+            gemm<T>(tr, cv, Dp, Qs + r0 * Dp, Dp, Kt + j0, ldk, S + r0 * bk, bk, false);
+            for (int64_t r = r0; r < r0 + tr; ++r) {
+              T* s = S + r * bk;
+              if (masked) mask_block<T>(s, j0, cv, Nk, a.causal, i0 + r + off, kpm);
+              V mv = vbcast<T>(-INFINITY);
+              for (int64_t c = 0; c < cv; c += W) {
+                const V x = vload(s + c);
+                mv = x > mv ? x : mv;
+              }
+              const T bmax = hmax<T>(mv);
+              const T m_new = bmax > m[r] ? bmax : m[r];
+              // With no visible key yet, shift by 0 so that exp(-inf - shift) is 0, not NaN.
+              const T shift = m_new == -INFINITY ? T(0) : m_new;
+              const T alpha = std::exp(m[r] - shift);
+              const V sv = vbcast(shift);
+              V sum = V{};
+              for (int64_t c = 0; c < cv; c += W) {
+                const V p = vexp(vload(s + c) - sv);
+                vstore(s + c, p);
+                sum += p;
+              }
+              l[r] = l[r] * alpha + hsum<T>(sum);
+              m[r] = m_new;
+              if (alpha != T(1)) {
+                T* ar = acc + r * Dp;
+                const V av = vbcast(alpha);
+                for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
+              }
             }
-            const T bmax = hmax<T>(mv);
-            const T m_new = bmax > m[r] ? bmax : m[r];
-            // With no visible key yet, shift by 0 so that exp(-inf - shift) is 0, not NaN.
-            const T shift = m_new == -INFINITY ? T(0) : m_new;
-            const T alpha = std::exp(m[r] - shift);
-            const V sv = vbcast(shift);
-            V sum = V{};
-            for (int64_t c = 0; c < bk; c += W) {
-              const V p = vexp(vload(s + c) - sv);
-              vstore(s + c, p);
-              sum += p;
-            }
-            l[r] = l[r] * alpha + hsum<T>(sum);
-            m[r] = m_new;
-            if (alpha != T(1)) {
-              T* ar = acc + r * Dp;
-              const V av = vbcast(alpha);
-              for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
-            }
+            gemm<T>(tr, Dp, cols, S + r0 * bk, bk, Vp + j0 * Dp, Dp, acc + r0 * Dp, Dp, true);
           }
-          gemm<T>(rows, Dp, bk, S, bk, Vp + j0 * Dp, Dp, acc, Dp, true);
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
         for (int64_t r = 0; r < rows; ++r) {
@@ -625,13 +633,6 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
   return status;
 }
 
-// Copies a (rows, cols) block with leading dim lds into (cols, rows) with leading dim ldd.
-template <typename T>
-inline void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-}
-
 // FlashAttention-2 backward for one (b, h) per work item: the item owns dQ, dK and dV of its pair,
 // so no accumulation crosses threads.
 template <typename T>
@@ -644,7 +645,7 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
   const int64_t off = a.causal_offset;
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
   const size_t arena_bytes = 3 * Arena::need<T>(Nq * Dp) + Arena::need<T>(Nq) + 3 * Arena::need<T>(Dp * NkP) +
-                             2 * Arena::need<T>(NkP * Dp) + 4 * Arena::need<T>(kBq * bk) + Arena::need<uint8_t>(nkb);
+                             2 * Arena::need<T>(NkP * Dp) + 2 * Arena::need<T>(kBq * bk) + Arena::need<uint8_t>(nkb);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
   {
@@ -661,8 +662,6 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
     T* dV = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
     T* P = ok ? arena.take<T>(kBq * bk) : nullptr;   // (kBq, bk)
     T* dS = ok ? arena.take<T>(kBq * bk) : nullptr;  // (kBq, bk): dP, then dS in place
-    T* Pt = ok ? arena.take<T>(bk * kBq) : nullptr;  // (bk, kBq)
-    T* dSt = ok ? arena.take<T>(bk * kBq) : nullptr; // (bk, kBq)
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -717,30 +716,51 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
         for (int64_t i0 = i_first; i0 < Nq; i0 += kBq) {
           const int64_t rows = imin(kBq, Nq - i0);
           if (!any_query(qpm, i0, i0 + rows)) continue;
-          gemm<T>(rows, bk, Dp, Qs + i0 * Dp, Dp, Kt + j0, NkP, P, bk, false);
-          gemm<T>(rows, bk, Dp, dO + i0 * Dp, Dp, Vt + j0, NkP, dS, bk, false);
           const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kpm);
-          for (int64_t r = 0; r < rows; ++r) {
-            T* p = P + r * bk;
-            T* ds = dS + r * bk;
-            if (qpm && !qpm[i0 + r]) {  // a padded query takes no part, whatever its q or dO hold
-              std::memset(p, 0, sizeof(T) * bk);
-              std::memset(ds, 0, sizeof(T) * bk);
-              continue;
+          const bool tri = a.causal && masked;
+          // P and dS row tile by row tile; on a causal block crossing the diagonal a tile computes only
+          // the keys its last row sees and zero-fills the rest, so the products below may skip them.
+          for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+            const int64_t tr = imin(kMR, rows - r0);
+            const int64_t cols = tri ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
+            const int64_t cv = round_up(cols, W);
+            if (cv > 0) {
+              gemm<T>(tr, cv, Dp, Qs + (i0 + r0) * Dp, Dp, Kt + j0, NkP, P + r0 * bk, bk, false);
+              gemm<T>(tr, cv, Dp, dO + (i0 + r0) * Dp, Dp, Vt + j0, NkP, dS + r0 * bk, bk, false);
             }
-            if (masked) mask_block<T>(p, j0, bk, Nk, a.causal, i0 + r + off, kpm);
-            const V lv = vbcast(lse[i0 + r]), dv = vbcast(Dl[i0 + r]);
-            for (int64_t c = 0; c < bk; c += W) {
-              const V pv = vexp(vload(p + c) - lv);
-              vstore(p + c, pv);
-              vstore(ds + c, pv * (vload(ds + c) - dv));
+            for (int64_t r = r0; r < r0 + tr; ++r) {
+              T* p = P + r * bk;
+              T* ds = dS + r * bk;
+              std::memset(p + cv, 0, sizeof(T) * (bk - cv));
+              std::memset(ds + cv, 0, sizeof(T) * (bk - cv));
+              if (qpm && !qpm[i0 + r]) {  // a padded query takes no part, whatever its q or dO hold
+                std::memset(p, 0, sizeof(T) * cv);
+                std::memset(ds, 0, sizeof(T) * cv);
+                continue;
+              }
+              if (masked) mask_block<T>(p, j0, cv, Nk, a.causal, i0 + r + off, kpm);
+              const V lv = vbcast(lse[i0 + r]), dv = vbcast(Dl[i0 + r]);
+              for (int64_t c = 0; c < cv; c += W) {
+                const V pv = vexp(vload(p + c) - lv);
+                vstore(p + c, pv);
+                vstore(ds + c, pv * (vload(ds + c) - dv));
+              }
             }
+            if (cols > 0)  // dQ += dS K (the unscaled sum; scaled once at the end)
+              gemm<T>(tr, Dp, cols, dS + r0 * bk, bk, Kr + j0 * Dp, Dp, dQ + (i0 + r0) * Dp, Dp, true);
           }
-          transpose<T>(P, bk, rows, bk, Pt, kBq);
-          transpose<T>(dS, bk, rows, bk, dSt, kBq);
-          gemm<T>(bk, Dp, rows, Pt, kBq, dO + i0 * Dp, Dp, dV + j0 * Dp, Dp, true);   // dV += P^T dO
-          gemm<T>(bk, Dp, rows, dSt, kBq, Qs + i0 * Dp, Dp, dK + j0 * Dp, Dp, true);  // dK += dS^T (scale q)
-          gemm<T>(rows, Dp, bk, dS, bk, Kr + j0 * Dp, Dp, dQ + i0 * Dp, Dp, true);   // dQ += dS K
+          // dV += P^T dO and dK += dS^T (scale q), key tile by key tile; P^T and dS^T are read in place
+          // (column-major), and on the diagonal a key tile starts at the first row that sees its first key.
+          for (int64_t c0 = 0; c0 < bk; c0 += kMR) {
+            const int64_t tk = imin(kMR, bk - c0);
+            const int64_t r_start = tri ? imin(rows, imax(0, j0 + c0 - off - i0)) : 0;
+            if (r_start == rows) continue;
+            const int64_t kr = rows - r_start;
+            gemm<T, true>(tk, Dp, kr, P + r_start * bk + c0, bk, dO + (i0 + r_start) * Dp, Dp,
+                          dV + (j0 + c0) * Dp, Dp, true);
+            gemm<T, true>(tk, Dp, kr, dS + r_start * bk + c0, bk, Qs + (i0 + r_start) * Dp, Dp,
+                          dK + (j0 + c0) * Dp, Dp, true);
+          }
         }
       }
       const T scale = static_cast<T>(a.scale);

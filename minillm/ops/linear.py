@@ -72,6 +72,10 @@ def _gemm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
 @torch.library.custom_op("minillm::linear", mutates_args=(), device_types="cpu")
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x: (M, K), weight: (N, K), bias: (N,) or None -> (M, N)."""
+    return _linear_cpu(x, weight, bias)
+
+
+def _linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     M, K = x.shape
     N = weight.shape[0]
     if M > SMALL_M or K == 0:
@@ -135,9 +139,46 @@ def _matmul_backward(ctx, dc):
 _matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
 
 
+class _MatmulFunction(torch.autograd.Function):
+    """Eager twin of `minillm::matmul` with its autograd (see _LinearFunction); differentiable any number of times."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _gemm(a, b, None)
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        da = _MatmulFunction.apply(dc, b.t()) if ctx.needs_input_grad[0] else None
+        db = _MatmulFunction.apply(a.t(), dc) if ctx.needs_input_grad[1] else None
+        return da, db
+
+
+class _LinearFunction(torch.autograd.Function):
+    """Eager CPU calls: `minillm::linear`'s kernels and autograd without the custom-op dispatch, which costs
+    ~25 us per forward and as much again per backward here, a tenth of a linear layer's time at the
+    shapes of a small GPT's training step. Code that torch.compile traces goes through the custom op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _linear_cpu(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = _MatmulFunction.apply(dy, weight) if ctx.needs_input_grad[0] else None  # (M, N) @ (N, K)
+        dw = _MatmulFunction.apply(dy.t(), x) if ctx.needs_input_grad[1] else None   # (N, M) @ (M, K)
+        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
 # ---- public API ----
 
 
+@torch.compiler.assume_constant_result  # a setting, read once while torch.compile traces
 def gemm_native(device: torch.device) -> bool:
     """True when linear layers with more than SMALL_M rows run the native GEMM on `device`: CPU at the
     AVX-512 level, where it was measured ahead of torch's BLAS. Below that level F.linear runs."""
@@ -149,7 +190,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
     x: (..., K), weight: (N, K), bias: (N,) -> (..., N). float32/float64 CPU tensors run the native
     kernels (few rows: the streaming kernel at every SIMD level; more rows: the GEMM, see
-    :func:`gemm_native`); everything else, and code being compiled by torch.compile, calls F.linear.
+    :func:`gemm_native`), as the custom op `minillm::linear` in code torch.compile traces; everything
+    else calls F.linear.
     """
     K = weight.shape[-1] if weight.dim() == 2 else -1
     if (
@@ -158,10 +200,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         and (bias is None or (bias.dtype == x.dtype and bias.shape == (weight.shape[0],)))
         and weight.device == x.device and _backend.native_for(x.device)
         and (x.numel() // K <= SMALL_M or gemm_native(x.device))
-        and not torch.compiler.is_compiling()
     ):
         _backend.log_path_once("linear", x.device, True)
-        y = _linear(x.reshape(-1, K), weight, bias)  # (M, N)
+        x2 = x.reshape(-1, K)  # (M, K)
+        y = _linear(x2, weight, bias) if torch.compiler.is_compiling() else _LinearFunction.apply(x2, weight, bias)
         return y.reshape(x.shape[:-1] + (weight.shape[0],))
     return F.linear(x, weight, bias)
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm.ops import Linear, _backend, linear
-from minillm.ops.linear import SMALL_M, gemm_native
+from minillm.ops.linear import SMALL_M, _LinearFunction, gemm_native
 
 pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="native extension not available")
 
@@ -109,6 +109,41 @@ def test_gradcheck_and_opcheck(M):
         torch.library.opcheck(op_linear, args)
     torch.library.opcheck(op_matmul, (x.detach().float(), w.detach().float().t()))
     torch.library.opcheck(op_matmul, (a.detach(), w.detach().t()))
+
+
+@pytest.mark.parametrize("M", [5, 40])
+def test_eager_path_equals_custom_op(M):
+    # Eager calls skip the custom-op dispatch (linear._LinearFunction): same kernels, same bits.
+    x, w, b = torch.randn(M, 30), torch.randn(20, 30), torch.randn(20)
+    dy = torch.randn(M, 20)
+    results = []
+    for fn in (_LinearFunction.apply, op_linear):
+        args = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*args)
+        y.backward(dy)
+        results.append([y] + [t.grad for t in args])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, w: _LinearFunction.apply(x, w, None), (xd, wd))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    layer = Linear(24, 40)
+    x = torch.randn(3, 30, 24)
+
+    def f(t):
+        return layer(t).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    eager_x, comp_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    f(eager_x).backward()
+    eager_grads = [eager_x.grad] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled(comp_x).backward()
+    comp_grads = [comp_x.grad] + [p.grad for p in layer.parameters()]
+    for e, c in zip(eager_grads, comp_grads):
+        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-5)
 
 
 def test_linear_module_is_a_drop_in():
