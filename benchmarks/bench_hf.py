@@ -1,7 +1,9 @@
-"""minillm as a transformers attention backend, against transformers' own "sdpa".
+"""minillm inside Hugging Face models, against transformers' own "sdpa".
 
-1. sentence-transformers all-MiniLM-L6-v2 on the 2,000 SQuAD sentences of bench_embeddings.py, loaded twice:
-   attn_implementation "sdpa" and "minillm" (sentences/s, same batch size and threads).
+Two minillm configurations: "minillm attn" (attn_implementation="minillm", the attention backend alone)
+and "minillm attn+linear" (also `replace_linear(model)`: the linear layers on minillm's GEMM).
+1. sentence-transformers all-MiniLM-L6-v2 on the 2,000 SQuAD sentences of bench_embeddings.py
+   (sentences/s, same batch size and threads).
 2. A GPT-2 configuration (random weights): forward + backward step time of a padded training batch.
 Outputs are compared before anything is timed.
 
@@ -37,30 +39,39 @@ def main() -> None:
     from minillm.models import minilm_path
 
     mt.register()
-    info = banner("bench_hf: transformers attn_implementation 'minillm' vs 'sdpa'", batch_size=args.batch_size)
+    info = banner("bench_hf: minillm attention backend (+ replace_linear) vs transformers 'sdpa'",
+                  batch_size=args.batch_size)
     sentences = squad_sentences(args.n)
     path = str(minilm_path())
-    st = {impl: SentenceTransformer(path, device="cpu", model_kwargs={"attn_implementation": impl})
-          for impl in ("sdpa", "minillm")}
+    impls = ("sdpa", "minillm attn", "minillm attn+linear")
+    st = {}
+    for impl in impls:
+        st[impl] = SentenceTransformer(path, device="cpu",
+                                       model_kwargs={"attn_implementation": "sdpa" if impl == "sdpa" else "minillm"})
+        if impl.endswith("linear"):
+            mt.replace_linear(st[impl])
     emb = {impl: m.encode(sentences, batch_size=args.batch_size) for impl, m in st.items()}
-    diff = float(np.abs(emb["sdpa"] - emb["minillm"]).max())
+    diff = max(float(np.abs(emb["sdpa"] - emb[impl]).max()) for impl in impls[1:])
     print(f"correctness: sentence embeddings max |diff| {diff:.2e} over {len(sentences)} sentences")
     if diff > 1e-4:
         sys.exit("minillm and sdpa embeddings differ; not timing")
     times = {impl: median_time(lambda m=m: m.encode(sentences, batch_size=args.batch_size), args.repeats, 0)
              for impl, m in st.items()}
-    rows = [{"case": f"MiniLM sentences/s ({len(sentences)} SQuAD)", "minillm": len(sentences) / times["minillm"],
-             "sdpa": len(sentences) / times["sdpa"], "ratio": times["sdpa"] / times["minillm"]}]
+    rows = [{"case": f"MiniLM sentences/s ({len(sentences)} SQuAD)",
+             **{impl: len(sentences) / times[impl] for impl in impls},
+             **{f"ratio {impl}": times["sdpa"] / times[impl] for impl in impls[1:]}}]
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=6, n_head=6, n_embd=384, vocab_size=8192, n_positions=512,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                                   eos_token_id=None, pad_token_id=0)
     models = {}
-    for impl in ("sdpa", "minillm"):
+    for impl in impls:
         torch.manual_seed(0)
         m = transformers.GPT2LMHeadModel(cfg).train()
-        m.set_attn_implementation(impl)
+        m.set_attn_implementation("sdpa" if impl == "sdpa" else "minillm")
+        if impl.endswith("linear"):
+            mt.replace_linear(m)
         models[impl] = m
     ids = torch.randint(1, 8192, (8, 256))
     mask = torch.ones_like(ids)
@@ -68,8 +79,8 @@ def main() -> None:
     mask[torch.arange(256)[None, :] >= lengths[:, None]] = 0
     labels = ids.masked_fill(mask == 0, -100)
     losses = {impl: m(ids, attention_mask=mask, labels=labels).loss.item() for impl, m in models.items()}
-    print(f"correctness: GPT-2 loss sdpa {losses['sdpa']:.6f} vs minillm {losses['minillm']:.6f}")
-    if abs(losses["sdpa"] - losses["minillm"]) > 1e-4:
+    print("correctness: GPT-2 loss " + ", ".join(f"{impl} {loss:.6f}" for impl, loss in losses.items()))
+    if max(abs(losses["sdpa"] - losses[impl]) for impl in impls[1:]) > 1e-4:
         sys.exit("GPT-2 losses differ; not timing")
 
     def step(m):
@@ -77,9 +88,9 @@ def main() -> None:
         m(ids, attention_mask=mask, labels=labels).loss.backward()
 
     t = {impl: median_time(lambda m=m: step(m), args.repeats + 2) for impl, m in models.items()}
-    rows.append({"case": "GPT-2 (6x384, batch 8x256 padded) fwd+bwd ms", "minillm": 1000 * t["minillm"],
-                 "sdpa": 1000 * t["sdpa"], "ratio": t["sdpa"] / t["minillm"]})
-    print_table(rows, ["case", "minillm", "sdpa", "ratio"], floatfmt=".4g")
+    rows.append({"case": "GPT-2 (6x384, batch 8x256 padded) fwd+bwd ms", **{impl: 1000 * t[impl] for impl in impls},
+                 **{f"ratio {impl}": t["sdpa"] / t[impl] for impl in impls[1:]}})
+    print_table(rows, list(rows[0]), floatfmt=".4g")
     write_json(args.json, info, rows)
 
 

@@ -5,6 +5,7 @@
     model = AutoModel.from_pretrained(path, attn_implementation="minillm")
     # or model.set_attn_implementation("minillm"); sentence-transformers:
     # SentenceTransformer(path, model_kwargs={"attn_implementation": "minillm"})
+    mt.replace_linear(model)                       # optional: linear layers on minillm's GEMM too
 
 Two functions are registered under the name "minillm" (transformers >= 4.48): the attention function
 (AttentionInterface) and a mask function (AttentionMaskInterface). Registering only the first would
@@ -14,6 +15,9 @@ attention plus padding, which the kernel takes directly (padded keys cost nothin
 patterns (sliding windows, packed sequences, ...) come as torch's dense masks and run through
 torch's scaled_dot_product_attention, as does attention dropout in training. Each fallback is
 logged once.
+
+Attention is a small part of an encoder's time at sentence lengths; :func:`replace_linear` moves the
+rest, the model's linear layers (nn.Linear and GPT-2's Conv1D), onto minillm's GEMM in place.
 """
 from __future__ import annotations
 
@@ -93,3 +97,31 @@ def register() -> str:
     AttentionInterface.register(NAME, minillm_attention)
     AttentionMaskInterface.register(NAME, minillm_mask)
     return NAME
+
+
+class _NativeConv1D(torch.nn.Module):
+    """Forward of transformers' Conv1D (weight (in, out): y = x W + b) on minillm.ops.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight.t(), self.bias)
+
+
+def replace_linear(model: torch.nn.Module) -> int:
+    """Runs every nn.Linear and transformers Conv1D of `model` on minillm.ops.linear (the native GEMM on
+    CPU float32/float64, F.linear elsewhere), in place: each layer keeps its parameters, hooks and
+    state_dict; only its forward changes. Returns the number of layers changed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        Conv1D = None
+    # Subclasses with the same attributes, so swapping a module's class is enough.
+    swaps = {torch.nn.Linear: ops.Linear}
+    if Conv1D is not None:
+        swaps[Conv1D] = type("Conv1D", (_NativeConv1D, Conv1D), {"__module__": __name__})
+    changed = 0
+    for module in model.modules():
+        native = swaps.get(type(module))
+        if native is not None:
+            module.__class__ = native
+            changed += 1
+    return changed

@@ -109,3 +109,32 @@ def test_dense_masks_and_dropout_fall_back_to_torch():
     out = mt.minillm_attention(module, q, kv, kv, None, is_causal=True)[0]
     ref = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).transpose(1, 2)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_replace_linear_keeps_outputs_gradients_and_state_dict():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ref = transformers.GPT2LMHeadModel(cfg).train()
+    ours = transformers.GPT2LMHeadModel(cfg).train()
+    ours.load_state_dict(ref.state_dict())
+    n_layers = sum(type(m).__name__ in ("Conv1D", "Linear") for m in ours.modules())
+    assert mt.replace_linear(ours) == n_layers > 0
+    assert mt.replace_linear(ours) == 0  # already replaced
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ids = torch.randint(0, 300, (3, 40))
+    a, b = ref(ids, labels=ids), ours(ids, labels=ids)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_replace_linear_in_sentence_transformers(minilm_dir, data_dir):
+    st = pytest.importorskip("sentence_transformers")
+    s = sentences(data_dir)
+    a = st.SentenceTransformer(minilm_dir, device="cpu").encode(s)
+    model = st.SentenceTransformer(minilm_dir, device="cpu", model_kwargs={"attn_implementation": "minillm"})
+    assert mt.replace_linear(model) == 37  # 6 layers x (q, k, v, output, intermediate, output) + pooler
+    assert abs(a - model.encode(s)).max() <= 1e-4
