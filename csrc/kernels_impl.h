@@ -490,9 +490,244 @@ int attention_decode_impl(const AttnFwdArgs& a) {
   return status;
 }
 
+
+#if defined(__AVX512BW__)
+// ---- bf16 attention forward with AVX512-BF16 dot products ----
+// vdpbf16ps adds a[2i] * b[2i] + a[2i + 1] * b[2i + 1] into fp32 lane i: twice the multiply-adds of an fp32
+// FMA per instruction, products exact, accumulation in fp32. Operands travel as 32-bit words holding a
+// bf16 pair: the broadcast side pairs consecutive elements of a row (q along D, p along keys), the vector
+// side is packed so that word j of a vector pairs the same two K indices for output column j:
+// K^T as (D / 2, keys) words (a 32-bit transpose of K), V as (keys / 2, D) words (two V rows interleaved).
+// q k^T is scaled in fp32 (scaling q first would round it once more); p is rounded to bf16 for p v,
+// as torch's bf16 flash kernel does.
+
+inline bool cpu_has_bf16dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16") && !std::getenv("MINILLM_NO_BF16DOT");
+  return has;
+}
+
+// C (MR, NV * 16) (+)= A (MR, KP pairs) B (KP pairs, NV * 16): A row-major words (lda words per row), B rows of ldb words.
+template <int MR, int NV>
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void bf16_tile(
+    int64_t KP, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
+    bool accumulate) {
+  __m512 c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) c[i][v] = accumulate ? _mm512_loadu_ps(C + i * ldc + v * 16) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < KP; ++p) {
+    __m512i b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + p * ldb + v * 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(A[i * lda + p]));
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_dpbf16_ps(c[i][v], (__m512bh)a, (__m512bh)b[v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + v * 16, c[i][v]);
+}
+
+template <int NV>
+inline void bf16_panel(int64_t M, int64_t KP, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb,
+                       float* C, int64_t ldc, bool acc) {
+  int64_t i = 0;
+  for (; i + kMR <= M; i += kMR) bf16_tile<kMR, NV>(KP, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+  A += i * lda;
+  C += i * ldc;
+  switch (M - i) {
+    case 1: bf16_tile<1, NV>(KP, A, lda, B, ldb, C, ldc, acc); break;
+    case 2: bf16_tile<2, NV>(KP, A, lda, B, ldb, C, ldc, acc); break;
+    case 3: bf16_tile<3, NV>(KP, A, lda, B, ldb, C, ldc, acc); break;
+    case 4: bf16_tile<4, NV>(KP, A, lda, B, ldb, C, ldc, acc); break;
+    case 5: bf16_tile<5, NV>(KP, A, lda, B, ldb, C, ldc, acc); break;
+    default: break;
+  }
+}
+
+// C (M, N) (+)= A (M, KP pairs) B, N a multiple of 16.
+inline void bf16_gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64_t lda, const uint32_t* B,
+                      int64_t ldb, float* C, int64_t ldc, bool acc) {
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64) bf16_panel<4>(M, KP, A, lda, B + j, ldb, C + j, ldc, acc);
+  switch ((N - j) / 16) {
+    case 1: bf16_panel<1>(M, KP, A, lda, B + j, ldb, C + j, ldc, acc); break;
+    case 2: bf16_panel<2>(M, KP, A, lda, B + j, ldb, C + j, ldc, acc); break;
+    case 3: bf16_panel<3>(M, KP, A, lda, B + j, ldb, C + j, ldc, acc); break;
+    default: break;
+  }
+}
+
+// Row `src` of D bf16 values into dst (Dp values, zero-padded), so that pairs are whole aligned words.
+inline void bf16_row(const void* src, int64_t D, int64_t Dp, uint16_t* dst) {
+  std::memcpy(dst, src, sizeof(uint16_t) * D);
+  std::memset(dst + D, 0, sizeof(uint16_t) * (Dp - D));
+}
+
+inline void f32_to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    // Round to nearest even; NaN cannot occur here (probabilities in [0, 1]).
+    const __m512i x = _mm512_castps_si512(_mm512_loadu_ps(src + i));
+    const __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                           _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
+  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+int attention_fwd_bf16dot(const AttnFwdArgs& a) {
+  constexpr int W = 16;
+  typedef vec_t<float> V;
+  const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
+  const int64_t bk = key_block(Nk);
+  const int64_t Dp = round_up(D, kPad), DP = Dp / 2, NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
+  const int64_t off = a.causal_offset;
+  const float scale = static_cast<float>(a.scale);
+  const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  const int64_t nqb = (Nq + kBq - 1) / kBq;
+  const int64_t chunks = B * H >= 2 * nt ? 1 : imax(1, imin(nqb, (2 * nt + B * H - 1) / (B * H)));
+  const int64_t qb_per_chunk = (nqb + chunks - 1) / chunks;
+  const int64_t items = B * H * chunks;
+  const size_t arena_bytes = Arena::need<uint32_t>(DP * NkP) + Arena::need<uint32_t>(NkP / 2 * Dp) +
+                             Arena::need<uint16_t>(kBq * Dp) + 2 * Arena::need<uint16_t>(Dp) +
+                             Arena::need<float>(kBq * bk) + Arena::need<uint16_t>(kBq * bk) +
+                             Arena::need<float>(kBq * Dp) + 2 * Arena::need<float>(kBq) + Arena::need<uint8_t>(nkb);
+  int status = kOk;
+#pragma omp parallel num_threads(nt)
+  {
+    Arena arena(arena_bytes);
+    const bool ok = thread_arena_ok(arena, &status);
+    uint32_t* Kp = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;      // (Dp / 2, ldk) words: K^T pairs
+    uint32_t* Vp = ok ? arena.take<uint32_t>(NkP / 2 * Dp) : nullptr;  // (keys / 2, Dp) words: V row pairs
+    uint16_t* Qb = ok ? arena.take<uint16_t>(kBq * Dp) : nullptr;      // (kBq, Dp) bf16
+    uint16_t* r0b = ok ? arena.take<uint16_t>(Dp) : nullptr;           // (Dp) a padded k or v row
+    uint16_t* r1b = ok ? arena.take<uint16_t>(Dp) : nullptr;
+    float* S = ok ? arena.take<float>(kBq * bk) : nullptr;             // (kBq, bk): scores, then p
+    uint16_t* Pb = ok ? arena.take<uint16_t>(kBq * bk) : nullptr;      // (kBq, bk): p in bf16
+    float* acc = ok ? arena.take<float>(kBq * Dp) : nullptr;
+    float* m = ok ? arena.take<float>(kBq) : nullptr;
+    float* l = ok ? arena.take<float>(kBq) : nullptr;
+    uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      if (!ok) continue;
+      const int64_t bh = it / chunks, b = bh / H, h = bh % H;
+      const int64_t q_begin = (it % chunks) * qb_per_chunk * kBq;
+      const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * kBq);
+      if (q_begin >= q_end) continue;
+      const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
+      if (!any_query(qpm, q_begin, q_end)) {
+        for (int64_t i = q_begin; i < q_end; ++i) write_empty_row<float>(a, bh * Nq + i, acc, Dp);
+        continue;
+      }
+      const int64_t k_end = a.causal ? imax(0, imin(Nk, q_end + off)) : Nk;
+      const int64_t ldk = imax(bk, round_up(k_end, bk));
+      const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
+      const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
+      const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+      const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
+      // Packs keys [0, ldk) two at a time; padded keys and keys past k_end are zeros (never read as data).
+      for (int64_t j = 0; j < ldk; j += 2) {
+        for (int t = 0; t < 2; ++t) {
+          const int64_t jj = j + t;
+          uint16_t* kr = t ? r1b : r0b;
+          if (jj < k_end && !(kpm && !kpm[jj])) {
+            bf16_row(at(a.k, kBF16, kbase + jj * a.k_stride[2]), D, Dp, kr);
+            const uint32_t* kw = reinterpret_cast<const uint32_t*>(kr);
+            for (int64_t p = 0; p < DP; ++p) Kp[p * ldk + jj] = kw[p];
+            bf16_row(at(a.v, kBF16, vbase + jj * a.v_stride[2]), D, Dp, kr);
+          } else {
+            for (int64_t p = 0; p < DP; ++p) Kp[p * ldk + jj] = 0;
+            std::memset(kr, 0, sizeof(uint16_t) * Dp);
+          }
+        }
+        uint32_t* vw = Vp + (j / 2) * Dp;
+        for (int64_t d = 0; d < Dp; ++d) vw[d] = static_cast<uint32_t>(r0b[d]) | (static_cast<uint32_t>(r1b[d]) << 16);
+      }
+      visible_blocks(kpm, Nk, bk, nkb, kvis);
+
+      for (int64_t i0 = q_begin; i0 < q_end; i0 += kBq) {
+        const int64_t rows = imin(kBq, q_end - i0);
+        if (!any_query(qpm, i0, i0 + rows)) {
+          for (int64_t r = 0; r < rows; ++r) write_empty_row<float>(a, bh * Nq + i0 + r, acc, Dp);
+          continue;
+        }
+        for (int64_t r = 0; r < rows; ++r) bf16_row(at(a.q, kBF16, qbase + (i0 + r) * a.q_stride[2]), D, Dp, Qb + r * Dp);
+        for (int64_t r = 0; r < rows; ++r) {
+          m[r] = -INFINITY;
+          l[r] = 0;
+        }
+        std::memset(acc, 0, sizeof(float) * rows * Dp);
+        const uint32_t* Qw = reinterpret_cast<const uint32_t*>(Qb);
+        const int64_t j_end = a.causal ? imax(0, imin(k_end, i0 + rows + off)) : k_end;
+        for (int64_t j0 = 0; j0 < j_end; j0 += bk) {
+          if (!kvis[j0 / bk]) continue;
+          const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kpm);
+          for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+            const int64_t tr = imin(kMR, rows - r0);
+            const int64_t cols = a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
+            if (cols == 0) continue;
+            const int64_t cv = round_up(cols, W);
+            bf16_gemm(tr, cv, DP, Qw + r0 * DP, DP, Kp + j0, ldk, S + r0 * bk, bk, false);
+            for (int64_t r = r0; r < r0 + tr; ++r) {
+              float* s = S + r * bk;
+              const V sc = vbcast(scale);
+              for (int64_t c = 0; c < cv; c += W) vstore(s + c, vload(s + c) * sc);
+              if (masked) mask_block<float>(s, j0, cv, Nk, a.causal, i0 + r + off, kpm);
+              V mv = vbcast<float>(-INFINITY);
+              for (int64_t c = 0; c < cv; c += W) {
+                const V x = vload(s + c);
+                mv = x > mv ? x : mv;
+              }
+              const float bmax = hmax<float>(mv);
+              const float m_new = bmax > m[r] ? bmax : m[r];
+              const float shift = m_new == -INFINITY ? 0.0f : m_new;
+              const float alpha = std::exp(m[r] - shift);
+              const V sv = vbcast(shift);
+              V sum = V{};
+              for (int64_t c = 0; c < cv; c += W) {
+                const V p = vexp(vload(s + c) - sv);
+                vstore(s + c, p);
+                sum += p;
+              }
+              f32_to_bf16_row(s, cv, Pb + r * bk);
+              l[r] = l[r] * alpha + hsum<float>(sum);
+              m[r] = m_new;
+              if (alpha != 1.0f) {
+                float* ar = acc + r * Dp;
+                const V av = vbcast(alpha);
+                for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
+              }
+            }
+            // p v over the key pairs the tile sees (a pair's second key past `cols` has p = 0).
+            bf16_gemm(tr, Dp, (cols + 1) / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * bk), bk / 2,
+                      Vp + (j0 / 2) * Dp, Dp, acc + r0 * Dp, Dp, true);
+          }
+        }
+        float* lse = static_cast<float*>(a.lse) + bh * Nq + i0;
+        for (int64_t r = 0; r < rows; ++r) {
+          void* orow = const_cast<void*>(at(a.out, a.dtype, (bh * Nq + i0 + r) * D));
+          if (l[r] == 0.0f || (qpm && !qpm[i0 + r])) {
+            std::memset(acc + r * Dp, 0, sizeof(float) * Dp);
+            store_row<float>(acc + r * Dp, D, 1.0f, a.dtype, orow);
+            lse[r] = INFINITY;
+          } else {
+            store_row<float>(acc + r * Dp, D, 1.0f / l[r], a.dtype, orow);
+            lse[r] = m[r] + std::log(l[r]);
+          }
+        }
+      }
+    }
+  }
+  return status;
+}
+#endif
+
 template <typename T>
 int attention_fwd_impl(const AttnFwdArgs& a) {
   if (a.Nq <= kDecodeRows) return attention_decode_impl<T>(a);
+#if defined(__AVX512BW__)
+  if (std::is_same<T, float>::value && a.dtype == kBF16 && cpu_has_bf16dot()) return attention_fwd_bf16dot(a);
+#endif
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;

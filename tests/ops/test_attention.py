@@ -1,5 +1,9 @@
 """minillm.ops.attention against the plain-torch reference: forward, gradients, masks, dtypes, levels."""
 import itertools
+import os
+import subprocess
+import sys
+import tempfile
 import math
 
 import pytest
@@ -105,13 +109,28 @@ def _errors(dtype, B, H, Nq, Nk, D, causal, padded):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("D", (40, 64, 128))
+@pytest.mark.parametrize("D", (7, 40, 64, 128))
 @pytest.mark.parametrize("Nq,Nk", [(64, 64), (97, 300), (300, 97), (1, 300), (300, 300)])
 def test_half_precision_within_2x_torch_error(dtype, Nq, Nk, D, causal, padded):
     ours, theirs = _errors(dtype, 2, 4, Nq, Nk, D, causal, padded)
     # torch's error is the yardstick; the tiny floor only covers cases where both are exact.
     for name, o, t in zip(("out", "dq", "dk", "dv"), ours, theirs):
         assert o <= 2 * t + 1e-6, f"{name}: minillm error {o:.3g} > 2x torch error {t:.3g}"
+
+
+def test_bf16_without_bf16_dot_products():
+    # On a CPU with AVX512-BF16 the bf16 forward multiplies with vdpbf16ps; MINILLM_NO_BF16DOT=1 checks the
+    # fp32 path that other CPUs take, against the same 2x-torch-error yardstick.
+    code = (
+        "import sys; sys.path.insert(0, %r); import test_attention as t;"
+        "errs = [t._errors(t.torch.bfloat16, 2, 4, n, n, d, c, p) for n, d, c, p in"
+        " [(64, 64, False, False), (97, 40, True, True)]];"
+        "assert all(o <= 2 * th + 1e-6 for ours, theirs in errs for o, th in zip(ours, theirs)), errs"
+    ) % os.path.dirname(__file__)
+    env = dict(os.environ, MINILLM_NO_BF16DOT="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=tempfile.gettempdir())
+    assert res.returncode == 0, res.stderr
 
 
 def test_half_precision_outputs_keep_dtype():
