@@ -562,15 +562,11 @@ inline void bf16_row(const void* src, int64_t D, int64_t Dp, uint16_t* dst) {
   std::memset(dst + D, 0, sizeof(uint16_t) * (Dp - D));
 }
 
-inline void f32_to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void f32_to_bf16_row(const float* src, int64_t n,
+                                                                                   uint16_t* dst) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    // Round to nearest even; NaN cannot occur here (probabilities in [0, 1]).
-    const __m512i x = _mm512_castps_si512(_mm512_loadu_ps(src + i));
-    const __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                           _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1))));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-  }
+  for (; i + 16 <= n; i += 16)  // vcvtneps2bf16: round to nearest even, NaN kept
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
@@ -868,10 +864,212 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
   return status;
 }
 
+
+#if defined(__AVX512BW__)
+// Rows r and r + 1 of two fp32 rows (n values, n a multiple of 16) as bf16 pair words: out[c] = (a[c], b[c]).
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void interleave_bf16_rows(
+    const float* a, const float* b, int64_t n, uint32_t* out) {
+  // vcvtne2ps2bf16 puts its second operand (row a) in the low half, the first (row b) in the high half;
+  // the permute interleaves the halves.
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b + c), _mm512_loadu_ps(a + c));
+    _mm512_storeu_si512(out + c, _mm512_permutexvar_epi16(idx, packed));
+  }
+}
+
+// FlashAttention-2 backward for bf16 inputs on vdpbf16ps (see attention_fwd_bf16dot for the layouts).
+// Per (b, h): S = q k^T and dP = dO v^T take q / dO rows against packed K^T / V^T pairs; dQ += dS k takes
+// dS rows (pairs along keys) against K row pairs; dV and dK are accumulated transposed, dV^T += dO^T P and
+// dK^T += q^T dS, so that P and dS enter as row-pair words (two rows interleaved, vectorised) rather than
+// transposed element by element. q and k are unscaled: dQ and dK take the scale once, at the end.
+int attention_bwd_bf16dot(const AttnBwdArgs& a) {
+  constexpr int W = 16;
+  typedef vec_t<float> V;
+  const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
+  const int64_t bk = key_block(Nk);
+  const int64_t Dp = round_up(D, kPad), DP = Dp / 2, NkP = round_up(Nk, bk), nkb = NkP / bk;
+  const int64_t NqE = round_up(Nq, 2);
+  const int64_t off = a.causal_offset;
+  const float scale = static_cast<float>(a.scale);
+  const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  const size_t arena_bytes =
+      2 * Arena::need<uint16_t>(NqE * Dp) + 2 * Arena::need<uint32_t>(Dp * NqE / 2) +  // Qb dOb, QT dOT
+      3 * Arena::need<uint32_t>(DP * NkP) +                                              // Kp Vp Kv
+      Arena::need<float>(Nq * Dp) + 2 * Arena::need<float>(Dp * NkP) + Arena::need<float>(Nq) +  // dQ dKT dVT Dl
+      2 * Arena::need<float>(kBq * bk) + Arena::need<uint16_t>(kBq * bk) + 2 * Arena::need<uint32_t>(kBq / 2 * bk) +
+      3 * Arena::need<float>(Dp) + Arena::need<uint8_t>(nkb);
+  int status = kOk;
+#pragma omp parallel num_threads(nt)
+  {
+    Arena arena(arena_bytes);
+    const bool ok = thread_arena_ok(arena, &status);
+    uint16_t* Qb = ok ? arena.take<uint16_t>(NqE * Dp) : nullptr;     // (NqE, Dp) bf16 q rows
+    uint16_t* dOb = ok ? arena.take<uint16_t>(NqE * Dp) : nullptr;    // (NqE, Dp) bf16 dO rows
+    uint32_t* QT = ok ? arena.take<uint32_t>(Dp * NqE / 2) : nullptr;   // (Dp, NqE / 2): q^T row pairs
+    uint32_t* dOT = ok ? arena.take<uint32_t>(Dp * NqE / 2) : nullptr;  // (Dp, NqE / 2): dO^T row pairs
+    uint32_t* Kp = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;     // (Dp / 2, NkP): K^T pairs along D
+    uint32_t* Vp = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;     // (Dp / 2, NkP): V^T pairs along D
+    uint32_t* Kv = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;     // (NkP / 2, Dp): K row pairs
+    float* dQ = ok ? arena.take<float>(Nq * Dp) : nullptr;            // (Nq, Dp)
+    float* dKT = ok ? arena.take<float>(Dp * NkP) : nullptr;          // (Dp, NkP)
+    float* dVT = ok ? arena.take<float>(Dp * NkP) : nullptr;          // (Dp, NkP)
+    float* Dl = ok ? arena.take<float>(Nq) : nullptr;                 // (Nq): rowsum(dO * O) - dlse
+    float* P = ok ? arena.take<float>(kBq * bk) : nullptr;            // (kBq, bk)
+    float* dS = ok ? arena.take<float>(kBq * bk) : nullptr;           // (kBq, bk): dP, then dS
+    uint16_t* dSb = ok ? arena.take<uint16_t>(kBq * bk) : nullptr;    // (kBq, bk) bf16
+    uint32_t* PI = ok ? arena.take<uint32_t>(kBq / 2 * bk) : nullptr;   // (kBq / 2, bk): P row pairs
+    uint32_t* dSI = ok ? arena.take<uint32_t>(kBq / 2 * bk) : nullptr;  // (kBq / 2, bk): dS row pairs
+    float* f0 = ok ? arena.take<float>(Dp) : nullptr;
+    float* f1 = ok ? arena.take<float>(Dp) : nullptr;
+    float* f2 = ok ? arena.take<float>(Dp) : nullptr;
+    uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      if (!ok) continue;
+      const int64_t b = bh / H, h = bh % H;
+      const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
+      const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
+      const float* lse = static_cast<const float*>(a.lse) + bh * Nq;
+      const float* dlse = a.dlse ? static_cast<const float*>(a.dlse) + bh * Nq : nullptr;
+      // q and dO rows (padded queries and the pad row are zeros), Dl, and their transposed row pairs.
+      for (int64_t i = 0; i < NqE; ++i) {
+        uint16_t* qr = Qb + i * Dp;
+        uint16_t* dr = dOb + i * Dp;
+        if (i >= Nq || (qpm && !qpm[i])) {
+          std::memset(qr, 0, sizeof(uint16_t) * Dp);
+          std::memset(dr, 0, sizeof(uint16_t) * Dp);
+          if (i < Nq) Dl[i] = 0;
+          continue;
+        }
+        bf16_row(at(a.q, kBF16, b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2]), D, Dp, qr);
+        bf16_row(at(a.dout, kBF16, b * a.do_stride[0] + h * a.do_stride[1] + i * a.do_stride[2]), D, Dp, dr);
+        load_row<float>(at(a.dout, kBF16, b * a.do_stride[0] + h * a.do_stride[1] + i * a.do_stride[2]), kBF16, D, Dp,
+                        1.0f, f0);
+        load_row<float>(at(a.out, kBF16, b * a.o_stride[0] + h * a.o_stride[1] + i * a.o_stride[2]), kBF16, D, Dp,
+                        1.0f, f1);
+        V sv = V{};
+        for (int64_t d = 0; d < Dp; d += W) sv += vload(f0 + d) * vload(f1 + d);
+        Dl[i] = hsum<float>(sv) - (dlse ? dlse[i] : 0.0f);
+      }
+      for (int64_t ip = 0; ip < NqE / 2; ++ip)
+        for (int64_t d = 0; d < Dp; ++d) {
+          QT[d * (NqE / 2) + ip] = static_cast<uint32_t>(Qb[2 * ip * Dp + d]) |
+                                   (static_cast<uint32_t>(Qb[(2 * ip + 1) * Dp + d]) << 16);
+          dOT[d * (NqE / 2) + ip] = static_cast<uint32_t>(dOb[2 * ip * Dp + d]) |
+                                    (static_cast<uint32_t>(dOb[(2 * ip + 1) * Dp + d]) << 16);
+        }
+      // K and V: padded keys and keys past Nk are zeros (never read as data).
+      uint16_t* k0 = reinterpret_cast<uint16_t*>(f0);
+      uint16_t* k1 = reinterpret_cast<uint16_t*>(f1);
+      uint16_t* vr = reinterpret_cast<uint16_t*>(f2);
+      for (int64_t j = 0; j < NkP; j += 2) {
+        for (int t = 0; t < 2; ++t) {
+          const int64_t jj = j + t;
+          uint16_t* kr = t ? k1 : k0;
+          if (jj < Nk && !(kpm && !kpm[jj])) {
+            bf16_row(at(a.k, kBF16, b * a.k_stride[0] + h * a.k_stride[1] + jj * a.k_stride[2]), D, Dp, kr);
+            bf16_row(at(a.v, kBF16, b * a.v_stride[0] + h * a.v_stride[1] + jj * a.v_stride[2]), D, Dp, vr);
+          } else {
+            std::memset(kr, 0, sizeof(uint16_t) * Dp);
+            std::memset(vr, 0, sizeof(uint16_t) * Dp);
+          }
+          const uint32_t* kw = reinterpret_cast<const uint32_t*>(kr);
+          const uint32_t* vw = reinterpret_cast<const uint32_t*>(vr);
+          for (int64_t p = 0; p < DP; ++p) {
+            Kp[p * NkP + jj] = kw[p];
+            Vp[p * NkP + jj] = vw[p];
+          }
+        }
+        uint32_t* kv = Kv + (j / 2) * Dp;
+        for (int64_t d = 0; d < Dp; ++d) kv[d] = static_cast<uint32_t>(k0[d]) | (static_cast<uint32_t>(k1[d]) << 16);
+      }
+      std::memset(dQ, 0, sizeof(float) * Nq * Dp);
+      std::memset(dKT, 0, sizeof(float) * Dp * NkP);
+      std::memset(dVT, 0, sizeof(float) * Dp * NkP);
+      visible_blocks(kpm, Nk, bk, nkb, kvis);
+      const uint32_t* Qw = reinterpret_cast<const uint32_t*>(Qb);
+      const uint32_t* dOw = reinterpret_cast<const uint32_t*>(dOb);
+
+      for (int64_t j0 = 0; j0 < Nk; j0 += bk) {
+        if (!kvis[j0 / bk]) continue;
+        const int64_t i_first = a.causal ? imax(0, j0 - off) / kBq * kBq : 0;
+        for (int64_t i0 = i_first; i0 < Nq; i0 += kBq) {
+          const int64_t rows = imin(kBq, Nq - i0);
+          if (!any_query(qpm, i0, i0 + rows)) continue;
+          const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kpm);
+          const bool tri = a.causal && masked;
+          for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+            const int64_t tr = imin(kMR, rows - r0);
+            const int64_t cols = tri ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
+            const int64_t cv = round_up(cols, W);
+            if (cv > 0) {
+              bf16_gemm(tr, cv, DP, Qw + (i0 + r0) * DP, DP, Kp + j0, NkP, P + r0 * bk, bk, false);
+              bf16_gemm(tr, cv, DP, dOw + (i0 + r0) * DP, DP, Vp + j0, NkP, dS + r0 * bk, bk, false);
+            }
+            for (int64_t r = r0; r < r0 + tr; ++r) {
+              float* p = P + r * bk;
+              float* ds = dS + r * bk;
+              std::memset(p + cv, 0, sizeof(float) * (bk - cv));
+              std::memset(ds + cv, 0, sizeof(float) * (bk - cv));
+              if (qpm && !qpm[i0 + r]) {
+                std::memset(p, 0, sizeof(float) * cv);
+                std::memset(ds, 0, sizeof(float) * cv);
+              } else {
+                const V sc = vbcast(scale);
+                for (int64_t c = 0; c < cv; c += W) vstore(p + c, vload(p + c) * sc);
+                if (masked) mask_block<float>(p, j0, cv, Nk, a.causal, i0 + r + off, kpm);
+                const V lv = vbcast(lse[i0 + r]), dv = vbcast(Dl[i0 + r]);
+                for (int64_t c = 0; c < cv; c += W) {
+                  const V pv = vexp(vload(p + c) - lv);
+                  vstore(p + c, pv);
+                  vstore(ds + c, pv * (vload(ds + c) - dv));
+                }
+              }
+              f32_to_bf16_row(ds, bk, dSb + r * bk);
+            }
+            if (cols > 0)  // dQ += dS k (unscaled)
+              bf16_gemm(tr, Dp, (cols + 1) / 2, reinterpret_cast<const uint32_t*>(dSb + r0 * bk), bk / 2,
+                        Kv + (j0 / 2) * Dp, Dp, dQ + (i0 + r0) * Dp, Dp, true);
+          }
+          // Row pairs of P and dS; an odd last row pairs with zeros.
+          const int64_t rp = (rows + 1) / 2;
+          if (rows & 1) {
+            std::memset(P + rows * bk, 0, sizeof(float) * bk);
+            std::memset(dS + rows * bk, 0, sizeof(float) * bk);
+          }
+          for (int64_t ip = 0; ip < rp; ++ip) {
+            interleave_bf16_rows(P + 2 * ip * bk, P + (2 * ip + 1) * bk, bk, PI + ip * bk);
+            interleave_bf16_rows(dS + 2 * ip * bk, dS + (2 * ip + 1) * bk, bk, dSI + ip * bk);
+          }
+          bf16_gemm(Dp, bk, rp, dOT + i0 / 2, NqE / 2, PI, bk, dVT + j0, NkP, true);  // dV^T += dO^T P
+          bf16_gemm(Dp, bk, rp, QT + i0 / 2, NqE / 2, dSI, bk, dKT + j0, NkP, true);  // dK^T += q^T dS
+        }
+      }
+      for (int64_t i = 0; i < Nq; ++i)
+        store_row<float>(dQ + i * Dp, D, scale, a.dtype, const_cast<void*>(at(a.dq, a.dtype, (bh * Nq + i) * D)));
+      for (int64_t j = 0; j < Nk; ++j) {
+        for (int64_t d = 0; d < D; ++d) {
+          f0[d] = dKT[d * NkP + j];
+          f1[d] = dVT[d * NkP + j];
+        }
+        store_row<float>(f0, D, scale, a.dtype, const_cast<void*>(at(a.dk, a.dtype, (bh * Nk + j) * D)));
+        store_row<float>(f1, D, 1.0f, a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bh * Nk + j) * D)));
+      }
+    }
+  }
+  return status;
+}
+#endif
+
 // FlashAttention-2 backward for one (b, h) per work item: the item owns dQ, dK and dV of its pair,
 // so no accumulation crosses threads.
 template <typename T>
 int attention_bwd_impl(const AttnBwdArgs& a) {
+#if defined(__AVX512BW__)
+  if (std::is_same<T, float>::value && a.dtype == kBF16 && cpu_has_bf16dot()) return attention_bwd_bf16dot(a);
+#endif
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
