@@ -55,6 +55,9 @@ elif kind.startswith("minillm-"):  # compressed corpus storage, built before tim
     else:
         C = torch.from_numpy(X).to({"fp16": torch.float16, "bf16": torch.bfloat16}[storage])
     run = lambda q: minillm.ops.topk_search(q, C, k, "ip")[1]
+    # The fp32 kernel on the same data, timed in turn with the compressed one in this process: their ratio
+    # is the storage's speed-up, free of the drift between separate processes on a shared machine.
+    run_fp32 = lambda q: minillm.ops.topk_search(q, X, k, "ip")[1]
 elif kind == "torch":
     import torch
     Xt = torch.from_numpy(X)
@@ -80,14 +83,21 @@ try:  # reset the peak (VmHWM) so that data generation does not count as the sea
         f.write("5")
 except OSError:
     pass
-res = {"ms": {}, "extra_mb": 0.0}
+res = {"ms": {}, "ms_fp32_same_process": {}, "extra_mb": 0.0}
+paired = kind.startswith("minillm-")
 for q in qs:
     batch = np.ascontiguousarray(Q[:q])
     run(batch)  # warm-up
-    times = []
+    if paired:
+        run_fp32(batch)
+    times, times_fp32 = [], []
     for _ in range(5 if q <= 16 else 3):
+        if paired:
+            t = time.perf_counter(); run_fp32(batch); times_fp32.append(time.perf_counter() - t)
         t = time.perf_counter(); ids = run(batch); times.append(time.perf_counter() - t)
     res["ms"][str(q)] = 1000 * statistics.median(times)
+    if paired:
+        res["ms_fp32_same_process"][str(q)] = 1000 * statistics.median(times_fp32)
     np.save(f"{out}-{q}.npy", np.asarray(ids, dtype=np.int64).reshape(q, k))
 res["extra_mb"] = max(0.0, status_mb("VmHWM") - base)
 json.dump(res, open(out + ".json", "w"))
@@ -158,6 +168,9 @@ def main() -> None:
                         row[f"{kind} ms"] = ms
                         if kind != "minillm":
                             row[f"{kind}/minillm"] = ms / t_mine
+                        if kind.startswith("minillm-"):  # speed-up over fp32, both timed in one process
+                            fp32 = r[0]["ms_fp32_same_process"].get(str(q), math.nan) if r else math.nan
+                            row[f"{kind} speed-up (same process)"] = fp32 / ms
                         if r and ref is not None and str(q) in r[0]["ms"]:
                             ids = np.load(f"{r[1]}-{q}.npy")
                             row[f"{kind} recall"] = float(np.mean([len(set(a) & set(b)) / args.k
