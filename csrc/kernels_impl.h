@@ -61,18 +61,37 @@ template <typename T>
 inline vec_t<T> vbcast(T x) {
   return vec_t<T>{} + x;
 }
+// Horizontal sum and max. A lane-by-lane loop is a chain of W dependent adds (~50 cycles for 16 floats), paid
+// per row of a softmax; halving the vector log2(W) times shortens the chain to 4 steps. The order is fixed,
+// so equal inputs still give equal results.
 template <typename T>
 inline T hsum(vec_t<T> v) {
-  T s = 0;
-  for (int i = 0; i < Vec<T>::W; ++i) s += v[i];
-  return s;
+  constexpr int W = Vec<T>::W;
+  T a[W];
+  std::memcpy(a, &v, sizeof(a));
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
 }
 template <typename T>
 inline T hmax(vec_t<T> v) {
-  T m = v[0];
-  for (int i = 1; i < Vec<T>::W; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  constexpr int W = Vec<T>::W;
+  T a[W];
+  std::memcpy(a, &v, sizeof(a));
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] = a[i + w] > a[i] ? a[i + w] : a[i];
+  return a[0];
 }
+#if defined(__AVX512F__)
+template <>
+inline float hsum<float>(vec_t<float> v) {
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512&>(v));
+}
+template <>
+inline double hsum<double>(vec_t<double> v) {
+  return _mm512_reduce_add_pd(reinterpret_cast<__m512d&>(v));
+}
+#endif
 
 // exp for softmax arguments (x <= 0 in practice). Cephes-style: round x/ln2 to n, a degree-6
 // polynomial on the remainder, then scale by 2^n through the exponent bits. Results below FLT_MIN
@@ -320,13 +339,20 @@ inline void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ld
     for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * W, c[i][v]);
 }
 
+// Rows per tile for a panel of NV vectors: narrow panels (head dims of 32 or 48, a few queries) take more
+// rows so that ~24 accumulators stay in flight and broadcasts do not outnumber the FMAs they feed.
+constexpr int panel_rows(int nv) { return VB >= 64 ? (nv >= 4 ? kMR : nv == 3 ? 8 : 12) : kMR; }
+
 template <typename T, int NV, bool ColA = false>
 inline void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                        int64_t ldc, bool acc) {
+  constexpr int MR = panel_rows(NV);
   // Row i of A starts at A + i * (ColA ? 1 : lda).
   const int64_t row = ColA ? 1 : lda;
   int64_t i = 0;
-  for (; i + kMR <= M; i += kMR) gemm_tile<T, kMR, NV, ColA>(K, A + i * row, lda, B, ldb, C + i * ldc, ldc, acc);
+  for (; i + MR <= M; i += MR) gemm_tile<T, MR, NV, ColA>(K, A + i * row, lda, B, ldb, C + i * ldc, ldc, acc);
+  for (; MR > kMR && i + kMR <= M; i += kMR)
+    gemm_tile<T, kMR, NV, ColA>(K, A + i * row, lda, B, ldb, C + i * ldc, ldc, acc);
   A += i * row;
   C += i * ldc;
   switch (M - i) {
@@ -402,6 +428,59 @@ inline void write_empty_row(const AttnFwdArgs& a, int64_t row, T* scratch, int64
   std::memset(scratch, 0, sizeof(T) * Dp);
   store_row<T>(scratch, a.D, T(1), a.dtype, const_cast<void*>(at(a.out, a.dtype, row * a.D)));
   static_cast<T*>(a.lse)[row] = INFINITY;
+}
+
+// Online-softmax step for rows [r0, r0 + tr) (tr <= kMR) of S, cv columns (masked entries already -inf):
+// multiplies the scores by `scale` (unless 1), updates the running maxima m and sums l, rescales the rows'
+// acc (Dp wide), and leaves the probabilities in S. All rows' maxima come first, then their exponentials in
+// one loop nest, so that the rows' exp chains overlap instead of waiting on one row's max and sum in turn.
+template <typename T>
+inline void softmax_tile(T* S, int64_t lds, int64_t r0, int64_t tr, int64_t cv, T scale, T* m, T* l, T* acc,
+                         int64_t Dp) {
+  typedef vec_t<T> V;
+  constexpr int W = Vec<T>::W;
+  V shift[kMR], sum[kMR];
+  T m_new[kMR], alpha[kMR];
+  bool first[kMR];
+  for (int64_t i = 0; i < tr; ++i) {
+    const int64_t r = r0 + i;
+    T* s = S + r * lds;
+    if (scale != T(1)) {
+      const V sc = vbcast(scale);
+      for (int64_t c = 0; c < cv; c += W) vstore(s + c, vload(s + c) * sc);
+    }
+    V mv = vbcast<T>(-INFINITY);
+    for (int64_t c = 0; c < cv; c += W) {
+      const V x = vload(s + c);
+      mv = x > mv ? x : mv;
+    }
+    const T bmax = hmax<T>(mv);
+    m_new[i] = bmax > m[r] ? bmax : m[r];
+    // With no visible key yet, shift by 0 so that exp(-inf - shift) is 0, not NaN.
+    const T sh = m_new[i] == -INFINITY ? T(0) : m_new[i];
+    // A row's first visible block rescales nothing (acc and l are 0): skip the libm call.
+    first[i] = m[r] == -INFINITY;
+    alpha[i] = first[i] ? T(0) : std::exp(m[r] - sh);
+    shift[i] = vbcast(sh);
+    sum[i] = V{};
+  }
+  for (int64_t c = 0; c < cv; c += W)
+    for (int64_t i = 0; i < tr; ++i) {
+      T* s = S + (r0 + i) * lds + c;
+      const V p = vexp(vload(s) - shift[i]);
+      vstore(s, p);
+      sum[i] += p;
+    }
+  for (int64_t i = 0; i < tr; ++i) {
+    const int64_t r = r0 + i;
+    l[r] = l[r] * alpha[i] + hsum<T>(sum[i]);
+    m[r] = m_new[i];
+    if (!first[i] && alpha[i] != T(1)) {
+      T* ar = acc + r * Dp;
+      const V av = vbcast(alpha[i]);
+      for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
+    }
+  }
 }
 
 template <typename T>
@@ -572,7 +651,6 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void f32_to_bf16_r
 
 int attention_fwd_bf16dot(const AttnFwdArgs& a) {
   constexpr int W = 16;
-  typedef vec_t<float> V;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
   const int64_t bk = key_block(Nk);
   const int64_t Dp = round_up(D, kPad), DP = Dp / 2, NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
@@ -664,36 +742,12 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
             if (cols == 0) continue;
             const int64_t cv = round_up(cols, W);
             bf16_gemm(tr, cv, DP, Qw + r0 * DP, DP, Kp + j0, ldk, S + r0 * bk, bk, false);
-            for (int64_t r = r0; r < r0 + tr; ++r) {
-              float* s = S + r * bk;
-              const V sc = vbcast(scale);
-              for (int64_t c = 0; c < cv; c += W) vstore(s + c, vload(s + c) * sc);
-              if (masked) mask_block<float>(s, j0, cv, Nk, a.causal, i0 + r + off, kpm);
-              V mv = vbcast<float>(-INFINITY);
-              for (int64_t c = 0; c < cv; c += W) {
-                const V x = vload(s + c);
-                mv = x > mv ? x : mv;
-              }
-              const float bmax = hmax<float>(mv);
-              const float m_new = bmax > m[r] ? bmax : m[r];
-              const float shift = m_new == -INFINITY ? 0.0f : m_new;
-              const float alpha = std::exp(m[r] - shift);
-              const V sv = vbcast(shift);
-              V sum = V{};
-              for (int64_t c = 0; c < cv; c += W) {
-                const V p = vexp(vload(s + c) - sv);
-                vstore(s + c, p);
-                sum += p;
-              }
-              f32_to_bf16_row(s, cv, Pb + r * bk);
-              l[r] = l[r] * alpha + hsum<float>(sum);
-              m[r] = m_new;
-              if (alpha != 1.0f) {
-                float* ar = acc + r * Dp;
-                const V av = vbcast(alpha);
-                for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
-              }
-            }
+            // Scores are scaled after masking (-inf stays -inf) inside the softmax step.
+            if (masked)
+              for (int64_t r = r0; r < r0 + tr; ++r)
+                mask_block<float>(S + r * bk, j0, cv, Nk, a.causal, i0 + r + off, kpm);
+            softmax_tile<float>(S, bk, r0, tr, cv, scale, m, l, acc, Dp);
+            for (int64_t r = r0; r < r0 + tr; ++r) f32_to_bf16_row(S + r * bk, cv, Pb + r * bk);
             // p v over the key pairs the tile sees (a pair's second key past `cols` has p = 0).
             bf16_gemm(tr, Dp, (cols + 1) / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * bk), bk / 2,
                       Vp + (j0 / 2) * Dp, Dp, acc + r0 * Dp, Dp, true);
@@ -731,6 +785,8 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
   const int64_t Dp = round_up(D, kPad), NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  // fp32/fp64 rows whose length is whole vectors need no conversion.
+  const bool direct = (a.dtype == kF32 || a.dtype == kF64) && D == Dp;
   // Too few (b, h) pairs to feed every thread: split each pair's queries into chunks. Each work
   // item converts its K (transposed) and V once, so items are kept as large as the threads allow.
   const int64_t nqb = (Nq + kBq - 1) / kBq;
@@ -772,21 +828,30 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
       const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
 
+      // Rows already in the kernel's type and width are read in place: K while it is transposed, and V by
+      // the p v product itself when no key is padded (a padded value is never read, so with a padding mask
+      // V is copied with its padded rows zeroed).
+      const bool v_direct = direct && !kpm;
+      const T* Vb = v_direct ? static_cast<const T*>(at(a.v, a.dtype, vbase)) : Vp;
+      const int64_t ldv = v_direct ? a.v_stride[2] : Dp;
       for (int64_t j = 0; j < k_end; ++j) {
         // Padded keys are never read: whatever they hold (NaN, inf) cannot reach the output.
         if (kpm && !kpm[j]) {
-          std::memset(Qs, 0, sizeof(T) * Dp);
+          for (int64_t d = 0; d < Dp; ++d) Kt[d * ldk + j] = 0;
           std::memset(Vp + j * Dp, 0, sizeof(T) * Dp);
-        } else {
-          load_row<T>(at(a.k, a.dtype, kbase + j * a.k_stride[2]), a.dtype, D, Dp, T(1), Qs);
-          load_row<T>(at(a.v, a.dtype, vbase + j * a.v_stride[2]), a.dtype, D, Dp, T(1), Vp + j * Dp);
+          continue;
         }
-        for (int64_t d = 0; d < Dp; ++d) Kt[d * ldk + j] = Qs[d];
+        const T* kr = Qs;
+        if (direct)
+          kr = static_cast<const T*>(at(a.k, a.dtype, kbase + j * a.k_stride[2]));
+        else
+          load_row<T>(at(a.k, a.dtype, kbase + j * a.k_stride[2]), a.dtype, D, Dp, T(1), Qs);
+        for (int64_t d = 0; d < Dp; ++d) Kt[d * ldk + j] = kr[d];
+        if (!v_direct)
+          load_row<T>(at(a.v, a.dtype, vbase + j * a.v_stride[2]), a.dtype, D, Dp, T(1), Vp + j * Dp);
       }
       for (int64_t d = 0; d < Dp; ++d)
         for (int64_t j = k_end; j < ldk; ++j) Kt[d * ldk + j] = 0;
-      for (int64_t j = k_end; j < ldk; ++j)
-        for (int64_t d = 0; d < Dp; ++d) Vp[j * Dp + d] = 0;
       visible_blocks(kpm, Nk, bk, nkb, kvis);
 
       for (int64_t i0 = q_begin; i0 < q_end; i0 += kBq) {
@@ -815,35 +880,11 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
             if (cols == 0) continue;  // no row of the tile sees a key of this block
             const int64_t cv = round_up(cols, W);
             gemm<T>(tr, cv, Dp, Qs + r0 * Dp, Dp, Kt + j0, ldk, S + r0 * bk, bk, false);
-            for (int64_t r = r0; r < r0 + tr; ++r) {
-              T* s = S + r * bk;
-              if (masked) mask_block<T>(s, j0, cv, Nk, a.causal, i0 + r + off, kpm);
-              V mv = vbcast<T>(-INFINITY);
-              for (int64_t c = 0; c < cv; c += W) {
-                const V x = vload(s + c);
-                mv = x > mv ? x : mv;
-              }
-              const T bmax = hmax<T>(mv);
-              const T m_new = bmax > m[r] ? bmax : m[r];
-              // With no visible key yet, shift by 0 so that exp(-inf - shift) is 0, not NaN.
-              const T shift = m_new == -INFINITY ? T(0) : m_new;
-              const T alpha = std::exp(m[r] - shift);
-              const V sv = vbcast(shift);
-              V sum = V{};
-              for (int64_t c = 0; c < cv; c += W) {
-                const V p = vexp(vload(s + c) - sv);
-                vstore(s + c, p);
-                sum += p;
-              }
-              l[r] = l[r] * alpha + hsum<T>(sum);
-              m[r] = m_new;
-              if (alpha != T(1)) {
-                T* ar = acc + r * Dp;
-                const V av = vbcast(alpha);
-                for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
-              }
-            }
-            gemm<T>(tr, Dp, cols, S + r0 * bk, bk, Vp + j0 * Dp, Dp, acc + r0 * Dp, Dp, true);
+            if (masked)
+              for (int64_t r = r0; r < r0 + tr; ++r) mask_block<T>(S + r * bk, j0, cv, Nk, a.causal, i0 + r + off, kpm);
+            softmax_tile<T>(S, bk, r0, tr, cv, T(1), m, l, acc, Dp);
+            // Keys past k_end have p = 0 and no value row (V read in place ends at Nk).
+            gemm<T>(tr, Dp, imin(cols, k_end - j0), S + r0 * bk, bk, Vb + j0 * ldv, ldv, acc + r0 * Dp, Dp, true);
           }
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
