@@ -384,15 +384,39 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
 // Keys per block: 64, or fewer (whole vectors) for short sequences, which would otherwise pay for 64.
 inline int64_t key_block(int64_t Nk) { return imin(kBkMax, round_up(imax(Nk, 1), kPad)); }
 
-// Sets s[c] = -inf for every key of the block [j0, j0 + bk) that query row `i` may not see.
+// Sets s[c] = -inf for every key of the block [j0, j0 + bk) that query row `i` may not see. Runs once per
+// row of every masked block, so the padding mask is applied a vector at a time.
 template <typename T>
 inline void mask_block(T* s, int64_t j0, int64_t bk, int64_t Nk, bool causal, int64_t last_visible,
                        const uint8_t* kpm) {
+  typedef vec_t<T> V;
+  typedef decltype(V{} < V{}) VM;  // lane mask type (int32 or int64 lanes)
+  constexpr int W = Vec<T>::W;
+  typedef uint8_t M8 __attribute__((vector_size(W)));
   const T ninf = -INFINITY;
-  for (int64_t c = 0; c < bk; ++c) {
-    const int64_t j = j0 + c;
-    if (j >= Nk || (causal && j > last_visible) || (kpm && !kpm[j])) s[c] = ninf;
+  const int64_t in_range = imax(0, imin(bk, Nk - j0));  // columns whose key exists
+  int64_t c = 0;
+  if (kpm) {
+    const V vninf = vbcast(ninf);
+    for (; c + W <= in_range; c += W) {
+      M8 keep8;
+      std::memcpy(&keep8, kpm + j0 + c, W);
+      const VM keep = __builtin_convertvector(keep8, VM);
+      vstore(s + c, keep != 0 ? vload(s + c) : vninf);
+    }
+    for (; c < in_range; ++c)
+      if (!kpm[j0 + c]) s[c] = ninf;
   }
+  for (c = in_range; c < bk; ++c) s[c] = ninf;
+  if (causal)
+    for (c = imax(0, last_visible + 1 - j0); c < in_range; ++c) s[c] = ninf;
+}
+
+// One past the last key kept by the padding mask (Nk without one): right-padded keys beyond it cost nothing.
+inline int64_t keys_end(const uint8_t* kpm, int64_t Nk) {
+  int64_t n = Nk;
+  while (kpm && n > 0 && !kpm[n - 1]) --n;
+  return n;
 }
 
 // True when some key of block j0 is invisible to some row of [i0, i0 + rows).
@@ -693,9 +717,10 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
         for (int64_t i = q_begin; i < q_end; ++i) write_empty_row<float>(a, bh * Nq + i, acc, Dp);
         continue;
       }
-      const int64_t k_end = a.causal ? imax(0, imin(Nk, q_end + off)) : Nk;
-      const int64_t ldk = imax(bk, round_up(k_end, bk));
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
+      // Keys any row here sees: up to the causal limit and the last unpadded key.
+      const int64_t k_end = imin(a.causal ? imax(0, imin(Nk, q_end + off)) : Nk, keys_end(kpm, Nk));
+      const int64_t ldk = imax(bk, round_up(k_end, bk));
       const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
       const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
       const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
@@ -738,8 +763,9 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
           const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kpm);
           for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
             const int64_t tr = imin(kMR, rows - r0);
-            const int64_t cols = a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
-            if (cols == 0) continue;
+            const int64_t cols =
+                imin(k_end - j0, a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk);
+            if (cols <= 0) continue;
             const int64_t cv = round_up(cols, W);
             bf16_gemm(tr, cv, DP, Qw + r0 * DP, DP, Kp + j0, ldk, S + r0 * bk, bk, false);
             // Scores are scaled after masking (-inf stays -inf) inside the softmax step.
@@ -821,9 +847,10 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
         for (int64_t i = q_begin; i < q_end; ++i) write_empty_row<T>(a, bh * Nq + i, acc, Dp);
         continue;
       }
-      const int64_t k_end = a.causal ? imax(0, imin(Nk, q_end + off)) : Nk;  // keys any row here sees
-      const int64_t ldk = imax(bk, round_up(k_end, bk));
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
+      // Keys any row here sees: up to the causal limit and the last unpadded key.
+      const int64_t k_end = imin(a.causal ? imax(0, imin(Nk, q_end + off)) : Nk, keys_end(kpm, Nk));
+      const int64_t ldk = imax(bk, round_up(k_end, bk));
       const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
       const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
       const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
@@ -876,8 +903,9 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
           // last row sees, which skips the triangle above the diagonal (most of the work when N <= bk).
           for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
             const int64_t tr = imin(kMR, rows - r0);
-            const int64_t cols = a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
-            if (cols == 0) continue;  // no row of the tile sees a key of this block
+            const int64_t cols =
+                imin(k_end - j0, a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk);
+            if (cols <= 0) continue;  // no row of the tile sees a key of this block
             const int64_t cv = round_up(cols, W);
             gemm<T>(tr, cv, Dp, Qs + r0 * Dp, Dp, Kt + j0, ldk, S + r0 * bk, bk, false);
             if (masked)
