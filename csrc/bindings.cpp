@@ -235,6 +235,15 @@ PYBIND11_MODULE(_C, m) {
       },
       "C = A B + bias on raw pointers (see csrc/kernels.h).");
 
+  m.def(
+      "dot_products",
+      [] {
+        py::dict d;
+        d["avx512_bf16"] = minillm::use_bf16_dot();
+        d["avx512_vnni"] = minillm::use_vnni();
+        return d;
+      },
+      "Dot-product instructions the AVX-512 kernels use (bf16 attention, int8 top-k).");
   m.def("simd_level", [] { return std::string(minillm::isa_name(minillm::current_isa())); },
         "SIMD level the kernels run at now.");
   m.def(

@@ -133,6 +133,11 @@ bool isa_supported(int isa);  // compiled in and supported by this CPU and OS
 int best_isa();
 int current_isa();
 void set_isa(int isa);  // caller checks isa_supported first
+// Dot-product instructions the AVX-512 kernels use when the CPU has them (checked once):
+// vdpbf16ps for bf16 attention (MINILLM_NO_BF16DOT=1 turns it off) and vpdpbusd for the int8
+// top-k scan (MINILLM_NO_VNNI=1).
+bool use_bf16_dot();
+bool use_vnni();
 
 int dispatch_attention_fwd(const AttnFwdArgs& a);
 int dispatch_attention_bwd(const AttnBwdArgs& a);

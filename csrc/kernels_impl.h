@@ -82,16 +82,6 @@ inline T hmax(vec_t<T> v) {
     for (int i = 0; i < w; ++i) a[i] = a[i + w] > a[i] ? a[i + w] : a[i];
   return a[0];
 }
-#if defined(__AVX512F__)
-template <>
-inline float hsum<float>(vec_t<float> v) {
-  return _mm512_reduce_add_ps(reinterpret_cast<__m512&>(v));
-}
-template <>
-inline double hsum<double>(vec_t<double> v) {
-  return _mm512_reduce_add_pd(reinterpret_cast<__m512d&>(v));
-}
-#endif
 
 // exp for softmax arguments (x <= 0 in practice). Cephes-style: round x/ln2 to n, a degree-6
 // polynomial on the remainder, then scale by 2^n through the exponent bits. Results below FLT_MIN
@@ -604,10 +594,6 @@ int attention_decode_impl(const AttnFwdArgs& a) {
 // q k^T is scaled in fp32 (scaling q first would round it once more); p is rounded to bf16 for p v,
 // as torch's bf16 flash kernel does.
 
-inline bool cpu_has_bf16dot() {
-  static const bool has = __builtin_cpu_supports("avx512bf16") && !std::getenv("MINILLM_NO_BF16DOT");
-  return has;
-}
 
 // C (MR, NV * 16) (+)= A (MR, KP pairs) B (KP pairs, NV * 16): A row-major words (lda words per row), B rows of ldb words.
 template <int MR, int NV>
@@ -802,9 +788,8 @@ template <typename T>
 int attention_fwd_impl(const AttnFwdArgs& a) {
   if (a.Nq <= kDecodeRows) return attention_decode_impl<T>(a);
 #if defined(__AVX512BW__)
-  if (std::is_same<T, float>::value && a.dtype == kBF16 && cpu_has_bf16dot()) return attention_fwd_bf16dot(a);
+  if (std::is_same<T, float>::value && a.dtype == kBF16 && use_bf16_dot()) return attention_fwd_bf16dot(a);
 #endif
-  typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
   const int64_t bk = key_block(Nk);
@@ -1137,7 +1122,7 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
 template <typename T>
 int attention_bwd_impl(const AttnBwdArgs& a) {
 #if defined(__AVX512BW__)
-  if (std::is_same<T, float>::value && a.dtype == kBF16 && cpu_has_bf16dot()) return attention_bwd_bf16dot(a);
+  if (std::is_same<T, float>::value && a.dtype == kBF16 && use_bf16_dot()) return attention_bwd_bf16dot(a);
 #endif
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
@@ -1587,11 +1572,7 @@ __attribute__((target("avx512vnni,avx512bw,avx512f"))) inline void dot_block_i8_
   }
 }
 
-// MINILLM_NO_VNNI=1 takes the vpmaddwd path instead (tests cover both on a VNNI machine).
-inline bool cpu_has_vnni() {
-  static const bool has = __builtin_cpu_supports("avx512vnni") && !std::getenv("MINILLM_NO_VNNI");
-  return has;
-}
+// use_vnni() is false with MINILLM_NO_VNNI=1: the vpmaddwd path (tests cover both on a VNNI machine).
 
 // Queries as u8 = round(q * scale) + 128 with |q| * scale <= 127. Returns 1 / scale (0 for a zero query).
 inline float quantize_u8(const float* q, int64_t d, int64_t K, uint8_t* out) {
@@ -1718,9 +1699,9 @@ int topk_impl(const TopkArgs& a) {
   int16_t* Qi = i8q ? shared.take<int16_t>(Q * di) : nullptr;  // (Q, di) int16 queries (or u8 ones: VNNI)
   float* qinv = i8q ? shared.take<float>(Q) : nullptr;         // their inverse scales
 #if defined(__AVX512BW__)
-  const bool vnni = i8q && cpu_has_vnni();
+  const bool vnni = i8q && use_vnni();
 #else
-  const bool vnni = false;
+  [[maybe_unused]] const bool vnni = false;
 #endif
   for (int64_t i = 0; i < Q; ++i) {
     load_row<float>(a.queries + i * d, kF32, d, dp, 1.0f, Qp + i * dp);

@@ -1,6 +1,7 @@
 // Runtime choice of the SIMD level: the best one this CPU and OS support, chosen once at load time;
 // set_isa() (MINILLM_SIMD from Python, and the tests) can lower it.
 #include <atomic>
+#include <cstdlib>
 
 #include "kernels.h"
 
@@ -45,6 +46,23 @@ int best_isa() {
 
 int current_isa() { return current().load(); }
 void set_isa(int isa) { current().store(isa); }
+
+#if defined(MINILLM_HAVE_X86_ISAS) && (defined(__GNUC__) || defined(__clang__))
+// __builtin_cpu_supports takes string literals only, hence the macro.
+#define MINILLM_CPU_FLAG_UNLESS(flag, env) (__builtin_cpu_supports(flag) && !std::getenv(env))
+#else
+#define MINILLM_CPU_FLAG_UNLESS(flag, env) false
+#endif
+
+bool use_bf16_dot() {
+  static const bool on = MINILLM_CPU_FLAG_UNLESS("avx512bf16", "MINILLM_NO_BF16DOT");
+  return on;
+}
+bool use_vnni() {
+  static const bool on = MINILLM_CPU_FLAG_UNLESS("avx512vnni", "MINILLM_NO_VNNI");
+  return on;
+}
+#undef MINILLM_CPU_FLAG_UNLESS
 
 #if defined(MINILLM_HAVE_X86_ISAS)
 #define MINILLM_DISPATCH(fn, args)                      \
