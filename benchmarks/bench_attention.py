@@ -112,9 +112,51 @@ def main() -> None:
                 print_table(rows[-1:], list(rows[-1]), floatfmt=".3g")
     print()
     print_table(rows, list(rows[0]), floatfmt=".3g")
+    overhead = call_overhead_us(dev, dtype)
+    print("call overhead on (1, 1, 8, 8) inputs, us per call (median of 2000): " +
+          ", ".join(f"{k} {v:.1f}" for k, v in overhead.items()))
+    info["call_overhead_us"] = overhead
     write_json(args.json, {**info, "baseline_failures": reasons}, rows)
     fwd = [r for r in rows if r["pass"] == "fwd" and r["case"] == "bidir"]
     plot(args.plot, fwd, "N", ["minillm GFLOP/s", "sdpa GFLOP/s"], "attention forward, bidirectional", "GFLOP/s")
+
+
+def call_overhead_us(dev, dtype) -> dict:
+    """Per-call cost where the math is negligible: minillm.ops.attention, its raw kernel binding (no Python
+    wrapper, CPU only), and torch SDPA, forward and forward + backward."""
+    import statistics
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from minillm.ops import _backend, attention
+
+    q, k, v = (torch.randn(1, 1, 8, 8, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, 1, 8, 8, device=dev, dtype=dtype)
+
+    def per_call(fn, n=2000):
+        for _ in range(200):
+            fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times)
+
+    out = {}
+    with torch.no_grad():
+        out["minillm fwd"] = per_call(lambda: attention(q, k, v))
+        out["sdpa fwd"] = per_call(lambda: F.scaled_dot_product_attention(q, k, v))
+    out["minillm fwd+bwd"] = per_call(lambda: attention(q, k, v).backward(g))
+    out["sdpa fwd+bwd"] = per_call(lambda: F.scaled_dot_product_attention(q, k, v).backward(g))
+    if dev.type == "cpu" and _backend.native_available() and dtype == torch.float32:
+        o, lse = torch.empty(1, 1, 8, 8), torch.empty(1, 1, 8)
+        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), 0, 0, (1, 1, 8, 8, 8),
+                (64, 64, 8), (64, 64, 8), (64, 64, 8), False, 0, 8 ** -0.5, 0, 1)
+        out["raw kernel fwd"] = per_call(lambda: _backend._C.attention_fwd(*args))
+    return out
 
 
 if __name__ == "__main__":

@@ -1679,7 +1679,11 @@ int topk_impl(const TopkArgs& a) {
   const bool use_gemm = Q >= kGemmMinQ;
   // ~32 KB of corpus per tile keeps it in L1/L2 while every query of the item passes over it.
   // Rows scanned in place for a few queries (fused) need no converted copy: longer tiles, fewer passes.
-  const int64_t tile = fused || (direct && Q <= kMQ) ? 256 : imax(kNC, imin(512, (8192 / dp) / kNC * kNC));
+  // As a GEMM (many queries) a tile is whole micro-kernel row tiles (a remainder tile of 2 rows runs at a
+  // third of the FMA rate), ~24 K values: 60 rows of 384 dimensions.
+  const int64_t tile = fused || (direct && Q <= kMQ) ? 256
+                       : use_gemm ? imax(kMR, imin(510, (24576 / dp) / kMR * kMR))
+                                  : imax(kNC, imin(512, (8192 / dp) / kNC * kNC));
   const int64_t nqb = (Q + kQb - 1) / kQb;
   const int64_t ntiles = (N + tile - 1) / tile;
   // Few query blocks (small Q): also split the corpus, one running top-k per (query, part).
@@ -1774,7 +1778,12 @@ int topk_impl(const TopkArgs& a) {
         if (use_gemm) {
           int64_t ldc;
           const float* C = fp32_tile(t0, nrows, &ldc);
-          gemm<float>(nrows, qpad, dp, C, ldc, QT, qpad, S, qpad, false);  // S: (nrows, qpad)
+          // S: (nrows, qpad), 32 queries at a time: QT streams from L2 (384 x 64 floats do not fit L1), and
+          // 12 x 2-vector tiles need half the loads from it per FMA that 6 x 4-vector tiles do.
+          int64_t j = 0;
+          for (; j + 2 * Vec<float>::W <= qpad; j += 2 * Vec<float>::W)
+            gemm_panel<float, 2>(nrows, dp, C, ldc, QT + j, qpad, S + j, qpad, false);
+          if (j < qpad) gemm<float>(nrows, qpad - j, dp, C, ldc, QT + j, qpad, S + j, qpad, false);
           select_by_row(S, qpad, nrows, t0, nq, qn2, invq, cc, a.metric, k, heaps + (q0 * parts + part) * k,
                         parts * k, sizes + q0 * parts + part, parts, bar, open);
           continue;
