@@ -3,7 +3,9 @@
 Configuration as nanoGPT's shakespeare_char CPU example: 90/10 split by position, n_layer 4, n_head 4,
 n_embd 128, block 64, batch 12, 2000 iterations, lr 1e-3 -> 1e-4 cosine with 100 warmup, AdamW betas
 (0.9, 0.99), weight decay 0.1, grad clip 1.0, dropout 0, no biases. Both runs draw the same batches
-from the same seed. Reports validation loss (mean over --eval-iters batches) and ms per iteration.
+from the same seed. Reports minillm's validation loss after --iters iterations (mean over --eval-iters batches;
+--plain-full-run trains the plain model as long for its loss too) and ms per iteration of both, measured side
+by side in alternating rounds.
 
     python benchmarks/train_shakespeare_char.py --data ../shared/data/tinyshakespeare/input.txt
 """
@@ -80,7 +82,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--eval-iters", type=int, default=200, help="validation batches for the final loss")
     ap.add_argument("--timing-iters", type=int, default=200,
-                    help="iterations of the plain-PyTorch run (timing only; 0 = full run with its val loss)")
+                    help="timed iterations per model, run side by side in alternating rounds of 20")
+    ap.add_argument("--plain-full-run", action="store_true",
+                    help="also train the plain-PyTorch model for --iters iterations and report its val loss")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -119,31 +123,42 @@ def main() -> None:
         ratio = (it - warmup) / (args.iters - warmup)
         return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
-    def run(model, forward, iters):
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=1e-3, betas=(0.9, 0.99))
-        gen = torch.Generator().manual_seed(args.seed)
-        times = []
-        for it in range(iters):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(it)
-            x, y = get_batch("train", gen)
-            t0 = time.perf_counter()
-            loss = forward(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            times.append(time.perf_counter() - t0)
-        model.eval()
-        vgen = torch.Generator().manual_seed(args.seed + 1)
-        with torch.no_grad():
-            val = float(np.mean([forward(model, *get_batch("val", vgen)).item() for _ in range(args.eval_iters)]))
-        model.train()
-        steady = times[min(20, len(times) // 10):]  # the first iterations warm caches and allocators
-        return val, 1000 * float(np.median(steady))
+    class Run:
+        """One model's training loop (nanoGPT's: AdamW, no decay on norms, cosine lr, clipping), steppable."""
+
+        def __init__(self, model, forward):
+            self.model, self.forward, self.it, self.times = model, forward, 0, []
+            decay = [p for p in model.parameters() if p.dim() >= 2]
+            no_decay = [p for p in model.parameters() if p.dim() < 2]
+            self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                          {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+            self.gen = torch.Generator().manual_seed(args.seed)
+
+        def steps(self, n):
+            for _ in range(n):
+                for g in self.opt.param_groups:
+                    g["lr"] = lr_at(self.it)
+                x, y = get_batch("train", self.gen)
+                t0 = time.perf_counter()
+                loss = self.forward(self.model, x, y)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.opt.step()
+                self.times.append(time.perf_counter() - t0)
+                self.it += 1
+
+        def val_loss(self):
+            self.model.eval()
+            vgen = torch.Generator().manual_seed(args.seed + 1)
+            with torch.no_grad():
+                val = float(np.mean([self.forward(self.model, *get_batch("val", vgen)).item()
+                                     for _ in range(args.eval_iters)]))
+            self.model.train()
+            return val
+
+        def ms_per_iter(self, skip=0):
+            return 1000 * float(np.median(self.times[skip:]))
 
     torch.manual_seed(args.seed)
     ours = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": tok.vocab_size, "d_model": n_embd,
@@ -169,16 +184,43 @@ def main() -> None:
     if diff > 1e-4:
         sys.exit("the two models disagree; not timing")
 
+    def forward_ours(m, x, y):
+        return m(x, targets=y)[1]
+
+    def forward_plain(m, x, y):
+        return m(x, y)[1]
+
     t0 = time.perf_counter()
-    val_ours, ms_ours = run(ours, lambda m, x, y: m(x, targets=y)[1], args.iters)
-    print(f"minillm: val loss {val_ours:.4f}, {ms_ours:.2f} ms/iter ({time.perf_counter() - t0:.0f} s)")
-    plain_iters = args.timing_iters or args.iters
-    t0 = time.perf_counter()
-    val_plain, ms_plain = run(plain, lambda m, x, y: m(x, y)[1], plain_iters)
-    print(f"plain PyTorch: {plain_iters} iters, {ms_plain:.2f} ms/iter ({time.perf_counter() - t0:.0f} s)")
+    full = Run(ours, forward_ours)
+    full.steps(args.iters)
+    val_ours = full.val_loss()
+    print(f"minillm: {args.iters} iters, val loss {val_ours:.4f}, {full.ms_per_iter(20):.2f} ms/iter "
+          f"({time.perf_counter() - t0:.0f} s)")
+    val_plain = math.nan
+    if args.plain_full_run:
+        plain_full = Run(build_plain_gpt(tok.vocab_size, n_layer, n_head, n_embd, block), forward_plain)
+        plain_full.steps(args.iters)
+        val_plain = plain_full.val_loss()
+        print(f"plain PyTorch: {args.iters} iters, val loss {val_plain:.4f}")
+
+    # Speed, side by side: fresh models train in alternating rounds of 20 iterations (after 20 warm-up
+    # iterations each), so that both see the same phases of a shared machine's load.
+    torch.manual_seed(args.seed)
+    a = Run(DecoderOnlyModel(ours.config), forward_ours)
+    torch.manual_seed(args.seed)
+    b = Run(plain, forward_plain)
+    a.steps(20)
+    b.steps(20)
+    rounds = max(1, args.timing_iters // 20)
+    for _ in range(rounds):
+        a.steps(20)
+        b.steps(20)
+    ms_ours, ms_plain = a.ms_per_iter(20), b.ms_per_iter(20)
+    print(f"side by side, {rounds} rounds of 20 iterations each: minillm {ms_ours:.2f} ms/iter, "
+          f"plain PyTorch {ms_plain:.2f} ms/iter")
     row = {"iters": args.iters, "minillm val loss": val_ours, "nanoGPT reference val loss": 1.886,
-           "plain val loss": val_plain if plain_iters == args.iters else math.nan,
-           "minillm ms/iter": ms_ours, "plain PyTorch ms/iter": ms_plain, "speed ratio": ms_plain / ms_ours}
+           "plain val loss": val_plain, "minillm ms/iter": ms_ours, "plain PyTorch ms/iter": ms_plain,
+           "speed ratio": ms_plain / ms_ours}
     print_table([row], list(row), floatfmt=".4g")
     write_json(args.json, info, [row])
 

@@ -1925,6 +1925,8 @@ int linear_impl(const LinearArgs& a) {
 constexpr int64_t kGemmKC = 128;
 // Rows per work item: its A block (96 x 128) stays in L2 across the item's panels.
 constexpr int64_t kGemmMC = 96;
+// Packed B up to this many elements (1 MB of floats) is packed before the parallel region.
+constexpr int64_t kPackFirstElems = 1 << 18;
 
 // Packs rows [k0, k0 + kc) of B's panel jp (columns [jp * NR, jp * NR + NR)) into dst (kc, NR),
 // zero-padding columns past N.
@@ -1972,17 +1974,24 @@ int gemm_impl(const GemmArgs& g) {
   const int64_t want_groups = imin(np, imax(1, (4 * nt + mb - 1) / mb));
   const int64_t pg = (np + want_groups - 1) / want_groups, groups = (np + pg - 1) / pg;
   const int64_t items = mb * groups;
+  auto pack_b_item = [&](int64_t t) {
+    const int64_t jp = t / nkb, k0 = (t % nkb) * kGemmKC;
+    pack_b_block<T>(g, jp, k0, imin(kGemmKC, K - k0), Bp + (jp * K + k0) * NR);
+  };
+  const bool pack_first = nt == 1 || np * K * NR <= kPackFirstElems;
+  if (pack_first)
+    for (int64_t t = 0; t < np * nkb; ++t) pack_b_item(t);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(Arena::need<T>(kGemmMC * NR));
     const bool ok = thread_arena_ok(arena, &status);
     T* edge = ok ? arena.take<T>(kGemmMC * NR) : nullptr;  // (MC, NR): tile of the last, partial panel
+    // A small B is packed by the calling thread before the region: a parallel packing loop would end in a
+    // barrier that waits for the woken thread (~50-90 us under OMP_WAIT_POLICY=PASSIVE here), while the
+    // dynamically scheduled products below start at once and take the other thread whenever it arrives.
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < np * nkb; ++t) {
-      const int64_t jp = t / nkb, k0 = (t % nkb) * kGemmKC;
-      pack_b_block<T>(g, jp, k0, imin(kGemmKC, K - k0), Bp + (jp * K + k0) * NR);
-    }
+    for (int64_t t = 0; t < (pack_first ? 0 : np * nkb); ++t) pack_b_item(t);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       if (!ok) continue;
