@@ -120,7 +120,7 @@ def main() -> None:
         warmup, lr, min_lr = 100, 1e-3, 1e-4
         if it < warmup:
             return lr * (it + 1) / (warmup + 1)
-        ratio = (it - warmup) / (args.iters - warmup)
+        ratio = min(1.0, (it - warmup) / max(1, args.iters - warmup))  # the timing rounds may run past --iters
         return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
     class Run:

@@ -8,6 +8,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -145,6 +146,25 @@ int run_linear(LinearArgs a) {
   return minillm::dispatch_linear_small_m(a);
 }
 
+GemmArgs gemm_args(uintptr_t a, int64_t lda, bool a_colmajor, uintptr_t b, int64_t ldb, bool b_colmajor,
+                   uintptr_t bias, uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
+  GemmArgs g{};
+  g.a = ptr<const void*>(a);
+  g.lda = lda;
+  g.a_colmajor = a_colmajor;
+  g.b = ptr<const void*>(b);
+  g.ldb = ldb;
+  g.b_colmajor = b_colmajor;
+  g.bias = ptr<const void*>(bias);
+  g.c = ptr<void*>(c);
+  g.M = M, g.N = N, g.K = K;
+  g.dtype = dtype;
+  g.nthreads = nthreads;
+  return g;
+}
+using GemmTuple = std::tuple<uintptr_t, int64_t, bool, uintptr_t, int64_t, bool, uintptr_t, uintptr_t, int64_t,
+                             int64_t, int64_t, int>;
+
 int run_gemm(GemmArgs g) {
   py::gil_scoped_release nogil;
   return minillm::dispatch_gemm(g);
@@ -219,21 +239,22 @@ PYBIND11_MODULE(_C, m) {
       "gemm",
       [](uintptr_t a, int64_t lda, bool a_colmajor, uintptr_t b, int64_t ldb, bool b_colmajor, uintptr_t bias,
          uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
-        GemmArgs g{};
-        g.a = ptr<const void*>(a);
-        g.lda = lda;
-        g.a_colmajor = a_colmajor;
-        g.b = ptr<const void*>(b);
-        g.ldb = ldb;
-        g.b_colmajor = b_colmajor;
-        g.bias = ptr<const void*>(bias);
-        g.c = ptr<void*>(c);
-        g.M = M, g.N = N, g.K = K;
-        g.dtype = dtype;
-        g.nthreads = nthreads;
-        check(run_gemm(g), "gemm");
+        check(run_gemm(gemm_args(a, lda, a_colmajor, b, ldb, b_colmajor, bias, c, M, N, K, dtype, nthreads)), "gemm");
       },
       "C = A B + bias on raw pointers (see csrc/kernels.h).");
+  m.def(
+      "gemm_pair",
+      [](const GemmTuple& x, const GemmTuple& y, int nthreads) {
+        const GemmArgs g1 = std::apply(gemm_args, std::tuple_cat(x, std::make_tuple(1)));
+        const GemmArgs g2 = std::apply(gemm_args, std::tuple_cat(y, std::make_tuple(1)));
+        int status;
+        {
+          py::gil_scoped_release nogil;
+          status = minillm::dispatch_gemm_pair(g1, g2, nthreads);
+        }
+        check(status, "gemm_pair");
+      },
+      "Two independent gemm calls, each given as the arguments of gemm without nthreads, one per thread.");
 
   m.def(
       "dot_products",

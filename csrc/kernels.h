@@ -144,5 +144,6 @@ int dispatch_attention_bwd(const AttnBwdArgs& a);
 int dispatch_topk(const TopkArgs& a);
 int dispatch_linear_small_m(const LinearArgs& a);
 int dispatch_gemm(const GemmArgs& g);
+int dispatch_gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads);
 
 }  // namespace minillm

@@ -49,21 +49,45 @@ def _operand(t: Tensor) -> Tuple[Tensor, int, bool]:
     return t, max(cols, 1), False
 
 
-def _gemm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """a (M, K) @ b (K, N) + bias (N,) -> contiguous (M, N) on the native GEMM."""
+def _gemm_call(a: Tensor, b: Tensor, bias: Optional[Tensor]):
+    """(output (M, N), the gemm binding's arguments without the thread count, tensors to keep alive), or
+    (output, None, None) when the shapes need no kernel (empty, or K = 0)."""
     M, K = a.shape
     N = b.shape[1]
     c = a.new_empty((M, N))
     if M == 0 or N == 0:
-        return c
+        return c, None, None
     if K == 0:
-        return c.zero_() if bias is None else c.copy_(bias.expand(M, N))
+        return (c.zero_() if bias is None else c.copy_(bias.expand(M, N))), None, None
     a, lda, a_col = _operand(a)
     b, ldb, b_col = _operand(b)
     bias = bias.contiguous() if bias is not None else None
-    _backend._C.gemm(a.data_ptr(), lda, a_col, b.data_ptr(), ldb, b_col, bias.data_ptr() if bias is not None else 0,
-                     c.data_ptr(), M, N, K, _DTYPE_CODE[a.dtype], _backend.threads_for(_gemm_us(M, N, K)))
+    args = (a.data_ptr(), lda, a_col, b.data_ptr(), ldb, b_col, bias.data_ptr() if bias is not None else 0,
+            c.data_ptr(), M, N, K, _DTYPE_CODE[a.dtype])
+    return c, args, (a, b, bias)
+
+
+def _gemm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """a (M, K) @ b (K, N) + bias (N,) -> contiguous (M, N) on the native GEMM."""
+    c, args, _keep = _gemm_call(a, b, bias)
+    if args is not None:
+        _backend._C.gemm(*args, _backend.threads_for(_gemm_us(*args[8:11])))
     return c
+
+
+def _gemm_pair(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tuple[Tensor, Tensor]:
+    """a1 @ b1 and a2 @ b2 (no bias), one product per thread when both are worth a thread."""
+    c1, args1, _keep1 = _gemm_call(a1, b1, None)
+    c2, args2, _keep2 = _gemm_call(a2, b2, None)
+    if args1 is None or args2 is None:
+        if args1 is not None:
+            _backend._C.gemm(*args1, _backend.threads_for(_gemm_us(*args1[8:11])))
+        if args2 is not None:
+            _backend._C.gemm(*args2, _backend.threads_for(_gemm_us(*args2[8:11])))
+        return c1, c2
+    threads = _backend.threads_for(min(_gemm_us(*args1[8:11]), _gemm_us(*args2[8:11])))
+    _backend._C.gemm_pair(args1, args2, threads)
+    return c1, c2
 
 
 # ---- custom ops (schema once; CPU implementation, fake and autograd beside each) ----
@@ -169,8 +193,12 @@ class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx = _MatmulFunction.apply(dy, weight) if ctx.needs_input_grad[0] else None  # (M, N) @ (N, K)
-        dw = _MatmulFunction.apply(dy.t(), x) if ctx.needs_input_grad[1] else None   # (N, M) @ (M, K)
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not torch.is_grad_enabled():
+            # Both products at once, one per thread (create_graph=True takes the differentiable path below).
+            dx, dw = _gemm_pair(dy, weight, dy.t(), x)  # (M, N) @ (N, K), (N, M) @ (M, K)
+        else:
+            dx = _MatmulFunction.apply(dy, weight) if ctx.needs_input_grad[0] else None
+            dw = _MatmulFunction.apply(dy.t(), x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
