@@ -181,13 +181,18 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.causal_offset, ctx.scale = causal, causal_offset, scale
 
 
-def _backward(ctx, dout, dlse):
+def _grads(ctx, dout, dlse, attention_bwd):
+    """(dq, dk, dv, None x 5) from the saved context, through `attention_bwd` (the op, or its CPU body)."""
     q, k, v, out, lse, key_padding_mask, query_padding_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, ctx.causal,
-                                ctx.causal_offset, ctx.scale)
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, ctx.causal,
+                               ctx.causal_offset, ctx.scale)
     return dq, dk, dv, None, None, None, None, None
+
+
+def _backward(ctx, dout, dlse):
+    return _grads(ctx, dout, dlse, _attention_bwd)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -200,22 +205,16 @@ class _AttentionFunction(torch.autograd.Function):
     torch.compile traces, and every other device, goes through the custom op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
-        out, lse = _forward_cpu(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, query_padding_mask)
-        ctx.causal, ctx.causal_offset, ctx.scale = causal, causal_offset, scale
+    def forward(ctx, *inputs):
+        output = _forward_cpu(*inputs)
+        _setup_context(ctx, inputs, output)
         ctx.set_materialize_grads(False)
-        return out, lse
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, key_padding_mask, query_padding_mask = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _backward_cpu(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, ctx.causal,
-                                   ctx.causal_offset, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        return _grads(ctx, dout, dlse, _backward_cpu)
 
 
 # ---- public API ----
@@ -286,7 +285,9 @@ def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: flo
     if native:
         args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
-            return _AttentionFunction.apply(*args)[0]
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return _AttentionFunction.apply(*args)[0]
+            return _forward_cpu(*args)[0]  # nothing to differentiate: no autograd node to build
         return _attention_fwd(*args)[0]
     return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                                causal_offset=causal_offset, query_padding_mask=query_padding_mask)

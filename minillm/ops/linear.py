@@ -231,7 +231,12 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     ):
         _backend.log_path_once("linear", x.device, True)
         x2 = x.reshape(-1, K)  # (M, K)
-        y = _linear(x2, weight, bias) if torch.compiler.is_compiling() else _LinearFunction.apply(x2, weight, bias)
+        if torch.compiler.is_compiling():
+            y = _linear(x2, weight, bias)
+        elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            y = _LinearFunction.apply(x2, weight, bias)
+        else:
+            y = _linear_cpu(x2, weight, bias)  # nothing to differentiate: no autograd node to build
         return y.reshape(x.shape[:-1] + (weight.shape[0],))
     return F.linear(x, weight, bias)
 
