@@ -1336,8 +1336,9 @@ constexpr int64_t kQb = 64;            // queries per work item
 
 // Rows ahead of the one being scored that are requested from memory early: narrow rows come in faster
 // than the hardware prefetcher ramps up within a tile. The requests are non-temporal (prefetchnta): a scan
-// reads each row once, and keeping it out of the outer caches raised a 1M x 384 fp32 scan from ~45 to
-// ~65-70 GB/s here (bench_topk, Q = 1; the drift between runs on this shared machine is large).
+// reads each row once, and keeping it out of the outer caches raised a 1M x 384 fp32 scan (a torch tensor,
+// Q = 1) from ~45 to ~65-70 GB/s in most runs here; bandwidth on this shared machine drifts a lot between
+// runs and processes (bench_topk's numpy corpus measured 41-48 GB/s).
 constexpr int64_t kPrefetchBytes = 8192;
 
 inline void prefetch_rows(const void* C, int64_t row_bytes, int64_t j, int64_t nrows) {

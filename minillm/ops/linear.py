@@ -181,8 +181,9 @@ class _MatmulFunction(torch.autograd.Function):
 
 class _LinearFunction(torch.autograd.Function):
     """Eager CPU calls: `minillm::linear`'s kernels and autograd without the custom-op dispatch, which costs
-    ~25 us per forward and as much again per backward here, a tenth of a linear layer's time at the
-    shapes of a small GPT's training step. Code that torch.compile traces goes through the custom op."""
+    ~8 us per forward and ~23 us per forward + backward here (measured on a (20, 8) input: op 17 / 54 us,
+    this class 9 / 31 us), close to a tenth of a linear layer's time at the shapes of a small GPT's training
+    step. Code that torch.compile traces goes through the custom op."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
