@@ -61,9 +61,9 @@ template <typename T>
 inline vec_t<T> vbcast(T x) {
   return vec_t<T>{} + x;
 }
-// Horizontal sum and max. A lane-by-lane loop is a chain of W dependent adds (~50 cycles for 16 floats), paid
-// per row of a softmax; halving the vector log2(W) times shortens the chain to 4 steps. The order is fixed,
-// so equal inputs still give equal results.
+// Horizontal sum and max, paid per row of a softmax: halving the vector log2(W) times makes a chain of 4
+// dependent steps for 16 floats instead of the 15 of a lane-by-lane loop. The order is fixed, so equal
+// inputs still give equal results.
 template <typename T>
 inline T hsum(vec_t<T> v) {
   constexpr int W = Vec<T>::W;

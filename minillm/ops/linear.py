@@ -4,9 +4,9 @@ Two kernels sit behind `minillm::linear`:
 - few rows (M <= SMALL_M, KV-cache decoding): the step's cost is reading the weights, so each weight row
   is streamed once, with no packed copy;
 - more rows (training, prompt processing, embedding batches): a packed, register-blocked GEMM
-  (csrc/kernels_impl.h, `gemm_impl`). On this project's AVX-512 machine (AMD Zen 5) it runs at about
-  2x torch's fp32 `addmm`, whose MKL code path does not use AVX-512 on non-Intel CPUs
-  (benchmarks/bench_linear.py measures it side by side).
+  (csrc/kernels_impl.h, `gemm_impl`). On this project's AVX-512 machine (AMD Zen 5) torch's fp32 `addmm`
+  runs at ~210-230 GFLOP/s at every size; benchmarks/bench_linear.py measured this GEMM at 1.2-1.9x it
+  forward and 1.8-1.95x forward + backward on the models' layer shapes.
 
 Backward runs on the same GEMM through `minillm::matmul`: dx = dy W, dW = dy^T x (a transposed view,
 read in place). Shapes: x (..., K), weight (N, K), bias (N,) -> (..., N), as in torch.nn.functional.linear.
@@ -228,7 +228,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         and x.dtype in _DTYPE_CODE and weight.dtype == x.dtype
         and (bias is None or (bias.dtype == x.dtype and bias.shape == (weight.shape[0],)))
         and weight.device == x.device and _backend.native_for(x.device)
-        and (x.numel() // K <= SMALL_M or gemm_native(x.device))
+        # Few rows stream the weight row by row, so a transposed view (GPT-2's Conv1D) would need a copy of
+        # the whole weight per call; F.linear multiplies it in place (measured at a decode step of
+        # (1, 768) x (768, 2304)^T: 89 us vs 794 us through the copy).
+        and (weight.is_contiguous() if x.numel() // K <= SMALL_M else gemm_native(x.device))
     ):
         _backend.log_path_once("linear", x.device, True)
         x2 = x.reshape(-1, K)  # (M, K)

@@ -68,6 +68,15 @@ def test_dispatch_batched_strides_and_fallback():
     torch.testing.assert_close(linear(half, w.bfloat16()), F.linear(half, w.bfloat16()))
 
 
+def test_transposed_weight_at_few_rows_takes_f_linear():
+    # A streaming kernel would copy a transposed weight (GPT-2's Conv1D) on every decoding step.
+    w = torch.randn(40, 24).t()  # (24, 40) viewed as (N, K)
+    x = torch.randn(3, 40)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    xs = torch.randn(50, 40)  # many rows: the GEMM reads the transposed view in place
+    torch.testing.assert_close(linear(xs, w), F.linear(xs, w), atol=1e-5, rtol=1e-5)
+
+
 def test_gemm_only_at_avx512():
     levels = _backend.simd_levels()
     lower = [lv for lv in levels if lv != "avx512"]
