@@ -57,9 +57,12 @@ template <typename T>
 inline void vstore(T* p, vec_t<T> v) {
   std::memcpy(p, &v, VB);
 }
+// x - 0 rather than 0 + x: x - 0 is x for every x, so the compiler emits a bare broadcast (from memory when x
+// is loaded), while 0 + x is not x for x = -0 and keeps a scalar add in front of every broadcast, one more
+// uop per row of a GEMM tile (the AVX2 attention forward ran ~1.6x slower for it).
 template <typename T>
 inline vec_t<T> vbcast(T x) {
-  return vec_t<T>{} + x;
+  return x - vec_t<T>{};
 }
 // Horizontal sum and max, paid per row of a softmax: halving the vector log2(W) times makes a chain of 4
 // dependent steps for 16 floats instead of the 15 of a lane-by-lane loop. The order is fixed, so equal
@@ -373,6 +376,11 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
 
 // Keys per block: 64, or fewer (whole vectors) for short sequences, which would otherwise pay for 64.
 inline int64_t key_block(int64_t Nk) { return imin(kBkMax, round_up(imax(Nk, 1), kPad)); }
+
+// Leading dimension of a transposed (D-major) copy of n keys: one vector past n, so that consecutive rows do
+// not sit a multiple of 4 KB apart (n = 1024 fp32), which puts every row a GEMM tile reads in the same L1
+// set (measured: the AVX2 forward's B loads stalled on it at N = 1024 and 2048).
+inline int64_t transposed_ld(int64_t n) { return n + kPad; }
 
 // Sets s[c] = -inf for every key of the block [j0, j0 + bk) that query row `i` may not see. Runs once per
 // row of every masked block, so the padding mask is applied a vector at a time.
@@ -804,7 +812,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
   const int64_t chunks = B * H >= 2 * nt ? 1 : imax(1, imin(nqb, (2 * nt + B * H - 1) / (B * H)));
   const int64_t qb_per_chunk = (nqb + chunks - 1) / chunks;
   const int64_t items = B * H * chunks;
-  const size_t arena_bytes = Arena::need<T>(Dp * NkP) + Arena::need<T>(NkP * Dp) + Arena::need<T>(kBq * Dp) +
+  const size_t arena_bytes = Arena::need<T>(Dp * transposed_ld(NkP)) + Arena::need<T>(NkP * Dp) + Arena::need<T>(kBq * Dp) +
                              Arena::need<T>(kBq * bk) + Arena::need<T>(kBq * Dp) + 2 * Arena::need<T>(kBq) +
                              Arena::need<uint8_t>(nkb);
   int status = kOk;
@@ -812,7 +820,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
   {
     Arena arena(arena_bytes);
     const bool ok = thread_arena_ok(arena, &status);
-    T* Kt = ok ? arena.take<T>(Dp * NkP) : nullptr;  // (Dp, ldk): K transposed
+    T* Kt = ok ? arena.take<T>(Dp * transposed_ld(NkP)) : nullptr;  // (Dp, ldk): K transposed
     T* Vp = ok ? arena.take<T>(NkP * Dp) : nullptr;  // (keys, Dp)
     T* Qs = ok ? arena.take<T>(kBq * Dp) : nullptr;  // (kBq, Dp): q * scale
     T* S = ok ? arena.take<T>(kBq * bk) : nullptr;  // (kBq, bk): scores, then probabilities
@@ -835,7 +843,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
       // Keys any row here sees: up to the causal limit and the last unpadded key.
       const int64_t k_end = imin(a.causal ? imax(0, imin(Nk, q_end + off)) : Nk, keys_end(kpm, Nk));
-      const int64_t ldk = imax(bk, round_up(k_end, bk));
+      const int64_t ldk = transposed_ld(imax(bk, round_up(k_end, bk)));
       const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
       const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
       const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
@@ -1131,8 +1139,9 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
   const int64_t Dp = round_up(D, kPad), NkP = round_up(Nk, bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
-  const size_t arena_bytes = 3 * Arena::need<T>(Nq * Dp) + Arena::need<T>(Nq) + 3 * Arena::need<T>(Dp * NkP) +
-                             2 * Arena::need<T>(NkP * Dp) + 2 * Arena::need<T>(kBq * bk) + Arena::need<uint8_t>(nkb);
+  const int64_t ldt = transposed_ld(NkP);
+  const size_t arena_bytes = 3 * Arena::need<T>(Nq * Dp) + Arena::need<T>(Nq) + 2 * Arena::need<T>(Dp * ldt) +
+                             3 * Arena::need<T>(NkP * Dp) + 2 * Arena::need<T>(kBq * bk) + Arena::need<uint8_t>(nkb);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
   {
@@ -1142,8 +1151,8 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
     T* dO = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp)
     T* dQ = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp): sum dS K, scaled at the end
     T* Dl = ok ? arena.take<T>(Nq) : nullptr;         // (Nq): rowsum(dO * O) - dlse
-    T* Kt = ok ? arena.take<T>(Dp * NkP) : nullptr;   // (Dp, NkP)
-    T* Vt = ok ? arena.take<T>(Dp * NkP) : nullptr;   // (Dp, NkP)
+    T* Kt = ok ? arena.take<T>(Dp * ldt) : nullptr;   // (Dp, ldt)
+    T* Vt = ok ? arena.take<T>(Dp * ldt) : nullptr;   // (Dp, ldt)
     T* Kr = ok ? arena.take<T>(Dp * NkP) : nullptr;   // (NkP, Dp)
     T* dK = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
     T* dV = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
@@ -1188,8 +1197,8 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
           std::memset(P, 0, sizeof(T) * Dp);
         }
         for (int64_t d = 0; d < Dp; ++d) {
-          Kt[d * NkP + j] = Kr[j * Dp + d];
-          Vt[d * NkP + j] = P[d];
+          Kt[d * ldt + j] = Kr[j * Dp + d];
+          Vt[d * ldt + j] = P[d];
         }
       }
       std::memset(dK, 0, sizeof(T) * NkP * Dp);
@@ -1212,8 +1221,8 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
             const int64_t cols = tri ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
             const int64_t cv = round_up(cols, W);
             if (cv > 0) {
-              gemm<T>(tr, cv, Dp, Qs + (i0 + r0) * Dp, Dp, Kt + j0, NkP, P + r0 * bk, bk, false);
-              gemm<T>(tr, cv, Dp, dO + (i0 + r0) * Dp, Dp, Vt + j0, NkP, dS + r0 * bk, bk, false);
+              gemm<T>(tr, cv, Dp, Qs + (i0 + r0) * Dp, Dp, Kt + j0, ldt, P + r0 * bk, bk, false);
+              gemm<T>(tr, cv, Dp, dO + (i0 + r0) * Dp, Dp, Vt + j0, ldt, dS + r0 * bk, bk, false);
             }
             for (int64_t r = r0; r < r0 + tr; ++r) {
               T* p = P + r * bk;
