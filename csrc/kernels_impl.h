@@ -1274,25 +1274,36 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
 // Y[i][j] = <X_i, W_j> for MR rows of X and NR rows of W (dot-product form); a scalar loop finishes
 // K % W. Every pair is summed in the same order whatever MR and NR are, so equal rows give equal
 // results (top-k's tie-breaking relies on it). Used by top-k scoring and the few-row linear.
-template <typename T, int MR, int NR>
+// SPLIT > 1 (one query against one row at a time) spreads a pair's vectors over SPLIT accumulators in
+// turn, so that its FMAs do not wait on one another: one chain of 48 dependent FMAs per 384-value row
+// held the 16-bit scans below the memory bandwidth. The order still depends on K only, and callers pass
+// the same SPLIT for every row of a query.
+template <typename T, int MR, int NR, int SPLIT = 1>
 inline void dot_tile(int64_t K, const T* X, int64_t ldx, const T* Wm, int64_t ldw, T* Y, int64_t ldy) {
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
-  V acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = V{};
-  int64_t p = 0;
-  for (; p + W <= K; p += W) {
+  V acc[SPLIT][MR][NR];
+  for (int s = 0; s < SPLIT; ++s)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[s][i][j] = V{};
+  // Vector v of the row goes to accumulator v % SPLIT; s is a constant in the unrolled body, so the
+  // accumulators stay in registers.
+  auto step = [&](int s, int64_t p) {
     V w[NR];
     for (int j = 0; j < NR; ++j) w[j] = vload(Wm + j * ldw + p);
     for (int i = 0; i < MR; ++i) {
       const V xv = vload(X + i * ldx + p);
-      for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
+      for (int j = 0; j < NR; ++j) acc[s][i][j] += xv * w[j];
     }
-  }
+  };
+  int64_t p = 0;
+  for (; p + SPLIT * W <= K; p += SPLIT * W)
+    for (int s = 0; s < SPLIT; ++s) step(s, p + s * W);
+  for (int s = 0; p + W <= K; p += W, ++s) step(s, p);
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
-      T s = hsum<T>(acc[i][j]);
+      for (int s = 1; s < SPLIT; ++s) acc[0][i][j] += acc[s][i][j];
+      T s = hsum<T>(acc[0][i][j]);
       for (int64_t q = p; q < K; ++q) s += X[i * ldx + q] * Wm[j * ldw + q];
       Y[i * ldy + j] = s;
     }
@@ -1350,23 +1361,35 @@ constexpr int64_t kQb = 64;            // queries per work item
 // runs and processes (bench_topk's numpy corpus measured 41-48 GB/s).
 constexpr int64_t kPrefetchBytes = 8192;
 
+template <int NC>
 inline void prefetch_rows(const void* C, int64_t row_bytes, int64_t j, int64_t nrows) {
   const char* base = static_cast<const char*>(C);
   const int64_t ahead = kPrefetchBytes / row_bytes + 1;
   if (j + ahead >= nrows) return;
   const char* row = base + (j + ahead) * row_bytes;
-  for (int64_t b = 0; b < kNC * row_bytes; b += 64) __builtin_prefetch(row + b, 0, 0);
+  for (int64_t b = 0; b < NC * row_bytes; b += 64) __builtin_prefetch(row + b, 0, 0);
 }
+
+// Corpus rows per micro-kernel for MQ queries. A single query on 256-bit vectors reads one row at a time:
+// four rows read side by side are four interleaved streams, and on the AVX2 machine here (Zen 3) that held
+// a 1M x 384 fp32 scan at ~13 GB/s, 60-65% of a plain sum's bandwidth; one row at a time reached 18-19 GB/s
+// (~90%). The AVX-512 figures above were measured with four rows.
+template <int MQ>
+constexpr int rows_per_dot() { return VB < 64 && MQ == 1 ? 1 : kNC; }
+// Accumulators per (query, row) pair in those tiles: a tile of one pair needs several to keep FMAs in flight.
+template <int MQ>
+constexpr int dot_split() { return rows_per_dot<MQ>() == 1 && MQ == 1 ? 4 : 1; }
 
 template <int MQ>
 inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const float* C, int64_t ldc, float* S,
                      int64_t lds, bool prefetch = false) {
+  constexpr int NC = rows_per_dot<MQ>();
   int64_t j = 0;
-  for (; j + kNC <= nrows; j += kNC) {
-    if (prefetch) prefetch_rows(C, ldc * 4, j, nrows);
-    dot_tile<float, MQ, kNC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (; j + NC <= nrows; j += NC) {
+    if (prefetch) prefetch_rows<NC>(C, ldc * 4, j, nrows);
+    dot_tile<float, MQ, NC, dot_split<MQ>()>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
   }
-  for (; j < nrows; ++j) dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (; j < nrows; ++j) dot_tile<float, MQ, 1, dot_split<MQ>()>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
 }
 
 inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const float* C, int64_t ldc,
@@ -1415,25 +1438,31 @@ inline float load_cvt(int dt, const void* base, int64_t off) {
 }
 
 // S[i, j] = <Qp[i], row j> over the first K values of each row (Qp zero-padded past K).
-template <int DT, int MQ, int NC>
+// SPLIT as in dot_tile.
+template <int DT, int MQ, int NC, int SPLIT = 1>
 inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C, int64_t ldc, float* S, int64_t lds) {
   typedef vec_t<float> V;
   constexpr int W = Vec<float>::W;
-  V acc[MQ][NC];
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) acc[i][j] = V{};
-  int64_t p = 0;
-  for (; p + W <= K; p += W) {
+  V acc[SPLIT][MQ][NC];
+  for (int s = 0; s < SPLIT; ++s)
+    for (int i = 0; i < MQ; ++i)
+      for (int j = 0; j < NC; ++j) acc[s][i][j] = V{};
+  auto step = [&](int s, int64_t p) {
     V c[NC];
     for (int j = 0; j < NC; ++j) c[j] = vload_cvt<DT>(C, j * ldc + p);
     for (int i = 0; i < MQ; ++i) {
       const V x = vload(Qp + i * ldq + p);
-      for (int j = 0; j < NC; ++j) acc[i][j] += x * c[j];
+      for (int j = 0; j < NC; ++j) acc[s][i][j] += x * c[j];
     }
-  }
+  };
+  int64_t p = 0;
+  for (; p + SPLIT * W <= K; p += SPLIT * W)
+    for (int s = 0; s < SPLIT; ++s) step(s, p + s * W);
+  for (int s = 0; p + W <= K; p += W, ++s) step(s, p);
   for (int i = 0; i < MQ; ++i)
     for (int j = 0; j < NC; ++j) {
-      float s = hsum<float>(acc[i][j]);
+      for (int s = 1; s < SPLIT; ++s) acc[0][i][j] += acc[s][i][j];
+      float s = hsum<float>(acc[0][i][j]);
       for (int64_t t = p; t < K; ++t) s += Qp[i * ldq + t] * load_cvt(DT, C, j * ldc + t);
       S[i * lds + j] = s;
     }
@@ -1443,13 +1472,15 @@ template <int DT, int MQ>
 inline void dot_rows_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const void* C, int64_t ldc, float* S,
                          int64_t lds, bool prefetch) {
   const int64_t es = 2;  // bytes per value
+  constexpr int NC = rows_per_dot<MQ>();
   int64_t j = 0;
-  for (; j + kNC <= nrows; j += kNC) {
-    if (prefetch) prefetch_rows(C, ldc * es, j, nrows);
-    dot_tile_cvt<DT, MQ, kNC>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
+  for (; j + NC <= nrows; j += NC) {
+    if (prefetch) prefetch_rows<NC>(C, ldc * es, j, nrows);
+    dot_tile_cvt<DT, MQ, NC, dot_split<MQ>()>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j,
+                                              lds);
   }
   for (; j < nrows; ++j)
-    dot_tile_cvt<DT, MQ, 1>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
+    dot_tile_cvt<DT, MQ, 1, dot_split<MQ>()>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
 }
 
 template <int DT>
@@ -1540,11 +1571,12 @@ inline void dot_tile_i8q(int64_t K, const int16_t* Qi, int64_t ldq, const int8_t
 
 inline void dot_block_i8q(int64_t K, const int16_t* Qi, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc,
                           int64_t nrows, float* S, int64_t lds) {
+  constexpr int NC = rows_per_dot<1>();
   for (int64_t i = 0; i < nq; ++i) {
     int64_t j = 0;
-    for (; j + kNC <= nrows; j += kNC) {
-      if (i == 0) prefetch_rows(C, ldc, j, nrows);
-      dot_tile_i8q<1, kNC>(K, Qi + i * ldq, ldq, C + j * ldc, ldc, S + i * lds + j, lds);
+    for (; j + NC <= nrows; j += NC) {
+      if (i == 0) prefetch_rows<NC>(C, ldc, j, nrows);
+      dot_tile_i8q<1, NC>(K, Qi + i * ldq, ldq, C + j * ldc, ldc, S + i * lds + j, lds);
     }
     for (; j < nrows; ++j) dot_tile_i8q<1, 1>(K, Qi + i * ldq, ldq, C + j * ldc, ldc, S + i * lds + j, lds);
   }
@@ -1563,7 +1595,7 @@ __attribute__((target("avx512vnni,avx512bw,avx512f"))) inline void dot_block_i8_
     int64_t j = 0;
     for (; j < nrows; j += kNC) {
       const int nc = static_cast<int>(imin(kNC, nrows - j));
-      if (i == 0) prefetch_rows(C, ldc, j, nrows);
+      if (i == 0) prefetch_rows<kNC>(C, ldc, j, nrows);
       __m512i acc[kNC], sum[kNC];
       for (int r = 0; r < kNC; ++r) acc[r] = sum[r] = _mm512_setzero_si512();
       for (int64_t p = 0; p < K; p += 64) {
