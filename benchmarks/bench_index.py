@@ -6,7 +6,8 @@ every contender runs in a fresh subprocess on the same seeded data and writes it
 parent checks the ids against minillm's (recall@k) and prints the table.
 
 "tuned" FAISS sets distance_compute_blas_threshold = 0 (this wheel only uses BLAS from Q >= 128000
-otherwise) and OPENBLAS_CORETYPE=SkylakeX (its bundled OpenBLAS detects this CPU as Prescott).
+otherwise) and OPENBLAS_CORETYPE for the CPU's vector unit (SkylakeX with AVX-512, Haswell with AVX2: its
+bundled OpenBLAS detects an AVX-512 Zen 5 as Prescott).
 
     python benchmarks/bench_index.py [--n 1000000] [--dim 384] [--queries 1 16 256] [--json out.json]
 """
@@ -22,7 +23,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import banner, print_table, write_json  # noqa: E402
+from common import banner, openblas_coretype, print_table, write_json  # noqa: E402
 
 WORKER = r'''
 import json, os, sys, time, statistics
@@ -77,7 +78,8 @@ def main() -> None:
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     results, reasons = {}, {}
     for kind in KINDS:
-        e = dict(env, OPENBLAS_CORETYPE="SkylakeX") if kind == "faiss-tuned" else env
+        coretype = openblas_coretype()
+        e = dict(env, OPENBLAS_CORETYPE=coretype) if kind == "faiss-tuned" and coretype else env
         out = os.path.join(tmp, kind)
         proc = subprocess.run([sys.executable, script, kind, str(args.n), str(args.dim), str(args.k), out,
                                ",".join(map(str, args.queries))], env=e, capture_output=True, text=True,

@@ -23,7 +23,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import banner, print_table, write_json  # noqa: E402
+from common import banner, openblas_coretype, print_table, write_json  # noqa: E402
 
 WORKER = r'''
 import json, os, statistics, sys, time
@@ -125,8 +125,9 @@ def main() -> None:
 
     import numpy as np
 
+    coretype = openblas_coretype()
     info = banner("bench_topk: exact top-k, each contender in its own process", k=args.k,
-                  faiss_tuning="distance_compute_blas_threshold=0, OPENBLAS_CORETYPE=SkylakeX")
+                  faiss_tuning=f"distance_compute_blas_threshold=0, OPENBLAS_CORETYPE={coretype}")
     tmp = tempfile.mkdtemp()
     script = os.path.join(tmp, "worker.py")
     with open(script, "w") as f:
@@ -145,8 +146,8 @@ def main() -> None:
                     if not qs:
                         continue
                     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-                    if kind == "faiss-tuned":
-                        env["OPENBLAS_CORETYPE"] = "SkylakeX"
+                    if kind == "faiss-tuned" and coretype:
+                        env["OPENBLAS_CORETYPE"] = coretype
                     out = os.path.join(tmp, f"{kind}-{data}-{d}-{n}")
                     proc = subprocess.run([sys.executable, script, kind, str(n), str(d), str(args.k), data, out,
                                            ",".join(map(str, qs))], env=env, capture_output=True, text=True,

@@ -31,6 +31,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def openblas_coretype() -> Optional[str]:
+    """The OPENBLAS_CORETYPE for this CPU's widest vector unit, for a bundled OpenBLAS that does not know
+    the CPU (faiss-cpu's detects an AVX-512 Zen 5 as Prescott). Forcing SkylakeX kernels on a CPU without
+    AVX-512 dies on an illegal instruction, so the name follows the CPU's flags; None off x86."""
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        return "SkylakeX"
+    if "avx2" in flags and "fma" in flags:
+        return "Haswell"
+    return None
+
+
 def versions() -> Dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("torch", "numpy", "faiss", "usearch", "transformers", "sentence_transformers"):
