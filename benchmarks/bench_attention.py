@@ -50,7 +50,7 @@ def main() -> None:
     mm_gflops = 2 * 2048 ** 3 / mm_s / 1e9
     info = banner("bench_attention: minillm vs torch SDPA (flash / math) vs naive", dtype=args.dtype,
                   shape=f"B={args.b} H={args.h} D={args.d}", device=args.device,
-                  torch_mm_gflops=f"{mm_gflops:.0f} (2048^3, same run)")
+                  torch_mm_gflops=f"{mm_gflops:.3g} (2048^3, same run)")
     B, H, D = args.b, args.h, args.d
     rows, reasons = [], {}
 
