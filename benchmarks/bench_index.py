@@ -77,8 +77,8 @@ def main() -> None:
         f.write(WORKER)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     results, reasons = {}, {}
+    coretype = openblas_coretype()
     for kind in KINDS:
-        coretype = openblas_coretype()
         e = dict(env, OPENBLAS_CORETYPE=coretype) if kind == "faiss-tuned" and coretype else env
         out = os.path.join(tmp, kind)
         proc = subprocess.run([sys.executable, script, kind, str(args.n), str(args.dim), str(args.k), out,

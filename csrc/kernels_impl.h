@@ -59,7 +59,7 @@ inline void vstore(T* p, vec_t<T> v) {
 }
 // x - 0 rather than 0 + x: x - 0 is x for every x, so the compiler emits a bare broadcast (from memory when x
 // is loaded), while 0 + x is not x for x = -0 and keeps a scalar add in front of every broadcast, one more
-// uop per row of a GEMM tile (the AVX2 attention forward ran ~1.6x slower for it).
+// uop per row of a GEMM tile (one-thread AVX2 attention forward at N = 1024: 31 -> 48 GFLOP/s without it).
 template <typename T>
 inline vec_t<T> vbcast(T x) {
   return x - vec_t<T>{};
@@ -67,26 +67,8 @@ inline vec_t<T> vbcast(T x) {
 // Horizontal sum and max, paid per row of a softmax: halving the vector log2(W) times makes a chain of 4
 // dependent steps for 16 floats instead of the 15 of a lane-by-lane loop. The order is fixed, so equal
 // inputs still give equal results.
-#if defined(__AVX2__) && !defined(__AVX512F__)
-// 8 floats: the same pairing as the generic tree below (lane i with i + 4, then i + 2, then i + 1), in
-// registers; the generic form goes through memory, and its store-to-load trips showed in the AVX2 softmax.
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-// max_ps(x, y) is x > y ? x : y, as in the generic tree (the upper lane first).
-inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-  m = _mm_max_ps(_mm_movehl_ps(m, m), m);
-  return _mm_cvtss_f32(_mm_max_ss(_mm_movehdup_ps(m), m));
-}
-#endif
 template <typename T>
 inline T hsum(vec_t<T> v) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  if constexpr (std::is_same<T, float>::value) return hsum8(reinterpret_cast<__m256>(v));
-#endif
   constexpr int W = Vec<T>::W;
   T a[W];
   std::memcpy(a, &v, sizeof(a));
@@ -96,9 +78,6 @@ inline T hsum(vec_t<T> v) {
 }
 template <typename T>
 inline T hmax(vec_t<T> v) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  if constexpr (std::is_same<T, float>::value) return hmax8(reinterpret_cast<__m256>(v));
-#endif
   constexpr int W = Vec<T>::W;
   T a[W];
   std::memcpy(a, &v, sizeof(a));
@@ -482,9 +461,8 @@ inline void softmax_tile(T* S, int64_t lds, int64_t r0, int64_t tr, int64_t cv, 
                          int64_t Dp) {
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
-  constexpr int NA = (kMR + W - 1) / W * W;  // per-row values in whole vectors
   V shift[kMR], sum[kMR];
-  T m_new[kMR], alpha[NA];
+  T m_new[kMR], alpha[kMR];
   bool first[kMR];
   for (int64_t i = 0; i < tr; ++i) {
     const int64_t r = r0 + i;
@@ -502,15 +480,12 @@ inline void softmax_tile(T* S, int64_t lds, int64_t r0, int64_t tr, int64_t cv, 
     m_new[i] = bmax > m[r] ? bmax : m[r];
     // With no visible key yet, shift by 0 so that exp(-inf - shift) is 0, not NaN.
     const T sh = m_new[i] == -INFINITY ? T(0) : m_new[i];
-    // A row's first visible block rescales nothing (acc and l are 0): alpha = exp(-inf) = 0.
+    // A row's first visible block rescales nothing (acc and l are 0): skip the libm call.
     first[i] = m[r] == -INFINITY;
-    alpha[i] = first[i] ? T(-INFINITY) : m[r] - sh;
+    alpha[i] = first[i] ? T(0) : std::exp(m[r] - sh);
     shift[i] = vbcast(sh);
     sum[i] = V{};
   }
-  // The rows' rescale factors exp(m_old - m_new), a vector at a time rather than a libm call per row.
-  for (int64_t i = tr; i < NA; ++i) alpha[i] = -INFINITY;
-  for (int i = 0; i < NA; i += W) vstore(alpha + i, vexp(vload(alpha + i)));
   for (int64_t c = 0; c < cv; c += W)
     for (int64_t i = 0; i < tr; ++i) {
       T* s = S + (r0 + i) * lds + c;
@@ -825,7 +800,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
 #endif
   constexpr int W = Vec<T>::W;
   // Query rows per block: whole row tiles, so that no block ends on a narrower tile (64 rows left a 4-row
-  // tile, ~5% of the AVX2 forward at two thirds of the FMA rate).
+  // tile with 8 accumulators instead of 12: 4.6% of the AVX2 forward's perf samples).
   constexpr int64_t kBqF = kBq / kMR * kMR;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
   const int64_t bk = key_block(Nk);
@@ -1302,36 +1277,25 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
 // Y[i][j] = <X_i, W_j> for MR rows of X and NR rows of W (dot-product form); a scalar loop finishes
 // K % W. Every pair is summed in the same order whatever MR and NR are, so equal rows give equal
 // results (top-k's tie-breaking relies on it). Used by top-k scoring and the few-row linear.
-// SPLIT > 1 (one query against one row at a time) spreads a pair's vectors over SPLIT accumulators in
-// turn, so that its FMAs do not wait on one another: one chain of 48 dependent FMAs per 384-value row
-// held the 16-bit scans below the memory bandwidth. The order still depends on K only, and callers pass
-// the same SPLIT for every row of a query.
-template <typename T, int MR, int NR, int SPLIT = 1>
+template <typename T, int MR, int NR>
 inline void dot_tile(int64_t K, const T* X, int64_t ldx, const T* Wm, int64_t ldw, T* Y, int64_t ldy) {
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
-  V acc[SPLIT][MR][NR];
-  for (int s = 0; s < SPLIT; ++s)
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[s][i][j] = V{};
-  // Vector v of the row goes to accumulator v % SPLIT; s is a constant in the unrolled body, so the
-  // accumulators stay in registers.
-  auto step = [&](int s, int64_t p) {
+  V acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = V{};
+  int64_t p = 0;
+  for (; p + W <= K; p += W) {
     V w[NR];
     for (int j = 0; j < NR; ++j) w[j] = vload(Wm + j * ldw + p);
     for (int i = 0; i < MR; ++i) {
       const V xv = vload(X + i * ldx + p);
-      for (int j = 0; j < NR; ++j) acc[s][i][j] += xv * w[j];
+      for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
     }
-  };
-  int64_t p = 0;
-  for (; p + SPLIT * W <= K; p += SPLIT * W)
-    for (int s = 0; s < SPLIT; ++s) step(s, p + s * W);
-  for (int s = 0; p + W <= K; p += W, ++s) step(s, p);
+  }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
-      for (int s = 1; s < SPLIT; ++s) acc[0][i][j] += acc[s][i][j];
-      T s = hsum<T>(acc[0][i][j]);
+      T s = hsum<T>(acc[i][j]);
       for (int64_t q = p; q < K; ++q) s += X[i * ldx + q] * Wm[j * ldw + q];
       Y[i * ldy + j] = s;
     }
@@ -1404,9 +1368,6 @@ inline void prefetch_rows(const void* C, int64_t row_bytes, int64_t j, int64_t n
 // (~90%). The AVX-512 figures above were measured with four rows.
 template <int MQ>
 constexpr int rows_per_dot() { return VB < 64 && MQ == 1 ? 1 : kNC; }
-// Accumulators per (query, row) pair in those tiles: a tile of one pair needs several to keep FMAs in flight.
-template <int MQ>
-constexpr int dot_split() { return rows_per_dot<MQ>() == 1 && MQ == 1 ? 4 : 1; }
 
 template <int MQ>
 inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const float* C, int64_t ldc, float* S,
@@ -1415,9 +1376,9 @@ inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, con
   int64_t j = 0;
   for (; j + NC <= nrows; j += NC) {
     if (prefetch) prefetch_rows<NC>(C, ldc * 4, j, nrows);
-    dot_tile<float, MQ, NC, dot_split<MQ>()>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+    dot_tile<float, MQ, NC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
   }
-  for (; j < nrows; ++j) dot_tile<float, MQ, 1, dot_split<MQ>()>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (; j < nrows; ++j) dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
 }
 
 inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const float* C, int64_t ldc,
@@ -1466,31 +1427,25 @@ inline float load_cvt(int dt, const void* base, int64_t off) {
 }
 
 // S[i, j] = <Qp[i], row j> over the first K values of each row (Qp zero-padded past K).
-// SPLIT as in dot_tile.
-template <int DT, int MQ, int NC, int SPLIT = 1>
+template <int DT, int MQ, int NC>
 inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C, int64_t ldc, float* S, int64_t lds) {
   typedef vec_t<float> V;
   constexpr int W = Vec<float>::W;
-  V acc[SPLIT][MQ][NC];
-  for (int s = 0; s < SPLIT; ++s)
-    for (int i = 0; i < MQ; ++i)
-      for (int j = 0; j < NC; ++j) acc[s][i][j] = V{};
-  auto step = [&](int s, int64_t p) {
+  V acc[MQ][NC];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = V{};
+  int64_t p = 0;
+  for (; p + W <= K; p += W) {
     V c[NC];
     for (int j = 0; j < NC; ++j) c[j] = vload_cvt<DT>(C, j * ldc + p);
     for (int i = 0; i < MQ; ++i) {
       const V x = vload(Qp + i * ldq + p);
-      for (int j = 0; j < NC; ++j) acc[s][i][j] += x * c[j];
+      for (int j = 0; j < NC; ++j) acc[i][j] += x * c[j];
     }
-  };
-  int64_t p = 0;
-  for (; p + SPLIT * W <= K; p += SPLIT * W)
-    for (int s = 0; s < SPLIT; ++s) step(s, p + s * W);
-  for (int s = 0; p + W <= K; p += W, ++s) step(s, p);
+  }
   for (int i = 0; i < MQ; ++i)
     for (int j = 0; j < NC; ++j) {
-      for (int s = 1; s < SPLIT; ++s) acc[0][i][j] += acc[s][i][j];
-      float s = hsum<float>(acc[0][i][j]);
+      float s = hsum<float>(acc[i][j]);
       for (int64_t t = p; t < K; ++t) s += Qp[i * ldq + t] * load_cvt(DT, C, j * ldc + t);
       S[i * lds + j] = s;
     }
@@ -1504,11 +1459,10 @@ inline void dot_rows_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nrows,
   int64_t j = 0;
   for (; j + NC <= nrows; j += NC) {
     if (prefetch) prefetch_rows<NC>(C, ldc * es, j, nrows);
-    dot_tile_cvt<DT, MQ, NC, dot_split<MQ>()>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j,
-                                              lds);
+    dot_tile_cvt<DT, MQ, NC>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
   }
   for (; j < nrows; ++j)
-    dot_tile_cvt<DT, MQ, 1, dot_split<MQ>()>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
+    dot_tile_cvt<DT, MQ, 1>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
 }
 
 template <int DT>
