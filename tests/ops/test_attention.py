@@ -279,6 +279,28 @@ def test_nan_propagates_from_visible_positions_only(Nq):
     assert torch.isnan(attention(q2, k, v3, key_padding_mask=mask)[..., 0]).all()
 
 
+@pytest.mark.parametrize("hole", [False, True], ids=["right-padded", "with-hole"])
+def test_garbage_in_padded_keys_of_long_sequences(hole):
+    # Several key blocks; a right-padded batch reads V in place up to its last kept key, a batch with a
+    # hole copies V with the hole zeroed: in both, NaN / inf in padded rows must not reach any output.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 300, 32, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[0, 170:] = False
+    mask[1, 290:] = False
+    if hole:
+        mask[:, 40:45] = False
+    pad = ~mask[:, None, :, None].expand_as(k)
+    k_bad = k.detach().masked_fill(pad, float("nan")).requires_grad_()
+    v_bad = v.detach().masked_fill(pad, float("inf")).requires_grad_()
+    grad = torch.randn(2, 2, 300, 32)
+    got = forward_backward(lambda a, b, c: attention(a, b, c, key_padding_mask=mask), q, k_bad, v_bad, grad)
+    want = forward_backward(lambda a, b, c: attention_reference(a, b, c, key_padding_mask=mask),
+                            q.detach().double(), k.detach().double(), v.detach().double(), grad.double())
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w.float(), atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_custom_scale_and_empty_shapes():
     q, k, v, _ = make_inputs(2, 2, 9, 9, 8)
     torch.testing.assert_close(attention(q, k, v, scale=0.1), attention_reference(q, k, v, scale=0.1),
