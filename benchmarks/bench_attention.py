@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import banner, median_time, plot, print_table, try_baseline, write_json  # noqa: E402
+from common import banner, interleaved_medians, median_time, plot, print_table, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -95,16 +95,17 @@ def main() -> None:
             for mode in ("fwd", "fwd+bwd"):
                 def timed(fn):
                     if mode == "fwd":
-                        with torch.no_grad():
-                            return median_time(fn, args.repeats)
-                    return median_time(lambda: fn().backward(grad), args.repeats)
+                        def run():
+                            with torch.no_grad():
+                                return fn()
+                        return run
+                    return lambda: fn().backward(grad)
 
                 flops = fwd_flops * (1 if mode == "fwd" else 3.5)
-                t_ours = timed(ours)
-                t_flash = try_baseline(lambda: timed(flash), reasons, f"sdpa N={N} {name} {mode}")
-                t_math = try_baseline(lambda: timed(math_backend), reasons, f"math N={N} {name} {mode}")
-                t_naive = try_baseline(lambda: timed(lambda: naive(q, k, v, causal, tmask)), reasons,
-                                       f"naive N={N} {name} {mode}")
+                t = interleaved_medians({"minillm": timed(ours), "sdpa": timed(flash), "math": timed(math_backend),
+                                         "naive": timed(lambda: naive(q, k, v, causal, tmask))},
+                                        args.repeats, reasons, f"N={N} {name} {mode}")
+                t_ours, t_flash, t_math, t_naive = t["minillm"], t["sdpa"], t["math"], t["naive"]
                 rows.append({"N": N, "case": name, "pass": mode, "minillm ms": 1000 * t_ours,
                              "sdpa ms": 1000 * t_flash, "math ms": 1000 * t_math, "naive ms": 1000 * t_naive,
                              "minillm GFLOP/s": flops / t_ours / 1e9, "sdpa GFLOP/s": flops / t_flash / 1e9,

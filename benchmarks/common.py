@@ -100,6 +100,33 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int, reasons: Dict[str, str],
+                        label: str = "", warmup: int = 1) -> Dict[str, float]:
+    """Median wall time in seconds of each fn, the contenders taking turns: round r runs every fn once,
+    starting one further along each round. A shared machine's slow spells then fall on all of them alike
+    instead of on whichever ran during the spell (timing one contender's repeats, then the next, moved
+    ratios by 20-30% between runs here). A contender that fails is nan, with its reason in `reasons`."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    live = []
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            live.append(name)
+        except Exception as exc:  # a baseline's failure is data, not a crash of the benchmark
+            reasons[f"{name} {label}".strip()] = f"{type(exc).__name__}: {exc}"
+            print(f"  {name} {label} failed: {type(exc).__name__}: {exc}")
+    for r in range(repeats):
+        for i in range(len(live)):
+            name = live[(r + i) % len(live)]
+            _sync()
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) if t else math.nan for name, t in times.items()}
+
+
 def _sync() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
