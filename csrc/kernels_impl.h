@@ -395,6 +395,46 @@ inline int64_t key_block(int64_t Nk, int64_t max_keys = kBkMax) { return imin(ma
 // set (measured: the AVX2 forward's B loads stalled on it at N = 1024 and 2048).
 inline int64_t transposed_ld(int64_t n) { return n + kPad; }
 
+// dst[d * ldd + r] = src[r * lds + d] for 8 rows r and d < n (n a multiple of 8): 8 x 8 blocks.
+template <typename T>
+inline void transpose8_rows(const T* src, int64_t lds, int64_t n, T* dst, int64_t ldd) {
+  for (int64_t d = 0; d < n; ++d)
+    for (int64_t r = 0; r < 8; ++r) dst[d * ldd + r] = src[r * lds + d];
+}
+#if defined(__AVX2__)
+// In registers: the element-by-element form stores to 8 different lines per element read, and was most of
+// the fp32 forward's own (non-GEMM) time at N = 128 (perf: ~9% of the call).
+inline void transpose8_rows(const float* src, int64_t lds, int64_t n, float* dst, int64_t ldd) {
+  for (int64_t d = 0; d < n; d += 8) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds + d);
+    for (int i = 0; i < 8; i += 2) {  // t[i], t[i+1]: rows i, i+1 interleaved by element pairs
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) {  // r[h..h+3]: columns of four rows, per 128-bit half
+      r[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+      r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+      r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+      r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {  // low halves give columns d + i, high halves d + 4 + i
+      _mm256_storeu_ps(dst + (d + i) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+      _mm256_storeu_ps(dst + (d + 4 + i) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+  }
+}
+#endif
+
+// Requests rows [0, n) (row_bytes each, stride_bytes apart) into the cache ahead of use. A work item's
+// inputs are cold (another (b, h) ran last), and the p v product reads V in place inside its inner loop:
+// asking for V's first blocks and the next query rows while K is being transposed hides that latency.
+inline void prefetch_strided(const void* base, int64_t n, int64_t stride_bytes, int64_t row_bytes) {
+  const char* p = static_cast<const char*>(base);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + r * stride_bytes + b, 0, 2);
+}
+
 // Sets s[c] = -inf for every key of the block [j0, j0 + bk) that query row `i` may not see. Runs once per
 // row of every masked block, so the padding mask is applied a vector at a time.
 template <typename T>
@@ -879,7 +919,16 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       const bool v_direct = direct && !holes;
       const T* Vb = v_direct ? static_cast<const T*>(at(a.v, a.dtype, vbase)) : Vp;
       const int64_t ldv = v_direct ? a.v_stride[2] : Dp;
-      for (int64_t j = 0; j < k_end; ++j) {
+      const int64_t es = elem_size(a.dtype);
+      if (v_direct) prefetch_strided(Vb, imin(k_end, 2 * bk), ldv * es, D * es);
+      prefetch_strided(at(a.q, a.dtype, qbase + q_begin * a.q_stride[2]), imin(kBqF, q_end - q_begin),
+                       a.q_stride[2] * es, D * es);
+      int64_t j = 0;
+      if (direct && !holes)  // groups of 8 keys straight from their rows
+        for (; j + 8 <= k_end; j += 8)
+          transpose8_rows(static_cast<const T*>(at(a.k, a.dtype, kbase + j * a.k_stride[2])), a.k_stride[2], Dp,
+                             Kt + j, ldk);
+      for (; j < k_end; ++j) {
         // Padded keys are never read: whatever they hold (NaN, inf) cannot reach the output.
         if (kpm && !kpm[j]) {
           for (int64_t d = 0; d < Dp; ++d) Kt[d * ldk + j] = 0;
@@ -908,6 +957,9 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
         for (int64_t r = 0; r < rows; ++r)
           load_row<T>(at(a.q, a.dtype, qbase + (i0 + r) * a.q_stride[2]), a.dtype, D, Dp, static_cast<T>(a.scale),
                       Qs + r * Dp);
+        if (i0 + rows < q_end)
+          prefetch_strided(at(a.q, a.dtype, qbase + (i0 + rows) * a.q_stride[2]), imin(kBqF, q_end - i0 - rows),
+                           a.q_stride[2] * es, D * es);
         for (int64_t r = 0; r < rows; ++r) {
           m[r] = -INFINITY;
           l[r] = 0;
