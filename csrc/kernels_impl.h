@@ -42,14 +42,16 @@ constexpr int kNV = VB >= 64 ? 4 : 2;
 // Attention tiles: query rows per block and keys per block (a multiple of every vector width).
 constexpr int64_t kBq = 64;
 constexpr int64_t kBkMax = 64;
-// The fp32 forward's tiles. With 16 vector registers its K^T and V stream through L1 at every row tile,
-// so it takes twice the queries and keys per block (126 = 21 whole row tiles): each K and V block is
+// The fp32 forward's tiles. Query blocks are whole row tiles, so that no block ends on a narrower tile (64
+// rows left a 4-row tile with 8 accumulators instead of 12: 4.6% of the AVX2 forward's perf samples). With
+// 16 vector registers the blocks are twice as large (126 = 21 row tiles, 128 keys): each K and V block is
 // reread half as often and the online-softmax bookkeeping runs per 128 keys instead of 64. A small gain:
 // on a 2-core Zen 3 (AVX2), B4 H8 D64, calls alternating with 60 x 64 blocks in one process, time ratio
-// min / median 0.92 / 0.94 at N = 1024 (2 threads), 0.93 / 0.98 at N = 512, 0.90 / 1.0 at N = 2048.
-// AVX-512 keeps the blocks it was tuned with.
+// min / median 0.92 / 0.94 at N = 1024 and 0.93 / 0.98 at N = 512 (2 threads); at N = 2048 1.0 / 1.03 on
+// 2 threads, 0.90 / 1.02 on 1. AVX-512 keeps the blocks it was tuned with.
 constexpr int64_t kBqFwd = VB >= 64 ? 60 : 126;
 constexpr int64_t kBkFwd = VB >= 64 ? 64 : 128;
+static_assert(kBqFwd % kMR == 0, "forward query blocks are whole row tiles");
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -95,9 +97,9 @@ inline T hmax(vec_t<T> v) {
 }
 
 // exp for softmax arguments (x <= 0 in practice): round x/ln2 to n, exp of the remainder r (|r| <= ln2/2)
-// by a degree-5 polynomial, times 2^n built in the exponent bits. 14 vector ops, 9 of them multiplies
-// (Cephes' degree-7 form with a final select took 20, and was most of the AVX2 softmax): the
-// coefficients are a minimax fit of the relative error (9e-8; 1.8e-7 in fp32 arithmetic over [-87, 0]).
+// by a degree-5 polynomial, times 2^n built in the exponent bits: 16 AVX2 instructions, 9 of them
+// multiplies (Cephes' degree-7 form with a final select: 22 by the same count). The coefficients are a
+// minimax fit of the relative error (9e-8; 1.8e-7 in fp32 arithmetic over [-87, 0]).
 // The rounding constant leaves n in the low mantissa bits of t, so 2^n needs no float-to-int conversion.
 // x <= -88 gives n = -127, an all-zero scale and exactly 0 (so exp(-inf) = 0); NaN stays NaN because
 // every comparison with NaN is false and NaN * scale is NaN.
@@ -857,10 +859,6 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
   if (std::is_same<T, float>::value && a.dtype == kBF16 && use_bf16_dot()) return attention_fwd_bf16dot(a);
 #endif
   constexpr int W = Vec<T>::W;
-  // Query rows per block: whole row tiles, so that no block ends on a narrower tile (64 rows left a 4-row
-  // tile with 8 accumulators instead of 12: 4.6% of the AVX2 forward's perf samples).
-  constexpr int64_t kBqF = kBqFwd;
-  static_assert(kBqF % kMR == 0, "forward query blocks are whole row tiles");
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
   const int64_t bk = key_block(Nk, kBkFwd);
   const int64_t Dp = round_up(D, kPad), NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
@@ -870,12 +868,12 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
   const bool direct = (a.dtype == kF32 || a.dtype == kF64) && D == Dp;
   // Too few (b, h) pairs to feed every thread: split each pair's queries into chunks. Each work
   // item converts its K (transposed) and V once, so items are kept as large as the threads allow.
-  const int64_t nqb = (Nq + kBqF - 1) / kBqF;
+  const int64_t nqb = (Nq + kBqFwd - 1) / kBqFwd;
   const int64_t chunks = B * H >= 2 * nt ? 1 : imax(1, imin(nqb, (2 * nt + B * H - 1) / (B * H)));
   const int64_t qb_per_chunk = (nqb + chunks - 1) / chunks;
   const int64_t items = B * H * chunks;
-  const size_t arena_bytes = Arena::need<T>(Dp * transposed_ld(NkP)) + Arena::need<T>(NkP * Dp) + Arena::need<T>(kBqF * Dp) +
-                             Arena::need<T>(kBqF * bk) + Arena::need<T>(kBqF * Dp) + 2 * Arena::need<T>(kBqF) +
+  const size_t arena_bytes = Arena::need<T>(Dp * transposed_ld(NkP)) + Arena::need<T>(NkP * Dp) + Arena::need<T>(kBqFwd * Dp) +
+                             Arena::need<T>(kBqFwd * bk) + Arena::need<T>(kBqFwd * Dp) + 2 * Arena::need<T>(kBqFwd) +
                              Arena::need<uint8_t>(nkb);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
@@ -884,18 +882,18 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
     const bool ok = thread_arena_ok(arena, &status);
     T* Kt = ok ? arena.take<T>(Dp * transposed_ld(NkP)) : nullptr;  // (Dp, ldk): K transposed
     T* Vp = ok ? arena.take<T>(NkP * Dp) : nullptr;  // (keys, Dp)
-    T* Qs = ok ? arena.take<T>(kBqF * Dp) : nullptr;  // (kBqF, Dp): q * scale
-    T* S = ok ? arena.take<T>(kBqF * bk) : nullptr;  // (kBqF, bk): scores, then probabilities
-    T* acc = ok ? arena.take<T>(kBqF * Dp) : nullptr;
-    T* m = ok ? arena.take<T>(kBqF) : nullptr;
-    T* l = ok ? arena.take<T>(kBqF) : nullptr;
+    T* Qs = ok ? arena.take<T>(kBqFwd * Dp) : nullptr;  // (kBqFwd, Dp): q * scale
+    T* S = ok ? arena.take<T>(kBqFwd * bk) : nullptr;  // (kBqFwd, bk): scores, then probabilities
+    T* acc = ok ? arena.take<T>(kBqFwd * Dp) : nullptr;
+    T* m = ok ? arena.take<T>(kBqFwd) : nullptr;
+    T* l = ok ? arena.take<T>(kBqFwd) : nullptr;
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       if (!ok) continue;
       const int64_t bh = it / chunks, b = bh / H, h = bh % H;
-      const int64_t q_begin = (it % chunks) * qb_per_chunk * kBqF;
-      const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * kBqF);
+      const int64_t q_begin = (it % chunks) * qb_per_chunk * kBqFwd;
+      const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * kBqFwd);
       if (q_begin >= q_end) continue;
       const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
       if (!any_query(qpm, q_begin, q_end)) {  // every query here is padding: nothing to read
@@ -921,10 +919,10 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       const int64_t ldv = v_direct ? a.v_stride[2] : Dp;
       const int64_t es = elem_size(a.dtype);
       if (v_direct) prefetch_strided(Vb, imin(k_end, 2 * bk), ldv * es, D * es);
-      prefetch_strided(at(a.q, a.dtype, qbase + q_begin * a.q_stride[2]), imin(kBqF, q_end - q_begin),
+      prefetch_strided(at(a.q, a.dtype, qbase + q_begin * a.q_stride[2]), imin(kBqFwd, q_end - q_begin),
                        a.q_stride[2] * es, D * es);
       int64_t j = 0;
-      if (direct && !holes)  // groups of 8 keys straight from their rows
+      if (v_direct)  // no padded key below k_end: groups of 8 keys straight from their rows
         for (; j + 8 <= k_end; j += 8)
           transpose8_rows(static_cast<const T*>(at(a.k, a.dtype, kbase + j * a.k_stride[2])), a.k_stride[2], Dp,
                              Kt + j, ldk);
@@ -948,8 +946,8 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
         for (int64_t j = k_end; j < ldk; ++j) Kt[d * ldk + j] = 0;
       visible_blocks(kpm, Nk, bk, nkb, kvis);
 
-      for (int64_t i0 = q_begin; i0 < q_end; i0 += kBqF) {
-        const int64_t rows = imin(kBqF, q_end - i0);
+      for (int64_t i0 = q_begin; i0 < q_end; i0 += kBqFwd) {
+        const int64_t rows = imin(kBqFwd, q_end - i0);
         if (!any_query(qpm, i0, i0 + rows)) {
           for (int64_t r = 0; r < rows; ++r) write_empty_row<T>(a, bh * Nq + i0 + r, acc, Dp);
           continue;
@@ -958,7 +956,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
           load_row<T>(at(a.q, a.dtype, qbase + (i0 + r) * a.q_stride[2]), a.dtype, D, Dp, static_cast<T>(a.scale),
                       Qs + r * Dp);
         if (i0 + rows < q_end)
-          prefetch_strided(at(a.q, a.dtype, qbase + (i0 + rows) * a.q_stride[2]), imin(kBqF, q_end - i0 - rows),
+          prefetch_strided(at(a.q, a.dtype, qbase + (i0 + rows) * a.q_stride[2]), imin(kBqFwd, q_end - i0 - rows),
                            a.q_stride[2] * es, D * es);
         for (int64_t r = 0; r < rows; ++r) {
           m[r] = -INFINITY;
@@ -1882,9 +1880,10 @@ int topk_impl(const TopkArgs& a) {
           const float* C = fp32_tile(t0, nrows, &ldc);
           // S: (nrows, qpad), two vectors of queries at a time: QT streams from L2 (384 x 64 floats do not fit
           // L1), and 12 x 2-vector tiles (32 registers) need half the loads from it per FMA that 6 x 4-vector
-          // tiles do. The first pass over the queries reads the tile from memory and the others from L2, so
-          // the next tile is requested a slice per micro-kernel call: a 2-core Zen 3 ran the GEMM at ~55% of
-          // its FMA rate with the first pass waiting on memory, and at ~90% on a tile already in cache.
+          // tiles do. Only the first pass over the queries reads the tile from memory, so the next tile is
+          // requested a slice per micro-kernel call. On a 2-core Zen 3 the scan ran at 51-59% of the FMA rate
+          // (Q = 4096) while the same GEMM on a tile in cache runs at the FMA peak (91 of 92 GFLOP/s on one
+          // core); the requests took Q = 4096 on 200k x 384 from 6.4-6.8 to 5.7-5.8 s.
           const int64_t next_rows = imin(tile, c_end - t0 - nrows);
           const char* next = static_cast<const char*>(a.corpus) + (t0 + nrows) * a.corpus_stride * elem_size(a.dtype);
           const int64_t next_lines = next_rows * a.corpus_stride * elem_size(a.dtype) / 64;
@@ -1897,11 +1896,13 @@ int topk_impl(const TopkArgs& a) {
           for (; j + NW <= qpad; j += NW) {
             int64_t r = 0;
             for (; r + MRq <= nrows; r += MRq) {
-              for (int64_t e = imin(next_lines, line + per_call); line < e; ++line)
-                __builtin_prefetch(next + line * 64, 0, 2);
+              const int64_t e = imin(next_lines, line + per_call);
+              prefetch_strided(next + line * 64, e - line, 64, 64);
+              line = e;
               gemm_tile<float, MRq, 2>(dp, C + r * ldc, ldc, QT + j, qpad, S + r * qpad + j, qpad, false);
             }
-            if (r < nrows) gemm_panel<float, 2>(nrows - r, dp, C + r * ldc, ldc, QT + j, qpad, S + r * qpad + j, qpad, false);
+            if (r < nrows)
+              gemm_panel<float, 2>(nrows - r, dp, C + r * ldc, ldc, QT + j, qpad, S + r * qpad + j, qpad, false);
           }
           if (j < qpad) gemm<float>(nrows, qpad - j, dp, C, ldc, QT + j, qpad, S + j, qpad, false);
           select_by_row(S, qpad, nrows, t0, nq, qn2, invq, cc, a.metric, k, heaps + (q0 * parts + part) * k,
