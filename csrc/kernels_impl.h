@@ -1502,26 +1502,45 @@ inline float load_cvt(int dt, const void* base, int64_t off) {
   return dt == kF16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
+// Accumulator chains per (query, row) pair. Where a single query scores one row at a time (rows_per_dot),
+// one chain waits on every FMA's latency: four took a 1M x 384 fp16 or bf16 scan at Q = 1 from 46-48 to
+// 39-42 ms (2-core Zen 3, C++ harness; the fp32 scan is bandwidth-bound and gained nothing). The count
+// depends on MQ alone, so one query's rows are all summed in the same order (ties stay ties).
+template <int MQ>
+constexpr int kCvtChains = rows_per_dot<MQ>() == 1 ? 4 : 1;
+
 // S[i, j] = <Qp[i], row j> over the first K values of each row (Qp zero-padded past K).
 template <int DT, int MQ, int NC>
 inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C, int64_t ldc, float* S, int64_t lds) {
   typedef vec_t<float> V;
   constexpr int W = Vec<float>::W;
-  V acc[MQ][NC];
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) acc[i][j] = V{};
+  constexpr int U = kCvtChains<MQ>;
+  V acc[U][MQ][NC];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < MQ; ++i)
+      for (int j = 0; j < NC; ++j) acc[u][i][j] = V{};
   int64_t p = 0;
+  for (; p + U * W <= K; p += U * W)
+    for (int u = 0; u < U; ++u) {
+      V c[NC];
+      for (int j = 0; j < NC; ++j) c[j] = vload_cvt<DT>(C, j * ldc + p + u * W);
+      for (int i = 0; i < MQ; ++i) {
+        const V x = vload(Qp + i * ldq + p + u * W);
+        for (int j = 0; j < NC; ++j) acc[u][i][j] += x * c[j];
+      }
+    }
   for (; p + W <= K; p += W) {
     V c[NC];
     for (int j = 0; j < NC; ++j) c[j] = vload_cvt<DT>(C, j * ldc + p);
     for (int i = 0; i < MQ; ++i) {
       const V x = vload(Qp + i * ldq + p);
-      for (int j = 0; j < NC; ++j) acc[i][j] += x * c[j];
+      for (int j = 0; j < NC; ++j) acc[0][i][j] += x * c[j];
     }
   }
   for (int i = 0; i < MQ; ++i)
     for (int j = 0; j < NC; ++j) {
-      float s = hsum<float>(acc[i][j]);
+      for (int u = 1; u < U; ++u) acc[0][i][j] += acc[u][i][j];
+      float s = hsum<float>(acc[0][i][j]);
       for (int64_t t = p; t < K; ++t) s += Qp[i * ldq + t] * load_cvt(DT, C, j * ldc + t);
       S[i * lds + j] = s;
     }

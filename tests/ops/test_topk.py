@@ -109,6 +109,23 @@ def test_half_precision_corpus(dtype, metric, Q):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("Q", [1, 2])  # widened in registers: one query (several accumulator chains per row), a pair
+def test_half_precision_exact_ties_at_every_simd_level(simd_level, dtype, Q):
+    base = torch.randn(50, 77).to(dtype)  # d = 77: whole chain groups, single vectors and a scalar tail
+    c = base.repeat(3, 1)  # rows j, j + 50 and j + 100 are identical, and fall in different tiles and tails
+    q = torch.randn(Q, 77)
+    for metric in METRICS:
+        scores, idx = topk_search(q, c, 9, metric)
+        assert torch.equal(idx[:, 1] - idx[:, 0], torch.full((Q,), 50)), metric
+        assert torch.equal(idx[:, 2] - idx[:, 1], torch.full((Q,), 50)), metric
+        check_topk(q, c.float(), 9, metric, scores, idx)
+        # Every row scored (k = N): copies get bit-equal scores wherever they fall (a 4-row tile or the tail).
+        scores, idx = topk_search(q, c, 150, metric)
+        by_row = torch.empty_like(scores).scatter_(1, idx, scores)  # (Q, 150): the score of row j at j
+        assert torch.equal(by_row[:, :50], by_row[:, 50:100]) and torch.equal(by_row[:, :50], by_row[:, 100:]), metric
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_strided_corpus_at_every_simd_level(simd_level, dtype):
     wide = torch.randn(900, 50).to(dtype)
     c = wide[:, 3:40]  # d = 37 (vector tails), row stride 50, odd start
