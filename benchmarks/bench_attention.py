@@ -6,23 +6,28 @@ For each N: causal and bidirectional, forward and forward+backward, plus a key-p
 variable-length batch (lengths uniform in [N/8, N]; minillm skips padded queries and keys, torch gets the
 boolean key mask and computes every row). Every case is checked against the fp64
 reference before it is timed. GFLOP/s count 4*B*H*N^2*D for the forward (halved for causal) and 2.5x
-that for the backward; a torch.mm rate of the same run gives the machine's matmul ceiling.
+that for the backward; a torch.mm rate of the same run gives the machine's matmul ceiling. The MB
+columns are the peak resident memory each call adds (its outputs, gradients and scratch), read in a
+second process whose allocator returns freed blocks to the system (--no-memory skips them).
 
     python benchmarks/bench_attention.py [--n 128 512 1024] [--d 64] [--dtype float32] [--json out.json] [--plot p.png]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import banner, interleaved_medians, median_time, plot, print_table, write_json  # noqa: E402
+from common import (PEAK_MEMORY_ENV, banner, interleaved_medians, median_time, peak_extra_mb, plot,  # noqa: E402
+                    print_table, write_json)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--b", type=int, default=4)
     ap.add_argument("--h", type=int, default=8)
@@ -31,15 +36,124 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a machine with a GPU")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns (a second process)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a PNG of the forward GFLOP/s")
-    args = ap.parse_args()
+    ap.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
 
+
+CONTENDERS = ("minillm", "sdpa", "math", "naive")
+MODES = ("fwd", "fwd+bwd")
+
+
+def cases(N: int, B: int, H: int, D: int, dev, dtype):
+    """Inputs of one N and its cases: (q, k, v, grad, [(name, causal, key mask, query mask)])."""
+    import torch
+
+    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(B, H, N, D, device=dev, dtype=dtype)
+    keep = (torch.arange(N, device=dev) < N - N // 4).expand(B, N)  # the last 25% of keys are padding
+    # A variable-length batch: lengths uniform in [N/8, N], padded to N (torch gets the same bool mask).
+    gen = torch.Generator().manual_seed(N)
+    lengths = torch.randint(max(1, N // 8), N + 1, (B,), generator=gen).to(dev)
+    varlen = torch.arange(N, device=dev)[None, :] < lengths[:, None]
+    # varlen: padded queries are skipped too (their rows come back 0; torch computes them)
+    return q, k, v, grad, [("bidir", False, None, None), ("causal", True, None, None),
+                           ("pad25%", False, keep, None), ("varlen", False, varlen, varlen)]
+
+
+def contenders(q, k, v, causal: bool, mask, qmask) -> dict:
+    """name -> forward call for one case: minillm, torch SDPA (default backend), SDPA math, naive."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from minillm.ops import attention
+
+    tmask = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, N): SDPA's boolean key mask
+
+    def math_backend():
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=tmask, is_causal=causal)
+
+    def naive():
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        if tmask is not None:
+            s = s.masked_fill(~tmask, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    return {
+        "minillm": lambda: attention(q, k, v, causal=causal, key_padding_mask=mask, query_padding_mask=qmask),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=tmask, is_causal=causal),
+        "math": math_backend,
+        "naive": naive,
+    }
+
+
+def in_mode(fn, mode: str, grad):
+    """The timed call: the forward under no_grad, or forward + backward of `grad`."""
+    import torch
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+    return lambda: fn().backward(grad)
+
+
+def memory_worker(args) -> None:
+    """Run under PEAK_MEMORY_ENV by main(): prints {"N|case|pass|contender": MB} as one JSON line."""
+    import torch
+
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    out = {}
+    for N in args.n:
+        q, k, v, grad, todo = cases(N, args.b, args.h, args.d, dev, dtype)
+
+        def drop_grads():
+            q.grad = k.grad = v.grad = None
+
+        for name, causal, mask, qmask in todo:
+            for cname, fn in contenders(q, k, v, causal, mask, qmask).items():
+                for mode in MODES:
+                    try:
+                        mb = peak_extra_mb(in_mode(fn, mode, grad), drop_grads)
+                    except Exception:  # the timing run records why a contender fails
+                        mb = math.nan
+                    out[f"{N}|{name}|{mode}|{cname}"] = mb
+    print(json.dumps(out))
+
+
+def peak_memory(args, reasons: dict) -> dict:
+    """Peak extra MB of every call, measured in a second process (see PEAK_MEMORY_ENV); {} if skipped."""
+    if args.no_memory:
+        return {}
+    if args.device != "cpu":
+        reasons["peak memory"] = "measured from /proc for CPU runs only"
+        return {}
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", "--b", str(args.b), "--h", str(args.h),
+           "--d", str(args.d), "--dtype", args.dtype, "--n", *map(str, args.n)]
+    proc = subprocess.run(cmd, env={**os.environ, **PEAK_MEMORY_ENV}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = proc.stderr.strip().splitlines()
+        reasons["peak memory"] = err[-1] if err else f"exit {proc.returncode}"
+        print(f"  peak memory not measured: {reasons['peak memory']}")
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse_args()
+    if args.memory_worker:
+        memory_worker(args)
+        return
+
+    import torch
+
     from minillm.ops.reference import attention_reference
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -53,38 +167,15 @@ def main() -> None:
                   torch_mm_gflops=f"{mm_gflops:.3g} (2048^3, same run)")
     B, H, D = args.b, args.h, args.d
     rows, reasons = [], {}
-
-    def naive(q, k, v, causal, mask):
-        s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
-        if causal:
-            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=dev).triu(1), float("-inf"))
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        return torch.softmax(s, -1) @ v
+    memory = peak_memory(args, reasons)
 
     for N in args.n:
-        q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
-        grad = torch.randn(B, H, N, D, device=dev, dtype=dtype)
-        keep = (torch.arange(N, device=dev) < N - N // 4).expand(B, N)  # the last 25% of keys are padding
-        # A variable-length batch: lengths uniform in [N/8, N], padded to N (torch gets the same bool mask).
-        gen = torch.Generator().manual_seed(N)
-        lengths = torch.randint(max(1, N // 8), N + 1, (B,), generator=gen).to(dev)
-        varlen = torch.arange(N, device=dev)[None, :] < lengths[:, None]
-        cases = [("bidir", False, None), ("causal", True, None), ("pad25%", False, keep), ("varlen", False, varlen)]
-        for name, causal, mask in cases:
-            # varlen: padded queries are skipped too (their rows come back 0; torch computes them)
-            qmask = mask if name == "varlen" else None
-            ours = lambda: attention(q, k, v, causal=causal, key_padding_mask=mask, query_padding_mask=qmask)  # noqa: E731
-            tmask = mask[:, None, None, :] if mask is not None else None
-            flash = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=tmask, is_causal=causal)  # noqa: E731
-
-            def math_backend():
-                with sdpa_kernel(SDPBackend.MATH):
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=tmask, is_causal=causal)
-
+        q, k, v, grad, todo = cases(N, B, H, D, dev, dtype)
+        for name, causal, mask, qmask in todo:
+            calls = contenders(q, k, v, causal, mask, qmask)
             ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=causal,
                                       key_padding_mask=mask)
-            diff = ours().detach().double() - ref
+            diff = calls["minillm"]().detach().double() - ref
             if qmask is not None:
                 diff = diff[qmask[:, None, :, None].expand_as(diff)]  # rows torch computes and we skip
             err = diff.abs().max().item()
@@ -92,27 +183,21 @@ def main() -> None:
             if err > tol:
                 sys.exit(f"N={N} {name}: minillm differs from the reference by {err:.2e}; not timing")
             fwd_flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
-            for mode in ("fwd", "fwd+bwd"):
-                def timed(fn):
-                    if mode == "fwd":
-                        def run():
-                            with torch.no_grad():
-                                return fn()
-                        return run
-                    return lambda: fn().backward(grad)
-
+            for mode in MODES:
                 flops = fwd_flops * (1 if mode == "fwd" else 3.5)
-                t = interleaved_medians({"minillm": timed(ours), "sdpa": timed(flash), "math": timed(math_backend),
-                                         "naive": timed(lambda: naive(q, k, v, causal, tmask))},
-                                        args.repeats, reasons, f"N={N} {name} {mode}")
-                t_ours, t_flash, t_math, t_naive = t["minillm"], t["sdpa"], t["math"], t["naive"]
-                rows.append({"N": N, "case": name, "pass": mode, "minillm ms": 1000 * t_ours,
-                             "sdpa ms": 1000 * t_flash, "math ms": 1000 * t_math, "naive ms": 1000 * t_naive,
-                             "minillm GFLOP/s": flops / t_ours / 1e9, "sdpa GFLOP/s": flops / t_flash / 1e9,
-                             "vs sdpa": t_flash / t_ours, "vs math": t_math / t_ours})
+                t = interleaved_medians({c: in_mode(fn, mode, grad) for c, fn in calls.items()}, args.repeats,
+                                        reasons, f"N={N} {name} {mode}")
+                row = {"N": N, "case": name, "pass": mode, **{f"{c} ms": 1000 * t[c] for c in CONTENDERS},
+                       "minillm GFLOP/s": flops / t["minillm"] / 1e9, "sdpa GFLOP/s": flops / t["sdpa"] / 1e9,
+                       "vs sdpa": t["sdpa"] / t["minillm"], "vs math": t["math"] / t["minillm"]}
+                if memory:
+                    row.update({f"{c} MB": memory.get(f"{N}|{name}|{mode}|{c}", math.nan) for c in CONTENDERS})
+                rows.append(row)
                 print_table(rows[-1:], list(rows[-1]), floatfmt=".3g")
     print()
     print_table(rows, list(rows[0]), floatfmt=".3g")
+    if memory:
+        print("MB: peak resident memory a call adds (outputs, gradients and scratch), measured in a second process")
     overhead = call_overhead_us(dev, dtype)
     print("call overhead on (1, 1, 8, 8) inputs, us per call (median of 2000): " +
           ", ".join(f"{k} {v:.1f}" for k, v in overhead.items()))

@@ -5,6 +5,7 @@ the baseline side by side in the same run. A baseline that fails is recorded as 
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -126,6 +127,36 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int, reas
             _sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) if t else math.nan for name, t in times.items()}
+
+
+# Environment for a process that reads peak memory off /proc: glibc then serves every block of 64 KB or
+# more with its own mmap and unmaps it on free, so resident memory falls back after each call and the
+# high-water mark of the next call is that call's own. Timing runs keep the default allocator (its reuse of
+# freed blocks is part of every contender's speed).
+PEAK_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def peak_extra_mb(fn: Callable[[], object], prepare: Optional[Callable[[], object]] = None) -> float:
+    """MB of resident memory fn() adds at its peak (Linux; meaningful under PEAK_MEMORY_ENV). fn runs once
+    first, so lazy initialisation (thread pools, first-call caches) is not counted; prepare() runs before
+    each reading, e.g. to drop gradients left by the previous call."""
+    fn()
+    if prepare is not None:
+        prepare()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    base = _status_kb("VmRSS")
+    fn()
+    return max(0, _status_kb("VmHWM") - base) / 1024
 
 
 def _sync() -> None:
