@@ -393,13 +393,15 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
 // Width of one GEMM panel (kNV vectors) and C (+)= A B for B packed panel by panel: columns [j, j + kPanel)
 // of B are one contiguous (K, kPanel) block at Bp + (j / kPanel) * K * kPanel, so each k-step of the
 // micro-kernel reads the next cache line instead of a line a whole row of B away (a 4 KB stride at
-// N = 1024, a new page per k-step). The forward's K^T, packed so: in-process A/B on the 2-core Zen 3 (AVX2),
-// B4 H8 D64, medians 0.91-1.0 of the row-major K^T's time at N = 512-2048, bidirectional, causal and
-// padded, 0.99 at N = 64-128; the same output bits.
+// N = 1024, a new page per k-step). In-process A/B on the 2-core Zen 3 (AVX2), B4 H8 D64, against K^T (and
+// the backward's V^T) stored row-major with a padded leading dimension: forward medians 0.91-1.0 of the
+// time at N = 512-2048, bidirectional, causal and padded, 0.99 at N = 64-128; backward 0.93-1.01
+// bidirectional, 0.88-0.93 causal, 0.95 padded; the same output bits.
 template <typename T>
 constexpr int64_t kPanel = kNV * Vec<T>::W;
-static_assert(kBkFwd % kPanel<float> == 0 && kBkFwd % kPanel<double> == 0,
-              "forward key blocks start on a packed panel");
+static_assert(kBkFwd % kPanel<float> == 0 && kBkFwd % kPanel<double> == 0 && kBkMax % kPanel<float> == 0 &&
+                  kBkMax % kPanel<double> == 0,
+              "key blocks start on a packed panel");
 
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
@@ -422,11 +424,6 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
 // Keys per block: 64, or fewer (whole vectors) for short sequences, which would otherwise pay for 64.
 inline int64_t key_block(int64_t Nk, int64_t max_keys = kBkMax) { return imin(max_keys, round_up(imax(Nk, 1), kPad)); }
 
-// Leading dimension of the backward's transposed (D-major) copy of n keys: one vector past n, so that
-// consecutive rows do not sit a multiple of 4 KB apart (n = 1024 fp32), which puts every row a GEMM tile
-// reads in the same L1 set (measured: the AVX2 forward's B loads stalled on it at N = 1024 and 2048, before
-// the forward packed K^T by panels).
-inline int64_t transposed_ld(int64_t n) { return n + kPad; }
 
 // dst[d * ldd + r] = src[r * lds + d] for 8 rows r and d < n (n a multiple of 8): 8 x 8 blocks.
 template <typename T>
@@ -1247,8 +1244,9 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
   const int64_t Dp = round_up(D, kPad), NkP = round_up(Nk, bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
-  const int64_t ldt = transposed_ld(NkP);
-  const size_t arena_bytes = 3 * Arena::need<T>(Nq * Dp) + Arena::need<T>(Nq) + 2 * Arena::need<T>(Dp * ldt) +
+  constexpr int64_t PW = kPanel<T>;  // K^T and V^T packed by panels (gemm_packed)
+  const int64_t NkT = round_up(NkP, PW);
+  const size_t arena_bytes = 3 * Arena::need<T>(Nq * Dp) + Arena::need<T>(Nq) + 2 * Arena::need<T>(Dp * NkT) +
                              3 * Arena::need<T>(NkP * Dp) + 2 * Arena::need<T>(kBq * bk) + Arena::need<uint8_t>(nkb);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
@@ -1259,8 +1257,8 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
     T* dO = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp)
     T* dQ = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp): sum dS K, scaled at the end
     T* Dl = ok ? arena.take<T>(Nq) : nullptr;         // (Nq): rowsum(dO * O) - dlse
-    T* Kt = ok ? arena.take<T>(Dp * ldt) : nullptr;   // (Dp, ldt)
-    T* Vt = ok ? arena.take<T>(Dp * ldt) : nullptr;   // (Dp, ldt)
+    T* Kt = ok ? arena.take<T>(Dp * NkT) : nullptr;   // K^T, packed: element (d, j) at kt(j)[d * PW]
+    T* Vt = ok ? arena.take<T>(Dp * NkT) : nullptr;   // V^T, packed the same way
     T* Kr = ok ? arena.take<T>(Dp * NkP) : nullptr;   // (NkP, Dp)
     T* dK = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
     T* dV = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
@@ -1304,9 +1302,11 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
           std::memset(Kr + j * Dp, 0, sizeof(T) * Dp);
           std::memset(P, 0, sizeof(T) * Dp);
         }
+        T* kt = Kt + (j / PW) * Dp * PW + j % PW;
+        T* vt = Vt + (j / PW) * Dp * PW + j % PW;
         for (int64_t d = 0; d < Dp; ++d) {
-          Kt[d * ldt + j] = Kr[j * Dp + d];
-          Vt[d * ldt + j] = P[d];
+          kt[d * PW] = Kr[j * Dp + d];
+          vt[d * PW] = P[d];
         }
       }
       std::memset(dK, 0, sizeof(T) * NkP * Dp);
@@ -1329,8 +1329,8 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
             const int64_t cols = tri ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
             const int64_t cv = round_up(cols, W);
             if (cv > 0) {
-              gemm<T>(tr, cv, Dp, Qs + (i0 + r0) * Dp, Dp, Kt + j0, ldt, P + r0 * bk, bk, false);
-              gemm<T>(tr, cv, Dp, dO + (i0 + r0) * Dp, Dp, Vt + j0, ldt, dS + r0 * bk, bk, false);
+              gemm_packed<T>(tr, cv, Dp, Qs + (i0 + r0) * Dp, Dp, Kt + (j0 / PW) * Dp * PW, P + r0 * bk, bk, false);
+              gemm_packed<T>(tr, cv, Dp, dO + (i0 + r0) * Dp, Dp, Vt + (j0 / PW) * Dp * PW, dS + r0 * bk, bk, false);
             }
             for (int64_t r = r0; r < r0 + tr; ++r) {
               T* p = P + r * bk;
