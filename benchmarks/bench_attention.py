@@ -110,7 +110,7 @@ def memory_worker(args) -> None:
     import torch
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    out = {}
+    out, errors = {}, {}
     for N in args.n:
         q, k, v, grad, todo = cases(N, args.b, args.h, args.d, dev, dtype)
 
@@ -120,12 +120,13 @@ def memory_worker(args) -> None:
         for name, causal, mask, qmask in todo:
             for cname, fn in contenders(q, k, v, causal, mask, qmask).items():
                 for mode in MODES:
+                    key = f"{N}|{name}|{mode}|{cname}"
                     try:
-                        mb = peak_extra_mb(in_mode(fn, mode, grad), drop_grads)
-                    except Exception:  # the timing run records why a contender fails
-                        mb = math.nan
-                    out[f"{N}|{name}|{mode}|{cname}"] = mb
-    print(json.dumps(out))
+                        out[key] = peak_extra_mb(in_mode(fn, mode, grad), drop_grads)
+                    except Exception as exc:  # nan, and the reason goes to the parent's failure list
+                        out[key] = math.nan
+                        errors[key] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps({"mb": out, "errors": errors}))
 
 
 def peak_memory(args, reasons: dict) -> dict:
@@ -143,7 +144,10 @@ def peak_memory(args, reasons: dict) -> dict:
         reasons["peak memory"] = err[-1] if err else f"exit {proc.returncode}"
         print(f"  peak memory not measured: {reasons['peak memory']}")
         return {}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key, why in res["errors"].items():
+        reasons[f"peak memory {key}"] = why
+    return res["mb"]
 
 
 def main() -> None:
