@@ -376,18 +376,26 @@ inline void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* B
   }
 }
 
+// The column panels of C (+)= A B: panel j (columns [j, j + kNV W), or the narrower tail) reads B from
+// panel_b(j) with rows ldb apart.
+template <typename T, bool ColA, typename PanelB>
+inline void gemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, PanelB panel_b, int64_t ldb,
+                        T* C, int64_t ldc, bool acc) {
+  constexpr int W = Vec<T>::W;
+  int64_t j = 0;
+  for (; j + kNV * W <= N; j += kNV * W) gemm_panel<T, kNV, ColA>(M, K, A, lda, panel_b(j), ldb, C + j, ldc, acc);
+  switch ((N - j) / W) {
+    case 1: gemm_panel<T, 1, ColA>(M, K, A, lda, panel_b(j), ldb, C + j, ldc, acc); break;
+    case 2: gemm_panel<T, 2, ColA>(M, K, A, lda, panel_b(j), ldb, C + j, ldc, acc); break;
+    case 3: gemm_panel<T, 3, ColA>(M, K, A, lda, panel_b(j), ldb, C + j, ldc, acc); break;
+    default: break;
+  }
+}
+
 template <typename T, bool ColA = false>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
           bool acc) {
-  constexpr int W = Vec<T>::W;
-  int64_t j = 0;
-  for (; j + kNV * W <= N; j += kNV * W) gemm_panel<T, kNV, ColA>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
-  switch ((N - j) / W) {
-    case 1: gemm_panel<T, 1, ColA>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
-    case 2: gemm_panel<T, 2, ColA>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
-    case 3: gemm_panel<T, 3, ColA>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
-    default: break;
-  }
+  gemm_panels<T, ColA>(M, N, K, A, lda, [B](int64_t j) { return B + j; }, ldb, C, ldc, acc);
 }
 
 // Width of one GEMM panel (kNV vectors) and C (+)= A B for B packed panel by panel: columns [j, j + kPanel)
@@ -403,27 +411,25 @@ static_assert(kBkFwd % kPanel<float> == 0 && kBkFwd % kPanel<double> == 0 && kBk
                   kBkMax % kPanel<double> == 0,
               "key blocks start on a packed panel");
 
+// Element (p, j) of a packed B with K rows is packed_at(Bp, K, j)[p * kPanel]; for a j that starts a panel,
+// packed_at(Bp, K, j) is that panel's block.
+template <typename T>
+inline T* packed_at(T* Bp, int64_t K, int64_t j) {
+  constexpr int64_t P = kPanel<T>;
+  return Bp + (j / P) * K * P + j % P;
+}
+
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
                  bool acc) {
-  constexpr int W = Vec<T>::W;
-  constexpr int64_t P = kPanel<T>;
-  int64_t j = 0;
-  for (; j + P <= N; j += P) gemm_panel<T, kNV>(M, K, A, lda, Bp + (j / P) * K * P, P, C + j, ldc, acc);
-  const T* tail = Bp + (j / P) * K * P;
-  switch ((N - j) / W) {
-    case 1: gemm_panel<T, 1>(M, K, A, lda, tail, P, C + j, ldc, acc); break;
-    case 2: gemm_panel<T, 2>(M, K, A, lda, tail, P, C + j, ldc, acc); break;
-    case 3: gemm_panel<T, 3>(M, K, A, lda, tail, P, C + j, ldc, acc); break;
-    default: break;
-  }
+  gemm_panels<T, false>(M, N, K, A, lda, [Bp, K](int64_t j) { return packed_at(Bp, K, j); }, kPanel<T>, C, ldc,
+                        acc);
 }
 
 // ---- attention ----
 
 // Keys per block: 64, or fewer (whole vectors) for short sequences, which would otherwise pay for 64.
 inline int64_t key_block(int64_t Nk, int64_t max_keys = kBkMax) { return imin(max_keys, round_up(imax(Nk, 1), kPad)); }
-
 
 // dst[d * ldd + r] = src[r * lds + d] for 8 rows r and d < n (n a multiple of 8): 8 x 8 blocks.
 template <typename T>
@@ -931,9 +937,9 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
       // Keys any row here sees: up to the causal limit and the last unpadded key.
       const int64_t k_end = imin(a.causal ? imax(0, imin(Nk, q_end + off)) : Nk, keys_end(kpm, Nk));
-      // Element (d, j) of K^T: kt(j)[d * P], keys packed in panels of P.
+      // Element (d, j) of K^T: kt(j)[d * P] (packed_at).
       constexpr int64_t P = kPanel<T>;
-      auto kt = [&](int64_t j) { return Kt + (j / P) * Dp * P + j % P; };
+      auto kt = [&](int64_t j) { return packed_at(Kt, Dp, j); };
       const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
       const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
       const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
@@ -1244,8 +1250,7 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
   const int64_t Dp = round_up(D, kPad), NkP = round_up(Nk, bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
-  constexpr int64_t PW = kPanel<T>;  // K^T and V^T packed by panels (gemm_packed)
-  const int64_t NkT = round_up(NkP, PW);
+  const int64_t NkT = round_up(NkP, kPanel<T>);  // K^T and V^T packed by panels (gemm_packed)
   const size_t arena_bytes = 3 * Arena::need<T>(Nq * Dp) + Arena::need<T>(Nq) + 2 * Arena::need<T>(Dp * NkT) +
                              3 * Arena::need<T>(NkP * Dp) + 2 * Arena::need<T>(kBq * bk) + Arena::need<uint8_t>(nkb);
   int status = kOk;
@@ -1257,7 +1262,7 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
     T* dO = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp)
     T* dQ = ok ? arena.take<T>(Nq * Dp) : nullptr;    // (Nq, Dp): sum dS K, scaled at the end
     T* Dl = ok ? arena.take<T>(Nq) : nullptr;         // (Nq): rowsum(dO * O) - dlse
-    T* Kt = ok ? arena.take<T>(Dp * NkT) : nullptr;   // K^T, packed: element (d, j) at kt(j)[d * PW]
+    T* Kt = ok ? arena.take<T>(Dp * NkT) : nullptr;   // K^T, packed (packed_at)
     T* Vt = ok ? arena.take<T>(Dp * NkT) : nullptr;   // V^T, packed the same way
     T* Kr = ok ? arena.take<T>(Dp * NkP) : nullptr;   // (NkP, Dp)
     T* dK = ok ? arena.take<T>(NkP * Dp) : nullptr;   // (NkP, Dp)
@@ -1302,11 +1307,11 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
           std::memset(Kr + j * Dp, 0, sizeof(T) * Dp);
           std::memset(P, 0, sizeof(T) * Dp);
         }
-        T* kt = Kt + (j / PW) * Dp * PW + j % PW;
-        T* vt = Vt + (j / PW) * Dp * PW + j % PW;
+        T* kt = packed_at(Kt, Dp, j);
+        T* vt = packed_at(Vt, Dp, j);
         for (int64_t d = 0; d < Dp; ++d) {
-          kt[d * PW] = Kr[j * Dp + d];
-          vt[d * PW] = P[d];
+          kt[d * kPanel<T>] = Kr[j * Dp + d];
+          vt[d * kPanel<T>] = P[d];
         }
       }
       std::memset(dK, 0, sizeof(T) * NkP * Dp);
@@ -1329,8 +1334,8 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
             const int64_t cols = tri ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
             const int64_t cv = round_up(cols, W);
             if (cv > 0) {
-              gemm_packed<T>(tr, cv, Dp, Qs + (i0 + r0) * Dp, Dp, Kt + (j0 / PW) * Dp * PW, P + r0 * bk, bk, false);
-              gemm_packed<T>(tr, cv, Dp, dO + (i0 + r0) * Dp, Dp, Vt + (j0 / PW) * Dp * PW, dS + r0 * bk, bk, false);
+              gemm_packed<T>(tr, cv, Dp, Qs + (i0 + r0) * Dp, Dp, packed_at(Kt, Dp, j0), P + r0 * bk, bk, false);
+              gemm_packed<T>(tr, cv, Dp, dO + (i0 + r0) * Dp, Dp, packed_at(Vt, Dp, j0), dS + r0 * bk, bk, false);
             }
             for (int64_t r = r0; r < r0 + tr; ++r) {
               T* p = P + r * bk;
