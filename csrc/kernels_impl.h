@@ -766,7 +766,7 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void f32_to_bf16_r
 int attention_fwd_bf16dot(const AttnFwdArgs& a) {
   constexpr int W = 16;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
-  const int64_t bk = key_block(Nk);
+  const int64_t bk = key_block(Nk, kBkFwd);  // 256 keys: medians 0.82-0.87 of 64 keys on a Zen 4
   const int64_t Dp = round_up(D, kPad), DP = Dp / 2, NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const float scale = static_cast<float>(a.scale);
@@ -1455,7 +1455,6 @@ inline void heap_push(Cand* h, int64_t* n, int64_t k, const Cand& c) {
 }
 
 constexpr int kMQ = VB >= 64 ? 4 : 2;  // queries per dot micro-kernel
-constexpr int kNC = 4;                 // corpus rows per dot micro-kernel
 // Queries per work item. A GEMM-scored item reads the whole corpus (or its part) once, so more queries per
 // item read it fewer times: with 16 registers 128 (QT 192 KB, in L2) took Q = 256 on 1M x 384 from 1.90
 // to 1.48 s and Q = 4096 on 200k x 384 from 5.9-6.3 to 5.0-5.3 s (2-core Zen 3, C++ harness). AVX-512
@@ -1469,32 +1468,26 @@ constexpr int64_t kQb = VB >= 64 ? 64 : 128;
 // runs and processes (bench_topk's numpy corpus measured 41-48 GB/s).
 constexpr int64_t kPrefetchBytes = 8192;
 
-template <int NC>
-inline void prefetch_rows(const void* C, int64_t row_bytes, int64_t j, int64_t nrows) {
+inline void prefetch_row(const void* C, int64_t row_bytes, int64_t j, int64_t nrows) {
   const char* base = static_cast<const char*>(C);
   const int64_t ahead = kPrefetchBytes / row_bytes + 1;
   if (j + ahead >= nrows) return;
   const char* row = base + (j + ahead) * row_bytes;
-  for (int64_t b = 0; b < NC * row_bytes; b += 64) __builtin_prefetch(row + b, 0, 0);
+  for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 0);
 }
 
-// Corpus rows per micro-kernel for MQ queries. A single query on 256-bit vectors reads one row at a time:
-// four rows read side by side are four interleaved streams, and on the AVX2 machine here (Zen 3) that held
-// a 1M x 384 fp32 scan at ~13 GB/s, 60-65% of a plain sum's bandwidth; one row at a time reached 18-19 GB/s
-// (~90%). The AVX-512 figures above were measured with four rows.
-template <int MQ>
-constexpr int rows_per_dot() { return VB < 64 && MQ == 1 ? 1 : kNC; }
-
+// The few-query micro-kernels read one corpus row at a time: rows read side by side are interleaved
+// streams, which the memory system serves worse than one. 1M x 384, Q = 1, C++ harness, 2 threads: on a
+// Zen 3 (AVX2) four rows held an fp32 scan at ~13 GB/s, 60-65% of a plain sum's bandwidth, one row 18-19
+// GB/s; on a Zen 4 (AVX-512, plain sum 30-31 GB/s) one row against four: fp32 0.70 of the time (26.6 GB/s),
+// fp16 0.60, bf16 0.43, int8 (VNNI) 0.59-0.62, and four queries at once (fp32, fp16) 0.66-0.73.
 template <int MQ>
 inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const float* C, int64_t ldc, float* S,
                      int64_t lds, bool prefetch = false) {
-  constexpr int NC = rows_per_dot<MQ>();
-  int64_t j = 0;
-  for (; j + NC <= nrows; j += NC) {
-    if (prefetch) prefetch_rows<NC>(C, ldc * 4, j, nrows);
-    dot_tile<float, MQ, NC>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  for (int64_t j = 0; j < nrows; ++j) {
+    if (prefetch) prefetch_row(C, ldc * 4, j, nrows);
+    dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
   }
-  for (; j < nrows; ++j) dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
 }
 
 inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const float* C, int64_t ldc,
@@ -1542,62 +1535,47 @@ inline float load_cvt(int dt, const void* base, int64_t off) {
   return dt == kF16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
-// Accumulator chains per (query, row) pair. Where a single query scores one row at a time (rows_per_dot),
-// one chain waits on every FMA's latency: four took a 1M x 384 fp16 or bf16 scan at Q = 1 from 46-48 to
-// 39-42 ms (2-core Zen 3, C++ harness; the fp32 scan is bandwidth-bound and gained nothing). The count
-// depends on MQ alone, so one query's rows are all summed in the same order (ties stay ties).
-template <int MQ>
-constexpr int kCvtChains = rows_per_dot<MQ>() == 1 ? 4 : 1;
+// Accumulator chains per (query, row) pair. With one row at a time and a single query, one chain waits on
+// every FMA's latency: four took a 1M x 384 fp16 or bf16 scan at Q = 1 from 46-48 to 39-42 ms (2-core Zen
+// 3, C++ harness; the fp32 scan is bandwidth-bound and gained nothing). The count is fixed, so every row
+// is summed in the same order whatever the tile or query count (ties stay ties).
+constexpr int kCvtChains = 4;
 
-// S[i, j] = <Qp[i], row j> over the first K values of each row (Qp zero-padded past K).
-template <int DT, int MQ, int NC>
-inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C, int64_t ldc, float* S, int64_t lds) {
+// S[i * lds] = <Qp[i], row> over the first K values of one 16-bit row (Qp zero-padded past K).
+template <int DT, int MQ>
+inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C, float* S, int64_t lds) {
   typedef vec_t<float> V;
   constexpr int W = Vec<float>::W;
-  constexpr int U = kCvtChains<MQ>;
-  V acc[U][MQ][NC];
+  constexpr int U = kCvtChains;
+  V acc[U][MQ];
   for (int u = 0; u < U; ++u)
-    for (int i = 0; i < MQ; ++i)
-      for (int j = 0; j < NC; ++j) acc[u][i][j] = V{};
+    for (int i = 0; i < MQ; ++i) acc[u][i] = V{};
   int64_t p = 0;
   for (; p + U * W <= K; p += U * W)
     for (int u = 0; u < U; ++u) {
-      V c[NC];
-      for (int j = 0; j < NC; ++j) c[j] = vload_cvt<DT>(C, j * ldc + p + u * W);
-      for (int i = 0; i < MQ; ++i) {
-        const V x = vload(Qp + i * ldq + p + u * W);
-        for (int j = 0; j < NC; ++j) acc[u][i][j] += x * c[j];
-      }
+      const V c = vload_cvt<DT>(C, p + u * W);
+      for (int i = 0; i < MQ; ++i) acc[u][i] += vload(Qp + i * ldq + p + u * W) * c;
     }
   for (; p + W <= K; p += W) {
-    V c[NC];
-    for (int j = 0; j < NC; ++j) c[j] = vload_cvt<DT>(C, j * ldc + p);
-    for (int i = 0; i < MQ; ++i) {
-      const V x = vload(Qp + i * ldq + p);
-      for (int j = 0; j < NC; ++j) acc[0][i][j] += x * c[j];
-    }
+    const V c = vload_cvt<DT>(C, p);
+    for (int i = 0; i < MQ; ++i) acc[0][i] += vload(Qp + i * ldq + p) * c;
   }
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) {
-      for (int u = 1; u < U; ++u) acc[0][i][j] += acc[u][i][j];
-      float s = hsum<float>(acc[0][i][j]);
-      for (int64_t t = p; t < K; ++t) s += Qp[i * ldq + t] * load_cvt(DT, C, j * ldc + t);
-      S[i * lds + j] = s;
-    }
+  for (int i = 0; i < MQ; ++i) {
+    for (int u = 1; u < U; ++u) acc[0][i] += acc[u][i];
+    float s = hsum<float>(acc[0][i]);
+    for (int64_t t = p; t < K; ++t) s += Qp[i * ldq + t] * load_cvt(DT, C, t);
+    S[i * lds] = s;
+  }
 }
 
 template <int DT, int MQ>
 inline void dot_rows_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const void* C, int64_t ldc, float* S,
                          int64_t lds, bool prefetch) {
   const int64_t es = 2;  // bytes per value
-  constexpr int NC = rows_per_dot<MQ>();
-  int64_t j = 0;
-  for (; j + NC <= nrows; j += NC) {
-    if (prefetch) prefetch_rows<NC>(C, ldc * es, j, nrows);
-    dot_tile_cvt<DT, MQ, NC>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
+  for (int64_t j = 0; j < nrows; ++j) {
+    if (prefetch) prefetch_row(C, ldc * es, j, nrows);
+    dot_tile_cvt<DT, MQ>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, S + j, lds);
   }
-  for (; j < nrows; ++j)
-    dot_tile_cvt<DT, MQ, 1>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, ldc, S + j, lds);
 }
 
 template <int DT>
@@ -1637,66 +1615,40 @@ inline float self_dot_stored(int dt, const void* C, int64_t off, int64_t K) {
 // 64 (codes and queries are zero-padded to it); the caller rescales S by both quantization scales.
 constexpr int64_t kI8Pad = 64;
 
-template <int MQ, int NC>
-inline void dot_tile_i8q(int64_t K, const int16_t* Qi, int64_t ldq, const int8_t* C, int64_t ldc, float* S,
-                         int64_t lds) {
+// <q, c> for one int16 query and one row of int8 codes.
+inline float dot_i8q(int64_t K, const int16_t* q, const int8_t* c) {
 #if defined(__AVX512BW__)
-  __m512i acc[MQ][NC];
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_si512();
+  __m512i acc = _mm512_setzero_si512();
   for (int64_t p = 0; p < K; p += 32) {
-    __m512i c[NC];
-    for (int j = 0; j < NC; ++j)
-      c[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + j * ldc + p)));
-    for (int i = 0; i < MQ; ++i) {
-      const __m512i x = _mm512_loadu_si512(Qi + i * ldq + p);
-      for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_madd_epi16(x, c[j]));
-    }
+    const __m512i cw = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + p)));
+    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_loadu_si512(q + p), cw));
   }
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) S[i * lds + j] = static_cast<float>(_mm512_reduce_add_epi32(acc[i][j]));
+  return static_cast<float>(_mm512_reduce_add_epi32(acc));
 #elif defined(__AVX2__)
-  __m256i acc[MQ][NC];
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_setzero_si256();
+  __m256i acc = _mm256_setzero_si256();
   for (int64_t p = 0; p < K; p += 16) {
-    __m256i c[NC];
-    for (int j = 0; j < NC; ++j)
-      c[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(C + j * ldc + p)));
-    for (int i = 0; i < MQ; ++i) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Qi + i * ldq + p));
-      for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(x, c[j]));
-    }
+    const __m256i cw = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + p)));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + p)), cw));
   }
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) {
-      int32_t lanes[8];
-      std::memcpy(lanes, &acc[i][j], 32);
-      int32_t t = 0;
-      for (int l = 0; l < 8; ++l) t += lanes[l];
-      S[i * lds + j] = static_cast<float>(t);
-    }
+  int32_t lanes[8];
+  std::memcpy(lanes, &acc, 32);
+  int32_t t = 0;
+  for (int l = 0; l < 8; ++l) t += lanes[l];
+  return static_cast<float>(t);
 #else
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < NC; ++j) {
-      int32_t t = 0;
-      for (int64_t p = 0; p < K; ++p) t += int32_t(Qi[i * ldq + p]) * int32_t(C[j * ldc + p]);
-      S[i * lds + j] = static_cast<float>(t);
-    }
+  int32_t t = 0;
+  for (int64_t p = 0; p < K; ++p) t += int32_t(q[p]) * int32_t(c[p]);
+  return static_cast<float>(t);
 #endif
 }
 
 inline void dot_block_i8q(int64_t K, const int16_t* Qi, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc,
                           int64_t nrows, float* S, int64_t lds) {
-  constexpr int NC = rows_per_dot<1>();
-  for (int64_t i = 0; i < nq; ++i) {
-    int64_t j = 0;
-    for (; j + NC <= nrows; j += NC) {
-      if (i == 0) prefetch_rows<NC>(C, ldc, j, nrows);
-      dot_tile_i8q<1, NC>(K, Qi + i * ldq, ldq, C + j * ldc, ldc, S + i * lds + j, lds);
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t j = 0; j < nrows; ++j) {
+      if (i == 0) prefetch_row(C, ldc, j, nrows);
+      S[i * lds + j] = dot_i8q(K, Qi + i * ldq, C + j * ldc);
     }
-    for (; j < nrows; ++j) dot_tile_i8q<1, 1>(K, Qi + i * ldq, ldq, C + j * ldc, ldc, S + i * lds + j, lds);
-  }
 }
 
 #if defined(__AVX512BW__)
@@ -1709,24 +1661,16 @@ __attribute__((target("avx512vnni,avx512bw,avx512f"))) inline void dot_block_i8_
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t i = 0; i < nq; ++i) {
     const uint8_t* q = Qu + i * ldq;
-    int64_t j = 0;
-    for (; j < nrows; j += kNC) {
-      const int nc = static_cast<int>(imin(kNC, nrows - j));
-      if (i == 0) prefetch_rows<kNC>(C, ldc, j, nrows);
-      __m512i acc[kNC], sum[kNC];
-      for (int r = 0; r < kNC; ++r) acc[r] = sum[r] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < nrows; ++j) {
+      if (i == 0) prefetch_row(C, ldc, j, nrows);
+      const int8_t* c = C + j * ldc;
+      __m512i acc = _mm512_setzero_si512(), sum = _mm512_setzero_si512();
       for (int64_t p = 0; p < K; p += 64) {
-        const __m512i x = _mm512_loadu_si512(q + p);
-        for (int r = 0; r < kNC; ++r) {
-          if (r >= nc) break;
-          const __m512i c = _mm512_loadu_si512(C + (j + r) * ldc + p);
-          acc[r] = _mm512_dpbusd_epi32(acc[r], x, c);
-          sum[r] = _mm512_dpbusd_epi32(sum[r], ones, c);
-        }
+        const __m512i cv = _mm512_loadu_si512(c + p);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(q + p), cv);
+        sum = _mm512_dpbusd_epi32(sum, ones, cv);
       }
-      for (int r = 0; r < nc; ++r)
-        S[i * lds + j + r] =
-            static_cast<float>(_mm512_reduce_add_epi32(acc[r]) - 128 * _mm512_reduce_add_epi32(sum[r]));
+      S[i * lds + j] = static_cast<float>(_mm512_reduce_add_epi32(acc) - 128 * _mm512_reduce_add_epi32(sum));
     }
   }
 }
@@ -1773,7 +1717,12 @@ inline float self_dot(const float* x, int64_t K) {
   return hsum<float>(s);
 }
 
-constexpr int64_t kGemmMinQ = 32;  // queries from which top-k scores tiles as a GEMM
+// Queries from which top-k scores tiles as a GEMM rather than by dot products (kMQ queries per pass over a
+// tile). 1M x 384, 2 threads, C++ harness on a Zen 4, GEMM against dot products: Q = 16 0.50 of the time
+// at AVX-512 (0.43 at AVX2), bf16 Q = 12 0.63, Q = 8 0.89 (AVX2 0.75); at Q = 4 they are equal, at Q = 2 the
+// GEMM is 1.45x slower.
+constexpr int64_t kGemmMinQ = 8;
+static_assert(kGemmMinQ > kMQ, "a few-query scan (16-bit or int8 rows widened in registers) is never a GEMM");
 
 // Offers scores S (nrows, ldS) -- row j of the tile against query i at S[j * ldS + i] -- to the running
 // top-k of each query, W queries per test of the bar. Heaps of consecutive queries are hstride apart.
@@ -1842,7 +1791,7 @@ int topk_impl(const TopkArgs& a) {
   // third of the FMA rate), ~24 K values: 60 rows of 384 dimensions.
   const int64_t tile = fused || (direct && Q <= kMQ) ? 256
                        : use_gemm ? imax(kMR, imin(510, (24576 / dp) / kMR * kMR))
-                                  : imax(kNC, imin(512, (8192 / dp) / kNC * kNC));
+                                  : imax(4, imin(512, 8192 / dp));
   const int64_t nqb = (Q + kQb - 1) / kQb;
   const int64_t ntiles = (N + tile - 1) / tile;
   // Few query blocks (small Q): also split the corpus, one running top-k per (query, part).
