@@ -23,7 +23,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import banner, openblas_coretype, print_table, write_json  # noqa: E402
+from common import banner, openblas_coretype, plot, print_table, write_json  # noqa: E402
 
 WORKER = r'''
 import json, os, statistics, sys, time
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cpu (every contender, own processes) or cuda: minillm vs torch on the GPU, in process")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write a PNG of queries/s against Q, every contender (the last data, d and N)")
     args = ap.parse_args()
     if args.device == "cuda":
         cuda_main(args)
@@ -184,6 +185,11 @@ def main() -> None:
                 print_table(rows[-len(args.queries):], [c for c in rows[-1] if not c.endswith("recall")]
                             + [c for c in rows[-1] if c.endswith("recall")], floatfmt=".3g")
     write_json(args.json, {**info, "baseline_failures": reasons}, rows)
+    if rows:
+        last = rows[-len(args.queries):]
+        qps = [{"Q": r["Q"], **{kind: r["Q"] / (r[f"{kind} ms"] / 1000) for kind in args.kinds}} for r in last]
+        plot(args.plot, qps, "Q", list(args.kinds),
+             f"exact top-{args.k}, {last[0]['data']} N={last[0]['N']} d={last[0]['d']}", "queries/s", log=True)
     for key, why in reasons.items():
         print(f"nan: {key}: {why}")
 

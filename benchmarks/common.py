@@ -195,8 +195,9 @@ def write_json(path: Optional[str], info: Dict[str, object], rows: List[Dict[str
 
 
 def plot(path: Optional[str], rows: List[Dict[str, object]], x: str, ys: Sequence[str], title: str,
-         ylabel: str) -> None:
-    """Line plot of columns `ys` against `x` (matplotlib optional: skipped with a note if absent)."""
+         ylabel: str, log: bool = False) -> None:
+    """Line plot of columns `ys` against `x`, log-log with `log` (matplotlib optional: skipped with a note
+    if absent). nan points (failed baselines) are left out of their line."""
     if not path:
         return
     try:
@@ -210,6 +211,9 @@ def plot(path: Optional[str], rows: List[Dict[str, object]], x: str, ys: Sequenc
     fig, ax = plt.subplots(figsize=(7, 4))
     for y in ys:
         ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", label=y)
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
