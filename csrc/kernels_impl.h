@@ -1461,40 +1461,25 @@ constexpr int kMQ = VB >= 64 ? 4 : 2;  // queries per dot micro-kernel
 // keeps the 64 it was tuned with.
 constexpr int64_t kQb = VB >= 64 ? 64 : 128;
 
-// Rows ahead of the one being scored that are requested from memory early: narrow rows come in faster
-// than the hardware prefetcher ramps up within a tile. The requests are non-temporal (prefetchnta): a scan
-// reads each row once, and keeping it out of the outer caches raised a 1M x 384 fp32 scan (a torch tensor,
-// Q = 1) from ~45 to ~65-70 GB/s in most runs here; bandwidth on this shared machine drifts a lot between
-// runs and processes (bench_topk's numpy corpus measured 41-48 GB/s).
-constexpr int64_t kPrefetchBytes = 8192;
-
-inline void prefetch_row(const void* C, int64_t row_bytes, int64_t j, int64_t nrows) {
-  const char* base = static_cast<const char*>(C);
-  const int64_t ahead = kPrefetchBytes / row_bytes + 1;
-  if (j + ahead >= nrows) return;
-  const char* row = base + (j + ahead) * row_bytes;
-  for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 0);
-}
-
 // The few-query micro-kernels read one corpus row at a time: rows read side by side are interleaved
 // streams, which the memory system serves worse than one. 1M x 384, Q = 1, C++ harness, 2 threads: on a
 // Zen 3 (AVX2) four rows held an fp32 scan at ~13 GB/s, 60-65% of a plain sum's bandwidth, one row 18-19
 // GB/s; on a Zen 4 (AVX-512, plain sum 30-31 GB/s) one row against four: fp32 0.70 of the time (26.6 GB/s),
-// fp16 0.60, bf16 0.43, int8 (VNNI) 0.59-0.62, and four queries at once (fp32, fp16) 0.66-0.73.
+// fp16 0.60, bf16 0.43, int8 (VNNI) 0.59-0.62, and four queries at once (fp32, fp16) 0.66-0.73. The rows
+// come in through the hardware prefetcher alone: requesting rows 8 KB ahead (prefetchnta), which had
+// raised a four-row scan on a Zen 5 from ~45 to ~65-70 GB/s, slowed the one-row scan on the Zen 4 (time
+// without / with it: fp32 0.69-0.91, fp16 0.81, bf16 0.84, int8 0.92, four queries 0.76; AVX2 code 0.72-0.88).
 template <int MQ>
 inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const float* C, int64_t ldc, float* S,
-                     int64_t lds, bool prefetch = false) {
-  for (int64_t j = 0; j < nrows; ++j) {
-    if (prefetch) prefetch_row(C, ldc * 4, j, nrows);
-    dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
-  }
+                     int64_t lds) {
+  for (int64_t j = 0; j < nrows; ++j) dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
 }
 
 inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const float* C, int64_t ldc,
-                      int64_t nrows, float* S, int64_t lds, bool prefetch = false) {
+                      int64_t nrows, float* S, int64_t lds) {
   int64_t i = 0;
-  for (; i + kMQ <= nq; i += kMQ) dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, prefetch && i == 0);
-  for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, prefetch && i == 0);
+  for (; i + kMQ <= nq; i += kMQ) dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+  for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
 }
 
 // Corpus rows stored as bf16 or fp16, widened to fp32 in registers W values at a time, so a few
@@ -1570,12 +1555,9 @@ inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C,
 
 template <int DT, int MQ>
 inline void dot_rows_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const void* C, int64_t ldc, float* S,
-                         int64_t lds, bool prefetch) {
-  const int64_t es = 2;  // bytes per value
-  for (int64_t j = 0; j < nrows; ++j) {
-    if (prefetch) prefetch_row(C, ldc * es, j, nrows);
-    dot_tile_cvt<DT, MQ>(K, Qp, ldq, static_cast<const char*>(C) + j * ldc * es, S + j, lds);
-  }
+                         int64_t lds) {
+  for (int64_t j = 0; j < nrows; ++j)
+    dot_tile_cvt<DT, MQ>(K, Qp, ldq, static_cast<const uint16_t*>(C) + j * ldc, S + j, lds);
 }
 
 template <int DT>
@@ -1583,8 +1565,8 @@ inline void dot_block_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nq, c
                           int64_t nrows, float* S, int64_t lds) {
   int64_t i = 0;
   for (; i + kMQ <= nq; i += kMQ)
-    dot_rows_cvt<DT, kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, i == 0);
-  for (; i < nq; ++i) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, i == 0);
+    dot_rows_cvt<DT, kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+  for (; i < nq; ++i) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
 }
 
 template <int DT>
@@ -1645,10 +1627,7 @@ inline float dot_i8q(int64_t K, const int16_t* q, const int8_t* c) {
 inline void dot_block_i8q(int64_t K, const int16_t* Qi, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc,
                           int64_t nrows, float* S, int64_t lds) {
   for (int64_t i = 0; i < nq; ++i)
-    for (int64_t j = 0; j < nrows; ++j) {
-      if (i == 0) prefetch_row(C, ldc, j, nrows);
-      S[i * lds + j] = dot_i8q(K, Qi + i * ldq, C + j * ldc);
-    }
+    for (int64_t j = 0; j < nrows; ++j) S[i * lds + j] = dot_i8q(K, Qi + i * ldq, C + j * ldc);
 }
 
 #if defined(__AVX512BW__)
@@ -1662,7 +1641,6 @@ __attribute__((target("avx512vnni,avx512bw,avx512f"))) inline void dot_block_i8_
   for (int64_t i = 0; i < nq; ++i) {
     const uint8_t* q = Qu + i * ldq;
     for (int64_t j = 0; j < nrows; ++j) {
-      if (i == 0) prefetch_row(C, ldc, j, nrows);
       const int8_t* c = C + j * ldc;
       __m512i acc = _mm512_setzero_si512(), sum = _mm512_setzero_si512();
       for (int64_t p = 0; p < K; p += 64) {
@@ -1938,7 +1916,7 @@ int topk_impl(const TopkArgs& a) {
         } else {
           int64_t ldc;
           const float* C = fp32_tile(t0, nrows, &ldc);
-          dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile, direct);
+          dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile);
         }
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t q = q0 + r;
@@ -2027,8 +2005,9 @@ int linear_impl(const LinearArgs& a) {
   T* Y = static_cast<T*>(a.y);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
   const int64_t pairs = N / kLinNR;
-  // Weight rows are requested kPrefetchBytes ahead of use: the stream is the whole cost of a decoding step, and
-  // the hardware prefetcher alone leaves much of the memory bandwidth unused.
+  // Weight rows are requested 8 KB ahead of use: the stream is the whole cost of a decoding step, and
+  // the hardware prefetcher alone left much of the memory bandwidth unused (on a Zen 5).
+  constexpr int64_t kPrefetchBytes = 8192;
   const int64_t pair_bytes = kLinNR * K * static_cast<int64_t>(sizeof(T));
   const int64_t ahead = kPrefetchBytes / pair_bytes + 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
