@@ -44,9 +44,13 @@ def status_mb(field):
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
 
+read = None
 if kind == "minillm":
-    import minillm
+    import minillm, torch
     run = lambda q: minillm.ops.topk_search(q, X, k, "ip")[1]
+    # The bandwidth bound of a scan, read in turn with each search: torch's multithreaded sum of the corpus.
+    Xt = torch.from_numpy(X)
+    read = lambda: float(Xt.sum())
 elif kind.startswith("minillm-"):  # compressed corpus storage, built before timing
     import minillm, torch
     storage = kind.split("-")[1]
@@ -83,19 +87,23 @@ try:  # reset the peak (VmHWM) so that data generation does not count as the sea
         f.write("5")
 except OSError:
     pass
-res = {"ms": {}, "ms_fp32_same_process": {}, "extra_mb": 0.0}
+res = {"ms": {}, "ms_fp32_same_process": {}, "read_gbs": {}, "extra_mb": 0.0}
 paired = kind.startswith("minillm-")
 for q in qs:
     batch = np.ascontiguousarray(Q[:q])
     run(batch)  # warm-up
     if paired:
         run_fp32(batch)
-    times, times_fp32 = [], []
+    times, times_fp32, times_read = [], [], []
     for _ in range(5 if q <= 16 else 3):
         if paired:
             t = time.perf_counter(); run_fp32(batch); times_fp32.append(time.perf_counter() - t)
+        if read is not None:
+            t = time.perf_counter(); read(); times_read.append(time.perf_counter() - t)
         t = time.perf_counter(); ids = run(batch); times.append(time.perf_counter() - t)
     res["ms"][str(q)] = 1000 * statistics.median(times)
+    if read is not None:
+        res["read_gbs"][str(q)] = X.nbytes / statistics.median(times_read) / 1e9
     if paired:
         res["ms_fp32_same_process"][str(q)] = 1000 * statistics.median(times_fp32)
     np.save(f"{out}-{q}.npy", np.asarray(ids, dtype=np.int64).reshape(q, k))
@@ -178,6 +186,9 @@ def main() -> None:
                             row[f"{kind} recall"] = float(np.mean([len(set(a) & set(b)) / args.k
                                                                    for a, b in zip(ref, ids)]))
                     row["minillm GB/s"] = n * d * 4 / (t_mine / 1000) / 1e9
+                    # A plain read of the corpus (torch sum), timed in turn with minillm's search in its process.
+                    row["read GB/s"] = mine[0]["read_gbs"].get(str(q), math.nan) if mine else math.nan
+                    row["minillm/read"] = row["minillm GB/s"] / row["read GB/s"]
                     row["minillm q/s"] = q / (t_mine / 1000)
                     rows.append(row)
                 extra = {kind: round(r[0]["extra_mb"]) for kind, r in results.items()}
