@@ -107,10 +107,34 @@ inline T hmax(vec_t<T> v) {
 // minimax fit of the relative error (9e-8; 1.8e-7 in fp32 arithmetic over [-87, 0]).
 // The rounding constant leaves n in the low mantissa bits of t, so 2^n needs no float-to-int conversion.
 // x <= -88 gives n = -127, an all-zero scale and exactly 0 (so exp(-inf) = 0); NaN stays NaN because
-// every comparison with NaN is false and NaN * scale is NaN.
+// every comparison with NaN is false and NaN * scale is NaN. AVX-512 rounds with vrndscaleps and scales with
+// vscalefps (three instructions fewer); its clamp at -110 makes p * 2^n underflow to exactly 0 instead (fp32
+// attention forward on a Zen 4, in-process A/B: B12 H4 D32 medians 0.96-0.98 at N = 64-128, equal at N = 1024).
 inline vec_t<float> vexp(vec_t<float> x) {
   typedef vec_t<float> V;
   typedef uint32_t VU __attribute__((vector_size(VB)));
+#if defined(__AVX512F__)
+  if constexpr (VB == 64) {
+    __m512 xv;
+    std::memcpy(&xv, &x, VB);
+    // max(lo, x) and min(hi, x) return x when x is NaN (the second operand).
+    xv = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-110.0f), xv));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xv);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(8.290315047e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.189793020e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666763574e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999915063e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.999997020e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512 e = _mm512_scalef_ps(p, n);  // p * 2^n; n <= -159 underflows to exactly 0
+    V out;
+    std::memcpy(&out, &e, VB);
+    return out;
+  }
+#endif
   const V lo = vbcast(-88.0f), hi = vbcast(88.0f);
   V xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
