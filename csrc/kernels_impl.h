@@ -1481,9 +1481,10 @@ inline void heap_push(Cand* h, int64_t* n, int64_t k, const Cand& c) {
 constexpr int kMQ = VB >= 64 ? 4 : 2;  // queries per dot micro-kernel
 // Queries per work item. A GEMM-scored item reads the whole corpus (or its part) once, so more queries per
 // item read it fewer times: with 16 registers 128 (QT 192 KB, in L2) took Q = 256 on 1M x 384 from 1.90
-// to 1.48 s and Q = 4096 on 200k x 384 from 5.9-6.3 to 5.0-5.3 s (2-core Zen 3, C++ harness). AVX-512
-// keeps the 64 it was tuned with.
-constexpr int64_t kQb = VB >= 64 ? 64 : 128;
+// to 1.48 s and Q = 4096 on 200k x 384 from 5.9-6.3 to 5.0-5.3 s (2-core Zen 3, C++ harness). At AVX-512 on
+// a Zen 4 (1 MB L2), 128 against the 64 of the Zen 5: medians 0.92 at Q = 256, 0.94 at Q = 4096 on 200k x
+// 384; 256 was within 2% of 128.
+constexpr int64_t kQb = 128;
 
 // The few-query micro-kernels read one corpus row at a time: rows read side by side are interleaved
 // streams, which the memory system serves worse than one. 1M x 384, Q = 1, C++ harness, 2 threads: on a
