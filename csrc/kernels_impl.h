@@ -102,45 +102,36 @@ inline T hmax(vec_t<T> v) {
 }
 
 // exp for softmax arguments (x <= 0 in practice): round x/ln2 to n, exp of the remainder r (|r| <= ln2/2)
-// by a degree-5 polynomial, times 2^n built in the exponent bits: 16 AVX2 instructions, 9 of them
-// multiplies (Cephes' degree-7 form with a final select: 22 by the same count). The coefficients are a
-// minimax fit of the relative error (9e-8; 1.8e-7 in fp32 arithmetic over [-87, 0]).
-// The rounding constant leaves n in the low mantissa bits of t, so 2^n needs no float-to-int conversion.
-// x <= -88 gives n = -127, an all-zero scale and exactly 0 (so exp(-inf) = 0); NaN stays NaN because
-// every comparison with NaN is false and NaN * scale is NaN. AVX-512 rounds with vrndscaleps and scales with
-// vscalefps (three instructions fewer); its clamp at -110 makes p * 2^n underflow to exactly 0 instead (fp32
-// attention forward on a Zen 4, in-process A/B: B12 H4 D32 medians 0.96-0.98 at N = 64-128, equal at N = 1024).
+// by a degree-5 polynomial, times 2^n: 16 AVX2 instructions, 9 of them multiplies (Cephes' degree-7 form
+// with a final select: 22 by the same count). The coefficients are a minimax fit of the relative error
+// (9e-8; 1.8e-7 in fp32 arithmetic over [-87, 0]). NaN stays NaN: every comparison with NaN is false.
+// Below AVX-512 the rounding constant leaves n in the low mantissa bits of t, so 2^n is built in the
+// exponent bits without a float-to-int conversion; x <= -88 gives n = -127, an all-zero scale and exactly 0
+// (so exp(-inf) = 0). AVX-512 rounds with vrndscaleps and scales with vscalefps (three instructions fewer;
+// fp32 attention forward on a Zen 4, in-process A/B: B12 H4 D32 medians 0.96-0.98 at N = 64-128, equal at
+// N = 1024); there the clamp is -110, where p * 2^n underflows to exactly 0.
+#if defined(__AVX512F__) && MINILLM_VBYTES == 64
+#define MINILLM_EXP_SCALEF 1
+#else
+#define MINILLM_EXP_SCALEF 0
+#endif
 inline vec_t<float> vexp(vec_t<float> x) {
   typedef vec_t<float> V;
-  typedef uint32_t VU __attribute__((vector_size(VB)));
-#if defined(__AVX512F__)
-  if constexpr (VB == 64) {
-    __m512 xv;
-    std::memcpy(&xv, &x, VB);
-    // max(lo, x) and min(hi, x) return x when x is NaN (the second operand).
-    xv = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-110.0f), xv));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xv);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(8.290315047e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.189793020e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666763574e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999915063e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.999997020e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __m512 e = _mm512_scalef_ps(p, n);  // p * 2^n; n <= -159 underflows to exactly 0
-    V out;
-    std::memcpy(&out, &e, VB);
-    return out;
-  }
-#endif
+#if MINILLM_EXP_SCALEF
+  // max(lo, x) and min(hi, x) return x when x is NaN (the second operand): one instruction each, where the
+  // selects below compile to a compare and a masked move (bf16 forward 1.04x slower that way).
+  const V xc = (V)_mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-110.0f), (__m512)x));
+  const __m512 nv =
+      _mm512_roundscale_ps((__m512)(xc * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V n = (V)nv;
+#else
   const V lo = vbcast(-88.0f), hi = vbcast(88.0f);
   V xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
   const V magic = vbcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
   const V t = xc * 1.44269504088896341f + magic;
   const V n = t - magic;
+#endif
   V r = xc - n * 0.693359375f;  // ln 2 in two parts: n * 0.693359375 is exact
   r = r - n * -2.12194440e-4f;
   V p = vbcast(8.290315047e-3f);
@@ -149,13 +140,19 @@ inline vec_t<float> vexp(vec_t<float> x) {
   p = p * r + 4.999915063e-1f;
   p = p * r + 9.999997020e-1f;
   p = p * r + 1.0f;
+#if MINILLM_EXP_SCALEF
+  return (V)_mm512_scalef_ps((__m512)p, nv);  // p * 2^n
+#else
+  typedef uint32_t VU __attribute__((vector_size(VB)));
   VU bits;
   std::memcpy(&bits, &t, VB);
   bits = (bits + 127u) << 23;  // the low mantissa bits of t hold n (two's complement); n + 127 is the exponent
   V scale;
   std::memcpy(&scale, &bits, VB);
   return p * scale;
+#endif
 }
+#undef MINILLM_EXP_SCALEF
 // The fp64 instantiation exists for gradcheck; exactness matters more than speed there.
 inline vec_t<double> vexp(vec_t<double> x) {
   for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp(x[i]);
