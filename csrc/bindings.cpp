@@ -262,9 +262,10 @@ PYBIND11_MODULE(_C, m) {
         py::dict d;
         d["avx512_bf16"] = minillm::use_bf16_dot();
         d["avx512_vnni"] = minillm::use_vnni();
+        d["amx_bf16"] = minillm::use_amx();
         return d;
       },
-      "Dot-product instructions the AVX-512 kernels use (bf16 attention, int8 top-k).");
+      "Dot-product instructions the AVX-512 kernels use (bf16 attention: AMX tiles or vdpbf16ps; int8 top-k).");
   m.def("simd_level", [] { return std::string(minillm::isa_name(minillm::current_isa())); },
         "SIMD level the kernels run at now.");
   m.def(

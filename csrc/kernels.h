@@ -138,6 +138,9 @@ void set_isa(int isa);  // caller checks isa_supported first
 // top-k scan (MINILLM_NO_VNNI=1).
 bool use_bf16_dot();
 bool use_vnni();
+// AMX tiles (tdpbf16ps) for the bf16 attention products, on CPUs with AMX-BF16 where the OS grants the
+// tile state (MINILLM_NO_AMX=1 keeps vdpbf16ps); implies use_bf16_dot().
+bool use_amx();
 
 int dispatch_attention_fwd(const AttnFwdArgs& a);
 int dispatch_attention_bwd(const AttnBwdArgs& a);

@@ -770,6 +770,112 @@ inline void bf16_gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64
   }
 }
 
+// ---- AMX: the same products on tile registers (tdpbf16ps) ----
+// A tile multiply takes a 16-row A tile (16 pairs per row, the broadcast side's words) and a 16-row B tile
+// (16 pair rows of 16 words, exactly the packed vector side above) into a 16 x 16 fp32 C tile: 8192
+// multiply-adds per instruction, so the layouts above feed it unchanged. The configuration is fixed for a
+// thread's whole parallel region (AmxTiles): tiles 0-3 hold a 2 x 2 block of C, 4-5 two A tiles, 6-7 two B
+// tiles, all 16 rows of 64 bytes. Edges that are not whole tiles (rows past a multiple of 16, pairs past a
+// multiple of 16) go through bf16_gemm, so a tile never reads or writes past the caller's arrays.
+constexpr int64_t kAmxRows = 32;  // rows per attention row tile with AMX: two A tiles
+
+struct alignas(64) AmxConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+__attribute__((target("amx-tile"))) inline void amx_configure() {
+  AmxConfig c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  // GCC 12's _tile_loadconfig tells the compiler it reads only the first 8 bytes, so the stores above
+  // would be dropped as dead; the barrier keeps them.
+  asm volatile("" : : "r"(&c) : "memory");
+  _tile_loadconfig(&c);
+}
+__attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
+
+// The tile configuration of one thread's parallel region (nothing when AMX is off).
+struct AmxTiles {
+  const bool on;
+  explicit AmxTiles(bool use) : on(use) {
+    if (on) amx_configure();
+  }
+  ~AmxTiles() {
+    if (on) amx_release();
+  }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+};
+
+// C (16 MI, 16 NJ) (+)= A (16 MI, KP16 pairs) B (KP16 pairs, 16 NJ), KP16 a multiple of 16; strides in
+// words (A, B) and floats (C) as in bf16_gemm.
+template <int MI, int NJ>
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_block(int64_t KP16, const uint32_t* A, int64_t lda,
+                                                                    const uint32_t* B, int64_t ldb, float* C,
+                                                                    int64_t ldc, bool acc) {
+  const long sa = 4 * lda, sb = 4 * ldb, sc = 4 * ldc;
+  if (acc) {
+    _tile_loadd(0, C, sc);
+    if (NJ > 1) _tile_loadd(1, C + 16, sc);
+    if (MI > 1) _tile_loadd(2, C + 16 * ldc, sc);
+    if (MI > 1 && NJ > 1) _tile_loadd(3, C + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    if (NJ > 1) _tile_zero(1);
+    if (MI > 1) _tile_zero(2);
+    if (MI > 1 && NJ > 1) _tile_zero(3);
+  }
+  for (int64_t p = 0; p < KP16; p += 16) {
+    _tile_loadd(4, A + p, sa);
+    if (MI > 1) _tile_loadd(5, A + 16 * lda + p, sa);
+    _tile_loadd(6, B + p * ldb, sb);
+    if (NJ > 1) _tile_loadd(7, B + p * ldb + 16, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NJ > 1) _tile_dpbf16ps(1, 4, 7);
+    if (MI > 1) _tile_dpbf16ps(2, 5, 6);
+    if (MI > 1 && NJ > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, C, sc);
+  if (NJ > 1) _tile_stored(1, C + 16, sc);
+  if (MI > 1) _tile_stored(2, C + 16 * ldc, sc);
+  if (MI > 1 && NJ > 1) _tile_stored(3, C + 16 * ldc + 16, sc);
+}
+
+// bf16_gemm on tiles (the calling thread holds AmxTiles): C (M, N) (+)= A (M, KP pairs) B, N a multiple of 16.
+inline void amx_gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64_t lda, const uint32_t* B,
+                     int64_t ldb, float* C, int64_t ldc, bool acc) {
+  const int64_t M16 = M / 16 * 16, KP16 = KP / 16 * 16;
+  if (M16 == 0 || KP16 == 0) return bf16_gemm(M, N, KP, A, lda, B, ldb, C, ldc, acc);
+  for (int64_t i = 0; i < M16; i += 32) {
+    const bool two_rows = M16 - i >= 32;
+    const uint32_t* Ai = A + i * lda;
+    float* Ci = C + i * ldc;
+    for (int64_t j = 0; j < N; j += 32) {
+      const bool two_cols = N - j >= 32;
+      if (two_rows && two_cols) amx_block<2, 2>(KP16, Ai, lda, B + j, ldb, Ci + j, ldc, acc);
+      else if (two_rows) amx_block<2, 1>(KP16, Ai, lda, B + j, ldb, Ci + j, ldc, acc);
+      else if (two_cols) amx_block<1, 2>(KP16, Ai, lda, B + j, ldb, Ci + j, ldc, acc);
+      else amx_block<1, 1>(KP16, Ai, lda, B + j, ldb, Ci + j, ldc, acc);
+    }
+  }
+  if (KP16 < KP) bf16_gemm(M16, N, KP - KP16, A + KP16, lda, B + KP16 * ldb, ldb, C, ldc, true);
+  if (M16 < M) bf16_gemm(M - M16, N, KP, A + M16 * lda, lda, B, ldb, C + M16 * ldc, ldc, acc);
+}
+
+inline void bf16_mm(bool amx, int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64_t lda, const uint32_t* B,
+                    int64_t ldb, float* C, int64_t ldc, bool acc) {
+  if (amx)
+    amx_gemm(M, N, KP, A, lda, B, ldb, C, ldc, acc);
+  else
+    bf16_gemm(M, N, KP, A, lda, B, ldb, C, ldc, acc);
+}
+
 // Row `src` of D bf16 values into dst (Dp values, zero-padded), so that pairs are whole aligned words.
 inline void bf16_row(const void* src, int64_t D, int64_t Dp, uint16_t* dst) {
   std::memcpy(dst, src, sizeof(uint16_t) * D);
@@ -787,7 +893,11 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void f32_to_bf16_r
 int attention_fwd_bf16dot(const AttnFwdArgs& a) {
   constexpr int W = 16;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
-  const int64_t bk = key_block(Nk, kBkFwd);  // 256 keys: medians 0.82-0.87 of 64 keys on a Zen 4
+  // With AMX a row tile is 32 rows and its columns whole 32-key chunks (16 pairs, one tile's depth in p v).
+  const bool amx = use_amx();
+  const int64_t TR = amx ? kAmxRows : kMR, CW = amx ? 32 : W;
+  // 256 keys: medians 0.82-0.87 of 64 keys on a Zen 4
+  const int64_t bk = imin(kBkFwd, round_up(imax(Nk, 1), CW));
   const int64_t Dp = round_up(D, kPad), DP = Dp / 2, NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const float scale = static_cast<float>(a.scale);
@@ -805,6 +915,7 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
   {
     Arena arena(arena_bytes);
     const bool ok = thread_arena_ok(arena, &status);
+    AmxTiles tiles(amx && ok);
     uint32_t* Kp = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;      // (Dp / 2, ldk) words: K^T pairs
     uint32_t* Vp = ok ? arena.take<uint32_t>(NkP / 2 * Dp) : nullptr;  // (keys / 2, Dp) words: V row pairs
     uint16_t* Qb = ok ? arena.take<uint16_t>(kBq * Dp) : nullptr;      // (kBq, Dp) bf16
@@ -872,22 +983,24 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
         for (int64_t j0 = 0; j0 < j_end; j0 += bk) {
           if (!kvis[j0 / bk]) continue;
           const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kvis[j0 / bk]);
-          for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
-            const int64_t tr = imin(kMR, rows - r0);
+          for (int64_t r0 = 0; r0 < rows; r0 += TR) {
+            const int64_t tr = imin(TR, rows - r0);
             const int64_t cols =
                 imin(k_end - j0, a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk);
             if (cols <= 0) continue;
-            const int64_t cv = round_up(cols, W);
-            bf16_gemm(tr, cv, DP, Qw + r0 * DP, DP, Kp + j0, ldk, S + r0 * bk, bk, false);
+            // Keys in [cols, cv) are masked for every row of the tile (past the causal limit of its last
+            // row, or past k_end), so their p is 0 and p v may run over all cv keys.
+            const int64_t cv = round_up(cols, CW);
+            bf16_mm(amx, tr, cv, DP, Qw + r0 * DP, DP, Kp + j0, ldk, S + r0 * bk, bk, false);
             // Scores are scaled after masking (-inf stays -inf) inside the softmax step.
             if (masked)
               for (int64_t r = r0; r < r0 + tr; ++r)
                 mask_block<float>(S + r * bk, j0, cv, Nk, a.causal, i0 + r + off, kpm);
-            softmax_tile<float>(S, bk, r0, tr, cv, scale, m, l, acc, Dp);
+            for (int64_t s0 = r0; s0 < r0 + tr; s0 += kMR)
+              softmax_tile<float>(S, bk, s0, imin(kMR, r0 + tr - s0), cv, scale, m, l, acc, Dp);
             for (int64_t r = r0; r < r0 + tr; ++r) f32_to_bf16_row(S + r * bk, cv, Pb + r * bk);
-            // p v over the key pairs the tile sees (a pair's second key past `cols` has p = 0).
-            bf16_gemm(tr, Dp, (cols + 1) / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * bk), bk / 2,
-                      Vp + (j0 / 2) * Dp, Dp, acc + r0 * Dp, Dp, true);
+            bf16_mm(amx, tr, Dp, amx ? cv / 2 : (cols + 1) / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * bk),
+                    bk / 2, Vp + (j0 / 2) * Dp, Dp, acc + r0 * Dp, Dp, true);
           }
         }
         float* lse = static_cast<float*>(a.lse) + bh * Nq + i0;
@@ -1084,7 +1197,9 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
   constexpr int W = 16;
   typedef vec_t<float> V;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
-  const int64_t bk = key_block(Nk);
+  const bool amx = use_amx();  // row tiles of 32 rows and 32-key column chunks, as in the forward
+  const int64_t TR = amx ? kAmxRows : kMR, CW = amx ? 32 : W;
+  const int64_t bk = imin(kBkMax, round_up(imax(Nk, 1), CW));
   const int64_t Dp = round_up(D, kPad), DP = Dp / 2, NkP = round_up(Nk, bk), nkb = NkP / bk;
   const int64_t NqE = round_up(Nq, 2);
   const int64_t off = a.causal_offset;
@@ -1101,6 +1216,7 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
   {
     Arena arena(arena_bytes);
     const bool ok = thread_arena_ok(arena, &status);
+    AmxTiles tiles(amx && ok);
     uint16_t* Qb = ok ? arena.take<uint16_t>(NqE * Dp) : nullptr;     // (NqE, Dp) bf16 q rows
     uint16_t* dOb = ok ? arena.take<uint16_t>(NqE * Dp) : nullptr;    // (NqE, Dp) bf16 dO rows
     uint32_t* QT = ok ? arena.take<uint32_t>(Dp * NqE / 2) : nullptr;   // (Dp, NqE / 2): q^T row pairs
@@ -1196,13 +1312,13 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
           if (!any_query(qpm, i0, i0 + rows)) continue;
           const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kvis[j0 / bk]);
           const bool tri = a.causal && masked;
-          for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
-            const int64_t tr = imin(kMR, rows - r0);
+          for (int64_t r0 = 0; r0 < rows; r0 += TR) {
+            const int64_t tr = imin(TR, rows - r0);
             const int64_t cols = tri ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk;
-            const int64_t cv = round_up(cols, W);
+            const int64_t cv = round_up(cols, CW);  // keys in [cols, cv) are masked: p = dS = 0
             if (cv > 0) {
-              bf16_gemm(tr, cv, DP, Qw + (i0 + r0) * DP, DP, Kp + j0, NkP, P + r0 * bk, bk, false);
-              bf16_gemm(tr, cv, DP, dOw + (i0 + r0) * DP, DP, Vp + j0, NkP, dS + r0 * bk, bk, false);
+              bf16_mm(amx, tr, cv, DP, Qw + (i0 + r0) * DP, DP, Kp + j0, NkP, P + r0 * bk, bk, false);
+              bf16_mm(amx, tr, cv, DP, dOw + (i0 + r0) * DP, DP, Vp + j0, NkP, dS + r0 * bk, bk, false);
             }
             for (int64_t r = r0; r < r0 + tr; ++r) {
               float* p = P + r * bk;
@@ -1226,8 +1342,8 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
               f32_to_bf16_row(ds, bk, dSb + r * bk);
             }
             if (cols > 0)  // dQ += dS k (unscaled)
-              bf16_gemm(tr, Dp, (cols + 1) / 2, reinterpret_cast<const uint32_t*>(dSb + r0 * bk), bk / 2,
-                        Kv + (j0 / 2) * Dp, Dp, dQ + (i0 + r0) * Dp, Dp, true);
+              bf16_mm(amx, tr, Dp, amx ? cv / 2 : (cols + 1) / 2, reinterpret_cast<const uint32_t*>(dSb + r0 * bk),
+                      bk / 2, Kv + (j0 / 2) * Dp, Dp, dQ + (i0 + r0) * Dp, Dp, true);
           }
           // Row pairs of P and dS; an odd last row pairs with zeros.
           const int64_t rp = (rows + 1) / 2;
@@ -1239,8 +1355,8 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
             interleave_bf16_rows(P + 2 * ip * bk, P + (2 * ip + 1) * bk, bk, PI + ip * bk);
             interleave_bf16_rows(dS + 2 * ip * bk, dS + (2 * ip + 1) * bk, bk, dSI + ip * bk);
           }
-          bf16_gemm(Dp, bk, rp, dOT + i0 / 2, NqE / 2, PI, bk, dVT + j0, NkP, true);  // dV^T += dO^T P
-          bf16_gemm(Dp, bk, rp, QT + i0 / 2, NqE / 2, dSI, bk, dKT + j0, NkP, true);  // dK^T += q^T dS
+          bf16_mm(amx, Dp, bk, rp, dOT + i0 / 2, NqE / 2, PI, bk, dVT + j0, NkP, true);  // dV^T += dO^T P
+          bf16_mm(amx, Dp, bk, rp, QT + i0 / 2, NqE / 2, dSI, bk, dKT + j0, NkP, true);  // dK^T += q^T dS
         }
       }
       for (int64_t i = 0; i < Nq; ++i)

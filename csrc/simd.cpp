@@ -2,6 +2,12 @@
 // set_isa() (MINILLM_SIMD from Python, and the tests) can lower it.
 #include <atomic>
 #include <cstdlib>
+#if defined(MINILLM_HAVE_X86_ISAS) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MINILLM_AMX_PROBE 1
+#endif
 
 #include "kernels.h"
 
@@ -63,6 +69,25 @@ bool use_vnni() {
   return on;
 }
 #undef MINILLM_CPU_FLAG_UNLESS
+
+bool use_amx() {
+#if defined(MINILLM_AMX_PROBE)
+  static const bool on = [] {
+    if (!use_bf16_dot() || std::getenv("MINILLM_NO_AMX")) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool amx_bf16 = (d >> 22) & 1u, amx_tile = (d >> 24) & 1u;
+    if (!amx_bf16 || !amx_tile) return false;
+    // Linux hands out the 8 KB tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for
+    // XFEATURE_XTILEDATA); a kernel or hypervisor that refuses leaves the AVX-512 paths in charge.
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
 
 #if defined(MINILLM_HAVE_X86_ISAS)
 #define MINILLM_DISPATCH(fn, args)                      \
