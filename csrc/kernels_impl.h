@@ -890,6 +890,75 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void f32_to_bf16_r
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
+// softmax_tile for bf16 scores (tr <= kMR rows): the scale enters the exponent (one pass fewer over S) and
+// p goes straight to bf16 rows of Pb (ldp apart), the operand of p v; l sums the fp32 p, as in softmax_tile.
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_bf16(
+    float* S, int64_t lds, int64_t r0, int64_t tr, int64_t cv, float scale, float* m, float* l, float* acc,
+    int64_t Dp, uint16_t* Pb, int64_t ldp) {
+  typedef vec_t<float> V;
+  constexpr int W = 16;
+  // A scale <= 0 would turn masked -inf scores into +inf or NaN in the exponent: apply it first, keeping -inf.
+  const float k = scale > 0 ? scale : 1.0f;
+  V shift[kMR], sum[kMR];
+  float alpha[kMR];
+  bool first[kMR];
+  const V kv = vbcast(k), ninf = vbcast(-INFINITY);
+  for (int64_t i = 0; i < tr; ++i) {
+    const int64_t r = r0 + i;
+    float* s = S + r * lds;
+    if (scale <= 0)
+      for (int64_t c = 0; c < cv; c += W) {
+        const V x = vload(s + c);
+        vstore(s + c, x == ninf ? x : x * vbcast(scale));
+      }
+    V mv = ninf;
+    for (int64_t c = 0; c < cv; c += W) {
+      const V x = vload(s + c);
+      mv = x > mv ? x : mv;
+    }
+    const float bmax = hmax<float>(mv) * k;
+    const float m_new = bmax > m[r] ? bmax : m[r];
+    const float sh = m_new == -INFINITY ? 0.0f : m_new;  // no visible key yet: exp(-inf) stays 0
+    first[i] = m[r] == -INFINITY;
+    alpha[i] = first[i] ? 0.0f : std::exp(m[r] - sh);
+    shift[i] = vbcast(sh);
+    sum[i] = V{};
+    m[r] = m_new;
+  }
+  for (int64_t c = 0; c < cv; c += W)
+    for (int64_t i = 0; i < tr; ++i) {
+      const V p = vexp(vload(S + (r0 + i) * lds + c) * kv - shift[i]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + (r0 + i) * ldp + c), (__m256i)_mm512_cvtneps_pbh((__m512)p));
+      sum[i] += p;
+    }
+  for (int64_t i = 0; i < tr; ++i) {
+    const int64_t r = r0 + i;
+    l[r] = l[r] * alpha[i] + hsum<float>(sum[i]);
+    if (!first[i] && alpha[i] != 1.0f) {
+      float* ar = acc + r * Dp;
+      const V av = vbcast(alpha[i]);
+      for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
+    }
+  }
+}
+
+// dst[p * ldd + t] = src[t * lds + p] for 16 rows t and n words p: a 32-bit transpose writing whole 64-byte
+// rows of dst (one word at a time, dst rows 4 KB apart, every store would land in the same cache set).
+inline void transpose_words16(const uint32_t* src, int64_t lds, int64_t n, uint32_t* dst, int64_t ldd) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(static_cast<int>(lds)));
+  for (int64_t p = 0; p < n; ++p) _mm512_storeu_si512(dst + p * ldd, _mm512_i32gather_epi32(idx, src + p, 4));
+}
+
+// Rows a and b of n bf16 values (n a multiple of 16) as pair words: out[c] = (a[c], b[c]).
+inline void pair_bf16_rows(const uint16_t* a, const uint16_t* b, int64_t n, uint32_t* out) {
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c)));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c)));
+    _mm512_storeu_si512(out + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
 int attention_fwd_bf16dot(const AttnFwdArgs& a) {
   constexpr int W = 16;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
@@ -907,7 +976,7 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
   const int64_t qb_per_chunk = (nqb + chunks - 1) / chunks;
   const int64_t items = B * H * chunks;
   const size_t arena_bytes = Arena::need<uint32_t>(DP * NkP) + Arena::need<uint32_t>(NkP / 2 * Dp) +
-                             Arena::need<uint16_t>(kBq * Dp) + 2 * Arena::need<uint16_t>(Dp) +
+                             Arena::need<uint16_t>(kBq * Dp) + 2 * Arena::need<uint16_t>(16 * Dp) +
                              Arena::need<float>(kBq * bk) + Arena::need<uint16_t>(kBq * bk) +
                              Arena::need<float>(kBq * Dp) + 2 * Arena::need<float>(kBq) + Arena::need<uint8_t>(nkb);
   int status = kOk;
@@ -919,8 +988,8 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
     uint32_t* Kp = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;      // (Dp / 2, ldk) words: K^T pairs
     uint32_t* Vp = ok ? arena.take<uint32_t>(NkP / 2 * Dp) : nullptr;  // (keys / 2, Dp) words: V row pairs
     uint16_t* Qb = ok ? arena.take<uint16_t>(kBq * Dp) : nullptr;      // (kBq, Dp) bf16
-    uint16_t* r0b = ok ? arena.take<uint16_t>(Dp) : nullptr;           // (Dp) a padded k or v row
-    uint16_t* r1b = ok ? arena.take<uint16_t>(Dp) : nullptr;
+    uint16_t* K16 = ok ? arena.take<uint16_t>(16 * Dp) : nullptr;      // (16, Dp): 16 padded k rows
+    uint16_t* V16 = ok ? arena.take<uint16_t>(16 * Dp) : nullptr;      // (16, Dp): their v rows
     float* S = ok ? arena.take<float>(kBq * bk) : nullptr;             // (kBq, bk): scores, then p
     uint16_t* Pb = ok ? arena.take<uint16_t>(kBq * bk) : nullptr;      // (kBq, bk): p in bf16
     float* acc = ok ? arena.take<float>(kBq * Dp) : nullptr;
@@ -946,23 +1015,20 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
       const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
       const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
       const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
-      // Packs keys [0, ldk) two at a time; padded keys and keys past k_end are zeros (never read as data).
-      for (int64_t j = 0; j < ldk; j += 2) {
-        for (int t = 0; t < 2; ++t) {
+      // Packs keys [0, ldk) 16 at a time; padded keys and keys past k_end are zeros (never read as data).
+      for (int64_t j = 0; j < ldk; j += 16) {
+        for (int64_t t = 0; t < 16; ++t) {
           const int64_t jj = j + t;
-          uint16_t* kr = t ? r1b : r0b;
           if (jj < k_end && !(kpm && !kpm[jj])) {
-            bf16_row(at(a.k, kBF16, kbase + jj * a.k_stride[2]), D, Dp, kr);
-            const uint32_t* kw = reinterpret_cast<const uint32_t*>(kr);
-            for (int64_t p = 0; p < DP; ++p) Kp[p * ldk + jj] = kw[p];
-            bf16_row(at(a.v, kBF16, vbase + jj * a.v_stride[2]), D, Dp, kr);
+            bf16_row(at(a.k, kBF16, kbase + jj * a.k_stride[2]), D, Dp, K16 + t * Dp);
+            bf16_row(at(a.v, kBF16, vbase + jj * a.v_stride[2]), D, Dp, V16 + t * Dp);
           } else {
-            for (int64_t p = 0; p < DP; ++p) Kp[p * ldk + jj] = 0;
-            std::memset(kr, 0, sizeof(uint16_t) * Dp);
+            std::memset(K16 + t * Dp, 0, sizeof(uint16_t) * Dp);
+            std::memset(V16 + t * Dp, 0, sizeof(uint16_t) * Dp);
           }
         }
-        uint32_t* vw = Vp + (j / 2) * Dp;
-        for (int64_t d = 0; d < Dp; ++d) vw[d] = static_cast<uint32_t>(r0b[d]) | (static_cast<uint32_t>(r1b[d]) << 16);
+        transpose_words16(reinterpret_cast<const uint32_t*>(K16), DP, DP, Kp + j, ldk);
+        for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(V16 + t * Dp, V16 + (t + 1) * Dp, Dp, Vp + (j + t) / 2 * Dp);
       }
       visible_blocks(kpm, Nk, bk, nkb, kvis);
 
@@ -997,8 +1063,7 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
               for (int64_t r = r0; r < r0 + tr; ++r)
                 mask_block<float>(S + r * bk, j0, cv, Nk, a.causal, i0 + r + off, kpm);
             for (int64_t s0 = r0; s0 < r0 + tr; s0 += kMR)
-              softmax_tile<float>(S, bk, s0, imin(kMR, r0 + tr - s0), cv, scale, m, l, acc, Dp);
-            for (int64_t r = r0; r < r0 + tr; ++r) f32_to_bf16_row(S + r * bk, cv, Pb + r * bk);
+              softmax_tile_bf16(S, bk, s0, imin(kMR, r0 + tr - s0), cv, scale, m, l, acc, Dp, Pb, bk);
             bf16_mm(amx, tr, Dp, amx ? cv / 2 : (cols + 1) / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * bk),
                     bk / 2, Vp + (j0 / 2) * Dp, Dp, acc + r0 * Dp, Dp, true);
           }

@@ -118,16 +118,18 @@ def test_half_precision_within_2x_torch_error(dtype, Nq, Nk, D, causal, padded):
         assert o <= 2 * t + 1e-6, f"{name}: minillm error {o:.3g} > 2x torch error {t:.3g}"
 
 
-def test_bf16_without_bf16_dot_products():
-    # On a CPU with AVX512-BF16 the bf16 forward multiplies with vdpbf16ps; MINILLM_NO_BF16DOT=1 checks the
-    # fp32 path that other CPUs take, against the same 2x-torch-error yardstick.
+@pytest.mark.parametrize("switch", ["MINILLM_NO_BF16DOT", "MINILLM_NO_AMX"])
+def test_bf16_without_bf16_dot_products(switch):
+    # On a CPU with AMX-BF16 the bf16 products run on AMX tiles, on one with only AVX512-BF16 on vdpbf16ps;
+    # MINILLM_NO_AMX=1 checks the vdpbf16ps path and MINILLM_NO_BF16DOT=1 the fp32 path that other CPUs take,
+    # against the same 2x-torch-error yardstick.
     code = (
         "import sys; sys.path.insert(0, %r); import test_attention as t;"
         "errs = [t._errors(t.torch.bfloat16, 2, 4, n, n, d, c, p) for n, d, c, p in"
         " [(64, 64, False, False), (97, 40, True, True)]];"
         "assert all(o <= 2 * th + 1e-6 for ours, theirs in errs for o, th in zip(ours, theirs)), errs"
     ) % os.path.dirname(__file__)
-    env = dict(os.environ, MINILLM_NO_BF16DOT="1")
+    env = dict(os.environ, **{switch: "1"})
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=tempfile.gettempdir())
     assert res.returncode == 0, res.stderr
@@ -299,6 +301,22 @@ def test_garbage_in_padded_keys_of_long_sequences(hole):
                             q.detach().double(), k.detach().double(), v.detach().double(), grad.double())
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(g, w.float(), atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_non_positive_scale_with_masks(dtype, scale):
+    # Masked scores are -inf before the scale is applied: a negative scale must not turn them into +inf.
+    q, k, v, mask = make_inputs(2, 3, 70, 70, 64, dtype=dtype, padded=True)
+    grad = torch.randn(2, 3, 70, 64, dtype=dtype)
+    got = forward_backward(lambda a, b, c: attention(a, b, c, causal=True, key_padding_mask=mask, scale=scale),
+                           q, k, v, grad)
+    want = forward_backward(
+        lambda a, b, c: attention_reference(a, b, c, causal=True, key_padding_mask=mask, scale=scale),
+        q.double(), k.double(), v.double(), grad.double())
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
 
 
 def test_custom_scale_and_empty_shapes():
