@@ -890,8 +890,24 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void f32_to_bf16_r
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
-// softmax_tile for bf16 scores (tr <= kMR rows): the scale enters the exponent (one pass fewer over S) and
-// p goes straight to bf16 rows of Pb (ldp apart), the operand of p v; l sums the fp32 p, as in softmax_tile.
+// 2^y for y <= 0 (NaN stays NaN), for probabilities that are rounded to bf16 next: n = round(y), 2^(y - n) by
+// a degree-4 polynomial (a relative-error fit on [-1/2, 1/2]: 2.9e-6 in fp32 arithmetic, 1/1300 of bf16's
+// rounding step), times 2^n by vscalefps. 8 instructions where vexp (fp32 accuracy, natural base, x scaled
+// by 1/ln2 first) takes 11. y <= -200 (masked scores, -inf) gives exactly 0.
+__attribute__((target("avx512f"))) inline __m512 vexp2_bf16(__m512 y) {
+  y = _mm512_max_ps(_mm512_set1_ps(-200.0f), y);
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.583242237567902e-3f), f, _mm512_set1_ps(5.5905524641275406e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024079740047455e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931242942810059e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// softmax_tile for bf16 scores (tr <= kMR rows): the scale enters the exponent (one pass fewer over S),
+// which is taken in base 2 (vexp2_bf16), and p goes straight to bf16 rows of Pb (ldp apart), the operand of
+// p v; l sums the fp32 p, as in softmax_tile.
 __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_bf16(
     float* S, int64_t lds, int64_t r0, int64_t tr, int64_t cv, float scale, float* m, float* l, float* acc,
     int64_t Dp, uint16_t* Pb, int64_t ldp) {
@@ -899,10 +915,13 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_
   constexpr int W = 16;
   // A scale <= 0 would turn masked -inf scores into +inf or NaN in the exponent: apply it first, keeping -inf.
   const float k = scale > 0 ? scale : 1.0f;
-  V shift[kMR], sum[kMR];
+  V sum[kMR];
   float alpha[kMR];
   bool first[kMR];
-  const V kv = vbcast(k), ninf = vbcast(-INFINITY);
+  constexpr float kLog2e = 1.44269504088896341f;
+  const __m512 k2 = _mm512_set1_ps(k * kLog2e);
+  const V ninf = vbcast(-INFINITY);
+  __m512 shift2[kMR];
   for (int64_t i = 0; i < tr; ++i) {
     const int64_t r = r0 + i;
     float* s = S + r * lds;
@@ -921,15 +940,15 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_
     const float sh = m_new == -INFINITY ? 0.0f : m_new;  // no visible key yet: exp(-inf) stays 0
     first[i] = m[r] == -INFINITY;
     alpha[i] = first[i] ? 0.0f : std::exp(m[r] - sh);
-    shift[i] = vbcast(sh);
+    shift2[i] = _mm512_set1_ps(sh * kLog2e);
     sum[i] = V{};
     m[r] = m_new;
   }
   for (int64_t c = 0; c < cv; c += W)
     for (int64_t i = 0; i < tr; ++i) {
-      const V p = vexp(vload(S + (r0 + i) * lds + c) * kv - shift[i]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + (r0 + i) * ldp + c), (__m256i)_mm512_cvtneps_pbh((__m512)p));
-      sum[i] += p;
+      const __m512 p = vexp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(S + (r0 + i) * lds + c), k2, shift2[i]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + (r0 + i) * ldp + c), (__m256i)_mm512_cvtneps_pbh(p));
+      sum[i] += (V)p;
     }
   for (int64_t i = 0; i < tr; ++i) {
     const int64_t r = r0 + i;
@@ -1266,12 +1285,13 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
   const int64_t TR = amx ? kAmxRows : kMR, CW = amx ? 32 : W;
   const int64_t bk = imin(kBkMax, round_up(imax(Nk, 1), CW));
   const int64_t Dp = round_up(D, kPad), DP = Dp / 2, NkP = round_up(Nk, bk), nkb = NkP / bk;
-  const int64_t NqE = round_up(Nq, 2);
+  const int64_t NqE = round_up(Nq, 32);  // whole 16-word rows of QT and dOT
   const int64_t off = a.causal_offset;
   const float scale = static_cast<float>(a.scale);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
   const size_t arena_bytes =
       2 * Arena::need<uint16_t>(NqE * Dp) + 2 * Arena::need<uint32_t>(Dp * NqE / 2) +  // Qb dOb, QT dOT
+      3 * Arena::need<uint32_t>(16 * Dp) +                                              // K16 V16 W16
       3 * Arena::need<uint32_t>(DP * NkP) +                                              // Kp Vp Kv
       Arena::need<float>(Nq * Dp) + 2 * Arena::need<float>(Dp * NkP) + Arena::need<float>(Nq) +  // dQ dKT dVT Dl
       2 * Arena::need<float>(kBq * bk) + Arena::need<uint16_t>(kBq * bk) + 2 * Arena::need<uint32_t>(kBq / 2 * bk) +
@@ -1286,6 +1306,9 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
     uint16_t* dOb = ok ? arena.take<uint16_t>(NqE * Dp) : nullptr;    // (NqE, Dp) bf16 dO rows
     uint32_t* QT = ok ? arena.take<uint32_t>(Dp * NqE / 2) : nullptr;   // (Dp, NqE / 2): q^T row pairs
     uint32_t* dOT = ok ? arena.take<uint32_t>(Dp * NqE / 2) : nullptr;  // (Dp, NqE / 2): dO^T row pairs
+    uint16_t* K16 = ok ? reinterpret_cast<uint16_t*>(arena.take<uint32_t>(16 * Dp)) : nullptr;  // (16, Dp) k rows
+    uint16_t* V16 = ok ? reinterpret_cast<uint16_t*>(arena.take<uint32_t>(16 * Dp)) : nullptr;  // (16, Dp) v rows
+    uint32_t* W16 = ok ? arena.take<uint32_t>(16 * Dp) : nullptr;  // (16, Dp): 16 row pairs as words
     uint32_t* Kp = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;     // (Dp / 2, NkP): K^T pairs along D
     uint32_t* Vp = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;     // (Dp / 2, NkP): V^T pairs along D
     uint32_t* Kv = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;     // (NkP / 2, Dp): K row pairs
@@ -1330,37 +1353,30 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
         for (int64_t d = 0; d < Dp; d += W) sv += vload(f0 + d) * vload(f1 + d);
         Dl[i] = hsum<float>(sv) - (dlse ? dlse[i] : 0.0f);
       }
-      for (int64_t ip = 0; ip < NqE / 2; ++ip)
-        for (int64_t d = 0; d < Dp; ++d) {
-          QT[d * (NqE / 2) + ip] = static_cast<uint32_t>(Qb[2 * ip * Dp + d]) |
-                                   (static_cast<uint32_t>(Qb[(2 * ip + 1) * Dp + d]) << 16);
-          dOT[d * (NqE / 2) + ip] = static_cast<uint32_t>(dOb[2 * ip * Dp + d]) |
-                                    (static_cast<uint32_t>(dOb[(2 * ip + 1) * Dp + d]) << 16);
-        }
-      // K and V: padded keys and keys past Nk are zeros (never read as data).
-      uint16_t* k0 = reinterpret_cast<uint16_t*>(f0);
-      uint16_t* k1 = reinterpret_cast<uint16_t*>(f1);
-      uint16_t* vr = reinterpret_cast<uint16_t*>(f2);
-      for (int64_t j = 0; j < NkP; j += 2) {
-        for (int t = 0; t < 2; ++t) {
+      // 16 row pairs at a time: pair words, then transposed (whole 64-byte rows of QT and dOT).
+      for (int64_t ip = 0; ip < NqE / 2; ip += 16) {
+        for (int64_t t = 0; t < 16; ++t)
+          pair_bf16_rows(Qb + 2 * (ip + t) * Dp, Qb + (2 * (ip + t) + 1) * Dp, Dp, W16 + t * Dp);
+        transpose_words16(W16, Dp, Dp, QT + ip, NqE / 2);
+        for (int64_t t = 0; t < 16; ++t)
+          pair_bf16_rows(dOb + 2 * (ip + t) * Dp, dOb + (2 * (ip + t) + 1) * Dp, Dp, W16 + t * Dp);
+        transpose_words16(W16, Dp, Dp, dOT + ip, NqE / 2);
+      }
+      // K and V, 16 keys at a time: padded keys and keys past Nk are zeros (never read as data).
+      for (int64_t j = 0; j < NkP; j += 16) {
+        for (int64_t t = 0; t < 16; ++t) {
           const int64_t jj = j + t;
-          uint16_t* kr = t ? k1 : k0;
           if (jj < Nk && !(kpm && !kpm[jj])) {
-            bf16_row(at(a.k, kBF16, b * a.k_stride[0] + h * a.k_stride[1] + jj * a.k_stride[2]), D, Dp, kr);
-            bf16_row(at(a.v, kBF16, b * a.v_stride[0] + h * a.v_stride[1] + jj * a.v_stride[2]), D, Dp, vr);
+            bf16_row(at(a.k, kBF16, b * a.k_stride[0] + h * a.k_stride[1] + jj * a.k_stride[2]), D, Dp, K16 + t * Dp);
+            bf16_row(at(a.v, kBF16, b * a.v_stride[0] + h * a.v_stride[1] + jj * a.v_stride[2]), D, Dp, V16 + t * Dp);
           } else {
-            std::memset(kr, 0, sizeof(uint16_t) * Dp);
-            std::memset(vr, 0, sizeof(uint16_t) * Dp);
-          }
-          const uint32_t* kw = reinterpret_cast<const uint32_t*>(kr);
-          const uint32_t* vw = reinterpret_cast<const uint32_t*>(vr);
-          for (int64_t p = 0; p < DP; ++p) {
-            Kp[p * NkP + jj] = kw[p];
-            Vp[p * NkP + jj] = vw[p];
+            std::memset(K16 + t * Dp, 0, sizeof(uint16_t) * Dp);
+            std::memset(V16 + t * Dp, 0, sizeof(uint16_t) * Dp);
           }
         }
-        uint32_t* kv = Kv + (j / 2) * Dp;
-        for (int64_t d = 0; d < Dp; ++d) kv[d] = static_cast<uint32_t>(k0[d]) | (static_cast<uint32_t>(k1[d]) << 16);
+        transpose_words16(reinterpret_cast<const uint32_t*>(K16), DP, DP, Kp + j, NkP);
+        transpose_words16(reinterpret_cast<const uint32_t*>(V16), DP, DP, Vp + j, NkP);
+        for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(K16 + t * Dp, K16 + (t + 1) * Dp, Dp, Kv + (j + t) / 2 * Dp);
       }
       std::memset(dQ, 0, sizeof(float) * Nq * Dp);
       std::memset(dKT, 0, sizeof(float) * Dp * NkP);
