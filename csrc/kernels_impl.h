@@ -569,6 +569,30 @@ inline void write_empty_row(const AttnFwdArgs& a, int64_t row, T* scratch, int64
   static_cast<T*>(a.lse)[row] = INFINITY;
 }
 
+// Maximum of a row of cv scores (cv a multiple of the vector width; -inf when every score is -inf): four
+// running maxima, since one would wait out the max latency (4 cycles) on every vector.
+template <typename T>
+inline T row_max(const T* s, int64_t cv) {
+  typedef vec_t<T> V;
+  constexpr int W = Vec<T>::W;
+  V m0 = vbcast<T>(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+  int64_t c = 0;
+  for (; c + 4 * W <= cv; c += 4 * W) {
+    const V x0 = vload(s + c), x1 = vload(s + c + W), x2 = vload(s + c + 2 * W), x3 = vload(s + c + 3 * W);
+    m0 = x0 > m0 ? x0 : m0;
+    m1 = x1 > m1 ? x1 : m1;
+    m2 = x2 > m2 ? x2 : m2;
+    m3 = x3 > m3 ? x3 : m3;
+  }
+  for (; c < cv; c += W) {
+    const V x = vload(s + c);
+    m0 = x > m0 ? x : m0;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  m2 = m3 > m2 ? m3 : m2;
+  return hmax<T>(m2 > m0 ? m2 : m0);
+}
+
 // Online-softmax step for rows [r0, r0 + tr) (tr <= kMR) of S, cv columns (masked entries already -inf):
 // multiplies the scores by `scale` (unless 1), updates the running maxima m and sums l, rescales the rows'
 // acc (Dp wide), and leaves the probabilities in S. All rows' maxima come first, then their exponentials in
@@ -588,12 +612,7 @@ inline void softmax_tile(T* S, int64_t lds, int64_t r0, int64_t tr, int64_t cv, 
       const V sc = vbcast(scale);
       for (int64_t c = 0; c < cv; c += W) vstore(s + c, vload(s + c) * sc);
     }
-    V mv = vbcast<T>(-INFINITY);
-    for (int64_t c = 0; c < cv; c += W) {
-      const V x = vload(s + c);
-      mv = x > mv ? x : mv;
-    }
-    const T bmax = hmax<T>(mv);
+    const T bmax = row_max<T>(s, cv);
     m_new[i] = bmax > m[r] ? bmax : m[r];
     // With no visible key yet, shift by 0 so that exp(-inf - shift) is 0, not NaN.
     const T sh = m_new[i] == -INFINITY ? T(0) : m_new[i];
@@ -890,6 +909,11 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void f32_to_bf16_r
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
+// The first n (< 16) floats at p as a vector, the other lanes 0.
+inline vec_t<float> vload_partial(const float* p, int64_t n) {
+  return (vec_t<float>)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+}
+
 // 2^y for y <= 0 (NaN stays NaN), for probabilities that are rounded to bf16 next: n = round(y), 2^(y - n) by
 // a degree-4 polynomial (a relative-error fit on [-1/2, 1/2]: 2.9e-6 in fp32 arithmetic, 1/1300 of bf16's
 // rounding step), times 2^n by vscalefps. 8 instructions where vexp (fp32 accuracy, natural base, x scaled
@@ -916,7 +940,7 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_
   // A scale <= 0 would turn masked -inf scores into +inf or NaN in the exponent: apply it first, keeping -inf.
   const float k = scale > 0 ? scale : 1.0f;
   V sum[kMR];
-  float alpha[kMR];
+  float alpha[16];
   bool first[kMR];
   constexpr float kLog2e = 1.44269504088896341f;
   const __m512 k2 = _mm512_set1_ps(k * kLog2e);
@@ -930,16 +954,11 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_
         const V x = vload(s + c);
         vstore(s + c, x == ninf ? x : x * vbcast(scale));
       }
-    V mv = ninf;
-    for (int64_t c = 0; c < cv; c += W) {
-      const V x = vload(s + c);
-      mv = x > mv ? x : mv;
-    }
-    const float bmax = hmax<float>(mv) * k;
+    const float bmax = row_max<float>(s, cv) * k;
     const float m_new = bmax > m[r] ? bmax : m[r];
     const float sh = m_new == -INFINITY ? 0.0f : m_new;  // no visible key yet: exp(-inf) stays 0
     first[i] = m[r] == -INFINITY;
-    alpha[i] = first[i] ? 0.0f : std::exp(m[r] - sh);
+    alpha[i] = first[i] ? -INFINITY : m[r] - sh;  // exponentiated below, all rows in one vexp
     shift2[i] = _mm512_set1_ps(sh * kLog2e);
     sum[i] = V{};
     m[r] = m_new;
@@ -950,6 +969,10 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + (r0 + i) * ldp + c), (__m256i)_mm512_cvtneps_pbh(p));
       sum[i] += (V)p;
     }
+  {
+    const __m512 av = (__m512)vexp(vload_partial(alpha, tr));
+    _mm512_mask_storeu_ps(alpha, static_cast<__mmask16>((1u << tr) - 1), av);
+  }
   for (int64_t i = 0; i < tr; ++i) {
     const int64_t r = r0 + i;
     l[r] = l[r] * alpha[i] + hsum<float>(sum[i]);
