@@ -1013,6 +1013,10 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
   const int64_t off = a.causal_offset;
   const float scale = static_cast<float>(a.scale);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  // Rows read in place as 32-bit words: whole pairs (D == Dp), word strides, and gather offsets within int32.
+  constexpr int64_t kMaxWordStride = int64_t(1) << 26;
+  const bool q_in_place = D == Dp && a.q_stride[2] % 2 == 0;
+  const bool rows_in_place = D == Dp && a.k_stride[2] % 2 == 0 && a.k_stride[2] / 2 < kMaxWordStride;
   const int64_t nqb = (Nq + kBq - 1) / kBq;
   const int64_t chunks = B * H >= 2 * nt ? 1 : imax(1, imin(nqb, (2 * nt + B * H - 1) / (B * H)));
   const int64_t qb_per_chunk = (nqb + chunks - 1) / chunks;
@@ -1058,7 +1062,17 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
       const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
       const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
       // Packs keys [0, ldk) 16 at a time; padded keys and keys past k_end are zeros (never read as data).
+      // Rows that need no zero padding (D == Dp) are read in place when all 16 keys are visible.
       for (int64_t j = 0; j < ldk; j += 16) {
+        bool whole = rows_in_place && j + 16 <= k_end;
+        for (int64_t t = 0; whole && kpm && t < 16; ++t) whole = kpm[j + t];
+        if (whole) {
+          transpose_words16(static_cast<const uint32_t*>(at(a.k, kBF16, kbase + j * a.k_stride[2])), a.k_stride[2] / 2,
+                            DP, Kp + j, ldk);
+          auto vrow = [&](int64_t jj) { return static_cast<const uint16_t*>(at(a.v, kBF16, vbase + jj * a.v_stride[2])); };
+          for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(vrow(j + t), vrow(j + t + 1), Dp, Vp + (j + t) / 2 * Dp);
+          continue;
+        }
         for (int64_t t = 0; t < 16; ++t) {
           const int64_t jj = j + t;
           if (jj < k_end && !(kpm && !kpm[jj])) {
@@ -1080,13 +1094,21 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
           for (int64_t r = 0; r < rows; ++r) write_empty_row<float>(a, bh * Nq + i0 + r, acc, Dp);
           continue;
         }
-        for (int64_t r = 0; r < rows; ++r) bf16_row(at(a.q, kBF16, qbase + (i0 + r) * a.q_stride[2]), D, Dp, Qb + r * Dp);
+        // q rows as the products' broadcast side: in place when they need no zero padding.
+        const uint32_t* Qw = reinterpret_cast<const uint32_t*>(Qb);
+        int64_t ldq = DP;
+        if (q_in_place) {
+          Qw = static_cast<const uint32_t*>(at(a.q, kBF16, qbase + i0 * a.q_stride[2]));
+          ldq = a.q_stride[2] / 2;
+        } else {
+          for (int64_t r = 0; r < rows; ++r)
+            bf16_row(at(a.q, kBF16, qbase + (i0 + r) * a.q_stride[2]), D, Dp, Qb + r * Dp);
+        }
         for (int64_t r = 0; r < rows; ++r) {
           m[r] = -INFINITY;
           l[r] = 0;
         }
         std::memset(acc, 0, sizeof(float) * rows * Dp);
-        const uint32_t* Qw = reinterpret_cast<const uint32_t*>(Qb);
         const int64_t j_end = a.causal ? imax(0, imin(k_end, i0 + rows + off)) : k_end;
         for (int64_t j0 = 0; j0 < j_end; j0 += bk) {
           if (!kvis[j0 / bk]) continue;
@@ -1099,7 +1121,7 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
             // Keys in [cols, cv) are masked for every row of the tile (past the causal limit of its last
             // row, or past k_end), so their p is 0 and p v may run over all cv keys.
             const int64_t cv = round_up(cols, CW);
-            bf16_mm(amx, tr, cv, DP, Qw + r0 * DP, DP, Kp + j0, ldk, S + r0 * bk, bk, false);
+            bf16_mm(amx, tr, cv, DP, Qw + r0 * ldq, ldq, Kp + j0, ldk, S + r0 * bk, bk, false);
             // Scores are scaled after masking (-inf stays -inf) inside the softmax step.
             if (masked)
               for (int64_t r = r0; r < r0 + tr; ++r)
