@@ -79,7 +79,9 @@ def banner(title: str, **extra) -> Dict[str, object]:
         **extra,
     }
     print(f"== {title}")
-    print(f"cpu: {info['cpu']} | threads: {info['threads']} | simd: {info['backend']['simd_level']}")
+    dots = [name for name, on in info["backend"].get("dot_products", {}).items() if on]
+    print(f"cpu: {info['cpu']} | threads: {info['threads']} | simd: {info['backend']['simd_level']}"
+          f" | dot products: {', '.join(dots) or 'none'}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print("minillm paths: " + json.dumps(info["backend"]["ops"]))
     for k, v in extra.items():

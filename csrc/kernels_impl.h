@@ -929,7 +929,10 @@ __attribute__((target("avx512f"))) inline __m512 vexp2_bf16(__m512 y) {
   return _mm512_scalef_ps(p, n);
 }
 
-// softmax_tile for bf16 scores (tr <= kMR rows): the scale enters the exponent (one pass fewer over S),
+// Rows per softmax_tile_bf16 call: a quarter of an AMX row tile (kMR would leave a 2-row remainder).
+constexpr int64_t kSoftRows = 8;
+
+// softmax_tile for bf16 scores (tr <= kSoftRows rows): the scale enters the exponent (one pass fewer over S),
 // which is taken in base 2 (vexp2_bf16), and p goes straight to bf16 rows of Pb (ldp apart), the operand of
 // p v; l sums the fp32 p, as in softmax_tile.
 __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_bf16(
@@ -939,13 +942,13 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_
   constexpr int W = 16;
   // A scale <= 0 would turn masked -inf scores into +inf or NaN in the exponent: apply it first, keeping -inf.
   const float k = scale > 0 ? scale : 1.0f;
-  V sum[kMR];
+  V sum[kSoftRows];
   float alpha[16];
-  bool first[kMR];
+  bool first[kSoftRows];
   constexpr float kLog2e = 1.44269504088896341f;
   const __m512 k2 = _mm512_set1_ps(k * kLog2e);
   const V ninf = vbcast(-INFINITY);
-  __m512 shift2[kMR];
+  __m512 shift2[kSoftRows];
   for (int64_t i = 0; i < tr; ++i) {
     const int64_t r = r0 + i;
     float* s = S + r * lds;
@@ -1126,8 +1129,8 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
             if (masked)
               for (int64_t r = r0; r < r0 + tr; ++r)
                 mask_block<float>(S + r * bk, j0, cv, Nk, a.causal, i0 + r + off, kpm);
-            for (int64_t s0 = r0; s0 < r0 + tr; s0 += kMR)
-              softmax_tile_bf16(S, bk, s0, imin(kMR, r0 + tr - s0), cv, scale, m, l, acc, Dp, Pb, bk);
+            for (int64_t s0 = r0; s0 < r0 + tr; s0 += kSoftRows)
+              softmax_tile_bf16(S, bk, s0, imin(kSoftRows, r0 + tr - s0), cv, scale, m, l, acc, Dp, Pb, bk);
             bf16_mm(amx, tr, Dp, amx ? cv / 2 : (cols + 1) / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * bk),
                     bk / 2, Vp + (j0 / 2) * Dp, Dp, acc + r0 * Dp, Dp, true);
           }

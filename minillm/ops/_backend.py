@@ -187,8 +187,8 @@ def backend_info() -> dict:
         "force_torch": _force_torch,
         "simd_level": simd_level(),
         "simd_levels": simd_levels(),
-        # vdpbf16ps (bf16 attention) and vpdpbusd (int8 top-k) at the avx512 level; MINILLM_NO_BF16DOT=1 and
-        # MINILLM_NO_VNNI=1 turn them off.
+        # AMX tiles or vdpbf16ps (bf16 attention) and vpdpbusd (int8 top-k) at the avx512 level;
+        # MINILLM_NO_AMX=1, MINILLM_NO_BF16DOT=1 and MINILLM_NO_VNNI=1 turn them off.
         "dot_products": dict(_C.dot_products()) if _C is not None else {},
         "openmp": bool(_C.openmp) if _C is not None else False,
         "cuda_kernels_built": cuda_kernels_built(),
