@@ -109,7 +109,7 @@ inline T hmax(vec_t<T> v) {
 // exponent bits without a float-to-int conversion; x <= -88 gives n = -127, an all-zero scale and exactly 0
 // (so exp(-inf) = 0). AVX-512 rounds with vrndscaleps and scales with vscalefps (three instructions fewer;
 // fp32 attention forward on a Zen 4, in-process A/B: B12 H4 D32 medians 0.96-0.98 at N = 64-128, equal at
-// N = 1024); there the clamp is -110, where p * 2^n underflows to exactly 0.
+// N = 1024); there x is clamped at -87 and lanes below it are zeroed by the masked vscalefps.
 #if defined(__AVX512F__) && MINILLM_VBYTES == 64
 #define MINILLM_EXP_SCALEF 1
 #else
@@ -118,9 +118,10 @@ inline T hmax(vec_t<T> v) {
 inline vec_t<float> vexp(vec_t<float> x) {
   typedef vec_t<float> V;
 #if MINILLM_EXP_SCALEF
+  constexpr float kExpLo = -87.0f;  // exp(-87) = 1.6e-38 > FLT_MIN: results stay normal
   // max(lo, x) and min(hi, x) return x when x is NaN (the second operand): one instruction each, where the
   // selects below compile to a compare and a masked move (bf16 forward 1.04x slower that way).
-  const V xc = (V)_mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-110.0f), (__m512)x));
+  const V xc = (V)_mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(kExpLo), (__m512)x));
   const __m512 nv =
       _mm512_roundscale_ps((__m512)(xc * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const V n = (V)nv;
@@ -141,7 +142,10 @@ inline vec_t<float> vexp(vec_t<float> x) {
   p = p * r + 9.999997020e-1f;
   p = p * r + 1.0f;
 #if MINILLM_EXP_SCALEF
-  return (V)_mm512_scalef_ps((__m512)p, nv);  // p * 2^n
+  // p * 2^n, and exactly 0 below kExpLo (masked scores, -inf): a denormal or underflowing result would take
+  // a microcode assist on Intel cores (the causal N = 64 forward ran 1.5x slower than the bidirectional one).
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(kExpLo), _CMP_NLT_UQ);  // NaN kept
+  return (V)_mm512_maskz_scalef_ps(keep, (__m512)p, nv);
 #else
   typedef uint32_t VU __attribute__((vector_size(VB)));
   VU bits;
@@ -866,12 +870,52 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_block(int64_t KP16,
   if (MI > 1 && NJ > 1) _tile_stored(3, C + 16 * ldc + 16, sc);
 }
 
+// C (16 MI, N) (+)= A (16 MI, 16 KC pairs) B for a shallow product (KC <= 2 chunks: the scores, with D <= 64,
+// and the backward's products over 64 keys or query pairs): A's tiles stay in tiles 0-3 while B and C move
+// 16 columns at a time (tiles 4-5 and 6-7). The 2 x 2 blocks of amx_block would reload A for every 32 columns
+// and drain four C tiles after only KC multiplies each: 865 against 570-640 GFLOP/s per core on 32 x 256 x 64
+// scores in a micro-benchmark here.
+template <int MI, int KC>
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_rows_shallow(int64_t N, const uint32_t* A, int64_t lda,
+                                                                           const uint32_t* B, int64_t ldb, float* C,
+                                                                           int64_t ldc, bool acc) {
+  const long sa = 4 * lda, sb = 4 * ldb, sc = 4 * ldc;
+  _tile_loadd(0, A, sa);
+  if (KC > 1) _tile_loadd(1, A + 16, sa);
+  if (MI > 1) _tile_loadd(2, A + 16 * lda, sa);
+  if (MI > 1 && KC > 1) _tile_loadd(3, A + 16 * lda + 16, sa);
+  for (int64_t j = 0; j < N; j += 16) {
+    _tile_loadd(4, B + j, sb);
+    if (KC > 1) _tile_loadd(5, B + 16 * ldb + j, sb);
+    if (acc) {
+      _tile_loadd(6, C + j, sc);
+      if (MI > 1) _tile_loadd(7, C + 16 * ldc + j, sc);
+    } else {
+      _tile_zero(6);
+      if (MI > 1) _tile_zero(7);
+    }
+    _tile_dpbf16ps(6, 0, 4);
+    if (MI > 1) _tile_dpbf16ps(7, 2, 4);
+    if (KC > 1) _tile_dpbf16ps(6, 1, 5);
+    if (MI > 1 && KC > 1) _tile_dpbf16ps(7, 3, 5);
+    _tile_stored(6, C + j, sc);
+    if (MI > 1) _tile_stored(7, C + 16 * ldc + j, sc);
+  }
+}
+
 // bf16_gemm on tiles (the calling thread holds AmxTiles): C (M, N) (+)= A (M, KP pairs) B, N a multiple of 16.
 inline void amx_gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64_t lda, const uint32_t* B,
                      int64_t ldb, float* C, int64_t ldc, bool acc) {
   const int64_t M16 = M / 16 * 16, KP16 = KP / 16 * 16;
   if (M16 == 0 || KP16 == 0) return bf16_gemm(M, N, KP, A, lda, B, ldb, C, ldc, acc);
-  for (int64_t i = 0; i < M16; i += 32) {
+  for (int64_t i = 0; KP16 <= 32 && i < M16; i += 32) {
+    const bool two_rows = M16 - i >= 32;
+    if (KP16 == 32 && two_rows) amx_rows_shallow<2, 2>(N, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+    else if (KP16 == 32) amx_rows_shallow<1, 2>(N, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+    else if (two_rows) amx_rows_shallow<2, 1>(N, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+    else amx_rows_shallow<1, 1>(N, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+  }
+  for (int64_t i = 0; KP16 > 32 && i < M16; i += 32) {
     const bool two_rows = M16 - i >= 32;
     const uint32_t* Ai = A + i * lda;
     float* Ci = C + i * ldc;
@@ -917,16 +961,18 @@ inline vec_t<float> vload_partial(const float* p, int64_t n) {
 // 2^y for y <= 0 (NaN stays NaN), for probabilities that are rounded to bf16 next: n = round(y), 2^(y - n) by
 // a degree-4 polynomial (a relative-error fit on [-1/2, 1/2]: 2.9e-6 in fp32 arithmetic, 1/1300 of bf16's
 // rounding step), times 2^n by vscalefps. 8 instructions where vexp (fp32 accuracy, natural base, x scaled
-// by 1/ln2 first) takes 11. y <= -200 (masked scores, -inf) gives exactly 0.
+// by 1/ln2 first) takes 11 (+1 each for the zeroing mask below).
 __attribute__((target("avx512f"))) inline __m512 vexp2_bf16(__m512 y) {
-  y = _mm512_max_ps(_mm512_set1_ps(-200.0f), y);
+  // Below -126 the result is 0 (not a denormal, which would take a microcode assist on Intel cores).
+  const __mmask16 keep = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // NaN kept
+  y = _mm512_max_ps(_mm512_set1_ps(-126.0f), y);
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.583242237567902e-3f), f, _mm512_set1_ps(5.5905524641275406e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024079740047455e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931242942810059e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
 // Rows per softmax_tile_bf16 call: a quarter of an AMX row tile (kMR would leave a 2-row remainder).
