@@ -109,7 +109,7 @@ inline T hmax(vec_t<T> v) {
 // exponent bits without a float-to-int conversion; x <= -88 gives n = -127, an all-zero scale and exactly 0
 // (so exp(-inf) = 0). AVX-512 rounds with vrndscaleps and scales with vscalefps (three instructions fewer;
 // fp32 attention forward on a Zen 4, in-process A/B: B12 H4 D32 medians 0.96-0.98 at N = 64-128, equal at
-// N = 1024); there x is clamped at -87 and lanes below it are zeroed by the masked vscalefps.
+// N = 1024); there lanes below -87 are zeroed by the masked vscalefps.
 #if defined(__AVX512F__) && MINILLM_VBYTES == 64
 #define MINILLM_EXP_SCALEF 1
 #else
@@ -121,7 +121,8 @@ inline vec_t<float> vexp(vec_t<float> x) {
   constexpr float kExpLo = -87.0f;  // exp(-87) = 1.6e-38 > FLT_MIN: results stay normal
   // max(lo, x) and min(hi, x) return x when x is NaN (the second operand): one instruction each, where the
   // selects below compile to a compare and a masked move (bf16 forward 1.04x slower that way).
-  const V xc = (V)_mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(kExpLo), (__m512)x));
+  // No lower clamp: lanes below kExpLo (-inf included, whose remainder is NaN) are zeroed at the end.
+  const V xc = (V)_mm512_min_ps(_mm512_set1_ps(88.0f), (__m512)x);
   const __m512 nv =
       _mm512_roundscale_ps((__m512)(xc * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const V n = (V)nv;
@@ -964,8 +965,8 @@ inline vec_t<float> vload_partial(const float* p, int64_t n) {
 // by 1/ln2 first) takes 11 (+1 each for the zeroing mask below).
 __attribute__((target("avx512f"))) inline __m512 vexp2_bf16(__m512 y) {
   // Below -126 the result is 0 (not a denormal, which would take a microcode assist on Intel cores).
+  // No clamp needed: -inf and huge negatives give NaN or 0 in p * 2^n, and those lanes are zeroed.
   const __mmask16 keep = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // NaN kept
-  y = _mm512_max_ps(_mm512_set1_ps(-126.0f), y);
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.583242237567902e-3f), f, _mm512_set1_ps(5.5905524641275406e-2f));
@@ -1012,7 +1013,16 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_
     sum[i] = V{};
     m[r] = m_new;
   }
-  for (int64_t c = 0; c < cv; c += W)
+  int64_t c = 0;
+  for (; c + 2 * W <= cv; c += 2 * W)  // two vectors per conversion (vcvtne2ps2bf16: 2 uops for 32 values)
+    for (int64_t i = 0; i < tr; ++i) {
+      const float* srow = S + (r0 + i) * lds + c;
+      const __m512 p0 = vexp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(srow), k2, shift2[i]));
+      const __m512 p1 = vexp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(srow + W), k2, shift2[i]));
+      _mm512_storeu_si512(Pb + (r0 + i) * ldp + c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+      sum[i] += (V)_mm512_add_ps(p0, p1);
+    }
+  for (; c < cv; c += W)
     for (int64_t i = 0; i < tr; ++i) {
       const __m512 p = vexp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(S + (r0 + i) * lds + c), k2, shift2[i]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + (r0 + i) * ldp + c), (__m256i)_mm512_cvtneps_pbh(p));
