@@ -598,6 +598,19 @@ inline T row_max(const T* s, int64_t cv) {
   return hmax<T>(m2 > m0 ? m2 : m0);
 }
 
+// End of an online-softmax step for row r: l takes the rescaled old sum plus this block's, and the row's
+// acc (Dp wide) is rescaled by alpha = exp(m_old - m_new) unless this was its first visible block.
+template <typename T>
+inline void finish_softmax_row(int64_t r, T alpha, bool first, vec_t<T> sum, T* l, T* acc, int64_t Dp) {
+  constexpr int W = Vec<T>::W;
+  l[r] = l[r] * alpha + hsum<T>(sum);
+  if (!first && alpha != T(1)) {
+    T* ar = acc + r * Dp;
+    const vec_t<T> av = vbcast(alpha);
+    for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
+  }
+}
+
 // Online-softmax step for rows [r0, r0 + tr) (tr <= kMR) of S, cv columns (masked entries already -inf):
 // multiplies the scores by `scale` (unless 1), updates the running maxima m and sums l, rescales the rows'
 // acc (Dp wide), and leaves the probabilities in S. All rows' maxima come first, then their exponentials in
@@ -635,14 +648,8 @@ inline void softmax_tile(T* S, int64_t lds, int64_t r0, int64_t tr, int64_t cv, 
       sum[i] += p;
     }
   for (int64_t i = 0; i < tr; ++i) {
-    const int64_t r = r0 + i;
-    l[r] = l[r] * alpha[i] + hsum<T>(sum[i]);
-    m[r] = m_new[i];
-    if (!first[i] && alpha[i] != T(1)) {
-      T* ar = acc + r * Dp;
-      const V av = vbcast(alpha[i]);
-      for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
-    }
+    m[r0 + i] = m_new[i];
+    finish_softmax_row<T>(r0 + i, alpha[i], first[i], sum[i], l, acc, Dp);
   }
 }
 
@@ -909,17 +916,17 @@ inline void amx_gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64_
                      int64_t ldb, float* C, int64_t ldc, bool acc) {
   const int64_t M16 = M / 16 * 16, KP16 = KP / 16 * 16;
   if (M16 == 0 || KP16 == 0) return bf16_gemm(M, N, KP, A, lda, B, ldb, C, ldc, acc);
-  for (int64_t i = 0; KP16 <= 32 && i < M16; i += 32) {
-    const bool two_rows = M16 - i >= 32;
-    if (KP16 == 32 && two_rows) amx_rows_shallow<2, 2>(N, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
-    else if (KP16 == 32) amx_rows_shallow<1, 2>(N, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
-    else if (two_rows) amx_rows_shallow<2, 1>(N, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
-    else amx_rows_shallow<1, 1>(N, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
-  }
-  for (int64_t i = 0; KP16 > 32 && i < M16; i += 32) {
+  for (int64_t i = 0; i < M16; i += 32) {
     const bool two_rows = M16 - i >= 32;
     const uint32_t* Ai = A + i * lda;
     float* Ci = C + i * ldc;
+    if (KP16 <= 32) {
+      if (KP16 == 32 && two_rows) amx_rows_shallow<2, 2>(N, Ai, lda, B, ldb, Ci, ldc, acc);
+      else if (KP16 == 32) amx_rows_shallow<1, 2>(N, Ai, lda, B, ldb, Ci, ldc, acc);
+      else if (two_rows) amx_rows_shallow<2, 1>(N, Ai, lda, B, ldb, Ci, ldc, acc);
+      else amx_rows_shallow<1, 1>(N, Ai, lda, B, ldb, Ci, ldc, acc);
+      continue;
+    }
     for (int64_t j = 0; j < N; j += 32) {
       const bool two_cols = N - j >= 32;
       if (two_rows && two_cols) amx_block<2, 2>(KP16, Ai, lda, B + j, ldb, Ci + j, ldc, acc);
@@ -990,7 +997,7 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_
   // A scale <= 0 would turn masked -inf scores into +inf or NaN in the exponent: apply it first, keeping -inf.
   const float k = scale > 0 ? scale : 1.0f;
   V sum[kSoftRows];
-  float alpha[16];
+  float alpha[16];  // one vector: the partial load and store below cover kSoftRows <= 16 lanes
   bool first[kSoftRows];
   constexpr float kLog2e = 1.44269504088896341f;
   const __m512 k2 = _mm512_set1_ps(k * kLog2e);
@@ -1032,13 +1039,22 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void softmax_tile_
     const __m512 av = (__m512)vexp(vload_partial(alpha, tr));
     _mm512_mask_storeu_ps(alpha, static_cast<__mmask16>((1u << tr) - 1), av);
   }
-  for (int64_t i = 0; i < tr; ++i) {
-    const int64_t r = r0 + i;
-    l[r] = l[r] * alpha[i] + hsum<float>(sum[i]);
-    if (!first[i] && alpha[i] != 1.0f) {
-      float* ar = acc + r * Dp;
-      const V av = vbcast(alpha[i]);
-      for (int64_t d = 0; d < Dp; d += W) vstore(ar + d, vload(ar + d) * av);
+  for (int64_t i = 0; i < tr; ++i) finish_softmax_row<float>(r0 + i, alpha[i], first[i], sum[i], l, acc, Dp);
+}
+
+// Keys [j, j + 16) of one (b, h) as padded bf16 rows (Dp values): k rows into K16, v rows into V16; keys
+// past `limit` or padded (kpm) are zeros, so whatever they hold (NaN, inf) is never read as data.
+// k and v point at the (b, h) pair's first row; ks and vs are the row strides (elements).
+inline void load_kv_rows16(const void* k, int64_t ks, const void* v, int64_t vs, int64_t j, int64_t limit,
+                           const uint8_t* kpm, int64_t D, int64_t Dp, uint16_t* K16, uint16_t* V16) {
+  for (int64_t t = 0; t < 16; ++t) {
+    const int64_t jj = j + t;
+    if (jj < limit && !(kpm && !kpm[jj])) {
+      bf16_row(at(k, kBF16, jj * ks), D, Dp, K16 + t * Dp);
+      bf16_row(at(v, kBF16, jj * vs), D, Dp, V16 + t * Dp);
+    } else {
+      std::memset(K16 + t * Dp, 0, sizeof(uint16_t) * Dp);
+      std::memset(V16 + t * Dp, 0, sizeof(uint16_t) * Dp);
     }
   }
 }
@@ -1066,8 +1082,7 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
   // With AMX a row tile is 32 rows and its columns whole 32-key chunks (16 pairs, one tile's depth in p v).
   const bool amx = use_amx();
   const int64_t TR = amx ? kAmxRows : kMR, CW = amx ? 32 : W;
-  // 256 keys: medians 0.82-0.87 of 64 keys on a Zen 4
-  const int64_t bk = imin(kBkFwd, round_up(imax(Nk, 1), CW));
+  const int64_t bk = imin(kBkFwd, round_up(imax(Nk, 1), CW));  // 256 keys: 0.82-0.87 of 64's time on a Zen 4
   const int64_t Dp = round_up(D, kPad), DP = Dp / 2, NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const float scale = static_cast<float>(a.scale);
@@ -1132,16 +1147,8 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
           for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(vrow(j + t), vrow(j + t + 1), Dp, Vp + (j + t) / 2 * Dp);
           continue;
         }
-        for (int64_t t = 0; t < 16; ++t) {
-          const int64_t jj = j + t;
-          if (jj < k_end && !(kpm && !kpm[jj])) {
-            bf16_row(at(a.k, kBF16, kbase + jj * a.k_stride[2]), D, Dp, K16 + t * Dp);
-            bf16_row(at(a.v, kBF16, vbase + jj * a.v_stride[2]), D, Dp, V16 + t * Dp);
-          } else {
-            std::memset(K16 + t * Dp, 0, sizeof(uint16_t) * Dp);
-            std::memset(V16 + t * Dp, 0, sizeof(uint16_t) * Dp);
-          }
-        }
+        load_kv_rows16(at(a.k, kBF16, kbase), a.k_stride[2], at(a.v, kBF16, vbase), a.v_stride[2], j, k_end, kpm, D, Dp,
+                       K16, V16);
         transpose_words16(reinterpret_cast<const uint32_t*>(K16), DP, DP, Kp + j, ldk);
         for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(V16 + t * Dp, V16 + (t + 1) * Dp, Dp, Vp + (j + t) / 2 * Dp);
       }
@@ -1399,7 +1406,7 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
       3 * Arena::need<uint32_t>(DP * NkP) +                                              // Kp Vp Kv
       Arena::need<float>(Nq * Dp) + 2 * Arena::need<float>(Dp * NkP) + Arena::need<float>(Nq) +  // dQ dKT dVT Dl
       2 * Arena::need<float>(kBq * bk) + Arena::need<uint16_t>(kBq * bk) + 2 * Arena::need<uint32_t>(kBq / 2 * bk) +
-      3 * Arena::need<float>(Dp) + Arena::need<uint8_t>(nkb);
+      2 * Arena::need<float>(Dp) + Arena::need<uint8_t>(nkb);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
   {
@@ -1427,7 +1434,6 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
     uint32_t* dSI = ok ? arena.take<uint32_t>(kBq / 2 * bk) : nullptr;  // (kBq / 2, bk): dS row pairs
     float* f0 = ok ? arena.take<float>(Dp) : nullptr;
     float* f1 = ok ? arena.take<float>(Dp) : nullptr;
-    float* f2 = ok ? arena.take<float>(Dp) : nullptr;
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -1468,16 +1474,8 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
       }
       // K and V, 16 keys at a time: padded keys and keys past Nk are zeros (never read as data).
       for (int64_t j = 0; j < NkP; j += 16) {
-        for (int64_t t = 0; t < 16; ++t) {
-          const int64_t jj = j + t;
-          if (jj < Nk && !(kpm && !kpm[jj])) {
-            bf16_row(at(a.k, kBF16, b * a.k_stride[0] + h * a.k_stride[1] + jj * a.k_stride[2]), D, Dp, K16 + t * Dp);
-            bf16_row(at(a.v, kBF16, b * a.v_stride[0] + h * a.v_stride[1] + jj * a.v_stride[2]), D, Dp, V16 + t * Dp);
-          } else {
-            std::memset(K16 + t * Dp, 0, sizeof(uint16_t) * Dp);
-            std::memset(V16 + t * Dp, 0, sizeof(uint16_t) * Dp);
-          }
-        }
+        load_kv_rows16(at(a.k, kBF16, b * a.k_stride[0] + h * a.k_stride[1]), a.k_stride[2],
+                       at(a.v, kBF16, b * a.v_stride[0] + h * a.v_stride[1]), a.v_stride[2], j, Nk, kpm, D, Dp, K16, V16);
         transpose_words16(reinterpret_cast<const uint32_t*>(K16), DP, DP, Kp + j, NkP);
         transpose_words16(reinterpret_cast<const uint32_t*>(V16), DP, DP, Vp + j, NkP);
         for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(K16 + t * Dp, K16 + (t + 1) * Dp, Dp, Kv + (j + t) / 2 * Dp);
