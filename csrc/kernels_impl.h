@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -79,26 +80,45 @@ template <typename T>
 inline vec_t<T> vbcast(T x) {
   return x - vec_t<T>{};
 }
-// Horizontal sum and max, paid per row of a softmax: halving the vector log2(W) times makes a chain of 4
-// dependent steps for 16 floats instead of the 15 of a lane-by-lane loop. The order is fixed, so equal
-// inputs still give equal results.
+// Horizontal sum and max, paid per row of a softmax and per (query, row) of a top-k scan: halving the
+// vector log2(W) times makes a chain of 4 dependent steps for 16 floats instead of the 15 of a lane-by-lane
+// loop, and each half is a register (a lane array went through the stack: stores, then reloads that wait
+// on them, ~20% of a 16-bit top-k scan's samples on a Zen 5). Lane i of a step is lane i plus lane i + W/2,
+// a fixed order, so equal inputs still give equal results.
+template <typename T, int W>
+struct Halves {
+  typedef T Half __attribute__((vector_size(sizeof(T) * W / 2)));
+  template <typename V, std::size_t... I>
+  static Half lo(V v, std::index_sequence<I...>) { return __builtin_shufflevector(v, v, I...); }
+  template <typename V, std::size_t... I>
+  static Half hi(V v, std::index_sequence<I...>) { return __builtin_shufflevector(v, v, (I + W / 2)...); }
+};
+template <typename T, int W, typename V>
+inline T hsum_n(V v) {
+  if constexpr (W == 2) {
+    return v[0] + v[1];
+  } else {
+    typedef Halves<T, W> H;
+    return hsum_n<T, W / 2>(H::lo(v, std::make_index_sequence<W / 2>{}) + H::hi(v, std::make_index_sequence<W / 2>{}));
+  }
+}
+template <typename T, int W, typename V>
+inline T hmax_n(V v) {
+  if constexpr (W == 2) {
+    return v[1] > v[0] ? v[1] : v[0];
+  } else {
+    typedef Halves<T, W> H;
+    const auto lo = H::lo(v, std::make_index_sequence<W / 2>{}), hi = H::hi(v, std::make_index_sequence<W / 2>{});
+    return hmax_n<T, W / 2>(hi > lo ? hi : lo);
+  }
+}
 template <typename T>
 inline T hsum(vec_t<T> v) {
-  constexpr int W = Vec<T>::W;
-  T a[W];
-  std::memcpy(a, &v, sizeof(a));
-  for (int w = W / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  return a[0];
+  return hsum_n<T, Vec<T>::W>(v);
 }
 template <typename T>
 inline T hmax(vec_t<T> v) {
-  constexpr int W = Vec<T>::W;
-  T a[W];
-  std::memcpy(a, &v, sizeof(a));
-  for (int w = W / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] = a[i + w] > a[i] ? a[i + w] : a[i];
-  return a[0];
+  return hmax_n<T, Vec<T>::W>(v);
 }
 
 // exp for softmax arguments (x <= 0 in practice): round x/ln2 to n, exp of the remainder r (|r| <= ln2/2)
