@@ -81,7 +81,8 @@ def banner(title: str, **extra) -> Dict[str, object]:
     print(f"== {title}")
     dots = [name for name, on in info["backend"].get("dot_products", {}).items() if on]
     print(f"cpu: {info['cpu']} | threads: {info['threads']} | simd: {info['backend']['simd_level']}"
-          f" | dot products: {', '.join(dots) or 'none'}")
+          f" | dot products: {', '.join(dots) or 'none'}"
+          f" | scan prefetch: {'on' if info['backend'].get('scan_prefetch') else 'off'}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print("minillm paths: " + json.dumps(info["backend"]["ops"]))
     for k, v in extra.items():

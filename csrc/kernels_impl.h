@@ -519,6 +519,16 @@ inline void prefetch_strided(const void* base, int64_t n, int64_t stride_bytes, 
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + r * stride_bytes + b, 0, 2);
 }
 
+// Few-query top-k scans read each corpus row once, in order: with use_scan_prefetch() the row `pf` rows
+// ahead (about 6 KB) is requested as non-temporal, so that it neither waits on the hardware prefetcher nor
+// displaces the queries and heaps from the caches. Rows past the corpus (`avail` rows from `base`) are not
+// requested.
+inline void prefetch_scan_row(const void* base, int64_t row, int64_t pf, int64_t avail, int64_t row_bytes) {
+  if (pf == 0 || row + pf >= avail) return;
+  const char* r = static_cast<const char*>(base) + (row + pf) * row_bytes;
+  for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(r + b, 0, 0);
+}
+
 // Sets s[c] = -inf for every key of the block [j0, j0 + bk) that query row `i` may not see. Runs once per
 // row of every masked block, so the padding mask is applied a vector at a time.
 template <typename T>
@@ -1894,20 +1904,23 @@ inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C,
   }
 }
 
+// pf, avail: prefetch_scan_row's (pf = 0: none).
 template <int DT, int MQ>
 inline void dot_rows_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const void* C, int64_t ldc, float* S,
-                         int64_t lds) {
-  for (int64_t j = 0; j < nrows; ++j)
+                         int64_t lds, int64_t pf, int64_t avail) {
+  for (int64_t j = 0; j < nrows; ++j) {
+    prefetch_scan_row(C, j, pf, avail, 2 * ldc);
     dot_tile_cvt<DT, MQ>(K, Qp, ldq, static_cast<const uint16_t*>(C) + j * ldc, S + j, lds);
+  }
 }
 
 template <int DT>
 inline void dot_block_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const void* C, int64_t ldc,
-                          int64_t nrows, float* S, int64_t lds) {
+                          int64_t nrows, float* S, int64_t lds, int64_t pf, int64_t avail) {
   int64_t i = 0;
   for (; i + kMQ <= nq; i += kMQ)
-    dot_rows_cvt<DT, kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
-  for (; i < nq; ++i) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+    dot_rows_cvt<DT, kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
+  for (; i < nq; ++i) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
 }
 
 template <int DT>
@@ -1966,9 +1979,12 @@ inline float dot_i8q(int64_t K, const int16_t* q, const int8_t* c) {
 }
 
 inline void dot_block_i8q(int64_t K, const int16_t* Qi, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc,
-                          int64_t nrows, float* S, int64_t lds) {
+                          int64_t nrows, float* S, int64_t lds, int64_t pf, int64_t avail) {
   for (int64_t i = 0; i < nq; ++i)
-    for (int64_t j = 0; j < nrows; ++j) S[i * lds + j] = dot_i8q(K, Qi + i * ldq, C + j * ldc);
+    for (int64_t j = 0; j < nrows; ++j) {
+      prefetch_scan_row(C, j, pf, avail, ldc);
+      S[i * lds + j] = dot_i8q(K, Qi + i * ldq, C + j * ldc);
+    }
 }
 
 #if defined(__AVX512BW__)
@@ -1977,11 +1993,12 @@ inline void dot_block_i8q(int64_t K, const int16_t* Qi, int64_t ldq, int64_t nq,
 // (q8 in [-127, 127]); a second vpdpbusd against ones sums the codes, and 128 * sum(codes) is taken back.
 __attribute__((target("avx512vnni,avx512bw,avx512f"))) inline void dot_block_i8_vnni(
     int64_t K, const uint8_t* Qu, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc, int64_t nrows, float* S,
-    int64_t lds) {
+    int64_t lds, int64_t pf, int64_t avail) {
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t i = 0; i < nq; ++i) {
     const uint8_t* q = Qu + i * ldq;
     for (int64_t j = 0; j < nrows; ++j) {
+      prefetch_scan_row(C, j, pf, avail, ldc);
       const int8_t* c = C + j * ldc;
       __m512i acc = _mm512_setzero_si512(), sum = _mm512_setzero_si512();
       for (int64_t p = 0; p < K; p += 64) {
@@ -2019,11 +2036,11 @@ inline float quantize_i16(const float* q, int64_t d, int64_t K, int16_t* out) {
 
 // Scores of a tile of a 16-bit corpus for a few queries, widened in registers.
 inline void dot_block_stored(int dt, int64_t K, const float* Qp, int64_t ldq, int64_t nq, const void* C, int64_t ldc,
-                             int64_t nrows, float* S, int64_t lds) {
+                             int64_t nrows, float* S, int64_t lds, int64_t pf, int64_t avail) {
   if (dt == kF16)
-    dot_block_cvt<kF16>(K, Qp, ldq, nq, C, ldc, nrows, S, lds);
+    dot_block_cvt<kF16>(K, Qp, ldq, nq, C, ldc, nrows, S, lds, pf, avail);
   else
-    dot_block_cvt<kBF16>(K, Qp, ldq, nq, C, ldc, nrows, S, lds);
+    dot_block_cvt<kBF16>(K, Qp, ldq, nq, C, ldc, nrows, S, lds, pf, avail);
 }
 
 inline float self_dot(const float* x, int64_t K) {
@@ -2120,6 +2137,9 @@ int topk_impl(const TopkArgs& a) {
   // int8 codes for a few queries: integer dot products against int16 queries (codes padded to kI8Pad).
   const bool i8q = fused && a.dtype == kI8;
   const int64_t di = round_up(d, kI8Pad);
+  // Rows ahead that the compressed few-query scans request (prefetch_scan_row), about 6 KB.
+  const int64_t row_bytes = a.corpus_stride * elem_size(a.dtype);
+  const int64_t pf_rows = fused && use_scan_prefetch() ? imax(2, 6144 / imax(1, row_bytes)) : 0;
   Arena shared(Arena::need<float>(Q * dp) + Arena::need<float>(Q) + Arena::need<Cand>(Q * parts * k) +
                Arena::need<int64_t>(Q * parts) + (i8q ? Arena::need<int16_t>(Q * di) + Arena::need<float>(Q) : 0));
   if (!shared.ok()) return kOutOfMemory;
@@ -2241,17 +2261,17 @@ int topk_impl(const TopkArgs& a) {
 #if defined(__AVX512BW__)
           if (vnni)
             dot_block_i8_vnni(di, reinterpret_cast<const uint8_t*>(Qi) + q0 * di, di, nq, codes, a.corpus_stride,
-                              nrows, S, tile);
+                              nrows, S, tile, pf_rows, N - t0);
           else
 #endif
-            dot_block_i8q(di, Qi + q0 * di, di, nq, codes, a.corpus_stride, nrows, S, tile);
+            dot_block_i8q(di, Qi + q0 * di, di, nq, codes, a.corpus_stride, nrows, S, tile, pf_rows, N - t0);
           for (int64_t r = 0; r < nq; ++r)  // both quantization scales multiply the integer dot product
             for (int64_t j = 0; j < nrows; ++j) S[r * tile + j] *= a.row_scale[t0 + j] * qinv[q0 + r];
           if (a.metric != kIP)
             for (int64_t j = 0; j < nrows; ++j) cc[j] = a.row_norm2[t0 + j];
         } else if (fused) {  // 16-bit rows
           dot_block_stored(a.dtype, d, Qp + q0 * dp, dp, nq, at(a.corpus, a.dtype, t0 * a.corpus_stride),
-                           a.corpus_stride, nrows, S, tile);
+                           a.corpus_stride, nrows, S, tile, pf_rows, N - t0);
           if (a.metric != kIP)
             for (int64_t j = 0; j < nrows; ++j) cc[j] = self_dot_stored(a.dtype, a.corpus, (t0 + j) * a.corpus_stride, d);
         } else {
