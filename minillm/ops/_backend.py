@@ -129,10 +129,8 @@ def force_torch(enabled: bool = True) -> Iterator[None]:
 
 def log_path_once(op: str, device: torch.device, native: bool) -> None:
     """One INFO line the first time `op` runs on a device type, naming the path it takes."""
-    if torch.compiler.is_compiling():
-        return
     key = (op, device.type, native)
-    if key in _logged:
+    if key in _logged or torch.compiler.is_compiling():
         return
     _logged.add(key)
     if native and device.type == "cuda":

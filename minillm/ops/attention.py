@@ -280,7 +280,7 @@ def _native(q: Tensor) -> bool:
 
 def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: float,
          query_padding_mask: Optional[Tensor] = None) -> Tensor:
-    native = _native(q)
+    native = _backend.native_available() if q.is_cpu else _native(q)  # the CPU kernels take every shape
     _backend.log_path_once("attention", q.device, native)
     if native:
         args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
