@@ -30,6 +30,7 @@ import json, os, statistics, sys, time
 import numpy as np
 kind, n, d, k, data, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
 qs = [int(x) for x in sys.argv[7].split(",")]
+q_all = int(sys.argv[8])  # the largest Q of the whole run: every worker draws the same queries
 rng = np.random.default_rng(0)
 if data == "clustered":  # 1000 centres, points near them: many close scores, like real embeddings
     centres = rng.standard_normal((1000, d), dtype=np.float32)
@@ -37,7 +38,7 @@ if data == "clustered":  # 1000 centres, points near them: many close scores, li
 else:
     X = rng.standard_normal((n, d), dtype=np.float32)
 X /= np.linalg.norm(X, axis=1, keepdims=True)
-Q = X[rng.integers(0, n, max(qs))] + 0.1 * rng.standard_normal((max(qs), d), dtype=np.float32)
+Q = X[rng.integers(0, n, q_all)] + 0.1 * rng.standard_normal((q_all, d), dtype=np.float32)
 
 def status_mb(field):
     for line in open("/proc/self/status"):
@@ -158,15 +159,41 @@ def main() -> None:
                     if kind == "faiss-tuned" and coretype:
                         env["OPENBLAS_CORETYPE"] = coretype
                     out = os.path.join(tmp, f"{kind}-{data}-{d}-{n}")
-                    proc = subprocess.run([sys.executable, script, kind, str(n), str(d), str(args.k), data, out,
-                                           ",".join(map(str, qs))], env=env, capture_output=True, text=True,
-                                          cwd=tempfile.gettempdir())
-                    if proc.returncode != 0:
-                        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+
+                    def launch(batch_sizes):
+                        """Runs the worker on these Qs: (its results, None) or (None, the failure's last line)."""
+                        proc = subprocess.run([sys.executable, script, kind, str(n), str(d), str(args.k), data, out,
+                                               ",".join(map(str, batch_sizes)), str(max(args.queries))], env=env,
+                                              capture_output=True, text=True, cwd=tempfile.gettempdir())
+                        if proc.returncode == 0:
+                            return json.load(open(out + ".json")), None
+                        err = proc.stderr.strip()
+                        return None, err.splitlines()[-1] if err else f"exit {proc.returncode}"
+
+                    res, last = launch(qs)
+                    if res is None and len(qs) > 1:
+                        # One Q can take the whole process down (usearch aborts on std::bad_alloc at Q=4096 x
+                        # 1M): each Q then runs on its own, and only the ones that fail are nan.
+                        print(f"  {kind} n={n} d={d} failed ({last}); running each Q on its own")
+                        res = None
+                        for q in qs:
+                            one, last_q = launch([q])
+                            if one is None:
+                                reasons[f"{kind} n={n} d={d} Q={q}"] = last_q
+                                print(f"  {kind} n={n} d={d} Q={q} failed: {last_q}")
+                                continue
+                            if res is None:
+                                res = one
+                            else:
+                                for key in ("ms", "ms_fp32_same_process", "read_gbs"):
+                                    res[key].update(one[key])
+                                res["extra_mb"] = max(res["extra_mb"], one["extra_mb"])
+                    elif res is None:
                         reasons[f"{kind} n={n} d={d}"] = last
                         print(f"  {kind} n={n} d={d} failed: {last}")
+                    if res is None:
                         continue
-                    results[kind] = (json.load(open(out + ".json")), out)
+                    results[kind] = (res, out)
                 for q in args.queries:
                     row = {"data": data, "N": n, "d": d, "Q": q}
                     mine = results.get("minillm")

@@ -59,6 +59,25 @@ def test_simd_env_selects_a_level_and_ignores_bad_values():
 
 
 @pytest.mark.skipif(not _backend.native_available(), reason="native extension not available")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_scan_prefetch_env_switch_keeps_results(dtype):
+    # Prefetching only moves data earlier: forced on and forced off, the compressed few-query scans
+    # (every row of the corpus, right up to its last) return the same scores and ids.
+    code = (
+        "import json, torch, minillm\n"
+        "from minillm.ops import backend_info, topk_search, Int8Corpus\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "c = torch.randn(3001, 72, generator=g); q = torch.randn(3, 72, generator=g)\n"
+        f"corpus = Int8Corpus(c) if '{dtype}' == 'int8' else c.to(torch.{dtype})\n"
+        "out = [topk_search(q[:n], corpus, k=7, metric=m) for n in (1, 3) for m in ('ip', 'l2')]\n"
+        "print(json.dumps([backend_info()['scan_prefetch'], [[s.tolist(), i.tolist()] for s, i in out]]))\n"
+    )
+    on, off = (json.loads(run_python(code, MINILLM_SCAN_PREFETCH=flag)[0]) for flag in ("1", "0"))
+    assert on[0] is True and off[0] is False
+    assert on[1] == off[1]
+
+
+@pytest.mark.skipif(not _backend.native_available(), reason="native extension not available")
 def test_set_simd_level_rejects_unknown_levels():
     with pytest.raises(ValueError, match="avx512, avx2, scalar"):
         minillm.ops.set_simd_level("neon9")
