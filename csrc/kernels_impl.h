@@ -14,6 +14,10 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#include <chrono>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -365,6 +369,29 @@ class Arena {
   void* base_;
   int64_t used_ = 0;
 };
+
+// With OMP_WAIT_POLICY=PASSIVE a thread that reaches a barrier first sleeps in the kernel, and waking it
+// costs tens of microseconds on a VM (~80 us median on the 2-core Zen 5 for an empty region). An attention
+// region's work loop ends without a barrier (nowait) and each thread, its share done, spins here until the
+// whole team is done (at most ~100 us), so that they reach the region's closing barrier together. fp32
+// forward, in-process A/B on the 2-core Zen 5, B12 H4 D32: N = 64 0.77 of the time, causal N = 128 0.87-0.88
+// (nowait alone 0.85 / 0.89-0.92).
+inline void finish_share(int* done) {
+#if defined(_OPENMP)
+  const int team = omp_get_num_threads();
+  if (__atomic_add_fetch(done, 1, __ATOMIC_ACQ_REL) >= team) return;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+  while (__atomic_load_n(done, __ATOMIC_ACQUIRE) < team && std::chrono::steady_clock::now() < until) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+#else
+  (void)done;
+#endif
+}
 
 // Called by each thread of a parallel region on its own Arena: a failed allocation marks the whole call
 // as out of memory (the Python side raises MemoryError) and the thread skips its work items.
@@ -1130,6 +1157,7 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
                              Arena::need<float>(kBq * bk) + Arena::need<uint16_t>(kBq * bk) +
                              Arena::need<float>(kBq * Dp) + 2 * Arena::need<float>(kBq) + Arena::need<uint8_t>(nkb);
   int status = kOk;
+  int done = 0;  // threads done with their share (finish_share)
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
@@ -1146,7 +1174,7 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
     float* m = ok ? arena.take<float>(kBq) : nullptr;
     float* l = ok ? arena.take<float>(kBq) : nullptr;
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t it = 0; it < items; ++it) {
       if (!ok) continue;
       const int64_t bh = it / chunks, b = bh / H, h = bh % H;
@@ -1242,6 +1270,7 @@ int attention_fwd_bf16dot(const AttnFwdArgs& a) {
         }
       }
     }
+    finish_share(&done);
   }
   return status;
 }
@@ -1271,6 +1300,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
                              Arena::need<T>(kBqFwd * bk) + Arena::need<T>(kBqFwd * Dp) + 2 * Arena::need<T>(kBqFwd) +
                              Arena::need<uint8_t>(nkb);
   int status = kOk;
+  int done = 0;  // threads done with their share (finish_share)
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
@@ -1283,7 +1313,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
     T* m = ok ? arena.take<T>(kBqFwd) : nullptr;
     T* l = ok ? arena.take<T>(kBqFwd) : nullptr;
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t it = 0; it < items; ++it) {
       if (!ok) continue;
       const int64_t bh = it / chunks, b = bh / H, h = bh % H;
@@ -1394,6 +1424,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
         }
       }
     }
+    finish_share(&done);
   }
   return status;
 }
@@ -1438,6 +1469,7 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
       2 * Arena::need<float>(kBq * bk) + Arena::need<uint16_t>(kBq * bk) + 2 * Arena::need<uint32_t>(kBq / 2 * bk) +
       2 * Arena::need<float>(Dp) + Arena::need<uint8_t>(nkb);
   int status = kOk;
+  int done = 0;  // threads done with their share (finish_share)
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
@@ -1465,7 +1497,7 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
     float* f0 = ok ? arena.take<float>(Dp) : nullptr;
     float* f1 = ok ? arena.take<float>(Dp) : nullptr;
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t bh = 0; bh < B * H; ++bh) {
       if (!ok) continue;
       const int64_t b = bh / H, h = bh % H;
@@ -1583,6 +1615,7 @@ int attention_bwd_bf16dot(const AttnBwdArgs& a) {
         store_row<float>(f1, D, 1.0f, a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bh * Nk + j) * D)));
       }
     }
+    finish_share(&done);
   }
   return status;
 }
@@ -1606,6 +1639,7 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
   const size_t arena_bytes = 3 * Arena::need<T>(Nq * Dp) + Arena::need<T>(Nq) + 2 * Arena::need<T>(Dp * NkT) +
                              3 * Arena::need<T>(NkP * Dp) + 2 * Arena::need<T>(kBq * bk) + Arena::need<uint8_t>(nkb);
   int status = kOk;
+  int done = 0;  // threads done with their share (finish_share)
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
@@ -1622,7 +1656,7 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
     T* P = ok ? arena.take<T>(kBq * bk) : nullptr;   // (kBq, bk)
     T* dS = ok ? arena.take<T>(kBq * bk) : nullptr;  // (kBq, bk): dP, then dS in place
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t bh = 0; bh < B * H; ++bh) {
       if (!ok) continue;
       const int64_t b = bh / H, h = bh % H;
@@ -1732,6 +1766,7 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
         store_row<T>(dV + j * Dp, D, T(1), a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bh * Nk + j) * D)));
       }
     }
+    finish_share(&done);
   }
   return status;
 }
