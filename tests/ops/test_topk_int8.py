@@ -116,3 +116,18 @@ def test_bad_input():
         topk_search(torch.randn(2, 4), ic, 3)
     with pytest.raises(ValueError, match="1 <= k <= N = 10"):
         topk_search(torch.randn(2, 3), ic, 11)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_rescoring_in_query_steps_matches_one_step(metric, monkeypatch):
+    # Many queries rescore their candidates a bounded block of queries at a time: the same answer as one
+    # gather of every candidate row (scores to rounding: torch's bmm blocks a smaller batch differently).
+    topk_module = sys.modules["minillm.ops.topk"]
+    x = clustered(2000, 40)
+    q = clustered(37, 40, seed=3)
+    corpus = Int8Corpus(x)
+    whole = topk_search(q, corpus, k=5, metric=metric)
+    monkeypatch.setattr(topk_module, "_RESCORE_BYTES", 3 * 40 * 40 * 4)  # 3 queries of 40 candidates per step
+    stepped = topk_search(q, corpus, k=5, metric=metric)
+    assert torch.equal(whole[1], stepped[1])
+    torch.testing.assert_close(stepped[0], whole[0], rtol=1e-6, atol=1e-6)
