@@ -267,7 +267,7 @@ PYBIND11_MODULE(_C, m) {
       },
       "Dot-product instructions the AVX-512 kernels use (bf16 attention: AMX tiles or vdpbf16ps; int8 top-k).");
   m.def("scan_prefetch", [] { return minillm::use_scan_prefetch(); },
-        "Whether the few-query top-k scans of 16-bit and int8 corpora request rows ahead of use.");
+        "Whether the few-query top-k scans (fp32 rows read in place, fp16, bf16, int8) request rows ahead of use.");
   m.def("simd_level", [] { return std::string(minillm::isa_name(minillm::current_isa())); },
         "SIMD level the kernels run at now.");
   m.def(

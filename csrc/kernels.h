@@ -141,8 +141,8 @@ bool use_vnni();
 // AMX tiles (tdpbf16ps) for the bf16 attention products, on CPUs with AMX-BF16 where the OS grants the
 // tile state (MINILLM_NO_AMX=1 keeps vdpbf16ps); implies use_bf16_dot().
 bool use_amx();
-// Software prefetch ahead of the few-query top-k scans of 16-bit and int8 corpora: on for CPUs where it
-// measured faster (AMD family 1Ah and later), MINILLM_SCAN_PREFETCH=0|1 decides otherwise.
+// Software prefetch ahead of the few-query top-k scans (fp32 rows read in place, fp16, bf16, int8): on for
+// CPUs where it measured faster (AMD family 1Ah and later), MINILLM_SCAN_PREFETCH=0|1 decides otherwise.
 bool use_scan_prefetch();
 
 int dispatch_attention_fwd(const AttnFwdArgs& a);

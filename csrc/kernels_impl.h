@@ -1855,17 +1855,21 @@ constexpr int64_t kQb = 128;
 // come in through the hardware prefetcher alone: requesting rows 8 KB ahead (prefetchnta), which had
 // raised a four-row scan on a Zen 5 from ~45 to ~65-70 GB/s, slowed the one-row scan on the Zen 4 (time
 // without / with it: fp32 0.69-0.91, fp16 0.81, bf16 0.84, int8 0.92, four queries 0.76; AVX2 code 0.72-0.88).
+// pf, avail: prefetch_scan_row's (pf = 0: none).
 template <int MQ>
 inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const float* C, int64_t ldc, float* S,
-                     int64_t lds) {
-  for (int64_t j = 0; j < nrows; ++j) dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+                     int64_t lds, int64_t pf, int64_t avail) {
+  for (int64_t j = 0; j < nrows; ++j) {
+    prefetch_scan_row(C, j, pf, avail, 4 * ldc);
+    dot_tile<float, MQ, 1>(K, Qp, ldq, C + j * ldc, ldc, S + j, lds);
+  }
 }
 
 inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const float* C, int64_t ldc,
-                      int64_t nrows, float* S, int64_t lds) {
+                      int64_t nrows, float* S, int64_t lds, int64_t pf, int64_t avail) {
   int64_t i = 0;
-  for (; i + kMQ <= nq; i += kMQ) dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
-  for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds);
+  for (; i + kMQ <= nq; i += kMQ) dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
+  for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
 }
 
 // Corpus rows stored as bf16 or fp16, widened to fp32 in registers W values at a time, so a few
@@ -2172,9 +2176,10 @@ int topk_impl(const TopkArgs& a) {
   // int8 codes for a few queries: integer dot products against int16 queries (codes padded to kI8Pad).
   const bool i8q = fused && a.dtype == kI8;
   const int64_t di = round_up(d, kI8Pad);
-  // Rows ahead that the compressed few-query scans request (prefetch_scan_row), about 6 KB.
+  // Rows ahead that the few-query scans of rows read in place request (prefetch_scan_row), about 6 KB.
   const int64_t row_bytes = a.corpus_stride * elem_size(a.dtype);
-  const int64_t pf_rows = fused && use_scan_prefetch() ? imax(2, 6144 / imax(1, row_bytes)) : 0;
+  const bool scan = fused || (direct && Q <= kMQ);
+  const int64_t pf_rows = scan && use_scan_prefetch() ? imax(2, 6144 / imax(1, row_bytes)) : 0;
   Arena shared(Arena::need<float>(Q * dp) + Arena::need<float>(Q) + Arena::need<Cand>(Q * parts * k) +
                Arena::need<int64_t>(Q * parts) + (i8q ? Arena::need<int16_t>(Q * di) + Arena::need<float>(Q) : 0));
   if (!shared.ok()) return kOutOfMemory;
@@ -2312,7 +2317,10 @@ int topk_impl(const TopkArgs& a) {
         } else {
           int64_t ldc;
           const float* C = fp32_tile(t0, nrows, &ldc);
-          dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile);
+          // Rows are requested ahead only when this pass is the tile's first read: cosine and l2 norms
+          // (fp32_tile) have read it into the cache already, and requests then cost time (l2: 1.11x).
+          const int64_t pf = direct && a.metric == kIP ? pf_rows : 0;
+          dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile, pf, N - t0);
         }
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t q = q0 + r;

@@ -188,7 +188,7 @@ def backend_info() -> dict:
         # AMX tiles or vdpbf16ps (bf16 attention) and vpdpbusd (int8 top-k) at the avx512 level;
         # MINILLM_NO_AMX=1, MINILLM_NO_BF16DOT=1 and MINILLM_NO_VNNI=1 turn them off.
         "dot_products": dict(_C.dot_products()) if _C is not None else {},
-        # Software prefetch in the few-query 16-bit / int8 top-k scans (MINILLM_SCAN_PREFETCH=0|1 overrides).
+        # Software prefetch in the few-query top-k scans (MINILLM_SCAN_PREFETCH=0|1 overrides).
         "scan_prefetch": bool(_C.scan_prefetch()) if _C is not None else False,
         "openmp": bool(_C.openmp) if _C is not None else False,
         "cuda_kernels_built": cuda_kernels_built(),
