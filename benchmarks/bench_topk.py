@@ -175,7 +175,6 @@ def main() -> None:
                         # One Q can take the whole process down (usearch aborts on std::bad_alloc at Q=4096 x
                         # 1M): each Q then runs on its own, and only the ones that fail are nan.
                         print(f"  {kind} n={n} d={d} failed ({last}); running each Q on its own")
-                        res = None
                         for q in qs:
                             one, last_q = launch([q])
                             if one is None:

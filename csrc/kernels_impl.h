@@ -1855,7 +1855,9 @@ constexpr int64_t kQb = 128;
 // come in through the hardware prefetcher alone: requesting rows 8 KB ahead (prefetchnta), which had
 // raised a four-row scan on a Zen 5 from ~45 to ~65-70 GB/s, slowed the one-row scan on the Zen 4 (time
 // without / with it: fp32 0.69-0.91, fp16 0.81, bf16 0.84, int8 0.92, four queries 0.76; AVX2 code 0.72-0.88).
-// pf, avail: prefetch_scan_row's (pf = 0: none).
+// pf, avail: prefetch_scan_row's (pf = 0: none). Only a tile's first pass over the corpus requests rows: later
+// query groups find them in the cache, where requests only cost time (fp32 l2, whose norms read the tile first,
+// was 1.11x slower with them).
 template <int MQ>
 inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const float* C, int64_t ldc, float* S,
                      int64_t lds, int64_t pf, int64_t avail) {
@@ -1868,8 +1870,9 @@ inline void dot_rows(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, con
 inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const float* C, int64_t ldc,
                       int64_t nrows, float* S, int64_t lds, int64_t pf, int64_t avail) {
   int64_t i = 0;
-  for (; i + kMQ <= nq; i += kMQ) dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
-  for (; i < nq; ++i) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
+  for (; i + kMQ <= nq; i += kMQ, pf = 0)
+    dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
+  for (; i < nq; ++i, pf = 0) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
 }
 
 // Corpus rows stored as bf16 or fp16, widened to fp32 in registers W values at a time, so a few
@@ -1943,7 +1946,7 @@ inline void dot_tile_cvt(int64_t K, const float* Qp, int64_t ldq, const void* C,
   }
 }
 
-// pf, avail: prefetch_scan_row's (pf = 0: none).
+// pf, avail: prefetch_scan_row's (pf = 0: none; see dot_rows).
 template <int DT, int MQ>
 inline void dot_rows_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nrows, const void* C, int64_t ldc, float* S,
                          int64_t lds, int64_t pf, int64_t avail) {
@@ -1957,9 +1960,9 @@ template <int DT>
 inline void dot_block_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const void* C, int64_t ldc,
                           int64_t nrows, float* S, int64_t lds, int64_t pf, int64_t avail) {
   int64_t i = 0;
-  for (; i + kMQ <= nq; i += kMQ)
+  for (; i + kMQ <= nq; i += kMQ, pf = 0)
     dot_rows_cvt<DT, kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
-  for (; i < nq; ++i) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
+  for (; i < nq; ++i, pf = 0) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
 }
 
 template <int DT>
@@ -2019,7 +2022,7 @@ inline float dot_i8q(int64_t K, const int16_t* q, const int8_t* c) {
 
 inline void dot_block_i8q(int64_t K, const int16_t* Qi, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc,
                           int64_t nrows, float* S, int64_t lds, int64_t pf, int64_t avail) {
-  for (int64_t i = 0; i < nq; ++i)
+  for (int64_t i = 0; i < nq; ++i, pf = 0)  // the first pass requests rows (see dot_rows)
     for (int64_t j = 0; j < nrows; ++j) {
       prefetch_scan_row(C, j, pf, avail, ldc);
       S[i * lds + j] = dot_i8q(K, Qi + i * ldq, C + j * ldc);
@@ -2034,7 +2037,7 @@ __attribute__((target("avx512vnni,avx512bw,avx512f"))) inline void dot_block_i8_
     int64_t K, const uint8_t* Qu, int64_t ldq, int64_t nq, const int8_t* C, int64_t ldc, int64_t nrows, float* S,
     int64_t lds, int64_t pf, int64_t avail) {
   const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t i = 0; i < nq; ++i) {
+  for (int64_t i = 0; i < nq; ++i, pf = 0) {  // the first pass requests rows (see dot_rows)
     const uint8_t* q = Qu + i * ldq;
     for (int64_t j = 0; j < nrows; ++j) {
       prefetch_scan_row(C, j, pf, avail, ldc);
@@ -2317,9 +2320,9 @@ int topk_impl(const TopkArgs& a) {
         } else {
           int64_t ldc;
           const float* C = fp32_tile(t0, nrows, &ldc);
-          // Rows are requested ahead only when this pass is the tile's first read: cosine and l2 norms
-          // (fp32_tile) have read it into the cache already, and requests then cost time (l2: 1.11x).
-          const int64_t pf = direct && a.metric == kIP ? pf_rows : 0;
+          // pf_rows is 0 unless the rows are read in place (direct). With cosine and l2, fp32_tile's norms have
+          // read the tile already, and requests for cached rows only cost time (l2: 1.11x).
+          const int64_t pf = a.metric == kIP ? pf_rows : 0;
           dot_block(dp, Qp + q0 * dp, dp, nq, C, ldc, nrows, S, tile, pf, N - t0);
         }
         for (int64_t r = 0; r < nq; ++r) {
