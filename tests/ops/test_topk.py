@@ -111,9 +111,10 @@ def test_half_precision_corpus(dtype, metric, Q):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("Q", [1, 2])  # widened in registers: one query (several accumulator chains per row), a pair
 def test_half_precision_exact_ties_at_every_simd_level(simd_level, dtype, Q):
-    base = torch.randn(50, 77).to(dtype)  # d = 77: whole chain groups, single vectors and a scalar tail
+    # d = 117: at every level whole chain groups, then a single bf16 pair block or vector, and a scalar tail
+    base = torch.randn(50, 117).to(dtype)
     c = base.repeat(3, 1)  # rows j, j + 50 and j + 100 are identical, and fall in different tiles and tails
-    q = torch.randn(Q, 77)
+    q = torch.randn(Q, 117)
     for metric in METRICS:
         scores, idx = topk_search(q, c, 9, metric)
         assert torch.equal(idx[:, 1] - idx[:, 0], torch.full((Q,), 50)), metric
