@@ -26,11 +26,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import banner, openblas_coretype, plot, print_table, write_json  # noqa: E402
 
 WORKER = r'''
-import json, os, statistics, sys, time
+import json, sys
 import numpy as np
 kind, n, d, k, data, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
 qs = [int(x) for x in sys.argv[7].split(",")]
 q_all = int(sys.argv[8])  # the largest Q of the whole run: every worker draws the same queries
+sys.path.insert(0, sys.argv[9])  # benchmarks/: common.py imports nothing but the standard library
+from common import interleaved_medians
 rng = np.random.default_rng(0)
 if data == "clustered":  # 1000 centres, points near them: many close scores, like real embeddings
     centres = rng.standard_normal((1000, d), dtype=np.float32)
@@ -92,21 +94,25 @@ res = {"ms": {}, "ms_fp32_same_process": {}, "read_gbs": {}, "extra_mb": 0.0}
 paired = kind.startswith("minillm-")
 for q in qs:
     batch = np.ascontiguousarray(Q[:q])
-    run(batch)  # warm-up
+    out_ids = []
+    # Timed in turn, each round starting one further along (common.interleaved_medians): a slow spell, or
+    # what one call leaves in the caches for the next, falls on every contender alike. Few-query calls are
+    # short, so they get more rounds.
+    fns = {"run": lambda: out_ids.append(run(batch))}
     if paired:
-        run_fp32(batch)
-    times, times_fp32, times_read = [], [], []
-    for _ in range(5 if q <= 16 else 3):
-        if paired:
-            t = time.perf_counter(); run_fp32(batch); times_fp32.append(time.perf_counter() - t)
-        if read is not None:
-            t = time.perf_counter(); read(); times_read.append(time.perf_counter() - t)
-        t = time.perf_counter(); ids = run(batch); times.append(time.perf_counter() - t)
-    res["ms"][str(q)] = 1000 * statistics.median(times)
+        fns["fp32"] = lambda: run_fp32(batch)
     if read is not None:
-        res["read_gbs"][str(q)] = X.nbytes / statistics.median(times_read) / 1e9
+        fns["read"] = read
+    failures = {}
+    med = interleaved_medians(fns, 15 if q <= 16 else 3, failures)  # one warm-up call each
+    if failures:
+        raise RuntimeError(failures)
+    ids = out_ids[-1]
+    res["ms"][str(q)] = 1000 * med["run"]
+    if read is not None:
+        res["read_gbs"][str(q)] = X.nbytes / med["read"] / 1e9
     if paired:
-        res["ms_fp32_same_process"][str(q)] = 1000 * statistics.median(times_fp32)
+        res["ms_fp32_same_process"][str(q)] = 1000 * med["fp32"]
     np.save(f"{out}-{q}.npy", np.asarray(ids, dtype=np.int64).reshape(q, k))
 res["extra_mb"] = max(0.0, status_mb("VmHWM") - base)
 json.dump(res, open(out + ".json", "w"))
@@ -163,7 +169,8 @@ def main() -> None:
                     def launch(batch_sizes):
                         """Runs the worker on these Qs: (its results, None) or (None, the failure's last line)."""
                         proc = subprocess.run([sys.executable, script, kind, str(n), str(d), str(args.k), data, out,
-                                               ",".join(map(str, batch_sizes)), str(max(args.queries))], env=env,
+                                               ",".join(map(str, batch_sizes)), str(max(args.queries)),
+                                               os.path.dirname(os.path.abspath(__file__))], env=env,
                                               capture_output=True, text=True, cwd=tempfile.gettempdir())
                         if proc.returncode == 0:
                             return json.load(open(out + ".json")), None
