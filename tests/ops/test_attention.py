@@ -166,6 +166,22 @@ def test_gradcheck_through_lse_output():
     assert torch.autograd.gradcheck(with_query_padding, args)
 
 
+def test_lse_matches_logsumexp_at_every_simd_level(simd_level):
+    # The fp32 forward takes log of the softmax sums a vector of rows at a time: sums from 1 (one dominant key)
+    # to ~2000 (equal scores), rows that are not whole vectors, and a NaN score, which must give a NaN lse.
+    q, k, v, _ = make_inputs(2, 3, 37, 2000, 24)
+    k[1, :, :1000] = 0.0  # batch 1: the first 1000 keys all score 0 against every query
+    q[0, 0, 5] *= 30.0  # one sharply peaked row
+    k[0, 1, 7, 0] = float("nan")
+    out, lse = torch.ops.minillm.attention_fwd(q, k, v, None, None, False, 0, 0.2)
+    ref = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * 0.2, dim=-1)
+    nan_rows = torch.zeros_like(lse, dtype=torch.bool)
+    nan_rows[0, 1] = True
+    assert lse[nan_rows].isnan().all() and not lse[~nan_rows].isnan().any()
+    err = (lse.double() - ref)[~nan_rows].abs() / (1 + ref[~nan_rows].abs())
+    assert err.max() < 1e-6, err.max()
+
+
 def test_opcheck_forward_and_backward():
     for causal, padded in [(False, False), (True, True)]:
         q, k, v, mask = make_inputs(2, 3, 9, 11, 16, padded=padded)
