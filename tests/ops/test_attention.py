@@ -319,6 +319,24 @@ def test_garbage_in_padded_keys_of_long_sequences(hole):
         torch.testing.assert_close(g, w.float(), atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_right_padded_keys_at_every_simd_level(simd_level, causal):
+    # Sequences ending inside a key block: the backward computes that block only up to the last kept key.
+    # Padded rows hold NaN / inf, so a padded key that is computed anyway shows up in every gradient.
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(3, 2, 70, 24) for _ in range(3))
+    mask = torch.arange(70)[None, :] < torch.tensor([[70], [45], [13]])
+    pad = ~mask[:, None, :, None].expand_as(k)
+    grad = torch.randn(3, 2, 70, 24)
+    got = forward_backward(lambda a, b, c: attention(a, b, c, causal=causal, key_padding_mask=mask), q,
+                           k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf")), grad)
+    want = forward_backward(lambda a, b, c: attention_reference(a, b, c, causal=causal, key_padding_mask=mask),
+                            q.double(), k.double(), v.double(), grad.double())
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w.float(), atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert (got[2][pad] == 0).all() and (got[3][pad] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("scale", [-0.3, 0.0])
 def test_non_positive_scale_with_masks(dtype, scale):
