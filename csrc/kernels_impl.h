@@ -182,40 +182,6 @@ inline vec_t<float> vexp(vec_t<float> x) {
 #endif
 }
 #undef MINILLM_EXP_SCALEF
-
-// log of softmax sums (x >= 1 in practice, any positive normal x works): x = 2^e * m with m in
-// [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f) for f = m - 1, P of degree 7 (a least-squares fit
-// reweighted toward minimax; 1.35 ulp at most on [1, 1e6] in fp32 arithmetic), plus e ln 2 in two parts.
-// One call per vector of rows instead of a libm call per row (logf was 3-4% of a B12 H4 D32 N = 64 forward;
-// in-process A/B on a 2-core Zen 4, fp32 forward B12 H4 D32: N = 64 0.95-0.97 of the time, N = 128 0.95,
-// in either call order; lse error against fp64 unchanged).
-// NaN stays NaN.
-inline vec_t<float> vlog(vec_t<float> x) {
-  typedef vec_t<float> V;
-  typedef int32_t VI __attribute__((vector_size(VB)));
-  VI u;
-  std::memcpy(&u, &x, VB);
-  VI e = (u >> 23) - 127;
-  u = (u & 0x007fffff) | 0x3f800000;  // m in [1, 2)
-  V m;
-  std::memcpy(&m, &u, VB);
-  const VI big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e -= big;  // a true comparison is -1
-  const V f = m - 1.0f, z = f * f;
-  V p = vbcast(-0.0651426762342453f);
-  p = p * f + 0.1198062151670456f;
-  p = p * f - 0.13221073150634766f;
-  p = p * f + 0.14319492876529694f;
-  p = p * f - 0.1662849336862564f;
-  p = p * f + 0.1999577283859253f;
-  p = p * f - 0.2500057816505432f;
-  p = p * f + 0.3333340585231781f;
-  const V r = f - 0.5f * z + z * f * p;
-  const V ef = __builtin_convertvector(e, V);
-  const V y = ef * 0.693145751953125f + (r + ef * 1.428606765330187e-06f);  // ln 2 = 0.693145751953125 + 1.43e-6
-  return x != x ? x : y;
-}
 // The fp64 instantiation exists for gradcheck; exactness matters more than speed there.
 inline vec_t<double> vexp(vec_t<double> x) {
   for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp(x[i]);
@@ -1445,16 +1411,6 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
           }
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
-        T logl[kBqFwd + 16];  // log l of each row (whole vectors past `rows`)
-        if constexpr (std::is_same<T, float>::value) {
-          for (int64_t r0 = 0; r0 < rows; r0 += W) {
-            vec_t<T> x;
-            for (int i = 0; i < W; ++i) x[i] = r0 + i < rows && !(l[r0 + i] <= T(0)) ? l[r0 + i] : T(1);  // NaN kept
-            vstore(logl + r0, vlog(x));
-          }
-        } else {
-          for (int64_t r = 0; r < rows; ++r) logl[r] = std::log(l[r]);
-        }
         for (int64_t r = 0; r < rows; ++r) {
           void* orow = const_cast<void*>(at(a.out, a.dtype, (bh * Nq + i0 + r) * D));
           if (l[r] == T(0) || (qpm && !qpm[i0 + r])) {  // padded query, or no visible key: the row is 0
@@ -1463,7 +1419,7 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
             lse[r] = INFINITY;
           } else {
             store_row<T>(acc + r * Dp, D, T(1) / l[r], a.dtype, orow);
-            lse[r] = m[r] + logl[r];
+            lse[r] = m[r] + std::log(l[r]);
           }
         }
       }
