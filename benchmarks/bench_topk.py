@@ -94,11 +94,11 @@ res = {"ms": {}, "ms_fp32_same_process": {}, "read_gbs": {}, "extra_mb": 0.0}
 paired = kind.startswith("minillm-")
 for q in qs:
     batch = np.ascontiguousarray(Q[:q])
-    out_ids = []
+    last = {}  # the search's ids from its latest call
     # Timed in turn, each round starting one further along (common.interleaved_medians): a slow spell, or
     # what one call leaves in the caches for the next, falls on every contender alike. Few-query calls are
     # short, so they get more rounds.
-    fns = {"run": lambda: out_ids.append(run(batch))}
+    fns = {"run": lambda: last.update(ids=run(batch))}
     if paired:
         fns["fp32"] = lambda: run_fp32(batch)
     if read is not None:
@@ -107,7 +107,7 @@ for q in qs:
     med = interleaved_medians(fns, 15 if q <= 16 else 3, failures)  # one warm-up call each
     if failures:
         raise RuntimeError(failures)
-    ids = out_ids[-1]
+    ids = last["ids"]
     res["ms"][str(q)] = 1000 * med["run"]
     if read is not None:
         res["read_gbs"][str(q)] = X.nbytes / med["read"] / 1e9

@@ -1705,8 +1705,8 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
       visible_blocks(kpm, Nk, bk, nkb, kvis);
       // Right-padded keys (from k_end on) are never computed: a block that holds the last kept key stops there,
       // as the forward's does (their dK and dV rows stay 0). In-process A/B on a 2-core Zen 4, 25% of the keys
-      // padded, B12 H4 D32: N = 64 0.80-0.85 of the time, N = 128 0.78-0.79 (either call order), same bits;
-      // B4 H8 D64 N = 512 equal (its padding fills whole blocks, skipped already).
+      // padded, B12 H4 D32: N = 64 0.80-0.85 of the time, N = 128 0.78-0.80 (either call order), same bits;
+      // B4 H8 D64 N = 128 0.82, N = 512 equal (its padding fills whole blocks, skipped already).
       const int64_t k_end = keys_end(kpm, Nk);
 
       for (int64_t j0 = 0; j0 < Nk; j0 += bk) {

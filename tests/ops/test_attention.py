@@ -167,8 +167,8 @@ def test_gradcheck_through_lse_output():
 
 
 def test_lse_matches_logsumexp_at_every_simd_level(simd_level):
-    # The fp32 forward takes log of the softmax sums a vector of rows at a time: sums from 1 (one dominant key)
-    # to ~2000 (equal scores), rows that are not whole vectors, and a NaN score, which must give a NaN lse.
+    # The lse the backward relies on: softmax sums from 1 (one dominant key) to ~2000 (equal scores), a row
+    # count that is not whole vectors, and a NaN score, which must give a NaN lse.
     q, k, v, _ = make_inputs(2, 3, 37, 2000, 24)
     k[1, :, :1000] = 0.0  # batch 1: the first 1000 keys all score 0 against every query
     q[0, 0, 5] *= 30.0  # one sharply peaked row
