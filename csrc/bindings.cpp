@@ -37,6 +37,21 @@ void copy3(int64_t* dst, const Strides& s) {
   for (int i = 0; i < 3; ++i) dst[i] = s[i];
 }
 
+// minillm/ops checks every public argument before it gets here, but the module is importable: a size or
+// code the kernels do not handle raises ValueError (pybind11 maps std::invalid_argument) instead of
+// dividing by zero or indexing past a table.
+void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(std::string("minillm._C: ") + what);
+}
+
+bool float_dtype(int dtype) { return dtype == minillm::kF32 || dtype == minillm::kBF16 || dtype == minillm::kF16 || dtype == minillm::kF64; }
+
+void check_attention(const Sizes& sz, int dtype) {
+  require(sz[0] >= 1 && sz[1] >= 1 && sz[2] >= 1 && sz[3] >= 1 && sz[4] >= 1,
+          "attention sizes (B, H, Nq, Nk, D) must all be >= 1 (empty inputs are answered in Python)");
+  require(float_dtype(dtype), "attention dtype must be a float code of csrc/kernels.h (kF32, kBF16, kF16, kF64)");
+}
+
 void check(int status, const char* what) {
   if (status == minillm::kOutOfMemory) throw std::bad_alloc();
   if (status != minillm::kOk) throw std::runtime_error(std::string(what) + ": kernel failed");
@@ -45,6 +60,7 @@ void check(int status, const char* what) {
 AttnFwdArgs fwd_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm,
                      uintptr_t qpm, const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal,
                      int64_t causal_offset, double scale, int dtype, int nthreads) {
+  check_attention(sz, dtype);
   AttnFwdArgs a{};
   a.q = ptr<const void*>(q);
   a.k = ptr<const void*>(k);
@@ -69,6 +85,7 @@ AttnBwdArgs bwd_args(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uint
                      uintptr_t dlse, uintptr_t kpm, uintptr_t qpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz,
                      const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os,
                      bool causal, int64_t causal_offset, double scale, int dtype, int nthreads) {
+  check_attention(sz, dtype);
   AttnBwdArgs a{};
   a.dout = ptr<const void*>(dout);
   a.q = ptr<const void*>(q);
@@ -99,6 +116,13 @@ AttnBwdArgs bwd_args(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uint
 TopkArgs topk_args(uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N,
                    int64_t d, int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads,
                    uintptr_t row_scale = 0, uintptr_t row_norm2 = 0) {
+  require(Q >= 1 && N >= 1 && d >= 1, "topk sizes Q, N and d must be >= 1");
+  require(k >= 1 && k <= N, "topk needs 1 <= k <= N");
+  require(dtype == minillm::kF32 || dtype == minillm::kBF16 || dtype == minillm::kF16 || dtype == minillm::kI8,
+          "topk corpus dtype must be kF32, kBF16, kF16 or kI8");
+  require(dtype != minillm::kI8 || (row_scale != 0 && row_norm2 != 0), "an int8 corpus needs row_scale and row_norm2");
+  require(metric == minillm::kIP || metric == minillm::kCosine || metric == minillm::kL2,
+          "topk metric must be kIP, kCosine or kL2");
   TopkArgs a{};
   a.row_scale = ptr<const float*>(row_scale);
   a.row_norm2 = ptr<const float*>(row_norm2);
@@ -148,6 +172,8 @@ int run_linear(LinearArgs a) {
 
 GemmArgs gemm_args(uintptr_t a, int64_t lda, bool a_colmajor, uintptr_t b, int64_t ldb, bool b_colmajor,
                    uintptr_t bias, uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
+  require(M >= 1 && N >= 1 && K >= 1, "gemm sizes M, N and K must be >= 1 (empty products are answered in Python)");
+  require(dtype == minillm::kF32 || dtype == minillm::kF64, "gemm dtype must be kF32 or kF64");
   GemmArgs g{};
   g.a = ptr<const void*>(a);
   g.lda = lda;
@@ -223,6 +249,8 @@ PYBIND11_MODULE(_C, m) {
       "linear_small_m",
       [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t K, int64_t N, int64_t ldx, int dtype,
          int nthreads) {
+        require(M >= 1 && K >= 1 && N >= 1, "linear_small_m sizes M, K and N must be >= 1");
+        require(dtype == minillm::kF32 || dtype == minillm::kF64, "linear_small_m dtype must be kF32 or kF64");
         LinearArgs a{};
         a.x = ptr<const void*>(x);
         a.w = ptr<const void*>(w);

@@ -92,3 +92,39 @@ def test_topk_bad_input(path, desc, call, exc, words):
         call()
     for w in words:
         assert w in str(info.value), f"{desc}: {w!r} not in {info.value}"
+
+
+# The private raw-pointer bindings: sizes and codes the kernels do not handle raise instead of crashing (the
+# public functions never pass them). Pointers are valid (a zeroed buffer); only the named argument is wrong.
+RAW_CASES = [
+    ("attention_fwd B=0", "attention_fwd", lambda p: (p, p, p, p, p, 0, 0, (0, 1, 8, 8, 8), (64, 64, 8), (64, 64, 8),
+                                                        (64, 64, 8), False, 0, 0.35, 0, 1)),
+    ("attention_fwd D=0", "attention_fwd", lambda p: (p, p, p, p, p, 0, 0, (1, 1, 8, 8, 0), (64, 64, 8), (64, 64, 8),
+                                                        (64, 64, 8), False, 0, 0.35, 0, 1)),
+    ("attention_fwd dtype=9", "attention_fwd", lambda p: (p, p, p, p, p, 0, 0, (1, 1, 8, 8, 8), (64, 64, 8),
+                                                            (64, 64, 8), (64, 64, 8), False, 0, 0.35, 9, 1)),
+    ("attention_bwd Nk=0", "attention_bwd", lambda p: (p, p, p, p, p, p, 0, 0, 0, p, p, p, (1, 1, 8, 0, 8),
+                                                         (64, 64, 8), (64, 64, 8), (64, 64, 8), (64, 64, 8),
+                                                         (64, 64, 8), False, 0, 0.35, 0, 1)),
+    ("topk Q=0", "topk", lambda p: (p, p, 8, 0, 0, 8, 8, 2, 0, p, p, 1)),
+    ("topk k=0", "topk", lambda p: (p, p, 8, 0, 1, 8, 8, 0, 0, p, p, 1)),
+    ("topk k>N", "topk", lambda p: (p, p, 8, 0, 1, 8, 8, 20, 0, p, p, 1)),
+    ("topk dtype=9", "topk", lambda p: (p, p, 8, 9, 1, 8, 8, 2, 0, p, p, 1)),
+    ("topk metric=9", "topk", lambda p: (p, p, 8, 0, 1, 8, 8, 2, 9, p, p, 1)),
+    ("topk int8 without scales", "topk", lambda p: (p, p, 8, 4, 1, 8, 8, 2, 0, p, p, 1)),
+    ("linear_small_m K=0", "linear_small_m", lambda p: (p, p, 0, p, 1, 0, 8, 8, 0, 1)),
+    ("linear_small_m dtype=1", "linear_small_m", lambda p: (p, p, 0, p, 1, 8, 8, 8, 1, 1)),
+    ("gemm M=0", "gemm", lambda p: (p, 8, False, p, 8, False, 0, p, 0, 8, 8, 0, 1)),
+    ("gemm N=0", "gemm", lambda p: (p, 8, False, p, 8, False, 0, p, 8, 0, 8, 0, 1)),
+]
+
+
+@pytest.mark.parametrize("desc,fn,args", RAW_CASES, ids=[c[0] for c in RAW_CASES])
+def test_raw_bindings_reject_sizes_and_codes(desc, fn, args):
+    from minillm.ops import _backend
+
+    if _backend._C is None:
+        pytest.skip("no native extension")
+    buf = torch.zeros(1 << 16)
+    with pytest.raises(ValueError, match="minillm._C"):
+        getattr(_backend._C, fn)(*args(buf.data_ptr()))
