@@ -151,6 +151,15 @@ def test_gradcheck_float64(causal, padded, Nq, Nk):
     assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, causal=causal, key_padding_mask=mask), args)
 
 
+@pytest.mark.parametrize("causal,padded", [(False, False), (True, True)])
+def test_gradcheck_float64_every_simd_level(simd_level, causal, padded):
+    # fp64 panels are half as wide as fp32 ones (4 keys in the scalar build): the packing paths differ per level.
+    for Nq, Nk, D in [(5, 7, 3), (6, 13, 4), (9, 3, 2)]:
+        q, k, v, mask = make_inputs(2, 1, Nq, Nk, D, dtype=torch.float64, padded=padded)
+        args = tuple(t.requires_grad_() for t in (q, k, v))
+        assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, causal=causal, key_padding_mask=mask), args)
+
+
 def test_gradcheck_through_lse_output():
     # The op also returns the log-sum-exp; its gradient must be exact too, not dropped.
     q, k, v, mask = make_inputs(2, 2, 5, 6, 4, dtype=torch.float64, padded=True)
