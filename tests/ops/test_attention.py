@@ -118,6 +118,24 @@ def test_half_precision_within_2x_torch_error(dtype, Nq, Nk, D, causal, padded):
         assert o <= 2 * t + 1e-6, f"{name}: minillm error {o:.3g} > 2x torch error {t:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=["bf16", "fp16", "fp64"])
+def test_other_dtypes_at_every_simd_level(simd_level, dtype):
+    # Below AVX-512 the 16-bit rows are converted row by row and fp64 panels are narrower: other code paths.
+    for Nq, Nk, D, causal, padded in [(64, 64, 64, False, False), (97, 40, 8, True, True), (16, 72, 16, False, True)]:
+        if dtype == torch.float64:
+            q, k, v, mask = make_inputs(2, 3, Nq, Nk, D, dtype=torch.float64, padded=padded)
+            grad = torch.randn(2, 3, Nq, D, dtype=torch.float64)
+            got = forward_backward(lambda a, b, c: attention(a, b, c, causal=causal, key_padding_mask=mask), q, k, v, grad)
+            want = forward_backward(lambda a, b, c: attention_reference(a, b, c, causal=causal, key_padding_mask=mask),
+                                    q, k, v, grad)
+            for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+                torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+            continue
+        ours, theirs = _errors(dtype, 2, 3, Nq, Nk, D, causal, padded)
+        for name, o, t in zip(("out", "dq", "dk", "dv"), ours, theirs):
+            assert o <= 2 * t + 1e-6, f"{name}: minillm error {o:.3g} > 2x torch error {t:.3g}"
+
+
 @pytest.mark.parametrize("switch", ["MINILLM_NO_BF16DOT", "MINILLM_NO_AMX"])
 def test_bf16_without_bf16_dot_products(switch):
     # On a CPU with AMX-BF16 the bf16 products run on AMX tiles, on one with only AVX512-BF16 on vdpbf16ps;
