@@ -548,6 +548,17 @@ inline void transpose8_rows(const float* src, int64_t lds, int64_t n, float* dst
 }
 #endif
 
+// Rows [0, n) of `rows` (row stride ld, Dp values each) into a packed K^T (packed_at), 8 rows at a time in
+// register transposes; returns how many were packed (n rounded down to 8), the caller packs the rest. Groups of
+// 8 need panels of a multiple of 8 columns: the scalar build's fp64 panel holds 4, and there this packs none.
+template <typename T>
+inline int64_t pack_rows8(const T* rows, int64_t ld, int64_t n, int64_t Dp, T* Bp) {
+  if (kPanel<T> % 8 != 0) return 0;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) transpose8_rows(rows + j * ld, ld, Dp, packed_at(Bp, Dp, j), kPanel<T>);
+  return j;
+}
+
 // Requests rows [0, n) (row_bytes each, stride_bytes apart) into the cache ahead of use. A work item's
 // inputs are cold (another (b, h) ran last), and the p v product reads V in place inside its inner loop:
 // asking for V's first blocks and the next query rows while K is being transposed hides that latency.
@@ -1366,13 +1377,9 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       if (v_direct) prefetch_strided(Vb, imin(k_end, 2 * bk), ldv * es, D * es);
       prefetch_strided(at(a.q, a.dtype, qbase + q_begin * a.q_stride[2]), imin(kBqFwd, q_end - q_begin),
                        a.q_stride[2] * es, D * es);
-      int64_t j = 0;
-      // No padded key below k_end: groups of 8 keys straight from their rows, in panels of a multiple of 8 keys
-      // (the scalar build's fp64 panel holds 4: there a group would spill into the next panel).
-      if (v_direct && kPanel<T> % 8 == 0)
-        for (; j + 8 <= k_end; j += 8)
-          transpose8_rows(static_cast<const T*>(at(a.k, a.dtype, kbase + j * a.k_stride[2])), a.k_stride[2], Dp,
-                          kt(j), P);
+      // No padded key below k_end: groups of 8 keys straight from their rows.
+      int64_t j = v_direct ? pack_rows8(static_cast<const T*>(at(a.k, a.dtype, kbase)), a.k_stride[2], k_end, Dp, Kt)
+                           : 0;
       for (; j < k_end; ++j) {
         // Padded keys are never read: whatever they hold (NaN, inf) cannot reach the output.
         if (kpm && !kpm[j]) {
@@ -1724,12 +1731,8 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
           std::memset(dV + j * Dp, 0, sizeof(T) * Dp);
         }
       }
-      int64_t jt = 0;
-      // Groups of 8 keys need panels of a multiple of 8 keys (all but the scalar build's fp64 panel of 4).
-      for (; kPanel<T> % 8 == 0 && jt + 8 <= NkP; jt += 8) {
-        transpose8_rows(Kr + jt * Dp, Dp, Dp, packed_at(Kt, Dp, jt), kPanel<T>);
-        transpose8_rows(dV + jt * Dp, Dp, Dp, packed_at(Vt, Dp, jt), kPanel<T>);
-      }
+      int64_t jt = pack_rows8(Kr, Dp, NkP, Dp, Kt);
+      pack_rows8(dV, Dp, NkP, Dp, Vt);
       for (; jt < NkP; ++jt)  // scalar builds: NkP may be a multiple of 4 only, and fp64 panels hold 4 keys
         for (int64_t d = 0; d < Dp; ++d) {
           packed_at(Kt, Dp, jt)[d * kPanel<T>] = Kr[jt * Dp + d];

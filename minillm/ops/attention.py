@@ -21,10 +21,6 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.floa
 _DTYPE_NAMES = "float32, bfloat16, float16 or float64"
 
 
-# The log-sum-exp is fp32, fp64 for fp64 inputs: dtypes whose lse has their own dtype.
-_ACC_SELF = (torch.float32, torch.float64)
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -57,7 +53,7 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
     Nk = k.shape[2]
     # Positional sizes: the tuple form of new_empty costs twice as much (~1.5 us each), a tenth of a small call.
     out = q.new_empty(B, H, Nq, D)
-    lse = q.new_empty(B, H, Nq) if q.dtype in _ACC_SELF else q.new_empty(B, H, Nq, dtype=torch.float32)
+    lse = q.new_empty(B, H, Nq, dtype=_acc_dtype(q.dtype))
     if B * H * Nq * D == 0 or Nk == 0:
         out.zero_()
         lse.fill_(float("inf"))
