@@ -3,10 +3,11 @@
 minillm also runs on compressed corpus storage: fp16, bf16, and int8 codes with exact rescoring (Int8Corpus);
 their "x/minillm" columns are time ratios against the fp32 kernel (below 1 = faster) and recall is against it.
 
-Separate processes keep FAISS's and usearch's OpenMP runtimes from sharing torch's, and give each a clean
-peak-memory reading. Each writes its ids; the parent computes recall@k against minillm's exact result
-(ties aside, every exact method scores 1.0) and prints ms per batch, queries/s, corpus GB/s scanned and
-extra memory. A baseline that would need a score matrix over --max-score-gb, or that fails, is nan with the
+Separate processes keep FAISS's and usearch's OpenMP runtimes from sharing torch's. minillm's workers check
+their results against the plain-torch reference (minillm.ops.reference) before timing. Each worker writes its
+ids; the parent computes recall@k against minillm's exact result (ties aside, every exact method scores 1.0)
+and prints ms per batch, queries/s, corpus GB/s scanned and the peak extra memory of each call ("MB"
+columns), read in a second worker per contender whose allocator returns freed blocks (--no-memory skips it). A baseline that would need a score matrix over --max-score-gb, or that fails, is nan with the
 reason.
 
     python benchmarks/bench_topk.py [--n 100000 1000000] [--d 384] [--queries 1 16 256] [--data random clustered]
@@ -23,7 +24,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import banner, openblas_coretype, plot, print_table, write_json  # noqa: E402
+from common import PEAK_MEMORY_ENV, banner, openblas_coretype, plot, print_table, write_json  # noqa: E402
 
 WORKER = r'''
 import json, sys
@@ -32,7 +33,8 @@ kind, n, d, k, data, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(
 qs = [int(x) for x in sys.argv[7].split(",")]
 q_all = int(sys.argv[8])  # the largest Q of the whole run: every worker draws the same queries
 sys.path.insert(0, sys.argv[9])  # benchmarks/: common.py imports nothing but the standard library
-from common import interleaved_medians
+mode = sys.argv[10]  # "time": medians, ids and the read rate; "memory": each Q's peak extra memory
+from common import interleaved_medians, peak_extra_mb
 rng = np.random.default_rng(0)
 if data == "clustered":  # 1000 centres, points near them: many close scores, like real embeddings
     centres = rng.standard_normal((1000, d), dtype=np.float32)
@@ -42,29 +44,44 @@ else:
 X /= np.linalg.norm(X, axis=1, keepdims=True)
 Q = X[rng.integers(0, n, q_all)] + 0.1 * rng.standard_normal((q_all, d), dtype=np.float32)
 
-def status_mb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-
 read = None
-if kind == "minillm":
+check = None  # minillm kinds: (scores, ids) of a call, checked against the plain-torch reference before timing
+if kind.startswith("minillm"):
     import minillm, torch
-    run = lambda q: minillm.ops.topk_search(q, X, k, "ip")[1]
-    # The bandwidth bound of a scan, read in turn with each search: torch's multithreaded sum of the corpus.
-    Xt = torch.from_numpy(X)
-    read = lambda: float(Xt.sum())
-elif kind.startswith("minillm-"):  # compressed corpus storage, built before timing
-    import minillm, torch
-    storage = kind.split("-")[1]
+    from minillm.ops.reference import topk_search_reference
+    storage = kind.split("-")[1] if "-" in kind else "fp32"
     if storage == "int8":
         C = minillm.ops.Int8Corpus(X)
+        stored = torch.from_numpy(X)
+    elif storage == "fp32":
+        C = stored = X
     else:
         C = torch.from_numpy(X).to({"fp16": torch.float16, "bf16": torch.bfloat16}[storage])
-    run = lambda q: minillm.ops.topk_search(q, C, k, "ip")[1]
-    # The fp32 kernel on the same data, timed in turn with the compressed one in this process: their ratio
-    # is the storage's speed-up, free of the drift between separate processes on a shared machine.
-    run_fp32 = lambda q: minillm.ops.topk_search(q, X, k, "ip")[1]
+        stored = C.float()  # the exact answer for a 16-bit corpus is the one over its stored values
+    search = lambda q: minillm.ops.topk_search(q, C, k, "ip")
+    run = lambda q: search(q)[1]
+    n_check = min(8, q_all)
+    ref_s, _ = topk_search_reference(torch.from_numpy(Q[:n_check]), torch.as_tensor(stored), k, "ip")
+
+    def check(q):
+        # Tie-aware: the k best scores are unique even when their ids are not, and every id returned must
+        # carry its own exact score. The int8 scan is approximate by design: its rescored scores are exact,
+        # and its recall is in the table.
+        s, ids = search(q[:n_check])
+        s, ids = torch.as_tensor(s)[:n_check], torch.as_tensor(ids)[:n_check]
+        own = (torch.as_tensor(stored)[ids].double() * torch.from_numpy(q[:n_check, None, :]).double()).sum(-1)
+        if not torch.allclose(s.double(), own, atol=1e-4, rtol=1e-4):
+            sys.exit(f"{kind}: returned scores are not the exact scores of the returned ids; not timing")
+        if storage != "int8" and not torch.allclose(s, ref_s[:len(s)], atol=1e-4, rtol=1e-4):
+            sys.exit(f"{kind}: top-{k} scores differ from the reference by {(s - ref_s[:len(s)]).abs().max():.3g}")
+    if storage == "fp32":
+        # The bandwidth bound of a scan, read in turn with each search: torch's multithreaded sum of the corpus.
+        Xt = torch.from_numpy(X)
+        read = lambda: float(Xt.sum())
+    else:
+        # The fp32 kernel on the same data, timed in turn with the compressed one in this process: their ratio
+        # is the storage's speed-up, free of the drift between separate processes on a shared machine.
+        run_fp32 = lambda q: minillm.ops.topk_search(q, X, k, "ip")[1]
 elif kind == "torch":
     import torch
     Xt = torch.from_numpy(X)
@@ -84,16 +101,24 @@ elif kind.startswith("faiss"):
 elif kind == "usearch":
     from usearch.index import search, MetricKind
     run = lambda q: search(X, q, k, MetricKind.IP, exact=True).keys
-base = status_mb("VmRSS")
-try:  # reset the peak (VmHWM) so that data generation does not count as the search's memory
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-except OSError:
-    pass
-res = {"ms": {}, "ms_fp32_same_process": {}, "read_gbs": {}, "extra_mb": 0.0}
+
+if mode == "memory":
+    # Run under common.PEAK_MEMORY_ENV, so each call's high-water mark is its own; a one-query call first
+    # keeps lazy initialisation (thread pools, first-call caches) out of every reading.
+    run(np.ascontiguousarray(Q[:1]))
+    res = {"extra_mb": {}}
+    for q in qs:
+        batch = np.ascontiguousarray(Q[:q])
+        res["extra_mb"][str(q)] = peak_extra_mb(lambda: run(batch), warmup=False)
+    json.dump(res, open(out + ".json", "w"))
+    sys.exit(0)
+
+res = {"ms": {}, "ms_fp32_same_process": {}, "read_gbs": {}}
 paired = kind.startswith("minillm-")
 for q in qs:
     batch = np.ascontiguousarray(Q[:q])
+    if check is not None:
+        check(batch)
     last = {}  # the search's ids from its latest call
     # Timed in turn, each round starting one further along (common.interleaved_medians): a slow spell, or
     # what one call leaves in the caches for the next, falls on every contender alike. Few-query calls are
@@ -114,7 +139,6 @@ for q in qs:
     if paired:
         res["ms_fp32_same_process"][str(q)] = 1000 * med["fp32"]
     np.save(f"{out}-{q}.npy", np.asarray(ids, dtype=np.int64).reshape(q, k))
-res["extra_mb"] = max(0.0, status_mb("VmHWM") - base)
 json.dump(res, open(out + ".json", "w"))
 '''
 
@@ -132,6 +156,8 @@ def main() -> None:
     ap.add_argument("--max-score-gb", type=float, default=4.0, help="skip baselines needing a bigger Q x N matrix")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cpu (every contender, own processes) or cuda: minillm vs torch on the GPU, in process")
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="skip the peak-memory columns (a second worker per contender)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a PNG of queries/s against Q, every contender (the last data, d and N)")
     args = ap.parse_args()
@@ -166,39 +192,51 @@ def main() -> None:
                         env["OPENBLAS_CORETYPE"] = coretype
                     out = os.path.join(tmp, f"{kind}-{data}-{d}-{n}")
 
-                    def launch(batch_sizes):
+                    def launch(batch_sizes, mode="time"):
                         """Runs the worker on these Qs: (its results, None) or (None, the failure's last line)."""
-                        proc = subprocess.run([sys.executable, script, kind, str(n), str(d), str(args.k), data, out,
+                        proc = subprocess.run([sys.executable, script, kind, str(n), str(d), str(args.k), data,
+                                               out + ("-memory" if mode == "memory" else ""),
                                                ",".join(map(str, batch_sizes)), str(max(args.queries)),
-                                               os.path.dirname(os.path.abspath(__file__))], env=env,
+                                               os.path.dirname(os.path.abspath(__file__)), mode],
+                                              env={**env, **PEAK_MEMORY_ENV} if mode == "memory" else env,
                                               capture_output=True, text=True, cwd=tempfile.gettempdir())
                         if proc.returncode == 0:
-                            return json.load(open(out + ".json")), None
+                            name = out + ("-memory" if mode == "memory" else "")
+                            return json.load(open(name + ".json")), None
                         err = proc.stderr.strip()
                         return None, err.splitlines()[-1] if err else f"exit {proc.returncode}"
 
-                    res, last = launch(qs)
-                    if res is None and len(qs) > 1:
-                        # One Q can take the whole process down (usearch aborts on std::bad_alloc at Q=4096 x
-                        # 1M): each Q then runs on its own, and only the ones that fail are nan.
+                    def launch_all(mode, qs):
+                        """Every Q in one worker; if that fails, each Q on its own (only the failing ones are
+                        nan): one Q can take the whole process down (usearch aborts on std::bad_alloc at
+                        Q=4096 x 1M)."""
+                        res, last = launch(qs, mode)
+                        if res is not None or len(qs) == 1:
+                            return res, last
                         print(f"  {kind} n={n} d={d} failed ({last}); running each Q on its own")
                         for q in qs:
-                            one, last_q = launch([q])
+                            one, last_q = launch([q], mode)
                             if one is None:
-                                reasons[f"{kind} n={n} d={d} Q={q}"] = last_q
+                                if mode == "time":
+                                    reasons[f"{kind} n={n} d={d} Q={q}"] = last_q
                                 print(f"  {kind} n={n} d={d} Q={q} failed: {last_q}")
-                                continue
-                            if res is None:
+                            elif res is None:
                                 res = one
                             else:
-                                for key in ("ms", "ms_fp32_same_process", "read_gbs"):
-                                    res[key].update(one[key])
-                                res["extra_mb"] = max(res["extra_mb"], one["extra_mb"])
-                    elif res is None:
+                                for key, part in one.items():
+                                    res[key].update(part)
+                        return res, last
+
+                    res, last = launch_all("time", qs)
+                    if res is None:
                         reasons[f"{kind} n={n} d={d}"] = last
                         print(f"  {kind} n={n} d={d} failed: {last}")
-                    if res is None:
                         continue
+                    # Peak memory in a second worker whose allocator returns freed blocks (PEAK_MEMORY_ENV),
+                    # apart from the timings, which keep the default allocator.
+                    timed = [q for q in qs if str(q) in res["ms"]]
+                    mem = launch_all("memory", timed)[0] if args.memory else None
+                    res["extra_mb"] = mem["extra_mb"] if mem else {}
                     results[kind] = (res, out)
                 for q in args.queries:
                     row = {"data": data, "N": n, "d": d, "Q": q}
@@ -209,6 +247,7 @@ def main() -> None:
                         r = results.get(kind)
                         ms = r[0]["ms"].get(str(q), math.nan) if r else math.nan
                         row[f"{kind} ms"] = ms
+                        row[f"{kind} MB"] = r[0]["extra_mb"].get(str(q), math.nan) if r else math.nan
                         if kind != "minillm":
                             row[f"{kind}/minillm"] = ms / t_mine
                         if kind.startswith("minillm-"):  # speed-up over fp32, both timed in one process
@@ -224,10 +263,10 @@ def main() -> None:
                     row["minillm/read"] = row["minillm GB/s"] / row["read GB/s"]
                     row["minillm q/s"] = q / (t_mine / 1000)
                     rows.append(row)
-                extra = {kind: round(r[0]["extra_mb"]) for kind, r in results.items()}
-                print(f"data={data} N={n} d={d}: peak extra memory MB {extra}")
-                print_table(rows[-len(args.queries):], [c for c in rows[-1] if not c.endswith("recall")]
-                            + [c for c in rows[-1] if c.endswith("recall")], floatfmt=".3g")
+                cols = list(rows[-1])
+                print_table(rows[-len(args.queries):], [c for c in cols if not c.endswith(("recall", " MB"))]
+                            + [c for c in cols if c.endswith("recall")] + [c for c in cols if c.endswith(" MB")],
+                            floatfmt=".3g")
     write_json(args.json, {**info, "baseline_failures": reasons}, rows)
     if rows:
         last = rows[-len(args.queries):]

@@ -147,11 +147,14 @@ def _status_kb(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def peak_extra_mb(fn: Callable[[], object], prepare: Optional[Callable[[], object]] = None) -> float:
+def peak_extra_mb(fn: Callable[[], object], prepare: Optional[Callable[[], object]] = None,
+                  warmup: bool = True) -> float:
     """MB of resident memory fn() adds at its peak (Linux; meaningful under PEAK_MEMORY_ENV). fn runs once
-    first, so lazy initialisation (thread pools, first-call caches) is not counted; prepare() runs before
-    each reading, e.g. to drop gradients left by the previous call."""
-    fn()
+    first (unless warmup=False: the caller has warmed up with a cheaper call), so lazy initialisation
+    (thread pools, first-call caches) is not counted; prepare() runs before each reading, e.g. to drop
+    gradients left by the previous call."""
+    if warmup:
+        fn()
     if prepare is not None:
         prepare()
     gc.collect()
