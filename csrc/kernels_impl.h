@@ -1923,7 +1923,15 @@ inline void dot_block(int64_t K, const float* Qp, int64_t ldq, int64_t nq, const
   int64_t i = 0;
   for (; i + kMQ <= nq; i += kMQ, pf = 0)
     dot_rows<kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
-  for (; i < nq; ++i, pf = 0) dot_rows<1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
+  // The last nq % kMQ queries in one pass over the tile, not one pass each.
+  Qp += i * ldq;
+  S += i * lds;
+  switch (nq - i) {
+    case 1: dot_rows<1>(K, Qp, ldq, nrows, C, ldc, S, lds, pf, avail); break;
+    case 2: dot_rows<2>(K, Qp, ldq, nrows, C, ldc, S, lds, pf, avail); break;  // kMQ = 4 only
+    case 3: dot_rows<3>(K, Qp, ldq, nrows, C, ldc, S, lds, pf, avail); break;
+    default: break;
+  }
 }
 
 // Corpus rows stored as bf16 or fp16, widened to fp32 in registers W values at a time, so a few
@@ -2211,8 +2219,11 @@ inline float self_dot(const float* x, int64_t K) {
 // Queries from which top-k scores tiles as a GEMM rather than by dot products (kMQ queries per pass over a
 // tile). 1M x 384, 2 threads, C++ harness on a Zen 4, GEMM against dot products: Q = 16 0.50 of the time
 // at AVX-512 (0.43 at AVX2), bf16 Q = 12 0.63, Q = 8 0.89 (AVX2 0.75); at Q = 4 they are equal, at Q = 2 the
-// GEMM is 1.45x slower.
+// GEMM is 1.45x slower. Where the scans request rows ahead (use_scan_prefetch(), Zen 5) dot products on fp32
+// rows read in place also win at Q = 8: 1M x 384, 2 threads, separate processes in turn, ms: Q = 8 40-53
+// against the GEMM's 52-83; from Q = 9 (a third pass over each tile) 62-79 against 54-58.
 constexpr int64_t kGemmMinQ = 8;
+constexpr int64_t kGemmMinQPrefetch = 9;
 static_assert(kGemmMinQ > kMQ, "a few-query scan (16-bit or int8 rows widened in registers) is never a GEMM");
 
 // Offers scores S (nrows, ldS) -- row j of the tile against query i at S[j * ldS + i] -- to the running
@@ -2275,7 +2286,7 @@ int topk_impl(const TopkArgs& a) {
   // once per work item, which runs near the FMA peak; per-pair dot products would spend a horizontal sum
   // on every (query, row). Scores of one row for all queries then sit side by side, so the running
   // top-k's bar is tested a vector of queries at a time.
-  const bool use_gemm = Q >= kGemmMinQ;
+  const bool use_gemm = Q >= (a.dtype == kF32 && d == dp && use_scan_prefetch() ? kGemmMinQPrefetch : kGemmMinQ);
   // ~32 KB of corpus per tile keeps it in L1/L2 while every query of the item passes over it.
   // Rows scanned in place for a few queries (fused) need no converted copy: longer tiles, fewer passes.
   // As a GEMM (many queries) a tile is whole micro-kernel row tiles (a remainder tile of 2 rows runs at a
@@ -2294,7 +2305,9 @@ int topk_impl(const TopkArgs& a) {
   const int64_t di = round_up(d, kI8Pad);
   // Rows ahead that the few-query scans of rows read in place request (prefetch_scan_row), about 6 KB.
   const int64_t row_bytes = a.corpus_stride * elem_size(a.dtype);
-  const bool scan = fused || (direct && Q <= kMQ);
+  // Rows read in place by dot products (any Q below the GEMM's) are one pass over the corpus in order; the
+  // later query groups of a tile find its rows in the cache (dot_block requests only on the first).
+  const bool scan = fused || (direct && !use_gemm);
   const int64_t pf_rows = scan && use_scan_prefetch() ? imax(2, 6144 / imax(1, row_bytes)) : 0;
   Arena shared(Arena::need<float>(Q * dp) + Arena::need<float>(Q) + Arena::need<Cand>(Q * parts * k) +
                Arena::need<int64_t>(Q * parts) + (i8q ? Arena::need<int16_t>(Q * di) + Arena::need<float>(Q) : 0));

@@ -82,6 +82,21 @@ def test_every_simd_level(simd_level, metric):
 
 
 @pytest.mark.parametrize("metric", METRICS)
+def test_every_few_query_count_at_every_simd_level(simd_level, metric):
+    # 1-12 queries: groups of kMQ queries per pass over a tile, then the remaining 1-3 in one pass; from 8 or
+    # 9 queries (by CPU) tiles are scored as a GEMM. d = 64 reads fp32 rows in place, d = 37 converts tiles.
+    # Rows j, j + 60 and j + 120 are identical: whatever the group, ties come back in index order.
+    for d in (64, 37):
+        c = torch.randn(60, d).repeat(3, 1)
+        for Q in range(1, 13):
+            q = torch.randn(Q, d)
+            scores, idx = topk_search(q, c, 6, metric)
+            check_topk(q, c, 6, metric, scores, idx)
+            assert torch.equal(idx[:, 1] - idx[:, 0], torch.full((Q,), 60)), (d, Q)
+            assert torch.equal(idx[:, 2] - idx[:, 1], torch.full((Q,), 60)), (d, Q)
+
+
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("Q", [7, 40])  # per-pair dot products; tiles scored as a GEMM from 32 queries
 def test_exact_ties_go_to_the_lower_index(metric, Q):
     base = torch.randn(50, 16)
