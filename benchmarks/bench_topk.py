@@ -7,8 +7,8 @@ Separate processes keep FAISS's and usearch's OpenMP runtimes from sharing torch
 their results against the plain-torch reference (minillm.ops.reference) before timing. Each worker writes its
 ids; the parent computes recall@k against minillm's exact result (ties aside, every exact method scores 1.0)
 and prints ms per batch, queries/s, corpus GB/s scanned and the peak extra memory of each call ("MB"
-columns), read in a second worker per contender whose allocator returns freed blocks (--no-memory skips it). A baseline that would need a score matrix over --max-score-gb, or that fails, is nan with the
-reason.
+columns), read in a second worker per contender whose allocator returns freed blocks (--no-memory skips it).
+A baseline that would need a score matrix over --max-score-gb, or that fails, is nan with the reason.
 
     python benchmarks/bench_topk.py [--n 100000 1000000] [--d 384] [--queries 1 16 256] [--data random clustered]
 """
@@ -45,7 +45,7 @@ X /= np.linalg.norm(X, axis=1, keepdims=True)
 Q = X[rng.integers(0, n, q_all)] + 0.1 * rng.standard_normal((q_all, d), dtype=np.float32)
 
 read = None
-check = None  # minillm kinds: (scores, ids) of a call, checked against the plain-torch reference before timing
+check = None  # minillm kinds: check(batch) tests a call's (scores, ids) against the plain-torch reference
 if kind.startswith("minillm"):
     import minillm, torch
     from minillm.ops.reference import topk_search_reference

@@ -2220,8 +2220,9 @@ inline float self_dot(const float* x, int64_t K) {
 // tile). 1M x 384, 2 threads, C++ harness on a Zen 4, GEMM against dot products: Q = 16 0.50 of the time
 // at AVX-512 (0.43 at AVX2), bf16 Q = 12 0.63, Q = 8 0.89 (AVX2 0.75); at Q = 4 they are equal, at Q = 2 the
 // GEMM is 1.45x slower. Where the scans request rows ahead (use_scan_prefetch(), Zen 5) dot products on fp32
-// rows read in place also win at Q = 8: 1M x 384, 2 threads, separate processes in turn, ms: Q = 8 40-53
-// against the GEMM's 52-83; from Q = 9 (a third pass over each tile) 62-79 against 54-58.
+// rows read in place also win at Q = 8: 1M x 384, 2 threads, separate processes in turn, ms: Q = 8 40-72
+// (median 45) against the GEMM's 52-83 (median 59); from Q = 9 (a third pass over each tile) 62-79 against
+// 54-58.
 constexpr int64_t kGemmMinQ = 8;
 constexpr int64_t kGemmMinQPrefetch = 9;
 static_assert(kGemmMinQ > kMQ, "a few-query scan (16-bit or int8 rows widened in registers) is never a GEMM");
