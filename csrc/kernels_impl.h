@@ -2083,7 +2083,15 @@ inline void dot_block_cvt(int64_t K, const float* Qp, int64_t ldq, int64_t nq, c
   int64_t i = 0;
   for (; i + kMQ <= nq; i += kMQ, pf = 0)
     dot_rows_cvt<DT, kMQ>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
-  for (; i < nq; ++i, pf = 0) dot_rows_cvt<DT, 1>(K, Qp + i * ldq, ldq, nrows, C, ldc, S + i * lds, lds, pf, avail);
+  // As in dot_block: the last nq % kMQ queries in one pass.
+  Qp += i * ldq;
+  S += i * lds;
+  switch (nq - i) {
+    case 1: dot_rows_cvt<DT, 1>(K, Qp, ldq, nrows, C, ldc, S, lds, pf, avail); break;
+    case 2: dot_rows_cvt<DT, 2>(K, Qp, ldq, nrows, C, ldc, S, lds, pf, avail); break;  // kMQ = 4 only
+    case 3: dot_rows_cvt<DT, 3>(K, Qp, ldq, nrows, C, ldc, S, lds, pf, avail); break;
+    default: break;
+  }
 }
 
 template <int DT>
@@ -2219,12 +2227,15 @@ inline float self_dot(const float* x, int64_t K) {
 // Queries from which top-k scores tiles as a GEMM rather than by dot products (kMQ queries per pass over a
 // tile). 1M x 384, 2 threads, C++ harness on a Zen 4, GEMM against dot products: Q = 16 0.50 of the time
 // at AVX-512 (0.43 at AVX2), bf16 Q = 12 0.63, Q = 8 0.89 (AVX2 0.75); at Q = 4 they are equal, at Q = 2 the
-// GEMM is 1.45x slower. Where the scans request rows ahead (use_scan_prefetch(), Zen 5) dot products on fp32
-// rows read in place also win at Q = 8: 1M x 384, 2 threads, separate processes in turn, ms: Q = 8 40-72
-// (median 45) against the GEMM's 52-83 (median 59); from Q = 9 (a third pass over each tile) 62-79 against
-// 54-58.
+// GEMM is 1.45x slower. Where the scans request rows ahead (use_scan_prefetch(), Zen 5) dot products on rows
+// read in place keep the lead further. 1M x 384, 2 threads, on the 2-core Zen 5: fp32 rows, separate
+// processes in turn, ms: Q = 8 40-72 (median 45) against the GEMM's 52-83 (median 59); from Q = 9 (a third
+// pass over each tile) 62-79 against 54-58. 16-bit and int8 rows (fused, timed in turn in one process, ms):
+// Q = 9 fp16 32 / 55, bf16 33 / 56, int8 25 / 50; Q = 12 40 / 55, 42 / 56, 32 / 50; Q = 16 52 / 55,
+// 54 / 56, 41 / 50.
 constexpr int64_t kGemmMinQ = 8;
-constexpr int64_t kGemmMinQPrefetch = 9;
+constexpr int64_t kGemmMinQPrefetch = 9;        // fp32 rows read in place
+constexpr int64_t kGemmMinQPrefetchStored = 17;  // 16-bit and int8 rows
 static_assert(kGemmMinQ > kMQ, "a few-query scan (16-bit or int8 rows widened in registers) is never a GEMM");
 
 // Offers scores S (nrows, ldS) -- row j of the tile against query i at S[j * ldS + i] -- to the running
@@ -2278,16 +2289,21 @@ int topk_impl(const TopkArgs& a) {
   const int64_t Q = a.Q, N = a.N, d = a.d, k = a.k;
   const int64_t dp = round_up(d, kPad);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
-  // fp32 rows with whole vectors and int8 codes are scored in place; anything else is converted tile by tile.
-  // 16-bit and int8 rows: for a few queries each value is widened in registers as it is used; for more,
-  // the tile is widened (int8: and scaled) once into fp32 and every query reuses it.
-  const bool fused = a.dtype != kF32 && Q <= kMQ;
-  const bool direct = (a.dtype == kF32 && d == dp) || fused;
+  // Below the GEMM's query count the kernels read rows in place: fp32 rows of whole vectors, and 16-bit and
+  // int8 rows widened in registers as each value is used (fused), in passes of kMQ queries over each tile
+  // (which then stays in L2). Otherwise (GEMM, or fp32 rows of part vectors) a tile is converted (int8:
+  // and scaled) once into fp32 rows that every query reuses.
+  const bool in_place = a.dtype != kF32 || d == dp;
   // Many queries: each tile is scored as a GEMM, tile rows x (dp x queries) with the queries transposed
   // once per work item, which runs near the FMA peak; per-pair dot products would spend a horizontal sum
   // on every (query, row). Scores of one row for all queries then sit side by side, so the running
   // top-k's bar is tested a vector of queries at a time.
-  const bool use_gemm = Q >= (a.dtype == kF32 && d == dp && use_scan_prefetch() ? kGemmMinQPrefetch : kGemmMinQ);
+  const int64_t gemm_min_q = !in_place || !use_scan_prefetch() ? kGemmMinQ
+                             : a.dtype == kF32               ? kGemmMinQPrefetch
+                                                             : kGemmMinQPrefetchStored;
+  const bool use_gemm = Q >= gemm_min_q;
+  const bool fused = a.dtype != kF32 && !use_gemm;
+  const bool direct = (a.dtype == kF32 && d == dp) || fused;
   // ~32 KB of corpus per tile keeps it in L1/L2 while every query of the item passes over it.
   // Rows scanned in place for a few queries (fused) need no converted copy: longer tiles, fewer passes.
   // As a GEMM (many queries) a tile is whole micro-kernel row tiles (a remainder tile of 2 rows runs at a

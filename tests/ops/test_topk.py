@@ -81,14 +81,16 @@ def test_every_simd_level(simd_level, metric):
         check_topk(q, c, k, metric, *topk_search(q, c, k, metric))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_every_few_query_count_at_every_simd_level(simd_level, metric):
-    # 1-12 queries: groups of kMQ queries per pass over a tile, then the remaining 1-3 in one pass; from 8 or
-    # 9 queries (by CPU) tiles are scored as a GEMM. d = 64 reads fp32 rows in place, d = 37 converts tiles.
+def test_every_few_query_count_at_every_simd_level(simd_level, metric, dtype):
+    # 1-17 queries: rows read in place (fp32 whole vectors, 16-bit rows widened in registers) in groups of
+    # kMQ queries per pass over a tile, the remaining 1-3 in one pass; from 8, 9 or 17 queries (by CPU and
+    # dtype) tiles are scored as a GEMM. fp32 at d = 37 converts tiles at every Q.
     # Rows j, j + 60 and j + 120 are identical: whatever the group, ties come back in index order.
     for d in (64, 37):
-        c = torch.randn(60, d).repeat(3, 1)
-        for Q in range(1, 13):
+        c = torch.randn(60, d).repeat(3, 1).to(dtype)
+        for Q in range(1, 18):
             q = torch.randn(Q, d)
             scores, idx = topk_search(q, c, 6, metric)
             check_topk(q, c, 6, metric, scores, idx)

@@ -56,6 +56,21 @@ def test_every_simd_level(simd_level):
         assert torch.equal(idx, want)
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_every_query_count_up_to_the_gemm_at_every_simd_level(simd_level, metric):
+    # Up to 16 queries score the codes in place (passes of 4 queries, then the rest in one), from 8 or 17
+    # (by CPU) tiles are widened and scored as a GEMM: every count on either side.
+    c = clustered(3000, 80)
+    ic = Int8Corpus(c)
+    for Q in range(1, 18):
+        q = c[torch.randint(0, 3000, (Q,))] + 0.05 * torch.randn(Q, 80)
+        scores, idx = topk_search(q, ic, 5, metric)
+        want_scores, want_idx = topk_search_reference(q.double(), c.double(), 5, metric)
+        recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(idx, want_idx)])
+        assert recall >= 0.99, Q
+        torch.testing.assert_close(scores.double(), want_scores, atol=1e-5, rtol=1e-5)
+
+
 def test_without_vnni():
     # On a CPU with AVX512-VNNI the int8 scan uses vpdpbusd; MINILLM_NO_VNNI=1 checks the vpmaddwd path.
     code = (
