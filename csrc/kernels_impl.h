@@ -2232,10 +2232,13 @@ inline float self_dot(const float* x, int64_t K) {
 // processes in turn, ms: Q = 8 40-72 (median 45) against the GEMM's 52-83 (median 59); from Q = 9 (a third
 // pass over each tile) 62-79 against 54-58. 16-bit and int8 rows (fused, timed in turn in one process, ms):
 // Q = 9 fp16 32 / 55, bf16 33 / 56, int8 25 / 50; Q = 12 40 / 55, 42 / 56, 32 / 50; Q = 16 52 / 55,
-// 54 / 56, 41 / 50.
+// 54 / 56, 41 / 50. That holds for corpora streamed from memory; one that fits the caches is scored at the
+// FMA rate, where a GEMM beats the passes (20k x 64 fp16, Q = 16: 0.6 against 0.3 ms), so the longer
+// stretch needs a corpus beyond kStreamedBytes.
 constexpr int64_t kGemmMinQ = 8;
-constexpr int64_t kGemmMinQPrefetch = 9;        // fp32 rows read in place
-constexpr int64_t kGemmMinQPrefetchStored = 17;  // 16-bit and int8 rows
+constexpr int64_t kGemmMinQPrefetch = 9;         // fp32 rows read in place, or small 16-bit and int8 corpora
+constexpr int64_t kGemmMinQPrefetchStored = 17;  // 16-bit and int8 corpora of kStreamedBytes or more
+constexpr int64_t kStreamedBytes = int64_t(64) << 20;
 static_assert(kGemmMinQ > kMQ, "a few-query scan (16-bit or int8 rows widened in registers) is never a GEMM");
 
 // Offers scores S (nrows, ldS) -- row j of the tile against query i at S[j * ldS + i] -- to the running
@@ -2298,9 +2301,10 @@ int topk_impl(const TopkArgs& a) {
   // once per work item, which runs near the FMA peak; per-pair dot products would spend a horizontal sum
   // on every (query, row). Scores of one row for all queries then sit side by side, so the running
   // top-k's bar is tested a vector of queries at a time.
-  const int64_t gemm_min_q = !in_place || !use_scan_prefetch() ? kGemmMinQ
-                             : a.dtype == kF32               ? kGemmMinQPrefetch
-                                                             : kGemmMinQPrefetchStored;
+  const bool streamed = N * a.corpus_stride * elem_size(a.dtype) >= kStreamedBytes;
+  const int64_t gemm_min_q = !in_place || !use_scan_prefetch()   ? kGemmMinQ
+                             : a.dtype != kF32 && streamed ? kGemmMinQPrefetchStored
+                                                           : kGemmMinQPrefetch;
   const bool use_gemm = Q >= gemm_min_q;
   const bool fused = a.dtype != kF32 && !use_gemm;
   const bool direct = (a.dtype == kF32 && d == dp) || fused;
@@ -2324,7 +2328,7 @@ int topk_impl(const TopkArgs& a) {
   const int64_t row_bytes = a.corpus_stride * elem_size(a.dtype);
   // Rows read in place by dot products (any Q below the GEMM's) are one pass over the corpus in order; the
   // later query groups of a tile find its rows in the cache (dot_block requests only on the first).
-  const bool scan = fused || (direct && !use_gemm);
+  const bool scan = direct && !use_gemm;  // fused rows are direct, and never a GEMM
   const int64_t pf_rows = scan && use_scan_prefetch() ? imax(2, 6144 / imax(1, row_bytes)) : 0;
   Arena shared(Arena::need<float>(Q * dp) + Arena::need<float>(Q) + Arena::need<Cand>(Q * parts * k) +
                Arena::need<int64_t>(Q * parts) + (i8q ? Arena::need<int16_t>(Q * di) + Arena::need<float>(Q) : 0));

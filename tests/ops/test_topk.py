@@ -85,8 +85,8 @@ def test_every_simd_level(simd_level, metric):
 @pytest.mark.parametrize("metric", METRICS)
 def test_every_few_query_count_at_every_simd_level(simd_level, metric, dtype):
     # 1-17 queries: rows read in place (fp32 whole vectors, 16-bit rows widened in registers) in groups of
-    # kMQ queries per pass over a tile, the remaining 1-3 in one pass; from 8, 9 or 17 queries (by CPU and
-    # dtype) tiles are scored as a GEMM. fp32 at d = 37 converts tiles at every Q.
+    # kMQ queries per pass over a tile, the remaining 1-3 in one pass; from 8 or 9 queries (by CPU) tiles
+    # are scored as a GEMM (large 16-bit corpora: below). fp32 at d = 37 converts tiles at every Q.
     # Rows j, j + 60 and j + 120 are identical: whatever the group, ties come back in index order.
     for d in (64, 37):
         c = torch.randn(60, d).repeat(3, 1).to(dtype)
@@ -96,6 +96,16 @@ def test_every_few_query_count_at_every_simd_level(simd_level, metric, dtype):
             check_topk(q, c, 6, metric, scores, idx)
             assert torch.equal(idx[:, 1] - idx[:, 0], torch.full((Q,), 60)), (d, Q)
             assert torch.equal(idx[:, 2] - idx[:, 1], torch.full((Q,), 60)), (d, Q)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_a_streamed_16_bit_corpus_at_9_to_16_queries(simd_level, metric):
+    # A 16-bit corpus of 64 MB or more (one that cannot stay in the caches) is widened in registers up to 16
+    # queries where scans request rows ahead, a GEMM elsewhere: either way the exact top-k of its values.
+    c = torch.randn(90_000, 384).to(torch.float16)  # 69 MB
+    for Q in (9, 12, 16):
+        q = torch.randn(Q, 384)
+        check_topk(q, c, 5, metric, *topk_search(q, c, 5, metric))
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -58,12 +58,26 @@ def test_every_simd_level(simd_level):
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_every_query_count_up_to_the_gemm_at_every_simd_level(simd_level, metric):
-    # Up to 16 queries score the codes in place (passes of 4 queries, then the rest in one), from 8 or 17
-    # (by CPU) tiles are widened and scored as a GEMM: every count on either side.
+    # Below 8 or 9 queries (by CPU) the codes are scored in place (passes of 4 queries, then the rest in
+    # one), from there tiles are widened and scored as a GEMM: every count on either side.
     c = clustered(3000, 80)
     ic = Int8Corpus(c)
     for Q in range(1, 18):
         q = c[torch.randint(0, 3000, (Q,))] + 0.05 * torch.randn(Q, 80)
+        scores, idx = topk_search(q, ic, 5, metric)
+        want_scores, want_idx = topk_search_reference(q.double(), c.double(), 5, metric)
+        recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(idx, want_idx)])
+        assert recall >= 0.99, Q
+        torch.testing.assert_close(scores.double(), want_scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_a_streamed_int8_corpus_at_9_to_16_queries(simd_level, metric):
+    # Codes of 64 MB or more are scored in place up to 16 queries where scans request rows ahead.
+    c = clustered(180_000, 384)  # 69 MB of codes
+    ic = Int8Corpus(c)
+    for Q in (9, 16):
+        q = c[torch.randint(0, 180_000, (Q,))] + 0.05 * torch.randn(Q, 384)
         scores, idx = topk_search(q, ic, 5, metric)
         want_scores, want_idx = topk_search_reference(q.double(), c.double(), 5, metric)
         recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(idx, want_idx)])
