@@ -4,13 +4,17 @@ This is the only module that imports `minillm._C`. Environment overrides, read o
 
 * ``MINILLM_FORCE_TORCH=1``: every op takes the plain-torch path (`minillm.ops.reference`).
 * ``MINILLM_SIMD=avx512|avx2|scalar``: run the C++ kernels at this SIMD level instead of the best one.
+* ``MINILLM_CUDA_KERNELS=auto|on|off``: CUDA tensors take minillm's CUDA kernels only for the cases in
+  :data:`CUDA_KERNEL_TABLE` (``auto``, the default), always where the kernel supports the arguments (``on``,
+  for testing and measuring them), or never (``off``). Every other CUDA call runs torch.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -76,14 +80,125 @@ def cuda_device_ok(device: torch.device) -> bool:
     return ok
 
 
-def native_for(device: torch.device, cuda: bool = False) -> bool:
-    """True when ops on `device` run a native kernel: the C++ kernels on CPU and, for ops that have them
-    (`cuda=True`), the CUDA kernels on a capable GPU."""
+def native_for(device: torch.device) -> bool:
+    """True when ops without CUDA kernels (linear, the int8 top-k scan) run a native kernel on `device`:
+    the C++ kernels on CPU. Attention and top-k on CUDA ask :func:`cuda_kernel_choice`."""
+    return native_available() and device.type == "cpu"
+
+
+# ---- CUDA dispatch: a minillm CUDA kernel runs only where it was measured faster than torch ----
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """What the dispatch needs to know of one call. Attention: `dim` is the head dim D, `n` the keys Nk,
+    `q` the queries Nq, `passes` "fwd" when no gradient is needed, else "fwd+bwd"; `padded`: a key or
+    query padding mask was given. Top-k: `dim` is d, `n` the corpus rows N, `q` the queries Q, `passes`
+    "search"."""
+
+    op: str
+    dtype: str
+    dim: int
+    n: int
+    q: int
+    passes: str
+    causal: bool = False
+    padded: bool = False
+
+    def describe(self) -> str:
+        if self.op == "attention":
+            return (f"attention {self.passes} {self.dtype} D={self.dim} Nq={self.q} Nk={self.n}"
+                    f"{' causal' if self.causal else ''}{' padded' if self.padded else ''}")
+        return f"{self.op} {self.dtype} d={self.dim} N={self.n} Q={self.q}"
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    """A case where a minillm CUDA kernel was measured faster than torch on one GPU architecture, with the
+    run that measured it. Ranges are inclusive; `causal` and `padded` None cover both."""
+
+    op: str  # "attention" or "topk_search"
+    dtype: str  # "float32", "bfloat16" or "float16" (top-k: the corpus dtype)
+    arch: Tuple[int, int]  # compute capability (major, minor), matched exactly
+    dim: Tuple[int, int]
+    n: Tuple[int, int]
+    q: Tuple[int, int]
+    passes: str  # attention: "fwd" or "fwd+bwd"; top-k: "search"
+    causal: Optional[bool] = None
+    padded: Optional[bool] = None
+    measured: str = ""  # device, date, command and ratio (torch time / kernel time)
+
+    def covers(self, case: KernelCase, arch: Tuple[int, int]) -> bool:
+        return (self.op == case.op and self.dtype == case.dtype and tuple(self.arch) == tuple(arch)
+                and self.passes == case.passes
+                and self.dim[0] <= case.dim <= self.dim[1] and self.n[0] <= case.n <= self.n[1]
+                and self.q[0] <= case.q <= self.q[1]
+                and (self.causal is None or self.causal == case.causal)
+                and (self.padded is None or self.padded == case.padded))
+
+
+# Rows come only from runs of scripts/gpu_check.sh on a GPU (it prints the rows its ratios justify);
+# until a case is measured faster, CUDA calls run torch. Measured on an H200 (sm_90) on 2026-12-04: see
+# cuda/README.md for the figures.
+CUDA_KERNEL_TABLE: Tuple[KernelRow, ...] = ()
+
+_CUDA_MODES = ("auto", "on", "off")
+
+
+def _cuda_mode_from_env() -> str:
+    mode = os.environ.get("MINILLM_CUDA_KERNELS", "").strip().lower() or "auto"
+    if mode not in _CUDA_MODES:
+        log.warning("ignoring MINILLM_CUDA_KERNELS=%r (expected auto, on or off); using auto", mode)
+        return "auto"
+    return mode
+
+
+_cuda_mode = _cuda_mode_from_env()
+
+
+def cuda_kernels_mode() -> str:
+    """``auto`` (the dispatch table decides), ``on`` (always minillm's CUDA kernels where they support the
+    arguments) or ``off`` (always torch): ``MINILLM_CUDA_KERNELS``, or :func:`cuda_kernels`."""
+    return _cuda_mode
+
+
+@contextlib.contextmanager
+def cuda_kernels(mode: str) -> Iterator[None]:
+    """Within the block, CUDA calls follow `mode` (``auto``, ``on`` or ``off``) instead of
+    ``MINILLM_CUDA_KERNELS``; e.g. ``with cuda_kernels("on"):`` to test or time the kernels themselves."""
+    global _cuda_mode
+    if mode not in _CUDA_MODES:
+        raise ValueError(f"mode must be one of {_CUDA_MODES}, got {mode!r}")
+    before = _cuda_mode
+    _cuda_mode = mode
+    try:
+        yield
+    finally:
+        _cuda_mode = before
+
+
+def cuda_arch(device: torch.device) -> Tuple[int, int]:
+    """Compute capability (major, minor) of a CUDA device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def cuda_kernel_choice(case: KernelCase, device: torch.device) -> Tuple[bool, str]:
+    """(run minillm's CUDA kernel?, why) for one call on a CUDA device whose arguments the kernel supports."""
     if not native_available():
-        return False
-    if device.type == "cpu":
-        return True
-    return cuda and device.type == "cuda" and cuda_device_ok(device)
+        return False, _why_torch(device)
+    if not cuda_device_ok(device):
+        return False, _why_not_cuda()
+    if _cuda_mode == "off":
+        return False, "MINILLM_CUDA_KERNELS=off"
+    if _cuda_mode == "on":
+        return True, "MINILLM_CUDA_KERNELS=on"
+    arch = cuda_arch(device)
+    for row in CUDA_KERNEL_TABLE:
+        if row.covers(case, arch):
+            return True, f"measured faster than torch ({row.measured})"
+    return False, (f"no row of the CUDA dispatch table covers {case.describe()} on sm_{arch[0]}{arch[1]}, so torch "
+                   f"(measured at least as fast); MINILLM_CUDA_KERNELS=on forces the kernel")
 
 
 def cuda_stream(t: torch.Tensor) -> int:
@@ -127,19 +242,19 @@ def force_torch(enabled: bool = True) -> Iterator[None]:
         _force_torch = before
 
 
-def log_path_once(op: str, device: torch.device, native: bool) -> None:
-    """One INFO line the first time `op` runs on a device type, naming the path it takes."""
+def log_path_once(op: str, device: torch.device, native: bool, why: str = "") -> None:
+    """One INFO line the first time `op` takes a path on a device type, naming the path and why."""
     key = (op, device.type, native)
     if key in _logged or torch.compiler.is_compiling():
         return
     _logged.add(key)
     if native and device.type == "cuda":
-        log.info("minillm.ops.%s on %s: native CUDA kernel", op, device)
+        log.info("minillm.ops.%s on %s: native CUDA kernel (%s)", op, device, why or "supported")
     elif native:
         log.info("minillm.ops.%s on %s: native C++ kernel (%s, %d threads)", op, device.type, simd_level(),
                  torch.get_num_threads())
     else:
-        log.info("minillm.ops.%s on %s: plain torch (%s)", op, device.type, _why_torch(device))
+        log.info("minillm.ops.%s on %s: plain torch (%s)", op, device.type, why or _why_torch(device))
 
 
 def _why_torch(device: torch.device) -> str:
@@ -157,7 +272,7 @@ def _why_not_cuda() -> str:
         return "the extension was built without CUDA kernels (no nvcc at build time, or MINILLM_CUDA=OFF)"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    return "this op or its arguments have no CUDA kernel, or the GPU's compute capability is below 8.0"
+    return "the GPU's compute capability is below 8.0 (the kernels are built for sm_80 and sm_90)"
 
 
 def _linear_cpu_path(native_cpu: bool) -> str:
@@ -168,14 +283,32 @@ def _linear_cpu_path(native_cpu: bool) -> str:
     return f"native C++ ({simd_level()}) up to 16 rows, torch (F.linear) beyond: the GEMM needs avx512"
 
 
+def _cuda_path(native_cpu: bool, cuda_devices: int) -> str:
+    """The CUDA entry of backend_info's ops (attention and top-k): which path, and why."""
+    device = torch.device("cuda")
+    if not (native_cpu and cuda_devices > 0 and torch.cuda.is_available() and cuda_device_ok(device)):
+        return f"torch ({_why_torch(device)})"
+    if _cuda_mode == "off":
+        return "torch (MINILLM_CUDA_KERNELS=off)"
+    if _cuda_mode == "on":
+        return "native CUDA (MINILLM_CUDA_KERNELS=on), torch where the kernel does not support the arguments"
+    arch = cuda_arch(device)
+    rows = [r for r in CUDA_KERNEL_TABLE if tuple(r.arch) == arch]
+    if not rows:
+        return (f"torch (no case in the CUDA dispatch table for sm_{arch[0]}{arch[1]}: minillm's kernels were not "
+                f"measured faster there; MINILLM_CUDA_KERNELS=on forces them)")
+    return (f"native CUDA for the {len(rows)} case(s) of the dispatch table measured faster on "
+            f"sm_{arch[0]}{arch[1]}, torch otherwise")
+
+
 def backend_info() -> dict:
     """What runs where: the extension, its SIMD level and threads, and each op's path per device type."""
     native_cpu = native_available()
     cuda_devices = _C.cuda_device_count() if cuda_kernels_built() else 0
-    cuda_native = native_cpu and cuda_devices > 0 and torch.cuda.is_available() and cuda_device_ok(torch.device("cuda"))
+    cuda = _cuda_path(native_cpu, cuda_devices)
     paths = {
         "cpu": f"native C++ ({simd_level()})" if native_cpu else "torch",
-        "cuda": "native CUDA" if cuda_native else f"torch ({_why_torch(torch.device('cuda'))})",
+        "cuda": cuda,
         "mps": "torch",
         "other": "torch",
     }
@@ -193,6 +326,9 @@ def backend_info() -> dict:
         "openmp": bool(_C.openmp) if _C is not None else False,
         "cuda_kernels_built": cuda_kernels_built(),
         "cuda_devices": cuda_devices,
+        # MINILLM_CUDA_KERNELS, and the measured cases where CUDA calls take minillm's kernels under "auto".
+        "cuda_kernels": _cuda_mode,
+        "cuda_dispatch_table": [dict(vars(r)) for r in CUDA_KERNEL_TABLE],
         "threads": torch.get_num_threads(),
         "ops": {"attention": dict(paths), "topk_search": dict(paths),
                 "linear": {**paths, "cpu": _linear_cpu_path(native_cpu), "cuda": "torch (F.linear)"}},

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minillm.ops import _backend
-from minillm.ops.reference import attention_reference
+from minillm.ops.reference import attention_sdpa
 
 # Kernel dtype codes (csrc/kernels.h: DType).
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -278,24 +278,46 @@ def _check_mask(name: str, mask, expected: Tuple[int, int], device: torch.device
         raise ValueError(f"{name} must be on {device}, got {mask.device}")
 
 
-def _native(q: Tensor) -> bool:
-    return _backend.native_for(q.device, cuda=True) and (q.device.type == "cpu" or _cuda_fits(q))
+def _device_type(q: Tensor) -> str:
+    # One place that reads the device type, so tests can stand CPU tensors in for CUDA ones.
+    return q.device.type
+
+
+def _cuda_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool) -> Tuple[bool, str]:
+    """(take the CUDA kernel?, why): only for arguments it supports and cases the dispatch table has
+    measured faster than torch (see minillm.ops._backend.CUDA_KERNEL_TABLE and MINILLM_CUDA_KERNELS)."""
+    if not _cuda_fits(q):
+        return False, f"the CUDA kernel takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D}"
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    case = _backend.KernelCase("attention", str(q.dtype).replace("torch.", ""), q.shape[-1], k.shape[2],
+                               q.shape[2], "fwd+bwd" if grad else "fwd", causal, padded)
+    return _backend.cuda_kernel_choice(case, q.device)
+
+
+def _choose(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool) -> Tuple[bool, str]:
+    """(native kernel?, why) for this call: the C++ kernels take every CPU call, the CUDA kernels what
+    _cuda_choice allows, other devices run torch."""
+    dev = _device_type(q)
+    if dev == "cpu":
+        return _backend.native_available(), ""
+    if dev == "cuda":
+        return _cuda_choice(q, k, v, causal, padded)
+    return False, ""
 
 
 def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: float,
          query_padding_mask: Optional[Tensor] = None) -> Tensor:
-    cpu = q.is_cpu
-    native = _backend.native_available() if cpu else _native(q)  # the CPU kernels take every shape
-    _backend.log_path_once("attention", q.device, native)
+    native, why = _choose(q, k, v, causal, key_padding_mask is not None or query_padding_mask is not None)
+    _backend.log_path_once("attention", q.device, native, why)
     if native:
         args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
-        if cpu and not torch.compiler.is_compiling():
+        if q.is_cpu and not torch.compiler.is_compiling():
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
                 return _AttentionFunction.apply(*args)[0]
             return _forward_cpu(*args)[0]  # nothing to differentiate: no autograd node to build
         return _attention_fwd(*args)[0]
-    return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                               causal_offset=causal_offset, query_padding_mask=query_padding_mask)
+    return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                          causal_offset=causal_offset, query_padding_mask=query_padding_mask)
 
 
 def attention(
@@ -327,9 +349,11 @@ def attention(
         (B, H, Nq, D) in the input dtype. A query row that sees no key is 0 (never NaN).
         NaN or inf in a visible position propagates to the outputs that attend to it.
 
-    CPU tensors run the C++ kernel (fp32 accumulation for 16-bit inputs, O(N) extra memory); CUDA tensors
-    run the CUDA kernels when the extension has them (float32/bfloat16/float16, D <= 256, compute
-    capability >= 8.0); everything else runs :func:`minillm.ops.reference.attention_reference`.
+    CPU tensors run the C++ kernel (fp32 accumulation for 16-bit inputs, O(N) extra memory). CUDA tensors
+    run minillm's CUDA kernel only for the cases measured faster than torch on that GPU architecture
+    (``minillm.ops._backend.CUDA_KERNEL_TABLE``; ``MINILLM_CUDA_KERNELS=on|off`` overrides); every other
+    call runs :func:`minillm.ops.reference.attention_sdpa`: torch's scaled_dot_product_attention with the
+    same masks and semantics.
     """
     _check_qkv(q, k, v)
     if key_padding_mask is not None:
@@ -377,7 +401,7 @@ def scaled_dot_product_attention(
         and key.device == query.device and value.device == query.device
         and dropout_p == 0.0 and not (is_causal and attn_mask is not None)
         and key.shape[-1] == query.shape[-1] == value.shape[-1] and key.shape[2] == value.shape[2]
-        and _native(query)
+        and _choose(query, key, value, bool(is_causal), attn_mask is not None)[0]
     )
     kpm = None
     if fits and enable_gqa and key.shape[1] != query.shape[1]:

@@ -1,6 +1,10 @@
-"""Plain-torch twins of the native kernels: the fallback on devices without a kernel, and the tests' oracle.
+"""Plain-torch twins of the native kernels: the tests' oracle, and the torch paths of devices and cases
+without a (measured faster) kernel.
 
-They define what "correct" means and stay simple on purpose; speed is the kernels' job.
+``attention_reference`` and ``topk_search_reference`` define what "correct" means and stay simple on purpose.
+``attention_sdpa`` and ``topk_search_torch`` compute the same functions with what torch runs fastest
+(``F.scaled_dot_product_attention``, chunked ``mm`` + ``torch.topk``): they are what CUDA calls run when the
+dispatch table has no measured row for minillm's kernel, and what CPU calls run without the extension.
 """
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 METRICS = ("ip", "cosine", "l2")
 
@@ -39,6 +45,8 @@ def attention_reference(
     Returns (B, H, Nq, D) in q's dtype.
     """
     Nq, Nk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    if Nk == 0:  # no key at all: every query returns 0
+        return q.masked_fill(torch.ones((), dtype=torch.bool, device=q.device), 0)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     dt = _opmath(q.dtype)
     qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
@@ -67,6 +75,126 @@ def attention_reference(
     denom = p.sum(dim=-1, keepdim=True)
     out = (p @ vf) / torch.where(denom == 0, torch.ones_like(denom), denom)
     return out.to(q.dtype)
+
+
+def attention_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal_offset: Optional[int] = None,
+    query_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """:func:`attention_reference`'s function through ``F.scaled_dot_product_attention`` (FlashAttention or
+    cuDNN on a GPU when there is no mask, the memory-efficient kernel with one).
+
+    Same arguments and semantics: bottom-right causal alignment by default, padded keys, values and queries
+    never used (they are zeroed first, so NaN there stays out), a query that sees no key returns 0 with zero
+    gradients (it is given every key, so the softmax stays finite, and its output is then zeroed). No
+    data-dependent branch, so torch.compile traces it whole.
+    """
+    B, Nq, Nk, D = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
+    if Nq == 0 or Nk == 0:
+        return q.masked_fill(torch.ones((), dtype=torch.bool, device=q.device), 0)  # zeros, zero gradients
+    off = Nk - Nq if causal_offset is None else causal_offset
+    causal = causal and off < Nk - 1  # every query sees every key: no causal mask at all (decoding)
+    if key_padding_mask is None and query_padding_mask is None:
+        if not causal:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if off == 0:  # torch's is_causal is top-left: j <= i
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if off == Nk - Nq and Nq < Nk:  # bottom-right, every query sees at least one key
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Nq, Nk), scale=scale)
+    visible = torch.ones((1, 1, 1, Nk), dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, :, None]  # (B, 1, Nk, 1): zero padded keys and values
+        k, v = k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)
+        visible = key_padding_mask[:, None, None, :]  # (B, 1, 1, Nk)
+    if causal:
+        i = torch.arange(Nq, device=q.device)[:, None]
+        j = torch.arange(Nk, device=q.device)[None, :]
+        visible = visible & (j <= i + off)  # (B or 1, 1, Nq, Nk)
+    # Rows with no visible key, and padded queries (computed from zeros against the visible keys, then
+    # zeroed): the row's output is 0 and no gradient flows through it.
+    row_ok = visible.any(dim=-1, keepdim=True)  # (B or 1, 1, Nq or 1, 1)
+    if query_padding_mask is not None:
+        q = q.masked_fill(~query_padding_mask[:, None, :, None], 0)
+        row_ok = row_ok & query_padding_mask[:, None, :, None]
+    visible = visible | ~visible.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    return out.masked_fill(~row_ok, 0)
+
+
+def _topk_rows(key: Tensor, k: int) -> Tensor:
+    """Columns of the k largest keys per row, ties to the lower column, in (key descending, column) order.
+    key: (R, M), no NaN. torch.topk is fast but picks among tied keys freely: rows whose k-th key is tied
+    with a key it left out are redone with a stable sort, and the k found are put in order."""
+    top = torch.topk(key, k, dim=1, sorted=True)
+    kth = top.values[:, -1:]
+    ambiguous = (key >= kth).sum(dim=1) > k  # (R,)
+    idx = top.indices
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero()[:, 0]
+        idx = idx.clone()
+        idx[rows] = torch.sort(key[rows], dim=1, descending=True, stable=True).indices[:, :k]
+    idx, _ = torch.sort(idx, dim=1)  # columns ascending, so the stable sort below breaks ties to the lower
+    order = torch.sort(torch.gather(key, 1, idx), dim=1, descending=True, stable=True).indices
+    return torch.gather(idx, 1, order)
+
+
+def topk_search_torch(
+    queries: Tensor, corpus: Tensor, k: int, metric: str = "ip", *, max_scores: int = 1 << 26
+) -> Tuple[Tensor, Tensor]:
+    """:func:`topk_search_reference`'s results (ties to the lower index, NaN scores ranked as -inf) through
+    ``mm`` and ``torch.topk`` over tiles of at most `max_scores` scores: (queries x corpus rows) tiles,
+    with a running top-k per query merged tile by tile, so memory stays bounded for any Q and N.
+
+    queries: (Q, d), corpus: (N, d), any float dtype (scores in fp32; fp64 when either is fp64).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    dt = torch.float64 if queries.dtype == torch.float64 or corpus.dtype == torch.float64 else torch.float32
+    tiny = torch.finfo(dt).tiny
+    q = queries.to(dt)
+    if metric == "cosine":
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(tiny)
+    Q, N = q.shape[0], corpus.shape[0]
+    q_step = max(1, min(Q, max_scores // max(1, min(N, 1 << 16))))  # queries per tile
+    n_step = max(1, min(N, max_scores // q_step))  # corpus rows per tile
+    all_scores, all_idx = [], []
+    for q0 in range(0, Q, q_step):
+        qb = q[q0:q0 + q_step]  # (Qb, d)
+        qq = (qb * qb).sum(dim=1, keepdim=True) if metric == "l2" else None
+        best_s = best_key = best_idx = None  # the running top-k of these queries: (Qb, <= k)
+        for n0 in range(0, N, n_step):
+            c = corpus[n0:n0 + n_step].to(dt)  # (Nc, d)
+            if metric == "cosine":
+                c = c / c.norm(dim=1, keepdim=True).clamp_min(tiny)
+            s = qb @ c.T  # (Qb, Nc)
+            if metric == "l2":
+                s = (qq + (c * c).sum(dim=1)[None, :] - 2 * s).clamp_min(0)
+            key = -s if metric == "l2" else s
+            key = torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+            cols = _topk_rows(key, min(k, key.shape[1]))  # (Qb, kk)
+            tile_s, tile_key, tile_idx = torch.gather(s, 1, cols), torch.gather(key, 1, cols), cols + n0
+            if best_idx is None:
+                best_s, best_key, best_idx = tile_s, tile_key, tile_idx
+                continue
+            # The running top-k holds lower indices than this tile, and each part is in (key, index) order,
+            # so a stable sort of the two keeps ties to the lower index.
+            cat_key = torch.cat([best_key, tile_key], dim=1)
+            order = torch.sort(cat_key, dim=1, descending=True, stable=True).indices[:, :k]
+            best_s = torch.gather(torch.cat([best_s, tile_s], dim=1), 1, order)
+            best_key = torch.gather(cat_key, 1, order)
+            best_idx = torch.gather(torch.cat([best_idx, tile_idx], dim=1), 1, order)
+        all_scores.append(best_s)
+        all_idx.append(best_idx)
+    if not all_idx:
+        return queries.new_zeros((0, k), dtype=dt), torch.zeros((0, k), dtype=torch.int64, device=queries.device)
+    return torch.cat(all_scores), torch.cat(all_idx)
 
 
 def topk_search_reference(

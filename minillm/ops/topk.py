@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from minillm.ops import _backend
-from minillm.ops.reference import METRICS, topk_search_reference
+from minillm.ops.reference import METRICS, topk_search_torch
 
 _METRIC_CODE = {"ip": 0, "cosine": 1, "l2": 2}
 # Kernel dtype codes (csrc/kernels.h: DType) for corpus storage.
@@ -226,6 +226,26 @@ def _rescore(q: Tensor, vectors: Tensor, cand: Tensor, k: int, metric: str) -> T
     return torch.gather(s, 1, order), torch.gather(cand, 1, order)
 
 
+def _device_type(t: Tensor) -> str:
+    # One place that reads the device type, so tests can stand CPU tensors in for CUDA ones.
+    return t.device.type
+
+
+def _choose(q: Tensor, c: Tensor, k: int) -> Tuple[bool, str]:
+    """(native kernel?, why): the C++ kernel takes every CPU call; the CUDA kernel only k <= 1024 and the
+    cases the dispatch table has measured faster than torch (minillm.ops._backend.CUDA_KERNEL_TABLE)."""
+    dev = _device_type(c)
+    if dev == "cpu":
+        return _backend.native_available(), ""
+    if dev != "cuda":
+        return False, ""
+    if k > _CUDA_MAX_K:
+        return False, f"the CUDA kernel takes k <= {_CUDA_MAX_K}"
+    case = _backend.KernelCase("topk_search", str(c.dtype).replace("torch.", ""), c.shape[1], c.shape[0],
+                               q.shape[0], "search")
+    return _backend.cuda_kernel_choice(case, c.device)
+
+
 def _check_k(k, N: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -252,7 +272,10 @@ def topk_search(
         (scores, indices): float32 (Q, k) and int64 (Q, k), best first, ties broken by the lower
         index; (k,) each for a 1-D query. numpy in (queries), numpy out. Scores are not differentiable.
 
-    The scan is tiled with a running top-k per query, so extra memory is O(Q k + tiles), never Q x N.
+    The scan is tiled with a running top-k per query, so extra memory is O(Q k + tiles), never Q x N. CUDA
+    tensors run minillm's CUDA kernel only for the cases measured faster than torch on that GPU
+    (``minillm.ops._backend.CUDA_KERNEL_TABLE``; ``MINILLM_CUDA_KERNELS=on|off`` overrides), and otherwise
+    :func:`minillm.ops.reference.topk_search_torch` (tiled ``mm`` + ``torch.topk``, the same results).
     A corpus row whose score is NaN ranks after every other row and reports NaN; NaN or inf in the
     queries raises ValueError.
     """
@@ -299,15 +322,15 @@ def topk_search(
             _, cand = _topk_int8(q, corpus.codes, corpus.scales, corpus.norm2, d, candidates, metric)
             scores, idx = _rescore(q, c, cand, k, metric)
         else:  # the plain-torch twin: what the int8 scan plus rescoring aims at, exact search
-            scores, idx = topk_search_reference(q, c, k, metric)
+            scores, idx = topk_search_torch(q, c, k, metric)
             scores = scores.to(torch.float32)
     else:
-        native = _backend.native_for(c.device, cuda=True) and (c.device.type == "cpu" or k <= _CUDA_MAX_K)
-        _backend.log_path_once("topk_search", c.device, native)
+        native, why = _choose(q, c, k)
+        _backend.log_path_once("topk_search", c.device, native, why)
         if native:
             scores, idx = _topk_search(q, c, k, metric)
         else:
-            scores, idx = topk_search_reference(q, c, k, metric)
+            scores, idx = topk_search_torch(q, c, k, metric)
             scores = scores.to(torch.float32)
     if single:
         scores, idx = scores[0], idx[0]
