@@ -11,6 +11,7 @@ columns), read in a second worker per contender whose allocator returns freed bl
 A baseline that would need a score matrix over --max-score-gb, or that fails, is nan with the reason.
 
     python benchmarks/bench_topk.py [--n 100000 1000000] [--d 384] [--queries 1 16 256] [--data random clustered]
+    python benchmarks/bench_topk.py --device cuda --n 1000000 --queries 1 16 256 4096 --corpus-dtype float32 bfloat16
 """
 from __future__ import annotations
 
@@ -161,6 +162,8 @@ def main() -> None:
     ap.add_argument("--max-score-gb", type=float, default=4.0, help="skip baselines needing a bigger Q x N matrix")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cpu (every contender, own processes) or cuda: minillm vs torch on the GPU, in process")
+    ap.add_argument("--corpus-dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                    help="--device cuda: corpus storage dtypes to time (the CPU run's minillm-fp16/-bf16 kinds)")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the peak-memory columns (a second worker per contender)")
     ap.add_argument("--json", help="write the results here")
@@ -282,45 +285,76 @@ def main() -> None:
 
 
 def cuda_main(args) -> None:
-    """minillm's CUDA kernel vs torch (mm + topk, chunked to --max-score-gb) on one GPU, in this process."""
+    """On one GPU, in this process: minillm as dispatched ("minillm": its CUDA kernel only where the dispatch
+    table says it was measured faster, else tiled mm + torch.topk with ties to the lower index), minillm's CUDA
+    kernel forced ("kernel", MINILLM_CUDA_KERNELS=on), and plain torch (mm in the corpus dtype + topk, chunked
+    to --max-score-gb), for each --corpus-dtype. Checked against the exact scores before timing."""
     import torch
 
     if not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available here")
-    from common import median_time
+    from common import interleaved_medians
 
     import minillm
+    from minillm.ops import _backend
+    from minillm.ops.reference import topk_search_torch
 
-    if not minillm.ops.backend_info()["ops"]["topk_search"]["cuda"].startswith("native"):
+    if not _backend.cuda_kernels_built():
         sys.exit("--device cuda: minillm was built without its CUDA kernels (install with nvcc on PATH)")
-    info = banner("bench_topk --device cuda: minillm vs torch mm+topk", k=args.k, gpu=torch.cuda.get_device_name())
-    dev, rows = torch.device("cuda"), []
+    info = banner("bench_topk --device cuda: minillm (dispatched / kernel) vs torch mm+topk", k=args.k,
+                  gpu=torch.cuda.get_device_name(), arch=list(torch.cuda.get_device_capability()),
+                  cuda_kernels_mode=os.environ.get("MINILLM_CUDA_KERNELS", "auto"))
+    dev, rows, reasons = torch.device("cuda"), [], {}
     gen = torch.Generator(device=dev).manual_seed(0)
     for d in args.d:
         for n in args.n:
-            X = torch.randn(n, d, device=dev, generator=gen)
-            X /= X.norm(dim=1, keepdim=True)
-            for q in args.queries:
-                Q = X[torch.randint(0, n, (q,), device=dev, generator=gen)] + 0.1 * torch.randn(q, d, device=dev,
-                                                                                              generator=gen)
-                step = max(1, int(args.max_score_gb * 1e9 / (4 * n)))
+            X32 = torch.randn(n, d, device=dev, generator=gen)
+            X32 /= X32.norm(dim=1, keepdim=True)
+            for dtype_name in args.corpus_dtype:
+                X = X32.to(getattr(torch, dtype_name))
+                for q in args.queries:
+                    Q = X32[torch.randint(0, n, (q,), device=dev, generator=gen)] + 0.1 * torch.randn(
+                        q, d, device=dev, generator=gen)
+                    step = max(1, int(args.max_score_gb * 1e9 / (X.element_size() * n)))
 
-                def torch_topk():
-                    return torch.cat([torch.topk(Q[i:i + step] @ X.T, args.k, dim=1).indices
-                                      for i in range(0, q, step)])
+                    def plain():
+                        # What a torch user writes: scores in the corpus dtype, the top k of each row.
+                        Qc = Q.to(X.dtype)
+                        return torch.cat([torch.topk(Qc[i:i + step] @ X.T, args.k, dim=1).indices
+                                          for i in range(0, q, step)])
 
-                ids = minillm.ops.topk_search(Q, X, args.k, "ip")[1]
-                recall = (ids[:, :, None] == torch_topk()[:, None, :]).any(-1).float().mean().item()
-                if recall < 0.99:
-                    sys.exit(f"N={n} d={d} Q={q}: minillm disagrees with torch (recall {recall:.3f}); not timing")
-                t_ours = median_time(lambda: minillm.ops.topk_search(Q, X, args.k, "ip"), 5)
-                t_torch = median_time(torch_topk, 5)
-                rows.append({"N": n, "d": d, "Q": q, "minillm ms": 1000 * t_ours, "torch ms": 1000 * t_torch,
-                             "torch/minillm": t_torch / t_ours, "minillm GB/s": n * d * 4 / t_ours / 1e9,
-                             "torch GB/s": n * d * 4 / t_torch / 1e9, "recall": recall})
-                print_table(rows[-1:], list(rows[-1]), floatfmt=".3g")
+                    def mine():
+                        return minillm.ops.topk_search(Q, X, args.k, "ip")
+
+                    def kernel():
+                        with _backend.cuda_kernels("on"):
+                            return mine()
+
+                    label = f"{dtype_name} N={n} d={d} Q={q}"
+                    want = topk_search_torch(Q, X, args.k, "ip")[0]  # exact fp32 scores of the stored corpus
+                    for name, fn in (("minillm", mine), ("kernel", kernel)):
+                        s, ids = fn()
+                        own = (X[ids].float() * Q[:, None, :]).sum(-1)  # each id's own exact score
+                        if not (torch.allclose(s, want, atol=1e-4, rtol=1e-4)
+                                and torch.allclose(s, own, atol=1e-4, rtol=1e-4)):
+                            sys.exit(f"{label}: {name} differs from the exact top-{args.k} by "
+                                     f"{(s - want).abs().max().item():.3g}; not timing")
+                    ids = kernel()[1]
+                    recall = (ids[:, :, None] == plain()[:, None, :]).any(-1).float().mean().item()
+                    t = interleaved_medians({"minillm": mine, "kernel": kernel, "torch": plain},
+                                            10 if q <= 16 else 3, reasons, label)
+                    rows.append({"dtype": dtype_name, "N": n, "d": d, "Q": q, "minillm ms": 1000 * t["minillm"],
+                                 "kernel ms": 1000 * t["kernel"], "torch ms": 1000 * t["torch"],
+                                 "torch/minillm": t["torch"] / t["minillm"], "torch/kernel": t["torch"] / t["kernel"],
+                                 "kernel GB/s": X.numel() * X.element_size() / t["kernel"] / 1e9,
+                                 "torch recall vs exact": recall})
+                    print_table(rows[-1:], list(rows[-1]), floatfmt=".3g")
+                    write_json(args.json, {**info, "baseline_failures": reasons}, rows, quiet=True)
+    print()
     print_table(rows, list(rows[0]), floatfmt=".3g")
-    write_json(args.json, info, rows)
+    for key, why in reasons.items():
+        print(f"nan: {key}: {why}")
+    write_json(args.json, {**info, "baseline_failures": reasons}, rows)
 
 
 if __name__ == "__main__":

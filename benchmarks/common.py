@@ -194,10 +194,16 @@ def print_table(rows: List[Dict[str, object]], columns: Sequence[str], floatfmt:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
 
 
-def write_json(path: Optional[str], info: Dict[str, object], rows: List[Dict[str, object]]) -> None:
+def write_json(path: Optional[str], info: Dict[str, object], rows: List[Dict[str, object]],
+               quiet: bool = False) -> None:
+    """Writes {"info", "rows"} to `path` (if given). Benchmarks that may be stopped by a time limit call it
+    after every row with quiet=True, so the rows measured so far are kept."""
     if path:
-        Path(path).write_text(json.dumps({"info": info, "rows": rows}, indent=2, default=str) + "\n")
-        print(f"wrote {path}")
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps({"info": info, "rows": rows}, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+        if not quiet:
+            print(f"wrote {path}")
 
 
 def plot(path: Optional[str], rows: List[Dict[str, object]], x: str, ys: Sequence[str], title: str,

@@ -1,0 +1,99 @@
+"""On a machine with a CUDA GPU (scripts/gpu_check.sh runs these there; elsewhere they skip): minillm's CUDA
+kernels, forced on with MINILLM_CUDA_KERNELS=on semantics, against the fp64 reference, forward and backward;
+and the path CUDA calls take by default (torch, unless the dispatch table has a measured row) against the
+same reference."""
+import pytest
+import torch
+
+from minillm.ops import _backend, attention, topk_search
+from minillm.ops.reference import attention_reference, topk_search_reference
+
+has_gpu = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not has_gpu, reason="needs a CUDA GPU")
+kernels = pytest.mark.skipif(not (has_gpu and _backend.native_available() and _backend.cuda_kernels_built()),
+                             reason="needs a CUDA GPU and an extension built with the CUDA kernels")
+MODES = [pytest.param("on", marks=kernels, id="kernel"), pytest.param("auto", marks=gpu, id="dispatched")]
+
+
+def _attention_case(mode, dtype, causal, Nq, Nk, D, padded, strided):
+    dev = torch.device("cuda")
+    B, H = 2, 3
+    if strided:  # (B, N, H, D) storage viewed as (B, H, N, D), as a fused projection gives
+        q, k, v = (torch.randn(B, n, H, D, device=dev, dtype=dtype).transpose(1, 2) for n in (Nq, Nk, Nk))
+    else:
+        q, k, v = (torch.randn(B, H, n, D, device=dev, dtype=dtype) for n in (Nq, Nk, Nk))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = qmask = None
+    if padded:
+        mask = torch.rand(B, Nk, device=dev) > 0.25
+        mask[0] = False  # a fully padded sequence: zeros, zero gradients
+        qmask = torch.rand(B, Nq, device=dev) > 0.2
+    with _backend.cuda_kernels(mode):
+        out = attention(q, k, v, causal=causal, key_padding_mask=mask, query_padding_mask=qmask)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = attention_reference(*ref, causal=causal, key_padding_mask=mask, query_padding_mask=qmask)
+    want.backward(grad.double())
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    for g, w in zip((out, q.grad, k.grad, v.grad), (want, *(t.grad for t in ref))):
+        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk,D", [(1, 77, 64), (100, 100, 64), (130, 70, 128), (65, 200, 256), (33, 33, 40)])
+def test_attention_matches_reference(mode, dtype, causal, Nq, Nk, D):
+    _attention_case(mode, dtype, causal, Nq, Nk, D, padded=False, strided=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk,D", [(50, 90, 64), (90, 50, 32), (257, 257, 128)])
+def test_attention_padded_and_strided(mode, dtype, causal, Nq, Nk, D):
+    _attention_case(mode, dtype, causal, Nq, Nk, D, padded=True, strided=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("k", [1, 10, 1000])
+def test_topk_matches_reference(mode, metric, k):
+    dev = torch.device("cuda")
+    corpus, queries = torch.randn(20000, 96, device=dev), torch.randn(37, 96, device=dev)
+    with _backend.cuda_kernels(mode):
+        scores, idx = topk_search(queries, corpus, k, metric)
+    want_scores, _ = topk_search_reference(queries.double(), corpus.double(), k, metric)
+    torch.testing.assert_close(scores.double(), want_scores, atol=1e-3, rtol=1e-4)
+    assert all(len(set(r.tolist())) == k for r in idx.cpu())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_topk_ties_and_half_corpora(mode, dtype):
+    # Duplicated rows tie exactly: the lower index comes first, as on the CPU. Tie-aware: the k best scores
+    # match the reference's, each id carries its own score, and a duplicate follows its twin.
+    dev = torch.device("cuda")
+    base = torch.randn(3000, 48, device=dev)
+    corpus = torch.cat([base, base[:500]]).to(dtype)  # rows 3000.. repeat rows 0..
+    queries = torch.randn(9, 48, device=dev)
+    with _backend.cuda_kernels(mode):
+        scores, idx = topk_search(queries, corpus, 25, "ip")
+    want_scores, _ = topk_search_reference(queries.cpu(), corpus.cpu(), 25, "ip")
+    torch.testing.assert_close(scores.cpu(), want_scores, atol=1e-4, rtol=1e-4)
+    own = (corpus[idx].float() * queries[:, None, :]).sum(-1)
+    torch.testing.assert_close(scores, own, atol=1e-4, rtol=1e-4)
+    for row in idx.cpu().tolist():
+        for pos, j in enumerate(row):
+            if j >= 3000:
+                assert j - 3000 in row[:pos], f"duplicate {j} came before (or without) its twin {j - 3000}"
+
+
+@gpu
+def test_default_cuda_path_follows_the_dispatch_table():
+    # With no row for this GPU, CUDA calls take torch; backend_info says so.
+    info = _backend.backend_info()
+    arch = _backend.cuda_arch(torch.device("cuda"))
+    if _backend.cuda_kernels_mode() == "auto" and not any(tuple(r.arch) == arch for r in _backend.CUDA_KERNEL_TABLE):
+        assert info["ops"]["attention"]["cuda"].startswith("torch (")
