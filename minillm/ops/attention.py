@@ -311,7 +311,7 @@ def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: flo
     _backend.log_path_once("attention", q.device, native, why)
     if native:
         args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
-        if q.is_cpu and not torch.compiler.is_compiling():
+        if _device_type(q) == "cpu" and not torch.compiler.is_compiling():
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
                 return _AttentionFunction.apply(*args)[0]
             return _forward_cpu(*args)[0]  # nothing to differentiate: no autograd node to build

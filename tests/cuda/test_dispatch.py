@@ -1,7 +1,9 @@
 """minillm.ops with CUDA: what runs without a GPU (import, backend_info, clean errors), the Python glue of the
 CUDA custom-op kernels (checked on CPU tensors by routing the CUDA bindings to the CPU kernels, which take
 the same raw-pointer arguments), and, on a machine with a GPU, the real kernels against the reference."""
+import dataclasses
 import importlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -120,3 +122,140 @@ def test_benchmarks_refuse_device_cuda_cleanly_without_a_gpu(script):
     assert res.returncode == 1
     assert "--device cuda: no CUDA device is available here" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ---- the dispatch table, with the device query faked (no GPU needed) ----
+
+ROW = _backend.KernelRow("attention", "float32", (9, 0), dim=(16, 64), n=(32, 256), q=(1, 256), passes="fwd",
+                         causal=None, padded=False, measured="test row")
+CASE = _backend.KernelCase("attention", "float32", 32, 100, 50, "fwd", causal=True, padded=False)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A capable sm_90 GPU as far as the dispatch can tell, the dispatch table empty and the mode auto."""
+    monkeypatch.setattr(_backend, "cuda_device_ok", lambda device: True)
+    monkeypatch.setattr(_backend, "cuda_arch", lambda device: (9, 0))
+    monkeypatch.setattr(_backend, "CUDA_KERNEL_TABLE", ())
+    monkeypatch.setattr(_backend, "_cuda_mode", "auto")
+    monkeypatch.setattr(_backend, "_force_torch", False)
+
+
+@needs_ext
+def test_empty_table_sends_cuda_to_torch(fake_gpu):
+    native, why = _backend.cuda_kernel_choice(CASE, torch.device("cuda"))
+    assert not native and "no row of the CUDA dispatch table covers attention fwd float32 D=32" in why
+
+
+@needs_ext
+def test_a_table_row_sends_exactly_its_cases_to_the_kernel(fake_gpu, monkeypatch):
+    monkeypatch.setattr(_backend, "CUDA_KERNEL_TABLE", (ROW,))
+    dev = torch.device("cuda")
+    native, why = _backend.cuda_kernel_choice(CASE, dev)
+    assert native and "test row" in why
+    for change in ({"n": 257}, {"dim": 8}, {"q": 300}, {"dtype": "bfloat16"}, {"passes": "fwd+bwd"},
+                   {"padded": True}, {"op": "topk_search"}):
+        assert not _backend.cuda_kernel_choice(dataclasses.replace(CASE, **change), dev)[0], change
+    monkeypatch.setattr(_backend, "cuda_arch", lambda device: (8, 0))  # measured on sm_90 only
+    assert not _backend.cuda_kernel_choice(CASE, dev)[0]
+
+
+@needs_ext
+def test_override_on_and_off(fake_gpu, monkeypatch):
+    dev = torch.device("cuda")
+    with _backend.cuda_kernels("on"):
+        assert _backend.cuda_kernel_choice(CASE, dev) == (True, "MINILLM_CUDA_KERNELS=on")
+        assert _backend.backend_info()["cuda_kernels"] == "on"
+    monkeypatch.setattr(_backend, "CUDA_KERNEL_TABLE", (ROW,))
+    with _backend.cuda_kernels("off"):
+        assert _backend.cuda_kernel_choice(CASE, dev) == (False, "MINILLM_CUDA_KERNELS=off")
+    with pytest.raises(ValueError, match="auto"):
+        with _backend.cuda_kernels("maybe"):
+            pass
+
+
+@pytest.mark.parametrize("value,mode", [("on", "on"), ("OFF", "off"), ("", "auto"), ("sometimes", "auto")])
+def test_environment_variable(value, mode):
+    code = "from minillm.ops import _backend; print(_backend.cuda_kernels_mode())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                         env={**os.environ, "MINILLM_CUDA_KERNELS": value}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == mode
+    assert ("ignoring MINILLM_CUDA_KERNELS" in res.stderr) == (value == "sometimes")
+
+
+@pytest.fixture
+def cpu_as_cuda(fake_gpu, monkeypatch):
+    """CPU tensors routed as if they were CUDA tensors; records which path each call took."""
+    taken = []
+    monkeypatch.setattr(attention_mod, "_device_type", lambda t: "cuda")
+    monkeypatch.setattr(topk_mod, "_device_type", lambda t: "cuda")
+    for mod, name, label in ((attention_mod, "attention_sdpa", "torch"), (attention_mod, "_attention_fwd", "kernel"),
+                             (topk_mod, "topk_search_torch", "torch"), (topk_mod, "_topk_search", "kernel")):
+        real = getattr(mod, name)
+
+        def spy(*args, _real=real, _label=label, **kwargs):
+            taken.append(_label)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, spy)
+    return taken
+
+
+@needs_ext
+@pytest.mark.parametrize("with_row", [False, True])
+def test_attention_routing_follows_the_table(cpu_as_cuda, monkeypatch, with_row):
+    if with_row:
+        monkeypatch.setattr(_backend, "CUDA_KERNEL_TABLE", (dataclasses.replace(ROW, passes="fwd+bwd"),))
+    q, k, v = (torch.randn(2, 3, n, 32, requires_grad=True) for n in (50, 100, 100))
+    out = attention(q, k, v, causal=True)
+    out.backward(torch.ones_like(out))
+    assert cpu_as_cuda == ["kernel" if with_row else "torch"]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = attention_reference(*ref, causal=True)
+    want.backward(torch.ones_like(want))
+    for g, w in zip((out, q.grad, k.grad, v.grad), (want, *(t.grad for t in ref))):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4)
+    # Outside the row's sizes (Nk = 300 > 256), torch again.
+    cpu_as_cuda.clear()
+    with torch.no_grad():
+        attention(q, torch.randn(2, 3, 300, 32), torch.randn(2, 3, 300, 32))
+    assert cpu_as_cuda == ["torch"]
+
+
+@needs_ext
+@pytest.mark.parametrize("with_row", [False, True])
+def test_topk_routing_follows_the_table(cpu_as_cuda, monkeypatch, with_row):
+    if with_row:
+        monkeypatch.setattr(_backend, "CUDA_KERNEL_TABLE", (_backend.KernelRow(
+            "topk_search", "float32", (9, 0), dim=(1, 512), n=(1, 10**6), q=(1, 16), passes="search"),))
+    corpus, queries = torch.randn(500, 24), torch.randn(5, 24)
+    scores, idx = topk_search(queries, corpus, 7, "l2")
+    assert cpu_as_cuda == ["kernel" if with_row else "torch"]
+    want_scores, want_idx = topk_search_reference(queries, corpus, 7, "l2")
+    torch.testing.assert_close(scores, want_scores, atol=1e-4, rtol=1e-4)
+    cpu_as_cuda.clear()
+    topk_search(torch.randn(17, 24), corpus, 7, "l2")  # Q = 17: outside the row
+    topk_search(queries, torch.randn(2000, 24), 1025, "l2")  # k beyond the kernel's 1024
+    assert cpu_as_cuda == ["torch", "torch"]
+
+
+@needs_ext
+def test_backend_info_and_log_line_say_which_path_and_why(fake_gpu, monkeypatch, caplog):
+    monkeypatch.setattr(_backend, "_C", types.SimpleNamespace(**{n: getattr(_backend._C, n) for n in dir(_backend._C)
+                                                                  if not n.startswith("__")}))
+    monkeypatch.setattr(_backend._C, "cuda", True)
+    monkeypatch.setattr(_backend._C, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    info = _backend.backend_info()
+    assert info["ops"]["attention"]["cuda"].startswith("torch (no case in the CUDA dispatch table for sm_90")
+    assert info["cuda_dispatch_table"] == [] and info["cuda_kernels"] == "auto"
+    monkeypatch.setattr(_backend, "CUDA_KERNEL_TABLE", (ROW,))
+    info = _backend.backend_info()
+    assert info["ops"]["topk_search"]["cuda"].startswith("native CUDA for the 1 case(s)")
+    assert info["cuda_dispatch_table"][0]["measured"] == "test row"
+    monkeypatch.setattr(_backend, "_logged", set())
+    with caplog.at_level("INFO", logger="minillm.ops"):
+        _backend.log_path_once("attention", torch.device("cuda"), False, "no row covers this")
+        _backend.log_path_once("attention", torch.device("cuda"), False, "no row covers this")
+    assert [r.getMessage() for r in caplog.records] == ["minillm.ops.attention on cuda: plain torch (no row covers this)"]
