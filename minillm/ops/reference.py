@@ -108,56 +108,77 @@ def attention_sdpa(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         if off == Nk - Nq and Nq < Nk:  # bottom-right, every query sees at least one key
             return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Nq, Nk), scale=scale)
-    visible = torch.ones((1, 1, 1, Nk), dtype=torch.bool, device=q.device)
+    # Masked: one boolean mask for SDPA, in as few passes as the masks allow (each pass is a kernel launch,
+    # which is what costs at small N on a GPU).
+    visible = None
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, :, None]  # (B, 1, Nk, 1): zero padded keys and values
-        k, v = k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)
+        k, v = torch.where(keep, k, 0), torch.where(keep, v, 0)
         visible = key_padding_mask[:, None, None, :]  # (B, 1, 1, Nk)
     if causal:
-        i = torch.arange(Nq, device=q.device)[:, None]
-        j = torch.arange(Nk, device=q.device)[None, :]
-        visible = visible & (j <= i + off)  # (B or 1, 1, Nq, Nk)
-    # Rows with no visible key, and padded queries (computed from zeros against the visible keys, then
-    # zeroed): the row's output is 0 and no gradient flows through it.
-    row_ok = visible.any(dim=-1, keepdim=True)  # (B or 1, 1, Nq or 1, 1)
+        band = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(off)  # j <= i + off
+        visible = band if visible is None else visible & band  # (B or 1, 1 or Nq, Nq, Nk)
+    row_ok = None  # rows that see a key and are not padding; the others return 0, with no gradient
+    if visible is not None:
+        # A row with no visible key is given every key, so the softmax stays finite, then zeroed.
+        row_ok = visible.any(dim=-1, keepdim=True)
+        visible = torch.where(row_ok, visible, True)
     if query_padding_mask is not None:
-        q = q.masked_fill(~query_padding_mask[:, None, :, None], 0)
-        row_ok = row_ok & query_padding_mask[:, None, :, None]
-    visible = visible | ~visible.any(dim=-1, keepdim=True)
+        q_ok = query_padding_mask[:, None, :, None]  # (B, 1, Nq, 1): computed from zeros, then zeroed
+        q = torch.where(q_ok, q, 0)
+        row_ok = q_ok if row_ok is None else row_ok & q_ok
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
-    return out.masked_fill(~row_ok, 0)
+    return torch.where(row_ok, out, 0)
 
 
-def _topk_rows(key: Tensor, k: int) -> Tensor:
-    """Columns of the k largest keys per row, ties to the lower column, in (key descending, column) order.
-    key: (R, M), no NaN. torch.topk is fast but picks among tied keys freely: rows whose k-th key is tied
-    with a key it left out are redone with a stable sort, and the k found are put in order."""
-    top = torch.topk(key, k, dim=1, sorted=True)
-    kth = top.values[:, -1:]
-    ambiguous = (key >= kth).sum(dim=1) > k  # (R,)
-    idx = top.indices
-    if bool(ambiguous.any()):
-        rows = ambiguous.nonzero()[:, 0]
+def _topk_rows(s: Tensor, k: int, largest: bool) -> Tensor:
+    """Columns of the k best scores of each row of s (R, M), largest first (ip, cosine) or smallest first (l2),
+    ties to the lower column, NaN ranked as the worst score (ties with -inf / +inf by column), as
+    topk_search_reference's stable sort ranks them. torch.topk is fast but picks among tied scores freely and
+    ranks NaN first: rows where that could matter (the (k+1)-th score equal to the k-th, so a tie crosses the
+    cut; a NaN taken; a k-th score that is not finite) are redone with the stable sort, and the k are then put
+    in (score, column) order. Asking topk for k + 1 finds the crossing ties without another pass over s."""
+    M = s.shape[1]
+    top = torch.topk(s, min(k + 1, M), dim=1, largest=largest, sorted=True)
+    kth = top.values[:, k - 1]
+    redo = ~torch.isfinite(kth)
+    if M > k:
+        redo |= top.values[:, k] == kth
+    if largest:
+        redo |= top.values[:, :k].isnan().any(dim=1)
+    idx = top.indices[:, :k]
+    if bool(redo.any()):  # one device sync per tile
+        rows = redo.nonzero()[:, 0]
         idx = idx.clone()
-        idx[rows] = torch.sort(key[rows], dim=1, descending=True, stable=True).indices[:, :k]
+        idx[rows] = torch.sort(_rank_key(s[rows], largest), dim=1, descending=True, stable=True).indices[:, :k]
     idx, _ = torch.sort(idx, dim=1)  # columns ascending, so the stable sort below breaks ties to the lower
-    order = torch.sort(torch.gather(key, 1, idx), dim=1, descending=True, stable=True).indices
+    order = torch.sort(_rank_key(torch.gather(s, 1, idx), largest), dim=1, descending=True, stable=True).indices
     return torch.gather(idx, 1, order)
 
 
+def _rank_key(s: Tensor, largest: bool) -> Tensor:
+    """Larger is better, NaN as -inf: the key topk_search_reference sorts by."""
+    key = s if largest else -s
+    return torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
 def topk_search_torch(
-    queries: Tensor, corpus: Tensor, k: int, metric: str = "ip", *, max_scores: int = 1 << 26
+    queries: Tensor, corpus: Tensor, k: int, metric: str = "ip", *, max_scores: Optional[int] = None
 ) -> Tuple[Tensor, Tensor]:
     """:func:`topk_search_reference`'s results (ties to the lower index, NaN scores ranked as -inf) through
-    ``mm`` and ``torch.topk`` over tiles of at most `max_scores` scores: (queries x corpus rows) tiles,
-    with a running top-k per query merged tile by tile, so memory stays bounded for any Q and N.
+    ``mm`` and ``torch.topk`` over tiles of at most `max_scores` scores (default 2^28 on a GPU, 2^26
+    elsewhere): (queries x corpus rows) tiles, with a running top-k per query merged tile by tile, so memory
+    stays bounded for any Q and N.
 
     queries: (Q, d), corpus: (N, d), any float dtype (scores in fp32; fp64 when either is fp64).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if max_scores is None:
+        max_scores = 1 << 28 if queries.device.type == "cuda" else 1 << 26
     dt = torch.float64 if queries.dtype == torch.float64 or corpus.dtype == torch.float64 else torch.float32
     tiny = torch.finfo(dt).tiny
+    largest = metric != "l2"
     q = queries.to(dt)
     if metric == "cosine":
         q = q / q.norm(dim=1, keepdim=True).clamp_min(tiny)
@@ -168,27 +189,25 @@ def topk_search_torch(
     for q0 in range(0, Q, q_step):
         qb = q[q0:q0 + q_step]  # (Qb, d)
         qq = (qb * qb).sum(dim=1, keepdim=True) if metric == "l2" else None
-        best_s = best_key = best_idx = None  # the running top-k of these queries: (Qb, <= k)
+        best_s = best_idx = None  # the running top-k of these queries: (Qb, <= k)
         for n0 in range(0, N, n_step):
             c = corpus[n0:n0 + n_step].to(dt)  # (Nc, d)
             if metric == "cosine":
                 c = c / c.norm(dim=1, keepdim=True).clamp_min(tiny)
-            s = qb @ c.T  # (Qb, Nc)
-            if metric == "l2":
-                s = (qq + (c * c).sum(dim=1)[None, :] - 2 * s).clamp_min(0)
-            key = -s if metric == "l2" else s
-            key = torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-            cols = _topk_rows(key, min(k, key.shape[1]))  # (Qb, kk)
-            tile_s, tile_key, tile_idx = torch.gather(s, 1, cols), torch.gather(key, 1, cols), cols + n0
+            if metric == "l2":  # |q|^2 + |c|^2 - 2 q.c, the sum formed in the product's epilogue
+                s = torch.addmm(qq + (c * c).sum(dim=1)[None, :], qb, c.T, alpha=-2).clamp_min_(0)
+            else:
+                s = qb @ c.T  # (Qb, Nc)
+            cols = _topk_rows(s, min(k, s.shape[1]), largest)  # (Qb, kk)
+            tile_s, tile_idx = torch.gather(s, 1, cols), cols + n0
             if best_idx is None:
-                best_s, best_key, best_idx = tile_s, tile_key, tile_idx
+                best_s, best_idx = tile_s, tile_idx
                 continue
-            # The running top-k holds lower indices than this tile, and each part is in (key, index) order,
+            # The running top-k holds lower indices than this tile, and each part is in (score, index) order,
             # so a stable sort of the two keeps ties to the lower index.
-            cat_key = torch.cat([best_key, tile_key], dim=1)
-            order = torch.sort(cat_key, dim=1, descending=True, stable=True).indices[:, :k]
-            best_s = torch.gather(torch.cat([best_s, tile_s], dim=1), 1, order)
-            best_key = torch.gather(cat_key, 1, order)
+            cat_s = torch.cat([best_s, tile_s], dim=1)
+            order = torch.sort(_rank_key(cat_s, largest), dim=1, descending=True, stable=True).indices[:, :k]
+            best_s = torch.gather(cat_s, 1, order)
             best_idx = torch.gather(torch.cat([best_idx, tile_idx], dim=1), 1, order)
         all_scores.append(best_s)
         all_idx.append(best_idx)
