@@ -391,8 +391,9 @@ def scaled_dot_product_attention(
     Runs the native kernel when the arguments fit it: 4-D (B, H, N, D) inputs of one supported dtype,
     no dropout, and either no mask, ``is_causal`` (top-left aligned, as torch does), or a boolean
     ``attn_mask`` that depends only on (batch, key), e.g. shape (B, 1, 1, Nk) (a key-padding mask).
-    Everything else (dense or float masks, dropout, other ranks) calls torch's function.
-    Unlike torch, a query whose keys are all masked returns 0 rather than NaN.
+    Everything else (dense or float masks, dropout, other ranks) calls torch's function, and so do CUDA
+    tensors unless the CUDA dispatch table has a measured row for the case (see :func:`attention`).
+    Unlike torch, a query whose keys are all masked returns 0 rather than NaN (when the native kernel runs).
     """
     fits = (
         isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
