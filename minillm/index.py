@@ -17,6 +17,7 @@ import json
 import os
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Tuple, Union
 
 import numpy as np
@@ -27,6 +28,8 @@ from minillm.utils import atomic_dir, find_dir
 
 FORMAT = "minillm-flat-index"
 FORMAT_VERSION = 1
+# What an index folder holds: a save replaces only a folder of these (or one with minillm's marker).
+INDEX_NAMES = ("index.json", "vectors.npy", "ids.npy", "codes.npy", "scales.npy", "norm2.npy")
 METRICS = ("ip", "cosine", "l2")
 DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.float32}  # dtype -> stored vector rows
 
@@ -277,12 +280,16 @@ class FlatIndex:
         """Writes a folder: index.json (format, version, dim, metric, dtype, count), vectors.npy, ids.npy
         (int8: also codes.npy, scales.npy, norm2.npy); atomically replacing any previous index at `path`."""
         with self._lock.read():
-            with atomic_dir(path) as tmp:
-                for name, a in self._arrays.items():
-                    np.save(tmp / f"{name}.npy", np.ascontiguousarray(a[: self._n]))
-                (tmp / "index.json").write_text(json.dumps({
-                    "format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "metric": self.metric,
-                    "dtype": self.dtype, "ntotal": self._n, "next_id": self._next_id}) + "\n")
+            with atomic_dir(path, "index", INDEX_NAMES) as tmp:
+                self._write(tmp)
+
+    def _write(self, folder: Path) -> None:
+        """The index's files into `folder` (a fresh one: atomic_dir's, or inside a store's)."""
+        for name, a in self._arrays.items():
+            np.save(folder / f"{name}.npy", np.ascontiguousarray(a[: self._n]))
+        (folder / "index.json").write_text(json.dumps({
+            "format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "metric": self.metric,
+            "dtype": self.dtype, "ntotal": self._n, "next_id": self._next_id}) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], mmap: bool = True) -> "FlatIndex":

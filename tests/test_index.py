@@ -60,7 +60,7 @@ def test_int8_save_load_mmap_round_trip(tmp_path):
     index.remove_ids([5])
     index.save(tmp_path / "ix8")
     assert sorted(p.name for p in (tmp_path / "ix8").iterdir()) == [
-        "codes.npy", "ids.npy", "index.json", "norm2.npy", "scales.npy", "vectors.npy"]
+        ".minillm.json", "codes.npy", "ids.npy", "index.json", "norm2.npy", "scales.npy", "vectors.npy"]
     loaded = FlatIndex.load(tmp_path / "ix8", mmap=True)
     assert isinstance(loaded._arrays["codes"], np.memmap)
     for a, b in zip(loaded.search(Q, 5), index.search(Q, 5)):

@@ -223,7 +223,7 @@ class SimpleDocumentStore:
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Writes the store to the folder `path` (replacing any previous store there atomically)."""
         with self._write, self._lock.read():
-            with atomic_dir(path) as tmp:
+            with atomic_dir(path, "store", (DB_NAME, "index")) as tmp:
                 db = sqlite3.connect(tmp / DB_NAME)
                 try:
                     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -239,7 +239,8 @@ class SimpleDocumentStore:
                     db.commit()
                 finally:
                     db.close()
-                self.index.save(tmp / "index")
+                (tmp / "index").mkdir()
+                self.index._write(tmp / "index")
         return Path(path)
 
     @classmethod

@@ -19,16 +19,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from minillm.models.base import WEIGHTS_NAME, PreTrainedModel
+from minillm.models.base import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, PreTrainedModel
 from minillm.utils import atomic_dir, atomic_write_text, find_dir
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
+# What a checkpoint folder holds: a save replaces only a folder of these (or one with minillm's marker).
+CHECKPOINT_NAMES = (WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME, OPTIMIZER_NAME, STATE_NAME)
 
 
 def save_checkpoint(path: Path, model: PreTrainedModel, tokenizer, optimizer, scheduler,
                     state: Dict[str, Any]) -> Path:
-    with atomic_dir(path) as new:
+    with atomic_dir(path, "checkpoint", CHECKPOINT_NAMES) as new:
         model.save_pretrained(new, tokenizer=tokenizer)
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,

@@ -113,3 +113,7 @@ def test_cli_rag_index_and_query(tmp_path):
     assert r.returncode == 0 and "Nile" in r.stdout and "a.md" in r.stdout
     r = run("query", "--store", tmp_path / "nowhere", "x")
     assert r.returncode == 2 and "minillm: error:" in r.stderr
+    # --store naming a folder of the user's: refused in one line, nothing removed (it was deleted before).
+    r = run("index", "--docs", docs, "--store", docs, "--embedding_dim", "256", "--min_length", "10")
+    assert r.returncode == 2 and "minillm: error: refusing to replace" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in docs.iterdir()) == ["a.md", "b.rst"]

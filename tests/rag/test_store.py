@@ -1,4 +1,5 @@
 """SimpleDocumentStore: upsert, delete, incremental embedding, filters, persistence, crashes, threads."""
+import os
 import pickle
 import signal
 import subprocess
@@ -113,7 +114,7 @@ SAVE_AND_DIE = textwrap.dedent('''
     real = os.replace
     def replace(src, dst):
         real(src, dst)
-        if str(dst).endswith(".document_store.old"):
+        if os.path.basename(str(dst)).startswith(".document_store.old-"):
             os.kill(os.getpid(), 9)  # between the two renames of the swap
     u.os.replace = replace
     store.save(path)
@@ -127,8 +128,15 @@ def test_crash_during_save_leaves_previous_store_loadable(store, tmp_path):
     script.write_text(SAVE_AND_DIE)
     proc = subprocess.run([sys.executable, str(script), str(path)], cwd=tempfile.gettempdir())
     assert proc.returncode == -signal.SIGKILL
+    # Killed between the renames: the new store was complete before the swap began, so it is what loads, and
+    # the next save installs it before removing the previous one.
     loaded = SimpleDocumentStore.load(path, embedder=HashingEmbedder(512))
-    assert len(loaded) == len(TEXTS) and loaded.get("x1") is None
+    assert len(loaded) == len(TEXTS) + 3 and loaded.get("x1") is not None
+    loaded.save(path)
+    again = SimpleDocumentStore.load(path, embedder=HashingEmbedder(512))
+    assert len(again) == len(TEXTS) + 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".document_store")) == [
+        ".document_store.lock"]
 
 
 def test_concurrent_searches_and_writes(store):

@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent('''
         real, calls = os.replace, []
         def replace(src, dst):
             real(src, dst)
-            if str(dst).endswith(".last.old"):
+            if os.path.basename(str(dst)).startswith(".last.old-"):
                 calls.append(dst)
                 if len(calls) == 2:
                     os.kill(os.getpid(), 9)
@@ -86,10 +86,13 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(script, tmp_pat
     out = tmp_path / "run"
     assert run(script, out, "die_in_checkpoint").wait(timeout=300) == -signal.SIGKILL
     assert not (out / "last").exists()  # killed between the renames
+    # The new checkpoint was complete (fsynced, marked) before the swap began: it is the one to load, and the
+    # previous one stays beside it until a save installs the new one.
     found = find_checkpoint(out / "last")
-    assert found is not None and found.name == ".last.old"
+    assert found is not None and found.name.startswith(".last.new-")
     state = json.loads((found / "trainer_state.json").read_text())
-    assert state["step"] == 10  # the checkpoint before the one being written
+    assert state["step"] == 15
+    assert [p.name.startswith(".last.old-") for p in out.glob(".last.old-*")] == [True]
     # Resuming picks it up and finishes.
     assert run(script, out, "resume").wait(timeout=300) == 0
     assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 45

@@ -30,7 +30,8 @@ def test_training_improves_and_reports(texts, tmp_path):
     assert vals[-1] < vals[0] and res["best_val_loss"] == min(vals)
     for name in ("best_model", "last"):
         files = {p.name for p in (tmp_path / name).iterdir()}
-        assert files == {"config.json", "model.safetensors", "tokenizer.json", "optimizer.pt", "trainer_state.json"}
+        assert files == {"config.json", "model.safetensors", "tokenizer.json", "optimizer.pt", "trainer_state.json",
+                         ".minillm.json"}  # the marker: a folder minillm wrote, which a later save may replace
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s] == list(range(1, res["steps"] + 1))
     assert isinstance(from_pretrained(tmp_path / "best_model"), DecoderOnlyModel)
