@@ -278,7 +278,8 @@ class FlatIndex:
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes a folder: index.json (format, version, dim, metric, dtype, count), vectors.npy, ids.npy
-        (int8: also codes.npy, scales.npy, norm2.npy); atomically replacing any previous index at `path`."""
+        (int8: also codes.npy, scales.npy, norm2.npy) and minillm's marker; atomically replacing an index saved
+        at `path` before. A file, or a non-empty folder that is not a saved index, is refused (FileExistsError)."""
         with self._lock.read():
             with atomic_dir(path, "index", INDEX_NAMES) as tmp:
                 self._write(tmp)

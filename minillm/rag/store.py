@@ -221,7 +221,8 @@ class SimpleDocumentStore:
 
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Writes the store to the folder `path` (replacing any previous store there atomically)."""
+        """Writes the store to the folder `path`, atomically replacing a store saved there before. A file, or a
+        non-empty folder minillm did not save a store into, is refused (FileExistsError) and left as it is."""
         with self._write, self._lock.read():
             with atomic_dir(path, "store", (DB_NAME, "index")) as tmp:
                 db = sqlite3.connect(tmp / DB_NAME)
