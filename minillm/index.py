@@ -29,6 +29,7 @@ from minillm.utils import atomic_dir, find_dir
 FORMAT = "minillm-flat-index"
 FORMAT_VERSION = 1
 # What an index folder holds: a save replaces only a folder of these (or one with minillm's marker).
+_MAX_PADDING_BYTES = 1 << 30
 INDEX_NAMES = ("index.json", "vectors.npy", "ids.npy", "codes.npy", "scales.npy", "norm2.npy")
 METRICS = ("ip", "cosine", "l2")
 DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.float32}  # dtype -> stored vector rows
@@ -196,6 +197,8 @@ class FlatIndex:
         """Removes the given ids (missing ones are ignored); O(1) each: the last row moves into the
         hole. Other ids stay valid. Returns how many were removed."""
         ids = np.atleast_1d(np.asarray(_as_numpy(ids, "ids") if not isinstance(ids, (list, tuple, int)) else ids))
+        if ids.size and ids.dtype.kind not in "iu":  # 1.5 would truncate to 1 and remove another vector
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype} ({ids.ravel()[:3].tolist()}...)")
         removed = 0
         with self._lock.write():
             self._grow(0)  # a memory-mapped index becomes a private copy before it changes
@@ -237,6 +240,10 @@ class FlatIndex:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         q = np.ascontiguousarray(q, dtype=np.float32)
+        if k > max(self._n, 1) and len(q) * k * 12 > _MAX_PADDING_BYTES:
+            # Columns past ntotal are only -1 padding (FAISS's shape): refuse to allocate gigabytes of it.
+            raise ValueError(f"k = {k} is more than the {self._n} stored vectors, and its (Q, k) results would take "
+                             f"{len(q) * k * 12 / 2**30:.1f} GiB; pass k <= ntotal")
         fill = np.inf if self.metric == "l2" else -np.inf
         D = np.full((len(q), k), fill, dtype=np.float32)
         I = np.full((len(q), k), -1, dtype=np.int64)

@@ -184,3 +184,22 @@ def test_bad_construction():
                          ({"dim": 4, "dtype": "bfloat16"}, "dtype")]:
         with pytest.raises(ValueError, match=word):
             FlatIndex(**kwargs)
+
+
+def test_remove_ids_refuses_non_integers():
+    index = FlatIndex(4)
+    index.add(np.eye(4, dtype=np.float32))
+    with pytest.raises(TypeError, match="ids must be integers"):
+        index.remove_ids([1.5])  # used to truncate to 1 and remove that vector
+    with pytest.raises(TypeError, match="ids must be integers"):
+        index.remove_ids(np.array([True]))
+    assert index.ntotal == 4 and index.remove_ids([1]) == 1 and index.ntotal == 3
+
+
+def test_a_huge_k_is_refused_before_allocating():
+    index = FlatIndex(4)
+    index.add(np.eye(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="more than the 4 stored vectors"):
+        index.search(np.ones(4, dtype=np.float32), 2 ** 31)
+    D, I = index.search(np.ones((2, 4), dtype=np.float32), 9)  # FAISS's padding where it is small
+    assert I.shape == (2, 9) and (I[:, 4:] == -1).all()

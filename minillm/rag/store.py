@@ -29,6 +29,29 @@ DB_NAME = "store.sqlite"
 Filter = Union[Dict[str, Any], Callable[[Dict[str, Any]], bool], None]
 
 
+def _check_metadata(meta: Any, where: str = "metadata") -> None:
+    """Raises unless `meta` survives a JSON round trip unchanged (int keys would come back as strings, tuples
+    as lists, and filters on them would stop matching after a reload)."""
+    if isinstance(meta, dict):
+        for key, value in meta.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} keys must be strings, got {key!r} ({type(key).__name__}); "
+                                f"use str keys (JSON would turn it into {json.dumps(str(key))} on reload)")
+            _check_metadata(value, f"{where}[{key!r}]")
+        if where == "metadata":
+            return
+    elif where == "metadata":
+        raise TypeError(f"metadata must be a dict with string keys, got {type(meta).__name__}")
+    elif isinstance(meta, list):
+        for i, value in enumerate(meta):
+            _check_metadata(value, f"{where}[{i}]")
+    elif isinstance(meta, tuple):
+        raise TypeError(f"{where} is a tuple, which JSON stores as a list: pass a list")
+    elif not (meta is None or isinstance(meta, (str, bool, int, float))):
+        raise TypeError(f"{where} must be a JSON value (str, int, float, bool, None, list, dict), "
+                        f"got {type(meta).__name__}")
+
+
 class SimpleDocumentStore:
     """Documents with metadata and embeddings, searchable by text or vector (cosine).
 
@@ -67,7 +90,9 @@ class SimpleDocumentStore:
         return [{"id": d["id"], "text": d["text"], "metadata": dict(d["metadata"])} for d in self._docs.values()]
 
     def get(self, doc_id: str) -> Optional[Dict[str, Any]]:
-        key = self._key_of.get(doc_id)
+        """The document with this id (ids are strings; any other id is looked up as str(id), as
+        add_documents stores it), or None."""
+        key = self._key_of.get(str(doc_id))
         if key is None:
             return None
         d = self._docs[key]
@@ -97,7 +122,10 @@ class SimpleDocumentStore:
     def add_documents(self, texts: Sequence[str], metadatas: Optional[Sequence[Dict[str, Any]]] = None,
                       ids: Optional[Sequence[str]] = None) -> List[str]:
         """Adds or updates (by id) documents; returns their ids (generated when not given).
-        A changed text is re-embedded by the next compute_embeddings(); metadata changes are immediate."""
+        A changed text is re-embedded by the next compute_embeddings(); metadata changes are immediate.
+        Ids are strings: any other id is stored as str(id), and get/delete convert the same way. Metadata is a
+        dict with string keys and JSON values (str, int, float, bool, None, lists and dicts of them), so it
+        reads back from a saved store exactly as given."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         texts = list(texts)
@@ -108,7 +136,7 @@ class SimpleDocumentStore:
         if len(metadatas) != len(texts):
             raise ValueError(f"{len(metadatas)} metadatas for {len(texts)} texts")
         for m in metadatas:
-            json.dumps(m)  # metadata must be JSON: it is stored as such
+            _check_metadata(m)  # stored as JSON: only what comes back from it unchanged
         ids = [str(i) for i in ids] if ids is not None else [uuid.uuid4().hex for _ in texts]
         if len(ids) != len(texts):
             raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
@@ -136,8 +164,8 @@ class SimpleDocumentStore:
         return ids
 
     def delete(self, ids: Sequence[str]) -> int:
-        """Deletes documents by id; returns how many existed."""
-        ids = [ids] if isinstance(ids, str) else list(ids)
+        """Deletes documents by id (converted with str(), as add_documents stores them); returns how many existed."""
+        ids = [str(i) for i in ([ids] if isinstance(ids, (str, int)) else ids)]
         with self._write, self._lock.write():
             keys = [self._key_of.pop(i) for i in ids if i in self._key_of]
             for k in keys:
@@ -207,10 +235,14 @@ class SimpleDocumentStore:
             vec = np.asarray(query, dtype=np.float32).reshape(-1)
             if vec.shape != (self.embedding_dim,):
                 raise ValueError(f"query vector must have shape ({self.embedding_dim},), got {vec.shape}")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         with self._lock.read():
             allowed = self._allowed(filter)
-            if allowed is not None and not allowed:
+            if (allowed is not None and not allowed) or not self.index.ntotal:
                 return []
+            # No more results than documents: memory follows the data, not top_k (2**31 allocated 8 GB).
+            top_k = min(int(top_k), self.index.ntotal if allowed is None else len(allowed))
             scores, keys = self.index.search(vec, top_k, filter=allowed)
             return [{"id": self._docs[k]["id"], "text": self._docs[k]["text"], "score": float(s),
                      "metadata": dict(self._docs[k]["metadata"])}

@@ -161,3 +161,41 @@ def test_concurrent_searches_and_writes(store):
     for t in threads:
         t.join()
     assert not errors and len(store) == len(TEXTS) + 20
+
+
+def test_non_string_ids_are_converted_the_same_everywhere():
+    s = SimpleDocumentStore(embedding_dim=256, embedder=HashingEmbedder(256))
+    assert s.add_documents(["one", "two"], ids=[1, 2]) == ["1", "2"]
+    assert s.get(1)["text"] == "one" and s.get("1")["text"] == "one"
+    assert s.delete([1]) == 1 and s.get(1) is None
+    assert s.delete(2) == 1 and len(s) == 0
+
+
+def test_metadata_that_json_would_change_is_refused(tmp_path):
+    s = SimpleDocumentStore(embedding_dim=256, embedder=HashingEmbedder(256))
+    for bad, match in (({1: "x"}, "keys must be strings"), ({"t": (1, 2)}, "tuple"),
+                       ({"a": {"b": {2: 0}}}, r"metadata\['a'\]\['b'\] keys"), ({"s": {1, 2}}, "JSON value"),
+                       ("source", "must be a dict")):
+        with pytest.raises(TypeError, match=match):
+            s.add_documents(["x"], metadatas=[bad])
+    assert len(s) == 0
+    meta = {"a": {"b": [1, {"c": None}], "f": 1.5}, "ok": True, "n": 3}
+    s.add_documents(["x"], metadatas=[meta], ids=["x"])
+    s.save(tmp_path / "s")
+    loaded = SimpleDocumentStore.load(tmp_path / "s", embedder=HashingEmbedder(256))
+    assert loaded.get("x")["metadata"] == meta
+    assert [h["id"] for h in loaded.search("x", top_k=1, filter={"n": 3})] == ["x"]
+
+
+def test_top_k_beyond_the_documents_costs_nothing(store):
+    import tracemalloc
+
+    tracemalloc.start()
+    hits = store.search("cats", top_k=2 ** 31)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(hits) == len(TEXTS) and peak < 64 << 20, peak  # was 8 GB of padding before the clamp
+    assert len(store.search("cats", top_k=2 ** 31, filter={"group": 1})) == sum(i % 4 == 1 for i in range(len(TEXTS)))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            store.search("cats", top_k=bad)
