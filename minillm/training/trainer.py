@@ -20,6 +20,7 @@ from minillm.models.decoder import DecoderOnlyModel
 from minillm.models.encoder import EncoderOnlyModel
 from minillm.training import checkpoint as ckpt
 from minillm.training.collate import Collator
+from minillm.utils import atomic_write_text
 
 log = logging.getLogger("minillm.training")
 
@@ -50,6 +51,26 @@ class _Loss(nn.Module):
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.compute_loss(batch)
+
+
+def read_metrics(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
+    """The records of a metrics.jsonl file: one JSON object with an integer "step" per line. Lines that are not
+    (torn by a crash mid-append, say) are dropped with one warning naming how many."""
+    records, bad = [], 0
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        if isinstance(r, dict) and isinstance(r.get("step"), int):
+            records.append(r)
+        else:
+            bad += 1
+    if bad:
+        log.warning("%s: dropped %d line(s) that are not metrics records (torn by a crash?)", path, bad)
+    return records
 
 
 class Trainer:
@@ -233,8 +254,17 @@ class Trainer:
     def _metric(self, record: Dict[str, Any]) -> None:
         if self.is_main and self.metrics_file is not None:
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            with open(self.metrics_file, "a+b") as f:
+                if not getattr(self, "_metrics_line_start", False):
+                    # A crash mid-append leaves a torn last line without its newline: start on a new line
+                    # rather than glue this record to it (readers drop the torn one).
+                    f.seek(0, os.SEEK_END)
+                    if f.tell():
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            f.write(b"\n")
+                    self._metrics_line_start = True
+                f.write((json.dumps(record) + "\n").encode("utf-8"))
 
     def _evaluate_and_checkpoint(self) -> None:
         st = self.state
@@ -277,10 +307,11 @@ class Trainer:
             if best is not None:
                 self._best_weights = ckpt.load_weights_dict(best)
         if self.is_main and self.metrics_file is not None and self.metrics_file.exists():
-            # Steps logged after the checkpoint will run again: drop them so the log stays one run.
-            keep = [line for line in self.metrics_file.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.state["step"]]
-            self.metrics_file.write_text("".join(line + "\n" for line in keep))
+            # Steps logged after the checkpoint will run again: drop them so the log stays one run. Lines a
+            # crash tore (full disk, power loss) are dropped too, and said once; the file is rewritten atomically.
+            keep = [r for r in read_metrics(self.metrics_file) if r["step"] <= self.state["step"]]
+            atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in keep))
+            self._metrics_line_start = True
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state["step"], self.state["epoch"],
                  self.state["batch_in_epoch"])
         return True
@@ -391,8 +422,7 @@ class Trainer:
             return
         steps, train = [], []
         if self.metrics_file is not None and self.metrics_file.exists():
-            for line in self.metrics_file.read_text().splitlines():
-                r = json.loads(line)
+            for r in read_metrics(self.metrics_file):
                 if "loss" in r:
                     steps.append(r["step"])
                     train.append(r["loss"])

@@ -85,3 +85,31 @@ def test_bad_arguments(texts):
         Trainer(model, [1, 2], val)
     with pytest.raises(ValueError, match="epochs"):
         Trainer(model, train, val, checkpoint_dir=None, progress=False).train(epochs=0)
+
+
+def test_resume_survives_torn_metrics_lines(texts, tmp_path, caplog):
+    # A crash mid-append (full disk, power loss) leaves a torn line: resume drops it, says so once, and the
+    # file is whole again; before, json.loads failed on it and every resume failed.
+    model, tok, train, val = setup(texts)
+    Trainer(model, train, val, learning_rate=3e-3, checkpoint_dir=tmp_path, progress=False, max_steps=10,
+            eval_interval=5).train(epochs=1)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("not json\n" + metrics.read_text() + '{"step": 11, "lo')
+    model, tok, train, val = setup(texts)
+    with caplog.at_level("WARNING", logger="minillm.training"):
+        res = Trainer(model, train, val, learning_rate=3e-3, checkpoint_dir=tmp_path, progress=False, max_steps=15,
+                      eval_interval=5).train(epochs=2, resume=True)
+    assert res["steps"] == 15
+    warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warnings) == 1 and "dropped 2 line(s)" in warnings[0]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line parses
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))
+
+
+def test_appending_after_a_torn_line_starts_a_new_line(texts, tmp_path):
+    model, tok, train, val = setup(texts)
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # a previous run died mid-append
+    Trainer(model, train, val, checkpoint_dir=tmp_path, metrics_file=metrics, progress=False, max_steps=2).train()
+    lines = metrics.read_text().splitlines()
+    assert lines[1] == '{"step": 2, "lo' and all(json.loads(line)["step"] for line in lines[2:])
