@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from minillm import ops
 
@@ -424,8 +426,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         logging.getLogger("minillm.training").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError, sqlite3.DatabaseError,
+            SafetensorError) as exc:
+        # Errors a user's files or arguments cause: one line, exit 2 (sqlite3: a corrupt store.sqlite;
+        # SafetensorError: a corrupt weights file).
         print(f"minillm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:  # a config, tokenizer or store file without a field minillm needs
+        print(f"minillm: error: a file lacks the field {exc}; it was not written by this minillm, or is damaged",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minillm: interrupted", file=sys.stderr)

@@ -117,3 +117,7 @@ def test_cli_rag_index_and_query(tmp_path):
     r = run("index", "--docs", docs, "--store", docs, "--embedding_dim", "256", "--min_length", "10")
     assert r.returncode == 2 and "minillm: error: refusing to replace" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in docs.iterdir()) == ["a.md", "b.rst"]
+    # A damaged store.sqlite: one line and exit 2, not a traceback.
+    (tmp_path / "store" / "store.sqlite").write_bytes(b"this is not a database" * 100)
+    r = run("query", "--store", tmp_path / "store", "x")
+    assert r.returncode == 2 and "minillm: error:" in r.stderr and "Traceback" not in r.stderr

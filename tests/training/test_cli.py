@@ -37,3 +37,28 @@ def test_help_documents_every_flag():
     assert r.returncode == 0
     for flag in ("--data_path", "--early_stopping_patience", "--model_type", "--d_model", "--resume", "--max_steps"):
         assert flag in r.stdout
+
+
+def test_damaged_model_files_give_one_line_errors(tmp_path):
+    import json
+
+    from minillm.models import DecoderOnlyModel
+    from minillm.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.from_texts(["the cat sat"])
+    model = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": tok.vocab_size, "d_model": 16,
+                              "num_heads": 2, "num_layers": 1, "max_seq_len": 16})
+    damage = {
+        "weights": lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
+        "tokenizer key": lambda d: (d / "tokenizer.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((d / "tokenizer.json").read_text()).items() if k != "chars"})),
+        "config json": lambda d: (d / "config.json").write_text("{"),
+        "tokenizer json": lambda d: (d / "tokenizer.json").write_text("[1, 2"),
+    }
+    for name, hurt in damage.items():
+        d = tmp_path / name.replace(" ", "_")
+        model.save_pretrained(d, tokenizer=tok)
+        hurt(d)
+        r = cli("generate", "--model_path", d, "--prompt", "the", "--max_new_tokens", "2")
+        assert r.returncode == 2 and r.stderr.startswith("minillm: error:"), (name, r.stderr[-1500:])
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
