@@ -55,6 +55,7 @@ class PreTrainedModel(nn.Module):
         config = ModelConfig.from_dict(config)
         if self.model_type and config.model_type != self.model_type:
             raise ValueError(f"{type(self).__name__} needs model_type={self.model_type!r}, got {config.model_type!r}")
+        config.check_size()  # before any layer is allocated
         self.config = config
 
     @property

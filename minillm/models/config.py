@@ -89,6 +89,38 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    def estimated_parameters(self) -> int:
+        """Parameters a model of this config holds (the exact count up to biases and norms, which the
+        estimate over-counts a little): what check_size() weighs before anything is allocated."""
+        d, ff = self.d_model, self.d_ff
+        block = 4 * d * d + 2 * d * ff + 9 * d + ff  # attention q/k/v/out, MLP, biases, norms
+        n = self.vocab_size * d + self.max_seq_len * d + self.type_vocab_size * d + 2 * d
+        if self.model_type == "transformer":  # encoder and decoder: positions, blocks (cross-attention too), norms
+            n += self.max_seq_len * d + 2 * d
+            n += self.num_layers * block + self.num_decoder_layers * (block + 4 * d * d + 6 * d)
+        else:
+            n += self.num_layers * block
+        if self.model_type == "encoder_only":  # the MLM head: a dense layer, its norm, the vocabulary bias
+            n += d * d + 3 * d + self.vocab_size
+        if not self.tie_embeddings:
+            n += self.vocab_size * d
+        return n
+
+    def check_size(self, max_bytes: Optional[int] = None) -> None:
+        """Raises ValueError before a model is built whose fp32 weights alone would not fit `max_bytes`
+        (default: this machine's physical memory; MINILLM_MAX_MODEL_BYTES overrides): an absurd config.json
+        otherwise builds layers until the process is killed for memory."""
+        if max_bytes is None:
+            env = os.environ.get("MINILLM_MAX_MODEL_BYTES", "").strip()
+            max_bytes = int(float(env)) if env else _physical_memory()
+        need = 4 * self.estimated_parameters()
+        if max_bytes and need > max_bytes:
+            raise ValueError(f"this config describes a model of ~{self.estimated_parameters():,} parameters "
+                             f"({need / 2**30:.1f} GiB of fp32 weights), more than {max_bytes / 2**30:.1f} GiB of "
+                             f"memory here (d_model={self.d_model}, d_ff={self.d_ff}, num_layers={self.num_layers}, "
+                             f"vocab_size={self.vocab_size}, max_seq_len={self.max_seq_len}); check the config "
+                             f"(MINILLM_MAX_MODEL_BYTES raises the limit)")
+
     @classmethod
     def from_dict(cls, d: Union["ModelConfig", Dict[str, Any]]) -> "ModelConfig":
         """Builds a config from a dict such as the seed's; unknown keys are an error naming them."""
@@ -114,3 +146,11 @@ class ModelConfig:
     def load(cls, path: Union[str, os.PathLike]) -> "ModelConfig":
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+
+def _physical_memory() -> int:
+    """Bytes of physical memory, or 0 when the platform does not say (no limit then)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0

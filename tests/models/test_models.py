@@ -283,3 +283,28 @@ def test_config_save_load(tmp_path):
     cfg = ModelConfig(model_type="transformer", vocab_size=20, d_model=16, num_heads=2, num_layers=1)
     cfg.save(tmp_path / "c.json")
     assert ModelConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_absurd_configs_are_refused_before_allocating():
+    import resource
+
+    from minillm.models import DecoderOnlyModel, EncoderDecoderModel
+    from minillm.models.config import ModelConfig
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=r"GiB of fp32 weights\), more than"):
+        DecoderOnlyModel({"model_type": "decoder_only", "d_model": 65536, "num_heads": 1, "num_layers": 64})
+    with pytest.raises(ValueError, match="check the config"):
+        EncoderDecoderModel({"model_type": "transformer", "vocab_size": 10 ** 9, "d_model": 4096, "num_heads": 8})
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: nothing was built
+    for cfg in ({"model_type": "decoder_only", "d_model": 64, "num_heads": 2, "num_layers": 3, "vocab_size": 50},
+                {"model_type": "transformer", "d_model": 32, "num_heads": 2, "num_layers": 2, "num_decoder_layers": 3},
+                {"model_type": "encoder_only", "d_model": 48, "num_heads": 3, "tie_embeddings": False}):
+        config = ModelConfig.from_dict(cfg)
+        model_cls = {"decoder_only": DecoderOnlyModel, "transformer": EncoderDecoderModel}.get(cfg["model_type"])
+        if model_cls is None:
+            from minillm.models import EncoderOnlyModel as model_cls
+        n = model_cls(cfg).num_parameters()
+        assert n <= config.estimated_parameters() <= 1.5 * n, (cfg, n, config.estimated_parameters())
+    with pytest.raises(ValueError, match=r"more than 0\.0 GiB"):
+        ModelConfig.from_dict({"d_model": 64, "num_heads": 2}).check_size(max_bytes=1000)
