@@ -38,15 +38,18 @@ def _gemm_us(M: int, N: int, K: int) -> float:
 
 
 def _operand(t: Tensor) -> Tuple[Tensor, int, bool]:
-    """(tensor, leading dim, column-major?) for a 2-D GEMM operand; copies only when neither dim has unit stride."""
+    """(tensor, leading dim, column-major?) for a 2-D GEMM operand (rows, cols >= 1). The kernel takes BLAS
+    layouts: unit stride along one dim and a leading dim at least the other's extent. Anything else (an
+    expanded operand's stride 0, overlapping rows, no unit stride) is copied: a stride-0 row once became
+    leading dim 1 here, and the product read past the buffer."""
     rows, cols = t.shape
     s0, s1 = t.stride()
-    if s1 == 1 or cols == 1:
-        return t, max(s0, 1), False
-    if s0 == 1 or rows == 1:
-        return t, max(s1, 1), True
+    if (s1 == 1 or cols == 1) and (rows == 1 or s0 >= cols):
+        return t, (s0 if rows > 1 else cols), False
+    if (s0 == 1 or rows == 1) and (cols == 1 or s1 >= rows):
+        return t, (s1 if cols > 1 else rows), True
     t = t.contiguous()
-    return t, max(cols, 1), False
+    return t, cols, False
 
 
 def _gemm_call(a: Tensor, b: Tensor, bias: Optional[Tensor]):

@@ -161,3 +161,33 @@ def test_linear_module_is_a_drop_in():
     ref.load_state_dict(layer.state_dict())
     for x in [torch.randn(4, 10), torch.randn(64, 10)]:
         torch.testing.assert_close(layer(x), ref(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("M", [3, 32, 100])
+def test_expanded_and_overlapping_operands(M):
+    # An expanded (stride 0) input once reached the GEMM as leading dim 1: errors of 1e21, NaN gradients,
+    # reads past the buffer. Every layout torch accepts must give F.linear's result, forward and backward.
+    K, N = 64, 24
+    w = torch.randn(N, K, requires_grad=True)
+    b = torch.randn(N, requires_grad=True)
+    base = torch.randn(1, K, requires_grad=True)
+    cases = {
+        "expanded rows": lambda: base.expand(M, K),
+        "expanded 3-D": lambda: base.expand(2, M, K),
+        "overlapping rows": lambda: torch.randn(M + K).as_strided((M, K), (1, 1)),
+        "expanded weight": None,
+    }
+    for name, make in cases.items():
+        if make is None:
+            x, weight = torch.randn(M, K), torch.randn(1, K).expand(N, K)
+        else:
+            x, weight = make(), w
+        got = linear(x, weight, b)
+        want = torch.nn.functional.linear(x, weight, b)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+        if make is not None and name != "overlapping rows":
+            g = torch.randn_like(want)
+            grads = torch.autograd.grad(got, (base, w, b), g)
+            want_grads = torch.autograd.grad(want, (base, w, b), g)
+            for gg, ww in zip(grads, want_grads):
+                torch.testing.assert_close(gg, ww, atol=1e-3, rtol=1e-4, msg=name)
