@@ -100,7 +100,34 @@ def _attention_fwd(
 ) -> Tuple[Tensor, Tensor]:
     """Returns out (B, H, Nq, D) and the log-sum-exp (B, H, Nq) in fp32 (fp64 for fp64 inputs);
     lse is +inf for a query that sees no key or is padding."""
+    _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale)
     return _forward_cpu(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
+
+
+def _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale) -> None:
+    """The registered ops' own checks: torch.ops.minillm.* can be called directly (torch.compile, torch.library
+    tooling, users), and the kernels take raw pointers, so a mismatch must stop here. The public attention()
+    checks the same before its eager path, which skips the op."""
+    _check_qkv(q, k, v)
+    if key_padding_mask is not None:
+        _check_mask("key_padding_mask", key_padding_mask, (k.shape[0], k.shape[2]), q.device)
+    if query_padding_mask is not None:
+        _check_mask("query_padding_mask", query_padding_mask, (q.shape[0], q.shape[2]), q.device)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+def _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale) -> None:
+    _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale)
+    B, H, Nq, D = q.shape
+    for name, t, shape, dtype in (("dout", dout, (B, H, Nq, D), q.dtype), ("out", out, (B, H, Nq, D), q.dtype),
+                                  ("lse", lse, (B, H, Nq), _acc_dtype(q.dtype)),
+                                  ("dlse", dlse, (B, H, Nq), _acc_dtype(q.dtype))):
+        if t is None and name == "dlse":
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype or t.device != q.device:
+            got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"minillm::attention_bwd: {name} must be {shape} {dtype} on {q.device}, got {got}")
 
 
 def _forward_cpu(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
@@ -135,6 +162,7 @@ def _attention_bwd(
     scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attention_fwd given the gradients of both of its outputs."""
+    _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale)
     return _backward_cpu(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
                          scale)
 
@@ -155,6 +183,10 @@ def _cuda_fits(q: Tensor) -> bool:
 
 @_attention_fwd.register_kernel("cuda")
 def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
+    _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale)
+    if not _cuda_fits(q):
+        raise ValueError(f"minillm::attention_fwd on CUDA takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D}, "
+                         f"got {q.dtype} D={q.shape[-1]}")
     return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
                     lambda args, work: _backend._C.cuda_attention_fwd(*args, q.device.index, _backend.cuda_stream(q)))
 
@@ -162,6 +194,8 @@ def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, c
 @_attention_bwd.register_kernel("cuda")
 def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
                         scale):
+    _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale)
+
     def launch(args, work):
         delta = torch.empty(q.shape[0] * q.shape[1] * q.shape[2], dtype=torch.float32, device=q.device)  # scratch
         _backend._C.cuda_attention_bwd(*args, delta.data_ptr(), q.device.index, _backend.cuda_stream(q))

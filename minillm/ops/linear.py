@@ -99,7 +99,23 @@ def _gemm_pair(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tuple[Tensor, 
 @torch.library.custom_op("minillm::linear", mutates_args=(), device_types="cpu")
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x: (M, K), weight: (N, K), bias: (N,) or None -> (M, N)."""
+    _check_op_args("linear", x, weight.t() if isinstance(weight, Tensor) and weight.dim() == 2 else weight, bias)
     return _linear_cpu(x, weight, bias)
+
+
+def _check_op_args(op: str, a, b, bias) -> None:
+    """The registered ops' own checks (torch.ops.minillm.* can be called directly; the kernels take raw
+    pointers): a (M, K), b (K, N), bias (N,) or None, one supported dtype, one device."""
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 2 and b.dim() == 2):
+        raise ValueError(f"minillm::{op}: operands must be 2-D tensors")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"minillm::{op}: inner sizes differ: {tuple(a.shape)} and {tuple(b.shape)} (as (K, N))")
+    if a.dtype not in _DTYPE_CODE or b.dtype != a.dtype or a.device != b.device:
+        raise ValueError(f"minillm::{op}: operands must share one dtype of {sorted(map(str, _DTYPE_CODE))} and "
+                         f"one device, got {a.dtype} on {a.device} and {b.dtype} on {b.device}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (b.shape[1],)
+                             or bias.dtype != a.dtype or bias.device != a.device):
+        raise ValueError(f"minillm::{op}: bias must be ({b.shape[1]},) {a.dtype} on {a.device}")
 
 
 def _linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -127,6 +143,7 @@ def _linear_fake(x, weight, bias):
 @torch.library.custom_op("minillm::matmul", mutates_args=(), device_types="cpu")
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
     """a: (M, K), b: (K, N), any strides -> contiguous (M, N)."""
+    _check_op_args("matmul", a, b, None)
     return _gemm(a, b, None)
 
 

@@ -33,6 +33,7 @@ def _prepare(queries: Tensor, corpus: Tensor, k: int):
 @torch.library.custom_op("minillm::topk_search", mutates_args=(), device_types="cpu")
 def _topk_search(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
     """queries: (Q, d) float32; corpus: (N, d) float32/bfloat16/float16 -> scores (Q, k) float32, indices (Q, k)."""
+    _check_op_args("topk_search", queries, corpus, k, metric, _CORPUS_CODE)
     queries, corpus, scores, idx = _prepare(queries, corpus, k)
     (Q, d), N = queries.shape, corpus.shape[0]
     if Q == 0:
@@ -44,12 +45,34 @@ def _topk_search(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[
     return scores, idx
 
 
+def _check_op_args(op: str, queries, corpus, k, metric, corpus_dtypes, d=None) -> None:
+    """The registered ops' own checks (torch.ops.minillm.* can be called directly; the kernels take raw
+    pointers): a corpus narrower than the queries was read past its end."""
+    if not (isinstance(queries, Tensor) and queries.dim() == 2 and queries.dtype == torch.float32):
+        raise ValueError(f"minillm::{op}: queries must be a 2-D float32 tensor (Q, d), got "
+                         f"{tuple(queries.shape) if isinstance(queries, Tensor) else type(queries).__name__}")
+    if not (isinstance(corpus, Tensor) and corpus.dim() == 2 and corpus.dtype in corpus_dtypes):
+        raise ValueError(f"minillm::{op}: corpus must be a 2-D tensor of {sorted(map(str, corpus_dtypes))}")
+    width = corpus.shape[1] if d is None else d
+    if queries.shape[1] != width or width < 1:
+        raise ValueError(f"minillm::{op}: queries have d = {queries.shape[1]}, the corpus d = {width}")
+    if queries.device != corpus.device:
+        raise ValueError(f"minillm::{op}: queries on {queries.device}, corpus on {corpus.device}")
+    if not 1 <= k <= corpus.shape[0]:
+        raise ValueError(f"minillm::{op}: k must satisfy 1 <= k <= N = {corpus.shape[0]}, got {k}")
+    if metric not in _METRIC_CODE:
+        raise ValueError(f"minillm::{op}: metric must be one of {tuple(_METRIC_CODE)}, got {metric!r}")
+
+
 # The CUDA kernel's candidate buffers fit the default 48 KB of shared memory up to this k.
 _CUDA_MAX_K = 1024
 
 
 @_topk_search.register_kernel("cuda")
 def _topk_search_cuda(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
+    _check_op_args("topk_search", queries, corpus, k, metric, _CORPUS_CODE)
+    if k > _CUDA_MAX_K:
+        raise ValueError(f"minillm::topk_search on CUDA takes k <= {_CUDA_MAX_K}, got {k}")
     queries, corpus, scores, idx = _prepare(queries, corpus, k)
     (Q, d), N = queries.shape, corpus.shape[0]
     if Q == 0:
@@ -98,6 +121,15 @@ def _topk_int8(queries: Tensor, codes: Tensor, scales: Tensor, norm2: Tensor, d:
                metric: str) -> Tuple[Tensor, Tensor]:
     """queries: (Q, d) float32; codes: (N, Dpad) int8, row j ~ scales[j] * codes[j]; norm2: (N,) squared norms
     -> approximate scores (Q, k) float32 and indices (Q, k), best first."""
+    if not (isinstance(codes, Tensor) and codes.dim() == 2 and codes.dtype == torch.int8
+            and codes.shape[1] % _I8_ALIGN == 0 and d <= codes.shape[1]):
+        raise ValueError(f"minillm::topk_int8: codes must be (N, Dpad) int8 with Dpad a multiple of {_I8_ALIGN} and "
+                         f">= d = {d}; make them with Int8Corpus.quantize")
+    _check_op_args("topk_int8", queries, codes, k, metric, {torch.int8: 4}, d=d)
+    for name, t in (("scales", scales), ("norm2", norm2)):
+        if not (isinstance(t, Tensor) and tuple(t.shape) == (codes.shape[0],) and t.dtype == torch.float32
+                and t.is_contiguous() and t.device == codes.device):
+            raise ValueError(f"minillm::topk_int8: {name} must be a contiguous ({codes.shape[0]},) float32 tensor")
     queries, codes, scores, idx = _prepare(queries, codes, k)
     Q, N = queries.shape[0], codes.shape[0]
     if Q == 0:

@@ -128,3 +128,38 @@ def test_raw_bindings_reject_sizes_and_codes(desc, fn, args):
     buf = torch.zeros(1 << 16)
     with pytest.raises(ValueError, match="minillm._C"):
         getattr(_backend._C, fn)(*args(buf.data_ptr()))
+
+
+def test_registered_ops_check_their_arguments():
+    # torch.ops.minillm.* are reachable directly (torch.compile, torch.library tooling, users); the kernels take
+    # raw pointers, so a mismatch raises before any is touched. This call read past the 4 x 4 corpus before.
+    ops = torch.ops.minillm
+    bad = [
+        lambda: ops.topk_search(torch.randn(1, 65536), torch.randn(4, 4), 1, "ip"),
+        lambda: ops.topk_search(torch.randn(2, 4), torch.randn(4, 4), 5, "ip"),
+        lambda: ops.topk_search(torch.randn(2, 4), torch.randn(4, 4), 1, "dot"),
+        lambda: ops.topk_search(torch.randn(2, 4, dtype=torch.float64), torch.randn(4, 4), 1, "ip"),
+        lambda: ops.topk_int8(torch.randn(2, 100), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4),
+                              torch.ones(4), 100, 1, "ip"),
+        lambda: ops.topk_int8(torch.randn(2, 8), torch.zeros(4, 64, dtype=torch.int8), torch.ones(3),
+                              torch.ones(4), 8, 1, "ip"),
+        lambda: ops.attention_fwd(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16),
+                                  None, None, False, 0, 1.0),
+        lambda: ops.attention_fwd(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8),
+                                  torch.ones(1, 4, dtype=torch.bool), None, False, 0, 1.0),
+        lambda: ops.attention_bwd(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8),
+                                  torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 3), None,
+                                  None, None, False, 0, 1.0),
+        lambda: ops.linear(torch.randn(3, 8), torch.randn(5, 9), None),
+        lambda: ops.linear(torch.randn(3, 8), torch.randn(5, 8), torch.randn(4)),
+        lambda: ops.matmul(torch.randn(3, 8), torch.randn(7, 5)),
+    ]
+    for i, call in enumerate(bad):
+        with pytest.raises(ValueError, match="minillm::|must|q, k and v"):
+            call()
+    # and well-formed direct calls still run
+    s, i = ops.topk_search(torch.randn(2, 4), torch.randn(6, 4), 3, "l2")
+    assert s.shape == (2, 3)
+    out, lse = ops.attention_fwd(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8),
+                                 torch.ones(1, 5, dtype=torch.bool), None, True, 1, 0.3)
+    assert out.shape == (1, 2, 4, 8) and lse.shape == (1, 2, 4)
