@@ -12,6 +12,7 @@ import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -290,7 +291,8 @@ class SimpleDocumentStore:
         found = find_dir(p, DB_NAME)
         if found is None:
             raise FileNotFoundError(f"no saved SimpleDocumentStore at {p}")
-        db = sqlite3.connect(f"file:{found / DB_NAME}?mode=ro", uri=True)
+        # A URI, for read-only mode: the path is percent-encoded, or a '#' or '?' in it would end it there.
+        db = sqlite3.connect(f"file:{urllib.parse.quote(str(found / DB_NAME))}?mode=ro", uri=True)
         try:
             meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
             rows = db.execute("SELECT key, id, text, metadata, embedded FROM documents ORDER BY key").fetchall()

@@ -199,3 +199,12 @@ def test_top_k_beyond_the_documents_costs_nothing(store):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="top_k"):
             store.search("cats", top_k=bad)
+
+
+@pytest.mark.parametrize("name", ["docs#1", "what?", "100% sure", "a b"])
+def test_paths_with_uri_characters_save_and_load(tmp_path, name):
+    s = SimpleDocumentStore(embedding_dim=256, embedder=HashingEmbedder(256))
+    s.add_documents(["a river in Africa"], ids=["r"])
+    s.save(tmp_path / name)
+    loaded = SimpleDocumentStore.load(tmp_path / name, embedder=HashingEmbedder(256))
+    assert loaded.get("r")["text"] == "a river in Africa"
