@@ -1,7 +1,7 @@
 """Training checkpoints: a folder per checkpoint, replaced atomically.
 
 A checkpoint folder holds model.safetensors, config.json and tokenizer.json (as save_pretrained
-writes them), optimizer.pt (optimizer, scheduler and torch RNG state: tensors and plain values,
+writes them), optimizer.pt (optimizer, scheduler and the CPU and every GPU's torch RNG state: tensors and plain values,
 loaded with torch.load(weights_only=True)) and trainer_state.json (loop position, early-stopping
 counters, history, Python and numpy RNG states). No pickle of arbitrary objects is ever loaded.
 
@@ -11,6 +11,7 @@ leaves the previous checkpoint (or the new one) loadable; find_checkpoint() know
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -21,6 +22,8 @@ from safetensors.torch import load_file
 
 from minillm.models.base import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, PreTrainedModel
 from minillm.utils import atomic_dir, atomic_write_text, find_dir
+
+log = logging.getLogger("minillm.training")
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -34,7 +37,11 @@ def save_checkpoint(path: Path, model: PreTrainedModel, tokenizer, optimizer, sc
         model.save_pretrained(new, tokenizer=tokenizer)
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "torch_rng": torch.get_rng_state()}, new / OPTIMIZER_NAME)
+                    "torch_rng": torch.get_rng_state(),
+                    # every GPU's generator too (dropout on CUDA draws from it), so a resumed run repeats; a
+                    # process that never used CUDA still has them at their initial state, as a new one will
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
+                   new / OPTIMIZER_NAME)
         np_state = np.random.get_state()
         full_state = {**state, "python_rng": _jsonable(random.getstate()),
                       "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
@@ -73,6 +80,14 @@ def load_checkpoint(path: Path, model: PreTrainedModel, optimizer=None, schedule
         if scheduler is not None and saved.get("scheduler") is not None:
             scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
+        cuda_rng = saved.get("cuda_rng")
+        if cuda_rng is not None and torch.cuda.is_available():
+            if len(cuda_rng) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_rng)
+            else:
+                log.warning("%s holds the RNG states of %d GPUs, this process sees %d: their generators are not "
+                            "restored, so a resumed run's dropout differs from an uninterrupted one's",
+                            path, len(cuda_rng), torch.cuda.device_count())
     if "python_rng" in state:
         random.setstate(_tuples(state.pop("python_rng")))
     if "numpy_rng" in state:

@@ -113,3 +113,22 @@ def test_appending_after_a_torn_line_starts_a_new_line(texts, tmp_path):
     Trainer(model, train, val, checkpoint_dir=tmp_path, metrics_file=metrics, progress=False, max_steps=2).train()
     lines = metrics.read_text().splitlines()
     assert lines[1] == '{"step": 2, "lo' and all(json.loads(line)["step"] for line in lines[2:])
+
+
+def test_checkpoints_keep_every_gpus_rng_state(texts, tmp_path, monkeypatch):
+    # A GPU machine stood in for: the checkpoint saves what torch.cuda.get_rng_state_all() returns and the load
+    # hands it back to set_rng_state_all (only the CPU generator was saved before).
+    from minillm.training import checkpoint as ckpt
+
+    model, tok, train, val = setup(texts)
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.extend(s))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt.save_checkpoint(tmp_path / "c", model, tok, opt, None, {"step": 3})
+    assert ckpt.load_checkpoint(tmp_path / "c", model, opt)["step"] == 3
+    assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, states))
