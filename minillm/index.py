@@ -28,8 +28,9 @@ from minillm.utils import atomic_dir, find_dir
 
 FORMAT = "minillm-flat-index"
 FORMAT_VERSION = 1
-# What an index folder holds: a save replaces only a folder of these (or one with minillm's marker).
+# search() refuses a k past ntotal whose (Q, k) results, all -1 padding beyond ntotal, would exceed this.
 _MAX_PADDING_BYTES = 1 << 30
+# What an index folder holds: a save replaces only a folder of these (or one with minillm's marker).
 INDEX_NAMES = ("index.json", "vectors.npy", "ids.npy", "codes.npy", "scales.npy", "norm2.npy")
 METRICS = ("ip", "cosine", "l2")
 DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.float32}  # dtype -> stored vector rows

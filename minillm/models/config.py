@@ -113,9 +113,10 @@ class ModelConfig:
         if max_bytes is None:
             env = os.environ.get("MINILLM_MAX_MODEL_BYTES", "").strip()
             max_bytes = int(float(env)) if env else _physical_memory()
-        need = 4 * self.estimated_parameters()
+        params = self.estimated_parameters()
+        need = 4 * params
         if max_bytes and need > max_bytes:
-            raise ValueError(f"this config describes a model of ~{self.estimated_parameters():,} parameters "
+            raise ValueError(f"this config describes a model of ~{params:,} parameters "
                              f"({need / 2**30:.1f} GiB of fp32 weights), more than {max_bytes / 2**30:.1f} GiB of "
                              f"memory here (d_model={self.d_model}, d_ff={self.d_ff}, num_layers={self.num_layers}, "
                              f"vocab_size={self.vocab_size}, max_seq_len={self.max_seq_len}); check the config "

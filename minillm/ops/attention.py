@@ -107,14 +107,9 @@ def _attention_fwd(
 def _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale) -> None:
     """The registered ops' own checks: torch.ops.minillm.* can be called directly (torch.compile, torch.library
     tooling, users), and the kernels take raw pointers, so a mismatch must stop here. The public attention()
-    checks the same before its eager path, which skips the op."""
-    _check_qkv(q, k, v)
-    if key_padding_mask is not None:
-        _check_mask("key_padding_mask", key_padding_mask, (k.shape[0], k.shape[2]), q.device)
-    if query_padding_mask is not None:
-        _check_mask("query_padding_mask", query_padding_mask, (q.shape[0], q.shape[2]), q.device)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    makes the same checks before its eager path, which skips the op."""
+    _check_inputs(q, k, v, key_padding_mask, query_padding_mask)
+    _check_scale(scale, q.shape[-1])
 
 
 def _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale) -> None:
@@ -312,6 +307,14 @@ def _check_mask(name: str, mask, expected: Tuple[int, int], device: torch.device
         raise ValueError(f"{name} must be on {device}, got {mask.device}")
 
 
+def _check_inputs(q, k, v, key_padding_mask, query_padding_mask) -> None:
+    _check_qkv(q, k, v)
+    if key_padding_mask is not None:
+        _check_mask("key_padding_mask", key_padding_mask, (k.shape[0], k.shape[2]), q.device)
+    if query_padding_mask is not None:
+        _check_mask("query_padding_mask", query_padding_mask, (q.shape[0], q.shape[2]), q.device)
+
+
 def _device_type(q: Tensor) -> str:
     # One place that reads the device type, so tests can stand CPU tensors in for CUDA ones.
     return q.device.type
@@ -341,11 +344,15 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool) -> Tupl
 
 def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: float,
          query_padding_mask: Optional[Tensor] = None) -> Tensor:
-    native, why = _choose(q, k, v, causal, key_padding_mask is not None or query_padding_mask is not None)
+    cpu = _device_type(q) == "cpu"
+    if cpu:  # the C++ kernels take every CPU call
+        native, why = _backend.native_available(), ""
+    else:
+        native, why = _choose(q, k, v, causal, key_padding_mask is not None or query_padding_mask is not None)
     _backend.log_path_once("attention", q.device, native, why)
     if native:
         args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
-        if _device_type(q) == "cpu" and not torch.compiler.is_compiling():
+        if cpu and not torch.compiler.is_compiling():
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
                 return _AttentionFunction.apply(*args)[0]
             return _forward_cpu(*args)[0]  # nothing to differentiate: no autograd node to build
@@ -389,11 +396,7 @@ def attention(
     call runs :func:`minillm.ops.reference.attention_sdpa`: torch's scaled_dot_product_attention with the
     same masks and semantics.
     """
-    _check_qkv(q, k, v)
-    if key_padding_mask is not None:
-        _check_mask("key_padding_mask", key_padding_mask, (k.shape[0], k.shape[2]), q.device)
-    if query_padding_mask is not None:
-        _check_mask("query_padding_mask", query_padding_mask, (q.shape[0], q.shape[2]), q.device)
+    _check_inputs(q, k, v, key_padding_mask, query_padding_mask)
     if causal is not False and causal is not True:
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(scale, q.shape[-1])

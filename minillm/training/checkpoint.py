@@ -1,8 +1,8 @@
 """Training checkpoints: a folder per checkpoint, replaced atomically.
 
 A checkpoint folder holds model.safetensors, config.json and tokenizer.json (as save_pretrained
-writes them), optimizer.pt (optimizer, scheduler and the CPU and every GPU's torch RNG state: tensors and plain values,
-loaded with torch.load(weights_only=True)) and trainer_state.json (loop position, early-stopping
+writes them), optimizer.pt (optimizer, scheduler, and the CPU's and every GPU's torch RNG state: tensors
+and plain values, loaded with torch.load(weights_only=True)) and trainer_state.json (loop position, early-stopping
 counters, history, Python and numpy RNG states). No pickle of arbitrary objects is ever loaded.
 
 A new checkpoint is written beside the old one, then swapped in with renames: a crash at any moment

@@ -157,6 +157,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.metrics_file = Path(metrics_file) if metrics_file else (
             self.checkpoint_dir / "metrics.jsonl" if self.checkpoint_dir else None)
+        self._metrics_line_start = False  # set once the metrics file is known to end with a newline
         self.plot_path = (self.checkpoint_dir / "loss_curve.png" if plot_path is None and self.checkpoint_dir
                           else (plot_path or None))
         torch.manual_seed(seed)
@@ -255,7 +256,7 @@ class Trainer:
         if self.is_main and self.metrics_file is not None:
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_file, "a+b") as f:
-                if not getattr(self, "_metrics_line_start", False):
+                if not self._metrics_line_start:
                     # A crash mid-append leaves a torn last line without its newline: start on a new line
                     # rather than glue this record to it (readers drop the torn one).
                     f.seek(0, os.SEEK_END)
