@@ -274,7 +274,8 @@ def call_overhead_us(dev, dtype) -> dict:
     out["sdpa fwd+bwd"] = per_call(lambda: F.scaled_dot_product_attention(q, k, v).backward(g))
     if dev.type == "cpu" and _backend.native_available() and dtype == torch.float32:
         o, lse = torch.empty(1, 1, 8, 8), torch.empty(1, 1, 8)
-        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), 0, 0, (1, 1, 8, 8, 8),
+        buf = _backend.buf
+        args = (buf(q), buf(k), buf(v), buf(o), buf(lse), (0, 0), (0, 0), (1, 1, 8, 8, 8),
                 (64, 64, 8), (64, 64, 8), (64, 64, 8), False, 0, 8 ** -0.5, 0, 1)
         out["raw kernel fwd"] = per_call(lambda: _backend._C.attention_fwd(*args))
     return out

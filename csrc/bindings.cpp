@@ -1,10 +1,15 @@
-// The only pybind11 file. Functions take raw data pointers (Python ints), sizes and element strides,
-// copy them into a plain struct while holding the GIL, then release the GIL for the kernel. Argument
-// checking, allocation and dtype handling live in minillm/ops (Python), which alone calls this module.
+// The only pybind11 file. Functions take buffers as (data pointer, bytes from it to the end of its storage)
+// pairs of Python ints (minillm/ops/_backend.py: `buf`), sizes and element strides, check that every element
+// the kernel will touch lies inside its buffer, copy them into a plain struct while holding the GIL, then
+// release the GIL for the kernel. Allocation and dtype handling live in minillm/ops (Python), which alone
+// calls this module; the extent checks here make sure no call from Python reaches memory outside a tensor.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <array>
+#include <initializer_list>
+#include <limits>
+#include <utility>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -33,6 +38,10 @@ P ptr(uintptr_t p) {
   return reinterpret_cast<P>(p);
 }
 
+// A buffer: (data pointer, bytes addressable from it), as minillm.ops._backend.buf(tensor) makes it from the
+// tensor's storage (storage bytes - storage offset). (0, 0) stands for an absent optional buffer.
+using Buf = std::pair<uintptr_t, int64_t>;
+
 void copy3(int64_t* dst, const Strides& s) {
   for (int i = 0; i < 3; ++i) dst[i] = s[i];
 }
@@ -40,11 +49,56 @@ void copy3(int64_t* dst, const Strides& s) {
 // minillm/ops checks every public argument before it gets here, but the module is importable: a size or
 // code the kernels do not handle raises ValueError (pybind11 maps std::invalid_argument) instead of
 // dividing by zero or indexing past a table.
-void require(bool ok, const char* what) {
-  if (!ok) throw std::invalid_argument(std::string("minillm._C: ") + what);
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("minillm._C: " + what);
+}
+
+constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+
+// a * b for non-negative a, b, or -1 when it overflows int64.
+int64_t mul_or_neg(int64_t a, int64_t b) { return (b != 0 && a > kMax / b) ? -1 : a * b; }
+
+// One dimension of an array as a kernel walks it: `size` elements `stride` elements apart.
+struct Dim {
+  int64_t size, stride;
+};
+
+// Checks that every element of an array of `itemsize`-byte elements with these dims (sizes >= 1, strides >= 0),
+// first element at b's pointer, lies inside b, and returns the pointer. An optional buffer may be (0, 0): then
+// nothing is touched and nullptr comes back. This is the extent check of every pointer this module passes on.
+template <typename P>
+P checked(const Buf& b, const char* name, int64_t itemsize, std::initializer_list<Dim> dims, bool optional = false) {
+  if (b.first == 0) {
+    require(optional, std::string(name) + " is a null pointer");
+    return nullptr;
+  }
+  int64_t last = 0;  // element offset of the farthest element touched
+  for (const Dim& d : dims) {
+    require(d.size >= 1 && d.stride >= 0, std::string(name) + ": sizes must be >= 1 and strides >= 0");
+    const int64_t step = mul_or_neg(d.size - 1, d.stride);
+    require(step >= 0 && last <= kMax - step, std::string(name) + ": extent overflows int64");
+    last += step;
+  }
+  const int64_t need = last < kMax ? mul_or_neg(last + 1, itemsize) : -1;
+  require(need >= 0 && b.second >= need,
+          std::string(name) + " reaches " + std::to_string(need) + " bytes past its pointer, but its storage holds " +
+              std::to_string(b.second) + " from there");
+  return ptr<P>(b.first);
+}
+
+// Elements of a contiguous array of these sizes (each >= 1), as one Dim.
+Dim dense(std::initializer_list<int64_t> sizes) {
+  int64_t n = 1;
+  for (int64_t s : sizes) {
+    n = s >= 0 ? mul_or_neg(n, s) : -1;
+    require(n >= 0, "array size overflows int64");
+  }
+  return {n, 1};
 }
 
 bool float_dtype(int dtype) { return dtype == minillm::kF32 || dtype == minillm::kBF16 || dtype == minillm::kF16 || dtype == minillm::kF64; }
+
+int64_t item_bytes(int dtype) { return dtype == minillm::kF64 ? 8 : dtype == minillm::kF32 ? 4 : dtype == minillm::kI8 ? 1 : 2; }
 
 void check_attention(const Sizes& sz, int dtype) {
   require(sz[0] >= 1 && sz[1] >= 1 && sz[2] >= 1 && sz[3] >= 1 && sz[4] >= 1,
@@ -57,18 +111,43 @@ void check(int status, const char* what) {
   if (status != minillm::kOk) throw std::runtime_error(std::string(what) + ": kernel failed");
 }
 
-AttnFwdArgs fwd_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm,
-                     uintptr_t qpm, const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal,
-                     int64_t causal_offset, double scale, int dtype, int nthreads) {
+// The attention operands' extents: (B, H, n, D) with element strides for (b, h, n) and unit stride along D
+// (csrc/kernels.h), the outputs and log-sum-exps contiguous, the masks (B, n) bytes.
+struct AttnShape {
+  Sizes sz;
+  int64_t item, acc;  // bytes of an element and of an accumulator (lse)
+  const void* strided(const Buf& b, const char* name, int64_t n, const Strides& s) const {
+    return checked<const void*>(b, name, item, {{sz[0], s[0]}, {sz[1], s[1]}, {n, s[2]}, {sz[4], 1}});
+  }
+  void* dense_out(const Buf& b, const char* name, int64_t n) const {
+    return checked<void*>(b, name, item, {dense({sz[0], sz[1], n, sz[4]})});
+  }
+  template <typename P>
+  P lse(const Buf& b, const char* name, bool optional = false) const {
+    return checked<P>(b, name, acc, {dense({sz[0], sz[1], sz[2]})}, optional);
+  }
+  const uint8_t* mask(const Buf& b, const char* name, int64_t n) const {
+    return checked<const uint8_t*>(b, name, 1, {dense({sz[0], n})}, true);
+  }
+};
+
+AttnShape attn_shape(const Sizes& sz, int dtype) {
   check_attention(sz, dtype);
+  return {sz, item_bytes(dtype), dtype == minillm::kF64 ? 8 : 4};
+}
+
+AttnFwdArgs fwd_args(const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& kpm,
+                     const Buf& qpm, const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal,
+                     int64_t causal_offset, double scale, int dtype, int nthreads) {
+  const AttnShape s = attn_shape(sz, dtype);
   AttnFwdArgs a{};
-  a.q = ptr<const void*>(q);
-  a.k = ptr<const void*>(k);
-  a.v = ptr<const void*>(v);
-  a.out = ptr<void*>(out);
-  a.lse = ptr<void*>(lse);
-  a.kpm = ptr<const uint8_t*>(kpm);
-  a.qpm = ptr<const uint8_t*>(qpm);
+  a.q = s.strided(q, "q", sz[2], qs);
+  a.k = s.strided(k, "k", sz[3], ks);
+  a.v = s.strided(v, "v", sz[3], vs);
+  a.out = s.dense_out(out, "out", sz[2]);
+  a.lse = s.lse<void*>(lse, "lse");
+  a.kpm = s.mask(kpm, "key_padding_mask", sz[3]);
+  a.qpm = s.mask(qpm, "query_padding_mask", sz[2]);
   a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
   copy3(a.q_stride, qs);
   copy3(a.k_stride, ks);
@@ -81,24 +160,24 @@ AttnFwdArgs fwd_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintp
   return a;
 }
 
-AttnBwdArgs bwd_args(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-                     uintptr_t dlse, uintptr_t kpm, uintptr_t qpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz,
-                     const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os,
-                     bool causal, int64_t causal_offset, double scale, int dtype, int nthreads) {
-  check_attention(sz, dtype);
+AttnBwdArgs bwd_args(const Buf& dout, const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse,
+                     const Buf& dlse, const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv,
+                     const Sizes& sz, const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs,
+                     const Strides& os, bool causal, int64_t causal_offset, double scale, int dtype, int nthreads) {
+  const AttnShape s = attn_shape(sz, dtype);
   AttnBwdArgs a{};
-  a.dout = ptr<const void*>(dout);
-  a.q = ptr<const void*>(q);
-  a.k = ptr<const void*>(k);
-  a.v = ptr<const void*>(v);
-  a.out = ptr<const void*>(out);
-  a.lse = ptr<const void*>(lse);
-  a.dlse = ptr<const void*>(dlse);
-  a.kpm = ptr<const uint8_t*>(kpm);
-  a.qpm = ptr<const uint8_t*>(qpm);
-  a.dq = ptr<void*>(dq);
-  a.dk = ptr<void*>(dk);
-  a.dv = ptr<void*>(dv);
+  a.dout = s.strided(dout, "dout", sz[2], dos);
+  a.q = s.strided(q, "q", sz[2], qs);
+  a.k = s.strided(k, "k", sz[3], ks);
+  a.v = s.strided(v, "v", sz[3], vs);
+  a.out = s.strided(out, "out", sz[2], os);
+  a.lse = s.lse<const void*>(lse, "lse");
+  a.dlse = s.lse<const void*>(dlse, "dlse", true);
+  a.kpm = s.mask(kpm, "key_padding_mask", sz[3]);
+  a.qpm = s.mask(qpm, "query_padding_mask", sz[2]);
+  a.dq = s.dense_out(dq, "dq", sz[2]);
+  a.dk = s.dense_out(dk, "dk", sz[3]);
+  a.dv = s.dense_out(dv, "dv", sz[3]);
   a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
   copy3(a.do_stride, dos);
   copy3(a.q_stride, qs);
@@ -113,27 +192,32 @@ AttnBwdArgs bwd_args(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uint
   return a;
 }
 
-TopkArgs topk_args(uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N,
-                   int64_t d, int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads,
-                   uintptr_t row_scale = 0, uintptr_t row_norm2 = 0) {
+// int8 codes are read in whole blocks of this many columns (csrc/kernels_impl.h: kI8Pad).
+constexpr int64_t kI8Pad = 64;
+
+TopkArgs topk_args(const Buf& queries, const Buf& corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N,
+                   int64_t d, int64_t k, int metric, const Buf& out_scores, const Buf& out_idx, int nthreads,
+                   const Buf& row_scale = {0, 0}, const Buf& row_norm2 = {0, 0}) {
   require(Q >= 1 && N >= 1 && d >= 1, "topk sizes Q, N and d must be >= 1");
   require(k >= 1 && k <= N, "topk needs 1 <= k <= N");
   require(dtype == minillm::kF32 || dtype == minillm::kBF16 || dtype == minillm::kF16 || dtype == minillm::kI8,
           "topk corpus dtype must be kF32, kBF16, kF16 or kI8");
-  require(dtype != minillm::kI8 || (row_scale != 0 && row_norm2 != 0), "an int8 corpus needs row_scale and row_norm2");
+  const bool i8 = dtype == minillm::kI8;
+  require(!i8 || (row_scale.first != 0 && row_norm2.first != 0), "an int8 corpus needs row_scale and row_norm2");
   require(metric == minillm::kIP || metric == minillm::kCosine || metric == minillm::kL2,
           "topk metric must be kIP, kCosine or kL2");
+  const int64_t width = i8 ? (d + kI8Pad - 1) / kI8Pad * kI8Pad : d;  // columns a corpus row is read over
   TopkArgs a{};
-  a.row_scale = ptr<const float*>(row_scale);
-  a.row_norm2 = ptr<const float*>(row_norm2);
-  a.queries = ptr<const float*>(queries);
-  a.corpus = ptr<const void*>(corpus);
+  a.queries = checked<const float*>(queries, "queries", 4, {dense({Q, d})});
+  a.corpus = checked<const void*>(corpus, "corpus", item_bytes(dtype), {{N, corpus_stride}, {width, 1}});
+  a.row_scale = i8 ? checked<const float*>(row_scale, "row_scale", 4, {{N, 1}}) : nullptr;
+  a.row_norm2 = i8 ? checked<const float*>(row_norm2, "row_norm2", 4, {{N, 1}}) : nullptr;
   a.corpus_stride = corpus_stride;
   a.dtype = dtype;
   a.Q = Q, a.N = N, a.d = d, a.k = k;
   a.metric = metric;
-  a.out_scores = ptr<float*>(out_scores);
-  a.out_idx = ptr<int64_t*>(out_idx);
+  a.out_scores = checked<float*>(out_scores, "out_scores", 4, {dense({Q, k})});
+  a.out_idx = checked<int64_t*>(out_idx, "out_idx", 8, {dense({Q, k})});
   a.nthreads = nthreads;
   return a;
 }
@@ -170,26 +254,33 @@ int run_linear(LinearArgs a) {
   return minillm::dispatch_linear_small_m(a);
 }
 
-GemmArgs gemm_args(uintptr_t a, int64_t lda, bool a_colmajor, uintptr_t b, int64_t ldb, bool b_colmajor,
-                   uintptr_t bias, uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
+// A GEMM operand of `rows` x `cols` elements, row-major with row stride ld (colmajor: column stride ld).
+const void* operand(const Buf& b, const char* name, int64_t itemsize, int64_t rows, int64_t cols, int64_t ld,
+                    bool colmajor) {
+  return colmajor ? checked<const void*>(b, name, itemsize, {{cols, ld}, {rows, 1}})
+                  : checked<const void*>(b, name, itemsize, {{rows, ld}, {cols, 1}});
+}
+
+GemmArgs gemm_args(const Buf& a, int64_t lda, bool a_colmajor, const Buf& b, int64_t ldb, bool b_colmajor,
+                   const Buf& bias, const Buf& c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
   require(M >= 1 && N >= 1 && K >= 1, "gemm sizes M, N and K must be >= 1 (empty products are answered in Python)");
   require(dtype == minillm::kF32 || dtype == minillm::kF64, "gemm dtype must be kF32 or kF64");
+  const int64_t item = item_bytes(dtype);
   GemmArgs g{};
-  g.a = ptr<const void*>(a);
+  g.a = operand(a, "a", item, M, K, lda, a_colmajor);
   g.lda = lda;
   g.a_colmajor = a_colmajor;
-  g.b = ptr<const void*>(b);
+  g.b = operand(b, "b", item, K, N, ldb, b_colmajor);
   g.ldb = ldb;
   g.b_colmajor = b_colmajor;
-  g.bias = ptr<const void*>(bias);
-  g.c = ptr<void*>(c);
+  g.bias = checked<const void*>(bias, "bias", item, {{N, 1}}, true);
+  g.c = checked<void*>(c, "c", item, {dense({M, N})});
   g.M = M, g.N = N, g.K = K;
   g.dtype = dtype;
   g.nthreads = nthreads;
   return g;
 }
-using GemmTuple = std::tuple<uintptr_t, int64_t, bool, uintptr_t, int64_t, bool, uintptr_t, uintptr_t, int64_t,
-                             int64_t, int64_t, int>;
+using GemmTuple = std::tuple<Buf, int64_t, bool, Buf, int64_t, bool, Buf, Buf, int64_t, int64_t, int64_t, int>;
 
 int run_gemm(GemmArgs g) {
   py::gil_scoped_release nogil;
@@ -209,10 +300,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "attention_fwd",
-      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm, uintptr_t qpm,
-         const Sizes& sz,
-         const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset, double scale,
-         int dtype, int nthreads) {
+      [](const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& kpm, const Buf& qpm,
+         const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset,
+         double scale, int dtype, int nthreads) {
         check(run_attention_fwd(fwd_args(q, k, v, out, lse, kpm, qpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype,
                                          nthreads)),
               "attention_fwd");
@@ -221,8 +311,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "attention_bwd",
-      [](uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t dlse,
-         uintptr_t kpm, uintptr_t qpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz, const Strides& dos,
+      [](const Buf& dout, const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& dlse,
+         const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv, const Sizes& sz, const Strides& dos,
          const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
          int64_t causal_offset, double scale, int dtype, int nthreads) {
         check(run_attention_bwd(bwd_args(dout, q, k, v, out, lse, dlse, kpm, qpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
@@ -233,29 +323,30 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "topk",
-      [](uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
-         int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, int nthreads, uintptr_t row_scale,
-         uintptr_t row_norm2) {
+      [](const Buf& queries, const Buf& corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
+         int64_t k, int metric, const Buf& out_scores, const Buf& out_idx, int nthreads, const Buf& row_scale,
+         const Buf& row_norm2) {
         check(run_topk(topk_args(queries, corpus, corpus_stride, dtype, Q, N, d, k, metric, out_scores, out_idx,
                                  nthreads, row_scale, row_norm2)),
               "topk");
       },
       py::arg("queries"), py::arg("corpus"), py::arg("corpus_stride"), py::arg("dtype"), py::arg("Q"), py::arg("N"),
       py::arg("d"), py::arg("k"), py::arg("metric"), py::arg("out_scores"), py::arg("out_idx"), py::arg("nthreads"),
-      py::arg("row_scale") = 0, py::arg("row_norm2") = 0,
+      py::arg("row_scale") = Buf{0, 0}, py::arg("row_norm2") = Buf{0, 0},
       "Top-k search on raw pointers (see csrc/kernels.h); row_scale/row_norm2 for an int8 corpus.");
 
   m.def(
       "linear_small_m",
-      [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t K, int64_t N, int64_t ldx, int dtype,
-         int nthreads) {
+      [](const Buf& x, const Buf& w, const Buf& b, const Buf& y, int64_t M, int64_t K, int64_t N, int64_t ldx,
+         int dtype, int nthreads) {
         require(M >= 1 && K >= 1 && N >= 1, "linear_small_m sizes M, K and N must be >= 1");
         require(dtype == minillm::kF32 || dtype == minillm::kF64, "linear_small_m dtype must be kF32 or kF64");
+        const int64_t item = item_bytes(dtype);
         LinearArgs a{};
-        a.x = ptr<const void*>(x);
-        a.w = ptr<const void*>(w);
-        a.b = ptr<const void*>(b);
-        a.y = ptr<void*>(y);
+        a.x = checked<const void*>(x, "x", item, {{M, ldx}, {K, 1}});
+        a.w = checked<const void*>(w, "weight", item, {dense({N, K})});
+        a.b = checked<const void*>(b, "bias", item, {{N, 1}}, true);
+        a.y = checked<void*>(y, "y", item, {dense({M, N})});
         a.M = M, a.K = K, a.N = N, a.ldx = ldx;
         a.dtype = dtype;
         a.nthreads = nthreads;
@@ -265,8 +356,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "gemm",
-      [](uintptr_t a, int64_t lda, bool a_colmajor, uintptr_t b, int64_t ldb, bool b_colmajor, uintptr_t bias,
-         uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
+      [](const Buf& a, int64_t lda, bool a_colmajor, const Buf& b, int64_t ldb, bool b_colmajor, const Buf& bias,
+         const Buf& c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
         check(run_gemm(gemm_args(a, lda, a_colmajor, b, ldb, b_colmajor, bias, c, M, N, K, dtype, nthreads)), "gemm");
       },
       "C = A B + bias on raw pointers (see csrc/kernels.h).");
@@ -327,25 +418,23 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", [] { return minillm::cuda_api::device_count(); }, "CUDA devices visible (0 without a driver).");
   m.def(
       "cuda_attention_fwd",
-      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t kpm, uintptr_t qpm,
-         const Sizes& sz,
-         const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset, double scale,
-         int dtype, int device, uintptr_t stream) {
+      [](const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& kpm, const Buf& qpm,
+         const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset,
+         double scale, int dtype, int device, uintptr_t stream) {
         const AttnFwdArgs a = fwd_args(q, k, v, out, lse, kpm, qpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype, 0);
         run_cuda([&](std::string* e) { return minillm::cuda_api::attention_fwd(a, device, stream, e); });
       },
       "Attention forward on CUDA device pointers (see cuda/cuda_api.h).");
   m.def(
       "cuda_attention_bwd",
-      [](uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t dlse,
-         uintptr_t kpm, uintptr_t qpm, uintptr_t dq, uintptr_t dk, uintptr_t dv, const Sizes& sz, const Strides& dos,
+      [](const Buf& dout, const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& dlse,
+         const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv, const Sizes& sz, const Strides& dos,
          const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
-         int64_t causal_offset, double scale, int dtype, uintptr_t delta, int device, uintptr_t stream) {
+         int64_t causal_offset, double scale, int dtype, const Buf& delta, int device, uintptr_t stream) {
         const AttnBwdArgs a = bwd_args(dout, q, k, v, out, lse, dlse, kpm, qpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
                                        causal_offset, scale, dtype, 0);
-        run_cuda([&](std::string* e) {
-          return minillm::cuda_api::attention_bwd(a, ptr<float*>(delta), device, stream, e);
-        });
+        float* scratch = checked<float*>(delta, "delta", 4, {dense({sz[0], sz[1], sz[2]})});
+        run_cuda([&](std::string* e) { return minillm::cuda_api::attention_bwd(a, scratch, device, stream, e); });
       },
       "Attention backward on CUDA device pointers; delta: B*H*Nq floats of scratch.");
   m.def(
@@ -363,11 +452,15 @@ PYBIND11_MODULE(_C, m) {
       "Device scratch bytes cuda_topk needs for these sizes.");
   m.def(
       "cuda_topk",
-      [](uintptr_t queries, uintptr_t corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
-         int64_t k, int metric, uintptr_t out_scores, uintptr_t out_idx, uintptr_t workspace, int device,
+      [](const Buf& queries, const Buf& corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
+         int64_t k, int metric, const Buf& out_scores, const Buf& out_idx, const Buf& workspace, int device,
          uintptr_t stream) {
         const TopkArgs a = topk_args(queries, corpus, corpus_stride, dtype, Q, N, d, k, metric, out_scores, out_idx, 0);
-        run_cuda([&](std::string* e) { return minillm::cuda_api::topk(a, ptr<void*>(workspace), device, stream, e); });
+        require(workspace.second >= 0 && (workspace.first != 0 || workspace.second == 0), "workspace: bad buffer");
+        // The launcher compares the workspace's bytes with what its plan needs (cuda_topk_workspace).
+        run_cuda([&](std::string* e) {
+          return minillm::cuda_api::topk(a, ptr<void*>(workspace.first), workspace.second, device, stream, e);
+        });
       },
       "Exact top-k on CUDA device pointers (see cuda/cuda_api.h).");
 #else

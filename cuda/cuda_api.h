@@ -25,7 +25,8 @@ int attention_bwd(const AttnBwdArgs& a, float* delta, int device, uintptr_t stre
 // Device scratch bytes topk() needs for these sizes, or -1 (with `error`) when k does not fit.
 int64_t topk_workspace_bytes(int64_t Q, int64_t N, int64_t k, int device, std::string* error);
 
-int topk(const TopkArgs& a, void* workspace, int device, uintptr_t stream, std::string* error);
+// `workspace`: `workspace_bytes` of device scratch, at least topk_workspace_bytes() (checked).
+int topk(const TopkArgs& a, void* workspace, int64_t workspace_bytes, int device, uintptr_t stream, std::string* error);
 
 }  // namespace cuda_api
 }  // namespace minillm

@@ -33,11 +33,18 @@ int64_t topk_workspace_bytes(int64_t Q, int64_t N, int64_t k, int device, std::s
   return int64_t(cuda::topk_workspace_bytes(plan, Q, k));
 }
 
-int topk(const TopkArgs& a, void* workspace, int device, uintptr_t stream, std::string* error) {
+int topk(const TopkArgs& a, void* workspace, int64_t workspace_bytes, int device, uintptr_t stream,
+         std::string* error) {
   DeviceScope scope(device);
   if (fail(scope.status(), "cudaSetDevice", error)) return 1;
   cuda::TopkPlan plan;
   if (!plan_for(a.Q, a.N, a.k, device, &plan, error)) return 1;
+  const int64_t need = int64_t(cuda::topk_workspace_bytes(plan, a.Q, a.k));
+  if (workspace_bytes < need || (need > 0 && workspace == nullptr)) {
+    *error = "minillm top-k (CUDA): the workspace holds " + std::to_string(workspace_bytes) + " bytes, the plan needs " +
+             std::to_string(need);
+    return 1;
+  }
   const int status = cuda::topk_launch(a, plan, workspace, reinterpret_cast<cudaStream_t>(stream));
   return finish(status, "minillm top-k (CUDA)", error);
 }

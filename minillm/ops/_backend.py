@@ -208,6 +208,14 @@ def cuda_stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def buf(t: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """A buffer as the bindings take it: (data pointer, bytes from it to the end of the tensor's storage), or
+    (0, 0) for None. csrc/bindings.cpp checks every element a kernel will touch (sizes x strides) against it."""
+    if t is None:
+        return 0, 0
+    return t.data_ptr(), t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+
+
 def threads_for(single_thread_us: float) -> int:
     """Threads for a kernel call whose work would take `single_thread_us` on one thread: one thread
     when waking the others would cost more than it saves (decode-sized work), else torch's count."""

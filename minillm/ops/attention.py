@@ -35,12 +35,8 @@ def _threads(macs: int) -> int:
     return _backend.threads_for(macs / 2e4)
 
 
-def _mask_ptr(mask: Optional[Tensor]) -> Tuple[int, Optional[Tensor]]:
-    """(data pointer or 0, the contiguous tensor that owns it, kept alive by the caller)."""
-    if mask is None:
-        return 0, None
-    mask = mask.contiguous()
-    return mask.data_ptr(), mask
+def _mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    return mask.contiguous() if mask is not None else None
 
 
 # One preparation per direction for every device: kernel-ready inputs (unit stride along D, contiguous
@@ -58,9 +54,9 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
-    launch((q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), kpm[0], qpm[0],
-            (B, H, Nq, Nk, D), q.stride()[:3], k.stride()[:3], v.stride()[:3],
+    buf = _backend.buf
+    kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)  # kept alive until the launch returns
+    launch((buf(q), buf(k), buf(v), buf(out), buf(lse), buf(kpm), buf(qpm), (B, H, Nq, Nk, D), q.stride()[:3], k.stride()[:3], v.stride()[:3],
             causal, causal_offset, scale, _DTYPE_CODE[q.dtype]), B * H * Nq * Nk * D)
     return out, lse
 
@@ -75,11 +71,10 @@ def _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padd
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
-    kpm, qpm = _mask_ptr(key_padding_mask), _mask_ptr(query_padding_mask)
-    launch((dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            dlse.data_ptr() if dlse is not None else 0, kpm[0], qpm[0],
-            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-            (B, H, Nq, Nk, D), dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3],
+    buf = _backend.buf
+    kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)
+    launch((buf(dout), buf(q), buf(k), buf(v), buf(out), buf(lse), buf(dlse), buf(kpm), buf(qpm),
+            buf(dq), buf(dk), buf(dv), (B, H, Nq, Nk, D), dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3],
             causal, causal_offset, scale, _DTYPE_CODE[q.dtype]), 3 * B * H * Nq * Nk * D)
     return dq, dk, dv
 
@@ -193,7 +188,7 @@ def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_p
 
     def launch(args, work):
         delta = torch.empty(q.shape[0] * q.shape[1] * q.shape[2], dtype=torch.float32, device=q.device)  # scratch
-        _backend._C.cuda_attention_bwd(*args, delta.data_ptr(), q.device.index, _backend.cuda_stream(q))
+        _backend._C.cuda_attention_bwd(*args, _backend.buf(delta), q.device.index, _backend.cuda_stream(q))
 
     return _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
                             causal_offset, scale, launch)

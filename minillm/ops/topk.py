@@ -38,10 +38,9 @@ def _topk_search(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[
     (Q, d), N = queries.shape, corpus.shape[0]
     if Q == 0:
         return scores, idx
-    _backend._C.topk(
-        queries.data_ptr(), corpus.data_ptr(), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
-        _METRIC_CODE[metric], scores.data_ptr(), idx.data_ptr(), torch.get_num_threads(),
-    )
+    buf = _backend.buf
+    _backend._C.topk(buf(queries), buf(corpus), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
+                     _METRIC_CODE[metric], buf(scores), buf(idx), torch.get_num_threads())
     return scores, idx
 
 
@@ -80,11 +79,10 @@ def _topk_search_cuda(queries: Tensor, corpus: Tensor, k: int, metric: str) -> T
     device = queries.device.index
     # (parts x Q x k) candidates when the corpus is split across blocks
     workspace = torch.empty(_backend._C.cuda_topk_workspace(Q, N, k, device), dtype=torch.uint8, device=queries.device)
-    _backend._C.cuda_topk(
-        queries.data_ptr(), corpus.data_ptr(), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
-        _METRIC_CODE[metric], scores.data_ptr(), idx.data_ptr(), workspace.data_ptr() if workspace.numel() else 0,
-        device, _backend.cuda_stream(queries),
-    )
+    buf = _backend.buf
+    _backend._C.cuda_topk(buf(queries), buf(corpus), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
+                          _METRIC_CODE[metric], buf(scores), buf(idx), buf(workspace) if workspace.numel() else (0, 0),
+                          device, _backend.cuda_stream(queries))
     return scores, idx
 
 
@@ -134,10 +132,9 @@ def _topk_int8(queries: Tensor, codes: Tensor, scales: Tensor, norm2: Tensor, d:
     Q, N = queries.shape[0], codes.shape[0]
     if Q == 0:
         return scores, idx
-    _backend._C.topk(
-        queries.data_ptr(), codes.data_ptr(), codes.stride(0), _I8_CODE, Q, N, d, k, _METRIC_CODE[metric],
-        scores.data_ptr(), idx.data_ptr(), torch.get_num_threads(), scales.data_ptr(), norm2.data_ptr(),
-    )
+    buf = _backend.buf
+    _backend._C.topk(buf(queries), buf(codes), codes.stride(0), _I8_CODE, Q, N, d, k, _METRIC_CODE[metric],
+                     buf(scores), buf(idx), torch.get_num_threads(), buf(scales), buf(norm2))
     return scores, idx
 
 

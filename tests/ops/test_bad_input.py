@@ -95,15 +95,16 @@ def test_topk_bad_input(path, desc, call, exc, words):
 
 
 # The private raw-pointer bindings: sizes and codes the kernels do not handle raise instead of crashing (the
-# public functions never pass them). Pointers are valid (a zeroed buffer); only the named argument is wrong.
+# public functions never pass them). Buffers are valid (a zeroed one); only the named argument is wrong.
+Z = (0, 0)  # an absent optional buffer
 RAW_CASES = [
-    ("attention_fwd B=0", "attention_fwd", lambda p: (p, p, p, p, p, 0, 0, (0, 1, 8, 8, 8), (64, 64, 8), (64, 64, 8),
+    ("attention_fwd B=0", "attention_fwd", lambda p: (p, p, p, p, p, Z, Z, (0, 1, 8, 8, 8), (64, 64, 8), (64, 64, 8),
                                                         (64, 64, 8), False, 0, 0.35, 0, 1)),
-    ("attention_fwd D=0", "attention_fwd", lambda p: (p, p, p, p, p, 0, 0, (1, 1, 8, 8, 0), (64, 64, 8), (64, 64, 8),
+    ("attention_fwd D=0", "attention_fwd", lambda p: (p, p, p, p, p, Z, Z, (1, 1, 8, 8, 0), (64, 64, 8), (64, 64, 8),
                                                         (64, 64, 8), False, 0, 0.35, 0, 1)),
-    ("attention_fwd dtype=9", "attention_fwd", lambda p: (p, p, p, p, p, 0, 0, (1, 1, 8, 8, 8), (64, 64, 8),
+    ("attention_fwd dtype=9", "attention_fwd", lambda p: (p, p, p, p, p, Z, Z, (1, 1, 8, 8, 8), (64, 64, 8),
                                                             (64, 64, 8), (64, 64, 8), False, 0, 0.35, 9, 1)),
-    ("attention_bwd Nk=0", "attention_bwd", lambda p: (p, p, p, p, p, p, 0, 0, 0, p, p, p, (1, 1, 8, 0, 8),
+    ("attention_bwd Nk=0", "attention_bwd", lambda p: (p, p, p, p, p, p, Z, Z, Z, p, p, p, (1, 1, 8, 0, 8),
                                                          (64, 64, 8), (64, 64, 8), (64, 64, 8), (64, 64, 8),
                                                          (64, 64, 8), False, 0, 0.35, 0, 1)),
     ("topk Q=0", "topk", lambda p: (p, p, 8, 0, 0, 8, 8, 2, 0, p, p, 1)),
@@ -112,10 +113,10 @@ RAW_CASES = [
     ("topk dtype=9", "topk", lambda p: (p, p, 8, 9, 1, 8, 8, 2, 0, p, p, 1)),
     ("topk metric=9", "topk", lambda p: (p, p, 8, 0, 1, 8, 8, 2, 9, p, p, 1)),
     ("topk int8 without scales", "topk", lambda p: (p, p, 8, 4, 1, 8, 8, 2, 0, p, p, 1)),
-    ("linear_small_m K=0", "linear_small_m", lambda p: (p, p, 0, p, 1, 0, 8, 8, 0, 1)),
-    ("linear_small_m dtype=1", "linear_small_m", lambda p: (p, p, 0, p, 1, 8, 8, 8, 1, 1)),
-    ("gemm M=0", "gemm", lambda p: (p, 8, False, p, 8, False, 0, p, 0, 8, 8, 0, 1)),
-    ("gemm N=0", "gemm", lambda p: (p, 8, False, p, 8, False, 0, p, 8, 0, 8, 0, 1)),
+    ("linear_small_m K=0", "linear_small_m", lambda p: (p, p, Z, p, 1, 0, 8, 8, 0, 1)),
+    ("linear_small_m dtype=1", "linear_small_m", lambda p: (p, p, Z, p, 1, 8, 8, 8, 1, 1)),
+    ("gemm M=0", "gemm", lambda p: (p, 8, False, p, 8, False, Z, p, 0, 8, 8, 0, 1)),
+    ("gemm N=0", "gemm", lambda p: (p, 8, False, p, 8, False, Z, p, 8, 0, 8, 0, 1)),
 ]
 
 
@@ -127,7 +128,109 @@ def test_raw_bindings_reject_sizes_and_codes(desc, fn, args):
         pytest.skip("no native extension")
     buf = torch.zeros(1 << 16)
     with pytest.raises(ValueError, match="minillm._C"):
-        getattr(_backend._C, fn)(*args(buf.data_ptr()))
+        getattr(_backend._C, fn)(*args(_backend.buf(buf)))
+
+
+# The bindings' extent checks: every call below is well-formed except for one buffer, too small for the elements
+# its sizes and strides reach (or a negative or overflowing stride). Before the checks each call read or wrote
+# past that buffer. Buffers come from real tensors (a view's bytes run to the end of its storage).
+def _f32(n):
+    return torch.zeros(n)
+
+
+S4 = (1, 1, 8, 8, 8)  # (B, H, Nq, Nk, D): 64 elements per operand
+ST = (64, 64, 8)
+
+
+def _fwd(q=64, k=64, v=64, out=64, lse=8, kpm=None, ks=ST, B=1):
+    b = lambda n: (0, 0) if n is None else _backend_buf(_f32(n) if n > 0 else torch.zeros(-n, dtype=torch.uint8))
+    return ("attention_fwd", (b(q), b(k), b(v), b(out), b(lse), b(kpm), (0, 0), (B,) + S4[1:], ST, ks, ST, False, 0,
+                              0.35, 0, 1))
+
+
+def _bwd(dq=64, dlse=None):
+    b = lambda n: (0, 0) if n is None else _backend_buf(_f32(n))
+    return ("attention_bwd", (b(64), b(64), b(64), b(64), b(64), b(8), b(dlse), (0, 0), (0, 0), b(dq), b(64), b(64),
+                              S4, ST, ST, ST, ST, ST, False, 0, 0.35, 0, 1))
+
+
+def _topk(corpus=None, stride=8, dtype=0, idx=16, scale=8, d=8):
+    corpus = _f32(64) if corpus is None else corpus
+    i8 = dtype == 4
+    return ("topk", (_backend_buf(_f32(8 * d // 8)), _backend_buf(corpus), stride, dtype, 1, 8, d, 2, 0,
+                     _backend_buf(_f32(2)), _backend_buf(torch.zeros(idx // 8, dtype=torch.int64)), 1,
+                     _backend_buf(_f32(scale)) if i8 else (0, 0), _backend_buf(_f32(8)) if i8 else (0, 0)))
+
+
+def _gemm(a=64, lda=8, b=64, ldb=8, b_col=False, c=64):
+    return ("gemm", (_backend_buf(_f32(a)), lda, False, _backend_buf(_f32(b)), ldb, b_col, (0, 0), _backend_buf(_f32(c)),
+                     8, 8, 8, 0, 1))
+
+
+def _backend_buf(t):
+    from minillm.ops import _backend
+
+    _KEEP.append(t)  # alive until the call
+    return _backend.buf(t)
+
+
+_KEEP = []
+EXTENT_CASES = [
+    ("q one float short", lambda: _fwd(q=63), "q reaches 256 bytes"),
+    ("k row stride past the end", lambda: _fwd(ks=(64, 64, 9)), "k reaches 284 bytes"),
+    ("k negative stride", lambda: _fwd(ks=(64, 64, -8)), "strides >= 0"),
+    ("k stride overflows", lambda: _fwd(q=256, v=256, out=256, lse=32, ks=(2 ** 62, 64, 8), B=4), "overflows"),
+    ("out short", lambda: _fwd(out=32), "out reaches"),
+    ("lse short", lambda: _fwd(lse=7), "lse reaches"),
+    ("key mask short", lambda: _fwd(kpm=-7), "key_padding_mask reaches 8 bytes"),
+    ("view at the end of its storage", lambda: ("attention_fwd", (_backend_buf(_f32(100)[40:]),) + _fwd()[1][1:]),
+     "q reaches 256 bytes"),
+    ("bwd dq short", lambda: _bwd(dq=60), "dq reaches"),
+    ("bwd dlse short", lambda: _bwd(dlse=4), "dlse reaches"),
+    ("corpus short", lambda: _topk(corpus=_f32(60)), "corpus reaches 256 bytes"),
+    ("corpus stride past the end", lambda: _topk(stride=9), "corpus reaches"),
+    ("int8 corpus read in 64-column blocks", lambda: _topk(corpus=torch.zeros(504, dtype=torch.int8), stride=64,
+                                                            dtype=4), "corpus reaches 512 bytes"),
+    ("int8 row_scale short", lambda: _topk(corpus=torch.zeros(512, dtype=torch.int8), stride=64, dtype=4, scale=7),
+     "row_scale"),
+    ("indices short", lambda: _topk(idx=8), "out_idx reaches 16 bytes"),
+    ("gemm a short", lambda: _gemm(a=63), "a reaches"),
+    ("gemm lda past the end", lambda: _gemm(lda=9), "a reaches"),
+    ("gemm column-major b", lambda: _gemm(ldb=16, b_col=True, b=64), "b reaches"),
+    ("gemm c short", lambda: _gemm(c=8), "c reaches"),
+    ("gemm_pair second product", lambda: ("gemm_pair", (_gemm()[1][:-1], _gemm(c=8)[1][:-1], 1)), "c reaches"),
+    ("linear_small_m x row stride", lambda: ("linear_small_m", (_backend_buf(_f32(64)), _backend_buf(_f32(64)),
+                                                                (0, 0), _backend_buf(_f32(64)), 8, 8, 8, 9, 0, 1)),
+     "x reaches"),
+]
+
+
+@pytest.mark.parametrize("desc,make,words", EXTENT_CASES, ids=[c[0] for c in EXTENT_CASES])
+def test_raw_bindings_check_buffer_extents(desc, make, words):
+    from minillm.ops import _backend
+
+    if _backend._C is None:
+        pytest.skip("no native extension")
+    fn, args = make()
+    try:
+        with pytest.raises(ValueError, match="minillm._C") as info:
+            getattr(_backend._C, fn)(*args)
+        assert words in str(info.value), f"{desc}: {words!r} not in {info.value}"
+    finally:
+        _KEEP.clear()
+
+
+def test_raw_bindings_run_with_exact_extents():
+    from minillm.ops import _backend
+
+    if _backend._C is None:
+        pytest.skip("no native extension")
+    try:
+        for fn, args in (_fwd(), _bwd(dlse=8), _topk(), _topk(corpus=torch.zeros(8 * 64, dtype=torch.int8), stride=64,
+                                                               dtype=4), _gemm(), _gemm(ldb=8, b_col=True)):
+            getattr(_backend._C, fn)(*args)  # every buffer exactly as large as needed: no error
+    finally:
+        _KEEP.clear()
 
 
 def test_registered_ops_check_their_arguments():
