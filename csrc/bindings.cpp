@@ -38,9 +38,45 @@ P ptr(uintptr_t p) {
   return reinterpret_cast<P>(p);
 }
 
+}  // namespace
+
 // A buffer: (data pointer, bytes addressable from it), as minillm.ops._backend.buf(tensor) makes it from the
 // tensor's storage (storage bytes - storage offset). (0, 0) stands for an absent optional buffer.
-using Buf = std::pair<uintptr_t, int64_t>;
+struct Buf {
+  uintptr_t ptr;
+  int64_t bytes;
+};
+
+// Python's (int, int) tuple to Buf directly: pybind11's generic std::pair caster cost ~0.25 us per buffer,
+// a sixth of a small attention call with seven buffers.
+namespace pybind11 {
+namespace detail {
+template <>
+struct type_caster<Buf> {
+  PYBIND11_TYPE_CASTER(Buf, const_name("tuple[int, int]"));
+  bool load(handle src, bool) {
+    PyObject* t = src.ptr();
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2) return false;
+    PyObject* p = PyTuple_GET_ITEM(t, 0);
+    PyObject* n = PyTuple_GET_ITEM(t, 1);
+    if (!PyLong_Check(p) || !PyLong_Check(n)) return false;
+    const unsigned long long pv = PyLong_AsUnsignedLongLong(p);
+    const long long nv = PyLong_AsLongLong(n);
+    if (PyErr_Occurred()) {  // negative pointer or out-of-range int: not a buffer
+      PyErr_Clear();
+      return false;
+    }
+    value = Buf{static_cast<uintptr_t>(pv), static_cast<int64_t>(nv)};
+    return true;
+  }
+  static handle cast(const Buf& b, return_value_policy, handle) {
+    return make_tuple(b.ptr, b.bytes).release();
+  }
+};
+}  // namespace detail
+}  // namespace pybind11
+
+namespace {
 
 void copy3(int64_t* dst, const Strides& s) {
   for (int i = 0; i < 3; ++i) dst[i] = s[i];
@@ -49,8 +85,11 @@ void copy3(int64_t* dst, const Strides& s) {
 // minillm/ops checks every public argument before it gets here, but the module is importable: a size or
 // code the kernels do not handle raises ValueError (pybind11 maps std::invalid_argument) instead of
 // dividing by zero or indexing past a table.
-void require(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument("minillm._C: " + what);
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("minillm._C: " + what); }
+
+// A literal message, so a passing check builds no string (they run on every call).
+void require(bool ok, const char* what) {
+  if (!ok) fail(what);
 }
 
 constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
@@ -68,22 +107,22 @@ struct Dim {
 // nothing is touched and nullptr comes back. This is the extent check of every pointer this module passes on.
 template <typename P>
 P checked(const Buf& b, const char* name, int64_t itemsize, std::initializer_list<Dim> dims, bool optional = false) {
-  if (b.first == 0) {
-    require(optional, std::string(name) + " is a null pointer");
+  if (b.ptr == 0) {
+    if (!optional) fail(std::string(name) + " is a null pointer");
     return nullptr;
   }
   int64_t last = 0;  // element offset of the farthest element touched
   for (const Dim& d : dims) {
-    require(d.size >= 1 && d.stride >= 0, std::string(name) + ": sizes must be >= 1 and strides >= 0");
+    if (d.size < 1 || d.stride < 0) fail(std::string(name) + ": sizes must be >= 1 and strides >= 0");
     const int64_t step = mul_or_neg(d.size - 1, d.stride);
-    require(step >= 0 && last <= kMax - step, std::string(name) + ": extent overflows int64");
+    if (step < 0 || last > kMax - step) fail(std::string(name) + ": extent overflows int64");
     last += step;
   }
   const int64_t need = last < kMax ? mul_or_neg(last + 1, itemsize) : -1;
-  require(need >= 0 && b.second >= need,
-          std::string(name) + " reaches " + std::to_string(need) + " bytes past its pointer, but its storage holds " +
-              std::to_string(b.second) + " from there");
-  return ptr<P>(b.first);
+  if (need < 0 || b.bytes < need)
+    fail(std::string(name) + " reaches " + std::to_string(need) + " bytes past its pointer, but its storage holds " +
+         std::to_string(b.bytes) + " from there");
+  return ptr<P>(b.ptr);
 }
 
 // Elements of a contiguous array of these sizes (each >= 1), as one Dim.
@@ -203,7 +242,7 @@ TopkArgs topk_args(const Buf& queries, const Buf& corpus, int64_t corpus_stride,
   require(dtype == minillm::kF32 || dtype == minillm::kBF16 || dtype == minillm::kF16 || dtype == minillm::kI8,
           "topk corpus dtype must be kF32, kBF16, kF16 or kI8");
   const bool i8 = dtype == minillm::kI8;
-  require(!i8 || (row_scale.first != 0 && row_norm2.first != 0), "an int8 corpus needs row_scale and row_norm2");
+  require(!i8 || (row_scale.ptr != 0 && row_norm2.ptr != 0), "an int8 corpus needs row_scale and row_norm2");
   require(metric == minillm::kIP || metric == minillm::kCosine || metric == minillm::kL2,
           "topk metric must be kIP, kCosine or kL2");
   const int64_t width = i8 ? (d + kI8Pad - 1) / kI8Pad * kI8Pad : d;  // columns a corpus row is read over
@@ -456,10 +495,10 @@ PYBIND11_MODULE(_C, m) {
          int64_t k, int metric, const Buf& out_scores, const Buf& out_idx, const Buf& workspace, int device,
          uintptr_t stream) {
         const TopkArgs a = topk_args(queries, corpus, corpus_stride, dtype, Q, N, d, k, metric, out_scores, out_idx, 0);
-        require(workspace.second >= 0 && (workspace.first != 0 || workspace.second == 0), "workspace: bad buffer");
+        require(workspace.bytes >= 0 && (workspace.ptr != 0 || workspace.bytes == 0), "workspace: bad buffer");
         // The launcher compares the workspace's bytes with what its plan needs (cuda_topk_workspace).
         run_cuda([&](std::string* e) {
-          return minillm::cuda_api::topk(a, ptr<void*>(workspace.first), workspace.second, device, stream, e);
+          return minillm::cuda_api::topk(a, ptr<void*>(workspace.ptr), workspace.bytes, device, stream, e);
         });
       },
       "Exact top-k on CUDA device pointers (see cuda/cuda_api.h).");

@@ -216,6 +216,14 @@ def buf(t: Optional[torch.Tensor]) -> Tuple[int, int]:
     return t.data_ptr(), t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
 
 
+def dense_buf(t: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """buf() for a contiguous tensor (an output the caller allocated, a mask it made contiguous): its own bytes
+    bound what the kernel may touch, which costs a third of buf()'s storage query on small calls."""
+    if t is None:
+        return 0, 0
+    return t.data_ptr(), t.nbytes
+
+
 def threads_for(single_thread_us: float) -> int:
     """Threads for a kernel call whose work would take `single_thread_us` on one thread: one thread
     when waking the others would cost more than it saves (decode-sized work), else torch's count."""

@@ -54,9 +54,9 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    buf = _backend.buf
+    buf, dense = _backend.buf, _backend.dense_buf
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)  # kept alive until the launch returns
-    launch((buf(q), buf(k), buf(v), buf(out), buf(lse), buf(kpm), buf(qpm), (B, H, Nq, Nk, D), q.stride()[:3], k.stride()[:3], v.stride()[:3],
+    launch((buf(q), buf(k), buf(v), dense(out), dense(lse), dense(kpm), dense(qpm), (B, H, Nq, Nk, D), q.stride()[:3], k.stride()[:3], v.stride()[:3],
             causal, causal_offset, scale, _DTYPE_CODE[q.dtype]), B * H * Nq * Nk * D)
     return out, lse
 
@@ -71,10 +71,10 @@ def _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padd
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
-    buf = _backend.buf
+    buf, dense = _backend.buf, _backend.dense_buf
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)
-    launch((buf(dout), buf(q), buf(k), buf(v), buf(out), buf(lse), buf(dlse), buf(kpm), buf(qpm),
-            buf(dq), buf(dk), buf(dv), (B, H, Nq, Nk, D), dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3],
+    launch((buf(dout), buf(q), buf(k), buf(v), buf(out), dense(lse), dense(dlse), dense(kpm), dense(qpm),
+            dense(dq), dense(dk), dense(dv), (B, H, Nq, Nk, D), dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3],
             causal, causal_offset, scale, _DTYPE_CODE[q.dtype]), 3 * B * H * Nq * Nk * D)
     return dq, dk, dv
 
@@ -188,7 +188,7 @@ def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_p
 
     def launch(args, work):
         delta = torch.empty(q.shape[0] * q.shape[1] * q.shape[2], dtype=torch.float32, device=q.device)  # scratch
-        _backend._C.cuda_attention_bwd(*args, _backend.buf(delta), q.device.index, _backend.cuda_stream(q))
+        _backend._C.cuda_attention_bwd(*args, _backend.dense_buf(delta), q.device.index, _backend.cuda_stream(q))
 
     return _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
                             causal_offset, scale, launch)

@@ -65,8 +65,8 @@ def _gemm_call(a: Tensor, b: Tensor, bias: Optional[Tensor]):
     a, lda, a_col = _operand(a)
     b, ldb, b_col = _operand(b)
     bias = bias.contiguous() if bias is not None else None
-    buf = _backend.buf
-    args = (buf(a), lda, a_col, buf(b), ldb, b_col, buf(bias), buf(c), M, N, K, _DTYPE_CODE[a.dtype])
+    buf, dense = _backend.buf, _backend.dense_buf
+    args = (buf(a), lda, a_col, buf(b), ldb, b_col, dense(bias), dense(c), M, N, K, _DTYPE_CODE[a.dtype])
     return c, args, (a, b, bias)
 
 
@@ -129,8 +129,8 @@ def _linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     y = x.new_empty((M, N))
     if M == 0 or N == 0:
         return y
-    buf = _backend.buf
-    _backend._C.linear_small_m(buf(x), buf(weight), buf(bias), buf(y), M, K, N, x.stride(0), _DTYPE_CODE[x.dtype],
+    buf, dense = _backend.buf, _backend.dense_buf
+    _backend._C.linear_small_m(buf(x), dense(weight), dense(bias), dense(y), M, K, N, x.stride(0), _DTYPE_CODE[x.dtype],
                                _backend.threads_for(_small_m_us(M, N, K, weight.element_size())))
     return y
 

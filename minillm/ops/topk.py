@@ -38,9 +38,9 @@ def _topk_search(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[
     (Q, d), N = queries.shape, corpus.shape[0]
     if Q == 0:
         return scores, idx
-    buf = _backend.buf
-    _backend._C.topk(buf(queries), buf(corpus), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
-                     _METRIC_CODE[metric], buf(scores), buf(idx), torch.get_num_threads())
+    buf, dense = _backend.buf, _backend.dense_buf
+    _backend._C.topk(dense(queries), buf(corpus), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
+                     _METRIC_CODE[metric], dense(scores), dense(idx), torch.get_num_threads())
     return scores, idx
 
 
@@ -79,9 +79,9 @@ def _topk_search_cuda(queries: Tensor, corpus: Tensor, k: int, metric: str) -> T
     device = queries.device.index
     # (parts x Q x k) candidates when the corpus is split across blocks
     workspace = torch.empty(_backend._C.cuda_topk_workspace(Q, N, k, device), dtype=torch.uint8, device=queries.device)
-    buf = _backend.buf
-    _backend._C.cuda_topk(buf(queries), buf(corpus), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
-                          _METRIC_CODE[metric], buf(scores), buf(idx), buf(workspace) if workspace.numel() else (0, 0),
+    buf, dense = _backend.buf, _backend.dense_buf
+    _backend._C.cuda_topk(dense(queries), buf(corpus), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
+                          _METRIC_CODE[metric], dense(scores), dense(idx), dense(workspace) if workspace.numel() else (0, 0),
                           device, _backend.cuda_stream(queries))
     return scores, idx
 
@@ -97,8 +97,10 @@ def _as_tensor(name: str, x) -> Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype not in (np.float32, np.float16, np.float64) and not (name == "codes" and x.dtype == np.int8):
             raise TypeError(f"{name} must be a float32 or float16 array, got dtype {x.dtype}")
-        if any(s < 0 for s in x.strides):
-            x = np.ascontiguousarray(x)
+        if any(s < 0 for s in x.strides):  # torch has no negative strides (flipped arrays)
+            # A copy, not np.ascontiguousarray: that keeps a size-1 axis's negative stride (the array already
+            # counts as contiguous), and torch.from_numpy then refused a flipped (1, d) query.
+            x = x.copy()
         with warnings.catch_warnings():
             # A read-only array (e.g. a memory map) makes torch warn; the kernel only ever reads it.
             warnings.simplefilter("ignore", UserWarning)
@@ -132,9 +134,9 @@ def _topk_int8(queries: Tensor, codes: Tensor, scales: Tensor, norm2: Tensor, d:
     Q, N = queries.shape[0], codes.shape[0]
     if Q == 0:
         return scores, idx
-    buf = _backend.buf
-    _backend._C.topk(buf(queries), buf(codes), codes.stride(0), _I8_CODE, Q, N, d, k, _METRIC_CODE[metric],
-                     buf(scores), buf(idx), torch.get_num_threads(), buf(scales), buf(norm2))
+    buf, dense = _backend.buf, _backend.dense_buf
+    _backend._C.topk(dense(queries), buf(codes), codes.stride(0), _I8_CODE, Q, N, d, k, _METRIC_CODE[metric],
+                     dense(scores), dense(idx), torch.get_num_threads(), dense(scales), dense(norm2))
     return scores, idx
 
 

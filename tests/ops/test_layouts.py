@@ -1,0 +1,224 @@
+"""Every public op on every memory layout a user can hand it, at every SIMD level, against torch.
+
+Property-based (hypothesis): random shapes, dtypes and layouts -- permuted (transposed) memory order, step
+slices (non-contiguous), storage offsets, expanded dims (stride 0) and, for numpy inputs, negative strides
+(flips) -- for attention, scaled_dot_product_attention, linear, topk_search and FlatIndex, forward and backward.
+Gradients are taken with respect to the storage the views were cut from, so an expanded input's gradient is
+the sum over its repeats, as torch gives it. scripts/sanitize.sh runs this file under ASan/UBSan, where a read
+past a buffer is a report even when the numbers happen to come out right.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minillm.index import FlatIndex
+from minillm.ops import _backend, attention, linear, scaled_dot_product_attention, topk_search
+from minillm.ops.reference import attention_reference, topk_search_reference
+
+pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="native extension not available")
+
+# The simd_level fixture runs each test once per level; hypothesis draws its examples inside that run.
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                            HealthCheck.too_slow])
+
+
+@st.composite
+def layouts(draw, shape, dtype=torch.float32, expand=True, values=None):
+    """(view, storage): a tensor of logical `shape` cut from a flat storage tensor in a random layout."""
+    nd = len(shape)
+    order = draw(st.permutations(range(nd)))  # memory order of the logical dims (outermost first)
+    steps = [draw(st.sampled_from((1, 1, 2, 3))) for _ in shape]
+    expanded = [expand and s > 1 and draw(st.integers(0, 5)) == 0 for s in shape]
+    offset = draw(st.integers(0, 3))
+    base = [1 if e else s * t for s, t, e in zip(shape, steps, expanded)]  # (*logical), before slicing
+    mem = [base[i] for i in order]
+    n = offset + math.prod(mem)
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    flat = (torch.randn(n, generator=g, dtype=torch.float64) if values is None else values(n, g)).to(dtype)
+    inverse = [order.index(i) for i in range(nd)]
+    view = flat[offset:].view(mem).permute(inverse)  # (*base) in logical order
+    view = view[tuple(slice(None, None, t) for t in steps)]
+    view = view.expand(shape) if any(expanded) else view  # stride 0 where expanded
+    assert tuple(view.shape) == tuple(shape)
+    return view, flat
+
+
+def cut(flat, like):
+    """The same layout as `like` (a view of some storage) over `flat`, which is differentiable."""
+    return flat.as_strided(like.shape, like.stride(), like.storage_offset())
+
+
+# ---- attention and the SDPA drop-in ----
+
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _close(got, want, what, tol):
+    err = (got.double() - want.double()).abs()
+    limit = tol * (1 + want.double().abs())
+    assert bool((err <= limit).all()), f"{what}: max error {err.max().item():.3g}, tolerance {tol:.1g}"
+
+
+def _run(fn, flats, views, dtype, grad_seed, contiguous=False, **kwargs):
+    """fn on views cut from fresh leaves of `flats` (in `dtype`), or on contiguous copies of those views:
+    (output, gradients of the leaves)."""
+    leaves = [f.detach().to(dtype).requires_grad_() for f in flats]
+    inputs = [cut(f, t) for f, t in zip(leaves, views)]
+    out = fn(*(x.contiguous() if contiguous else x for x in inputs), **kwargs)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(grad_seed))
+    out.backward(g.to(dtype))
+    return out.detach(), [f.grad for f in leaves]
+
+
+def _compare(fn, torch_fn, flats, views, dtype, grad_seed, grad_names, **kwargs):
+    """fp32/fp64: minillm's fn on the views against torch_fn in fp64, elementwise. bf16/fp16: the precision
+    itself is tests/ops/test_attention.py's (error at most 2x torch's own, on contiguous inputs); here the
+    layout must not change the result: fn on the views equals fn on contiguous copies of them (the same
+    arithmetic on the same values), and both stay near fp64."""
+    out, grads = _run(fn, flats, views, dtype, grad_seed, **kwargs)
+    if dtype in HALF:
+        want, want_grads = _run(fn, flats, views, dtype, grad_seed, contiguous=True, **kwargs)
+        tol = 1e-6
+    else:
+        want, want_grads = _run(torch_fn, flats, views, torch.float64, grad_seed, **kwargs)
+        tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == want.shape
+    _close(out, want, "out", tol)
+    for name, a, b in zip(grad_names, grads, want_grads):
+        _close(a, b, name, 4 * tol)
+    if dtype in HALF:  # and near fp64, far looser than a layout error (reads of the wrong elements are O(1))
+        ref, ref_grads = _run(torch_fn, flats, views, torch.float64, grad_seed, **kwargs)
+        scale = 1 + max([ref.abs().max().item()] + [g.abs().max().item() for g in ref_grads])
+        for name, a, b in zip(("out",) + tuple(grad_names), [out] + grads, [ref] + ref_grads):
+            err = (a.double() - b).abs().max().item()
+            assert err <= 0.05 * scale, f"{name}: max error {err:.3g} against fp64 (scale {scale:.3g})"
+
+
+@st.composite
+def attention_case(draw):
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    Nq, Nk, D = draw(st.integers(1, 9)), draw(st.integers(1, 9)), draw(st.integers(1, 20))
+    dtype = draw(st.sampled_from((torch.float32, torch.float64, torch.bfloat16, torch.float16)))
+    q, k, v = (draw(layouts((B, H, n, D), dtype)) for n in (Nq, Nk, Nk))
+    bits = lambda n, g: (torch.rand(n, generator=g) > 0.3).double()
+    kpm = draw(st.none() | layouts((B, Nk), torch.bool, values=bits))
+    qpm = draw(st.none() | layouts((B, Nq), torch.bool, values=bits))
+    return q, k, v, kpm, qpm, draw(st.booleans()), dtype
+
+
+@given(case=attention_case())
+@SETTINGS
+def test_attention_on_any_layout(simd_level, case):
+    (q, fq), (k, fk), (v, fv), kpm, qpm, causal, dtype = case
+    kpm = kpm[0] if kpm is not None else None  # strided bool views too
+    qpm = qpm[0] if qpm is not None else None
+    _compare(attention, attention_reference, (fq, fk, fv), (q, k, v), dtype, 1, ("dq", "dk", "dv"),
+             causal=causal, key_padding_mask=kpm, query_padding_mask=qpm)
+
+
+@given(case=attention_case())
+@SETTINGS
+def test_sdpa_dropin_on_any_layout(simd_level, case):
+    (q, fq), (k, fk), (v, fv), kpm, _, causal, dtype = case
+    # torch's SDPA is the reference here; a boolean (B, 1, 1, Nk) mask takes the native kernel, and a key
+    # row with every key masked is NaN in torch (0 in minillm), so the mask keeps key 0.
+    mask = None
+    if kpm is not None and not causal:
+        mask = kpm[0].clone()
+        mask[:, 0] = True
+        mask = mask[:, None, None, :]
+    _compare(scaled_dot_product_attention, F.scaled_dot_product_attention, (fq, fk, fv), (q, k, v), dtype, 2,
+             ("dq", "dk", "dv"), attn_mask=mask, is_causal=causal)
+
+
+# ---- linear ----
+
+@st.composite
+def linear_case(draw):
+    dtype = draw(st.sampled_from((torch.float32, torch.float64)))
+    batch = tuple(draw(st.lists(st.integers(1, 5), max_size=2)))
+    # Up to 40 rows: both kernels (few rows: streamed weights; more: the packed GEMM).
+    M = draw(st.sampled_from((1, 3, 16, 17, 40)))
+    K, N = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    x = draw(layouts(batch + (M, K), dtype))
+    w = draw(layouts((N, K), dtype))
+    b = draw(st.none() | layouts((N,), dtype))
+    return x, w, b, dtype
+
+
+@given(case=linear_case())
+@SETTINGS
+def test_linear_on_any_layout(simd_level, case):
+    (x, fx), (w, fw), b, dtype = case
+    views = [x, w] + ([b[0]] if b is not None else [])
+    flats = [fx, fw] + ([b[1]] if b is not None else [])
+    _compare(linear, F.linear, flats, views, dtype, 3, ("dx", "dweight", "dbias"))
+
+
+# ---- top-k search and FlatIndex ----
+
+def _numpy_layout(draw, t: torch.Tensor) -> np.ndarray:
+    """A numpy view with t's values, its axes flipped (negative strides) where drawn."""
+    a = t.contiguous().numpy()
+    flips = [draw(st.booleans()) for _ in range(a.ndim)]
+    src = a[tuple(slice(None, None, -1) if f else slice(None) for f in flips)].copy()
+    view = src[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]  # == a, negative strides
+    assert np.array_equal(view, a)
+    return view
+
+
+@st.composite
+def topk_case(draw):
+    N, d, Q = draw(st.integers(1, 60)), draw(st.integers(1, 40)), draw(st.integers(1, 12))
+    k = draw(st.integers(1, N))
+    cdtype = draw(st.sampled_from((torch.float32, torch.float16, torch.bfloat16)))
+    queries = draw(layouts((Q, d)))[0]
+    corpus = draw(layouts((N, d), cdtype))[0]
+    return queries, corpus, k, draw(st.sampled_from(("ip", "cosine", "l2"))), draw(st.sampled_from(("torch", "numpy")))
+
+
+def _check_topk(q, c, k, metric, scores, idx):
+    """Tie-aware: the reported scores are the returned rows' own scores and equal brute force's k best."""
+    q, c = torch.as_tensor(np.asarray(q)).double(), torch.as_tensor(np.asarray(c)).double()
+    scores, idx = torch.as_tensor(np.asarray(scores)).double(), torch.as_tensor(np.asarray(idx))
+    ranked, order = topk_search_reference(q, c, c.shape[0], metric)  # every row, best first
+    ref_scores = ranked[:, :k]
+    full = torch.empty_like(ranked).scatter_(1, order, ranked)  # (Q, N) score of each row, to look rows up
+    tol = 1e-4 * (1 + ref_scores.abs())
+    assert ((scores - ref_scores).abs() <= tol).all(), "scores differ from brute force"
+    assert ((full.gather(1, idx) - ref_scores).abs() <= tol).all(), "a returned row does not have its score"
+    assert all(len(set(r.tolist())) == k for r in idx), "duplicate indices"
+
+
+@given(case=topk_case(), data=st.data())
+@SETTINGS
+def test_topk_search_on_any_layout(simd_level, case, data):
+    queries, corpus, k, metric, kind = case
+    if kind == "numpy" and corpus.dtype != torch.bfloat16:  # numpy has no bfloat16
+        queries, corpus = _numpy_layout(data.draw, queries), _numpy_layout(data.draw, corpus)
+    scores, idx = topk_search(queries, corpus, k, metric)
+    _check_topk(queries.float() if isinstance(queries, torch.Tensor) else queries.astype(np.float32),
+                corpus.float() if isinstance(corpus, torch.Tensor) else corpus.astype(np.float32), k, metric,
+                scores, idx)
+
+
+@given(case=topk_case(), data=st.data())
+@SETTINGS
+def test_flat_index_on_any_layout(simd_level, case, data):
+    queries, corpus, k, metric, kind = case
+    corpus = corpus.float()  # the index stores its own copy in its dtype; what it is given is float
+    index = FlatIndex(corpus.shape[1], metric=metric)
+    if kind == "numpy":
+        index.add(_numpy_layout(data.draw, corpus))
+        D, ids = index.search(_numpy_layout(data.draw, queries), k)
+    else:
+        index.add(corpus)
+        D, ids = index.search(queries, k)
+    _check_topk(queries, corpus, k, metric, D, ids)
