@@ -18,7 +18,7 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -95,6 +95,7 @@ class FlatIndex:
         self._pos: dict = {}  # id -> row
         self._next_id = 0
         self._lock = _RWLock()
+        self.snapshot: Optional[str] = None  # the store save a loaded index came from (None: a plain index)
 
     def _empty_arrays(self, cap: int) -> dict:
         arrays = {"vectors": np.empty((cap, self.dim), dtype=DTYPES[self.dtype]), "ids": np.empty((cap,), np.int64)}
@@ -292,13 +293,16 @@ class FlatIndex:
             with atomic_dir(path, "index", INDEX_NAMES) as tmp:
                 self._write(tmp)
 
-    def _write(self, folder: Path) -> None:
-        """The index's files into `folder` (a fresh one: atomic_dir's, or inside a store's)."""
+    def _write(self, folder: Path, snapshot: Optional[str] = None) -> None:
+        """The index's files into `folder` (a fresh one: atomic_dir's, or inside a store's). `snapshot`: the
+        token of the store save this index belongs to, which the store's load compares with its own."""
         for name, a in self._arrays.items():
             np.save(folder / f"{name}.npy", np.ascontiguousarray(a[: self._n]))
-        (folder / "index.json").write_text(json.dumps({
-            "format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "metric": self.metric,
-            "dtype": self.dtype, "ntotal": self._n, "next_id": self._next_id}) + "\n")
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "metric": self.metric,
+                "dtype": self.dtype, "ntotal": self._n, "next_id": self._next_id}
+        if snapshot is not None:
+            meta["snapshot"] = snapshot
+        (folder / "index.json").write_text(json.dumps(meta) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], mmap: bool = True) -> "FlatIndex":
@@ -322,7 +326,13 @@ class FlatIndex:
             arrays[name] = a
         index._arrays, index._n = arrays, meta["ntotal"]
         index._pos = {int(i): r for r, i in enumerate(arrays["ids"].tolist())}
+        if len(index._pos) != index._n:
+            raise ValueError(f"{path}: ids.npy holds duplicate ids; the index is damaged")
         index._next_id = int(meta.get("next_id", index._n))
+        if index._n and index._next_id <= int(arrays["ids"].max()):
+            raise ValueError(f"{path}: index.json's next_id {index._next_id} is not above every stored id; the "
+                             f"index is damaged or mixed from different saves")
+        index.snapshot = meta.get("snapshot")
         return index
 
     def __repr__(self) -> str:

@@ -134,6 +134,19 @@ def test_save_load_mmap_round_trip(tmp_path):
         FlatIndex.load(tmp_path / "nothing")
 
 
+def test_damaged_ids_are_refused_on_load(tmp_path):
+    index = FlatIndex(48)
+    index.add(X[:10])
+    index.save(tmp_path / "ix")
+    ids = np.load(tmp_path / "ix" / "ids.npy")
+    np.save(tmp_path / "ix" / "ids.npy", np.concatenate([ids[:9], ids[:1]]))  # id 0 twice, id 9 gone
+    with pytest.raises(ValueError, match="duplicate ids"):
+        FlatIndex.load(tmp_path / "ix")
+    np.save(tmp_path / "ix" / "ids.npy", ids + 100)  # above next_id: a later add would reuse them
+    with pytest.raises(ValueError, match="next_id"):
+        FlatIndex.load(tmp_path / "ix")
+
+
 def test_torch_in_torch_out():
     index = FlatIndex(48)
     index.add(torch.from_numpy(X))

@@ -53,6 +53,23 @@ def _check_metadata(meta: Any, where: str = "metadata") -> None:
                         f"got {type(meta).__name__}")
 
 
+def _check_consistent(path: Path, meta: Dict[str, Any], store: "SimpleDocumentStore") -> None:
+    """A loaded store's two halves (documents.sqlite, index/) must come from one save: the same snapshot token
+    (saves before the token have none) and one vector per embedded document, none for any other. A folder mixed
+    from two saves would otherwise answer searches with documents that do not match their vectors."""
+    mixed = f"{path}: documents.sqlite and index/ come from different saves (a mixed or damaged folder); " \
+            f"restore the folder from one save or rebuild the store"
+    if "snapshot" in meta and meta["snapshot"] != store.index.snapshot:
+        raise ValueError(f"{mixed} (snapshot {meta['snapshot']} against {store.index.snapshot})")
+    embedded = {k for k, d in store._docs.items() if d["embedded"]}
+    vectors = set(store.index.ids.tolist())
+    if embedded != vectors:
+        raise ValueError(f"{mixed}: {len(vectors - embedded)} vectors without an embedded document, "
+                         f"{len(embedded - vectors)} embedded documents without a vector")
+    if store._docs and store._next_key <= max(store._docs):
+        raise ValueError(f"{mixed}: next_key {store._next_key} is not above every document key")
+
+
 class SimpleDocumentStore:
     """Documents with metadata and embeddings, searchable by text or vector (cosine).
 
@@ -263,9 +280,11 @@ class SimpleDocumentStore:
                     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
                     db.execute("CREATE TABLE documents (key INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, "
                                "text TEXT NOT NULL, metadata TEXT NOT NULL, embedded INTEGER NOT NULL)")
+                    # The snapshot token goes into both halves; load refuses a folder whose halves differ.
+                    snapshot = uuid.uuid4().hex
                     meta = {"format": FORMAT, "version": FORMAT_VERSION, "embedding_dim": self.embedding_dim,
                             "dtype": self.index.dtype, "metric": self.index.metric, "embedder": self.embedder.name,
-                            "next_key": self._next_key}
+                            "next_key": self._next_key, "snapshot": snapshot}
                     db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
                     db.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?)",
                                    [(k, d["id"], d["text"], json.dumps(d["metadata"]), int(d["embedded"]))
@@ -274,7 +293,7 @@ class SimpleDocumentStore:
                 finally:
                     db.close()
                 (tmp / "index").mkdir()
-                self.index._write(tmp / "index")
+                self.index._write(tmp / "index", snapshot=snapshot)
         return Path(path)
 
     @classmethod
@@ -318,4 +337,5 @@ class SimpleDocumentStore:
             store._key_of[doc_id] = key
             store._index_meta(key, store._docs[key]["metadata"], add=True)
         store._next_key = meta.get("next_key", (max(store._docs) + 1) if store._docs else 0)
+        _check_consistent(p, meta, store)
         return store

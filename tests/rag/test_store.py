@@ -1,6 +1,9 @@
 """SimpleDocumentStore: upsert, delete, incremental embedding, filters, persistence, crashes, threads."""
+import json
 import os
 import pickle
+import shutil
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -94,6 +97,38 @@ def test_save_load_round_trip_and_checks(store, tmp_path):
     loaded.add_documents(["fresh after load"], ids=["fresh"])  # a memory-mapped store still takes writes
     loaded.compute_embeddings(show_progress=False)
     assert loaded.search("fresh after load", 1)[0]["id"] == "fresh"
+
+
+def test_a_folder_mixed_from_two_saves_is_refused(store, tmp_path):
+    # index/ copied over from a later save of the same store: the documents would answer with other vectors.
+    a, b = tmp_path / "a", tmp_path / "b"
+    store.save(a)
+    store.add_documents(["one more document"], ids=["x"])
+    store.compute_embeddings(show_progress=False)
+    store.save(b)
+    shutil.rmtree(a / "index")
+    shutil.copytree(b / "index", a / "index")
+    with pytest.raises(ValueError, match="different saves"):
+        SimpleDocumentStore.load(a, embedder=CountingEmbedder())
+    # Without the snapshot tokens (a save from before them), the halves' ids are still compared.
+    db = sqlite3.connect(a / "store.sqlite")
+    db.execute("DELETE FROM meta WHERE key = 'snapshot'")
+    db.commit()
+    db.close()
+    meta = json.loads((a / "index" / "index.json").read_text())
+    del meta["snapshot"]
+    (a / "index" / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="1 vectors without an embedded document"):
+        SimpleDocumentStore.load(a, embedder=CountingEmbedder())
+    # ...and one save's halves load, with or without the token.
+    assert len(SimpleDocumentStore.load(b, embedder=CountingEmbedder())) == len(TEXTS) + 1
+    shutil.rmtree(a)
+    shutil.copytree(b, a)
+    meta = json.loads((a / "index" / "index.json").read_text())
+    del meta["snapshot"]
+    (a / "index" / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="snapshot"):  # one half with the token, one without: not one save
+        SimpleDocumentStore.load(a, embedder=CountingEmbedder())
 
 
 def test_real_pickle_is_refused_with_the_reason(tmp_path):
