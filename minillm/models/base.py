@@ -128,6 +128,8 @@ class PreTrainedModel(nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         raw = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError(f"{config_path} holds a JSON {type(raw).__name__}, not a config object")
         if raw.get("model_type") == "bert":
             from minillm.models.pretrained import load_hf_bert
 

@@ -164,9 +164,15 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
         raise ValueError(f"{path} is not a tokenizer JSON file ({exc})") from None
     kinds = {"char": CharTokenizer, "bpe": BPETokenizer}
     if isinstance(data, dict) and data.get("type") in kinds:
-        tok = kinds[data["type"]]._from_json(data)
+        make = lambda: kinds[data["type"]]._from_json(data)  # noqa: E731
+    elif isinstance(data, dict) and "model" in data:
+        make = lambda: PretrainedTokenizer.from_file(path)  # noqa: E731
+    else:
+        raise ValueError(f"{path} is neither a minillm tokenizer nor a Hugging Face tokenizer.json")
+    try:
+        tok = make()
+    except Exception as exc:  # the file's contents are wrong: the tokenizers library raises a bare Exception
+        raise ValueError(f"{path} is a damaged tokenizer file ({type(exc).__name__}: {exc})") from exc
+    if isinstance(data, dict) and data.get("type") in kinds:
         tok.special_tokens = dict(data.get("special_tokens", {}))
-        return tok
-    if isinstance(data, dict) and "model" in data:
-        return PretrainedTokenizer.from_file(path)
-    raise ValueError(f"{path} is neither a minillm tokenizer nor a Hugging Face tokenizer.json")
+    return tok

@@ -54,7 +54,19 @@ def test_damaged_model_files_give_one_line_errors(tmp_path):
             {k: v for k, v in json.loads((d / "tokenizer.json").read_text()).items() if k != "chars"})),
         "config json": lambda d: (d / "config.json").write_text("{"),
         "tokenizer json": lambda d: (d / "tokenizer.json").write_text("[1, 2"),
+        # the tokenizers library's own parse errors are a bare Exception
+        "hf tokenizer": lambda d: (d / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}'),
+        "bpe inner tokenizer": lambda d: (d / "tokenizer.json").write_text(
+            '{"type": "bpe", "special_tokens": {}, "tokenizer": {"model": 5}}'),
+        "char tokenizer types": lambda d: (d / "tokenizer.json").write_text('{"type": "char", "chars": 5}'),
+        "config types": lambda d: (d / "config.json").write_text(json.dumps(
+            {**json.loads((d / "config.json").read_text()), "d_model": "wide"})),
+        "config not an object": lambda d: (d / "config.json").write_text("[16, 2]"),
+        "weights of other shapes": lambda d: (bigger.save_pretrained(d / "other"),
+                                              (d / "other" / "model.safetensors").replace(d / "model.safetensors")),
     }
+    bigger = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": tok.vocab_size, "d_model": 32,
+                               "num_heads": 2, "num_layers": 1, "max_seq_len": 16})
     for name, hurt in damage.items():
         d = tmp_path / name.replace(" ", "_")
         model.save_pretrained(d, tokenizer=tok)
