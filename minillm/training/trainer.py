@@ -73,6 +73,25 @@ def read_metrics(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
     return records
 
 
+class _EpochBatches(torch.utils.data.Dataset):
+    """One rank's batches of an epoch as a dataset of ready batches: item i is batch i collated. Served by a
+    DataLoader with the user's num_workers, pin_memory, worker_init_fn, prefetch_factor, timeout and
+    multiprocessing_context. Each batch's randomness (MLM masking) comes from a generator seeded by (run seed,
+    epoch, batch), not from the process that happens to collate it: results do not depend on num_workers, and
+    a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, dataset, batches: List[List[int]], collate, seeds: List[int]):
+        self.dataset, self.batches, self.collate, self.seeds = dataset, batches, collate, seeds
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):  # the caller's (the model's dropout) stream is left as it was
+            torch.manual_seed(self.seeds[i])
+            return self.collate([self.dataset[j] for j in self.batches[i]])
+
+
 class Trainer:
     """Trains a minillm model.
 
@@ -88,7 +107,15 @@ class Trainer:
       RNG states and the loop position; each is replaced atomically. ``train(epochs, resume=True)``
       continues from `last/` exactly: the same per-step losses as an uninterrupted run.
     * Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel (gloo on CPU, nccl on
-      CUDA), each rank takes every world_size-th batch, and rank 0 alone logs and writes checkpoints.
+      CUDA), each rank takes every world_size-th batch, and rank 0 alone logs and writes checkpoints. Every
+      rank runs the same number of steps per epoch: when the batch count does not divide by the world size,
+      the epoch's list is padded with its own first batches (as DistributedSampler pads with samples), so a
+      few batches count twice in that epoch rather than one rank entering a collective the others skip.
+    * The train DataLoader gives the batches (its batch_sampler's order, seeded per epoch), the collate
+      function, and how they are loaded: num_workers, pin_memory, worker_init_fn, prefetch_factor, timeout and
+      multiprocessing_context are honoured. Workers start anew each epoch (persistent_workers does not apply).
+      A batch's random masking depends on (seed, epoch, batch) alone, so results are the same for any
+      num_workers and resumes stay exact.
     """
 
     def __init__(
@@ -213,14 +240,35 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
-    def _epoch_batches(self, epoch: int) -> List[List[int]]:
-        """This rank's batches of dataset indices for `epoch`, in a seeded order."""
+    def _epoch_batches(self, epoch: int):
+        """(this rank's batches of dataset indices for `epoch` in a seeded order, the seed of each)."""
         sampler = self.train_loader.batch_sampler
         gen = getattr(getattr(sampler, "sampler", None), "generator", None)
         if gen is not None:
             gen.manual_seed(self.seed + epoch)  # the same order in a resumed run
         batches = [list(b) for b in sampler]
-        return batches[self.rank::self.world]
+        if self.world > 1 and batches and len(batches) % self.world:
+            # Pad with the epoch's first batches so every rank runs ceil(n / world) steps: a rank with one
+            # batch fewer would enter evaluate()'s all-reduce while the others wait in DDP's gradient one.
+            padded = math.ceil(len(batches) / self.world) * self.world
+            batches = [batches[i % len(batches)] for i in range(padded)]
+        mine = list(range(self.rank, len(batches), self.world))
+        seeds = [(self.seed * 1_000_003 + epoch) * 1_000_003 + g for g in mine]  # global batch g's masks
+        return [batches[g] for g in mine], [s % (2 ** 63) for s in seeds]
+
+    def _batch_loader(self, batches: List[List[int]], seeds: List[int], start: int):
+        """Batches [start, len) of this rank's epoch, collated as the user's DataLoader would load them."""
+        user = self.train_loader
+        workers = user.num_workers
+        extra = {"prefetch_factor": user.prefetch_factor} if workers > 0 else {}
+        # Its own generator: a DataLoader iterator draws its workers' base seed from the global generator
+        # otherwise, and a resumed run (a new iterator mid-epoch) would shift the dropout stream.
+        gen = torch.Generator().manual_seed(seeds[0] if seeds else 0)
+        return DataLoader(_EpochBatches(user.dataset, batches, user.collate_fn, seeds), batch_size=None,
+                          sampler=range(start, len(batches)), num_workers=workers, pin_memory=user.pin_memory,
+                          generator=gen,
+                          worker_init_fn=user.worker_init_fn, timeout=user.timeout,
+                          multiprocessing_context=user.multiprocessing_context if workers > 0 else None, **extra)
 
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -339,11 +387,9 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True)
-        collate = self.train_loader.collate_fn
-        dataset = self.train_loader.dataset
         done = st["early_stopped"] or (self.max_steps is not None and st["step"] >= self.max_steps)
         while not done and st["epoch"] < epochs:
-            batches = self._epoch_batches(st["epoch"])
+            batches, seeds = self._epoch_batches(st["epoch"])
             # Resuming mid-epoch skips the batches already trained on; the RNG state restored from the
             # checkpoint is the one that followed them.
             skip = st["batch_in_epoch"]
@@ -351,8 +397,8 @@ class Trainer:
                 st["epoch"], st["batch_in_epoch"] = st["epoch"] + 1, 0
                 continue
             micro, acc_loss = 0, 0.0
-            for bi in range(skip, len(batches)):
-                batch = self._to_device(collate([dataset[i] for i in batches[bi]]))
+            for bi, batch in enumerate(self._batch_loader(batches, seeds, skip), start=skip):
+                batch = self._to_device(batch)
                 with self._autocast():
                     loss = self.runner(batch)
                 (loss / self.accum).backward()

@@ -132,3 +132,38 @@ def test_checkpoints_keep_every_gpus_rng_state(texts, tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path / "c", model, tok, opt, None, {"step": 3})
     assert ckpt.load_checkpoint(tmp_path / "c", model, opt)["step"] == 3
     assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, states))
+
+
+def _mark_worker(worker_id):  # a user's worker_init_fn: module level, so spawned workers can load it
+    import os
+    import tempfile
+
+    open(os.path.join(tempfile.gettempdir(), f"minillm-worker-{os.getppid()}-{worker_id}"), "w").close()
+
+
+def test_the_user_dataloaders_workers_load_the_batches(texts, tmp_path):
+    # num_workers and worker_init_fn of the user's DataLoader are used (they were ignored: every batch was
+    # collated in the main process), and the losses do not depend on them: each batch's MLM masks come from
+    # a generator seeded by (seed, epoch, batch), wherever it is collated.
+    import glob
+    import os
+    import tempfile
+
+    losses = {}
+    for workers in (0, 2):
+        model, tok, train, val = setup(texts, model_type="encoder_only", task="mlm")
+        train = torch.utils.data.DataLoader(train.dataset, batch_size=16, shuffle=True, generator=train.generator,
+                                            collate_fn=train.collate_fn, num_workers=workers,
+                                            worker_init_fn=_mark_worker)
+        for f in glob.glob(os.path.join(tempfile.gettempdir(), f"minillm-worker-{os.getpid()}-*")):
+            os.remove(f)
+        trainer = Trainer(model, train, None, learning_rate=3e-3, checkpoint_dir=None, max_steps=6,
+                          metrics_file=tmp_path / f"m{workers}.jsonl", progress=False)
+        trainer.train(epochs=2)
+        records = [json.loads(line) for line in (tmp_path / f"m{workers}.jsonl").read_text().splitlines()]
+        losses[workers] = [r["loss"] for r in records if "loss" in r]
+        marks = glob.glob(os.path.join(tempfile.gettempdir(), f"minillm-worker-{os.getpid()}-*"))
+        assert len(marks) == workers, marks  # the workers ran (and the main process none)
+        for f in marks:
+            os.remove(f)
+    assert len(losses[0]) == 6 and losses[0] == losses[2]
