@@ -93,6 +93,9 @@ class SimpleDocumentStore:
         self.index = FlatIndex(embedding_dim, "cosine", dtype)
         self._docs: Dict[int, Dict[str, Any]] = {}  # key -> {"id", "text", "metadata", "embedded"}
         self._key_of: Dict[str, int] = {}
+        # Keys of documents without a current vector (new or changed text): pending() reads its size without
+        # walking the documents, which searches racing writes cannot do ("dictionary changed size").
+        self._pending: set = set()
         # metadata field -> JSON of a value -> keys of the documents holding it: dict filters become set
         # operations instead of a scan over every document's metadata.
         self._by_meta: Dict[str, Dict[str, set]] = {}
@@ -105,7 +108,8 @@ class SimpleDocumentStore:
 
     @property
     def documents(self) -> List[Dict[str, Any]]:
-        return [{"id": d["id"], "text": d["text"], "metadata": dict(d["metadata"])} for d in self._docs.values()]
+        with self._lock.read():  # a writer changing the dict mid-walk would raise in this thread
+            return [{"id": d["id"], "text": d["text"], "metadata": dict(d["metadata"])} for d in self._docs.values()]
 
     def get(self, doc_id: str) -> Optional[Dict[str, Any]]:
         """The document with this id (ids are strings; any other id is looked up as str(id), as
@@ -168,6 +172,7 @@ class SimpleDocumentStore:
                     doc = self._docs[key]
                     if doc["text"] != text:
                         doc["text"], doc["embedded"] = text, False
+                        self._pending.add(key)
                         stale.append(key)
                     self._index_meta(key, doc["metadata"], add=False)
                     doc["metadata"] = dict(meta)
@@ -176,6 +181,7 @@ class SimpleDocumentStore:
                     self._next_key += 1
                     self._key_of[doc_id] = key
                     self._docs[key] = {"id": doc_id, "text": text, "metadata": dict(meta), "embedded": False}
+                    self._pending.add(key)
                 self._index_meta(key, meta, add=True)
             if stale:
                 self.index.remove_ids(stale)
@@ -188,13 +194,14 @@ class SimpleDocumentStore:
             keys = [self._key_of.pop(i) for i in ids if i in self._key_of]
             for k in keys:
                 self._index_meta(k, self._docs.pop(k)["metadata"], add=False)
+                self._pending.discard(k)
             self.index.remove_ids(keys)
         return len(keys)
 
     def compute_embeddings(self, batch_size: int = 32, show_progress: bool = True) -> int:
         """Embeds the documents that are new or changed; returns how many were embedded."""
         with self._write:
-            todo = [k for k, d in self._docs.items() if not d["embedded"]]
+            todo = sorted(self._pending)  # writers wait on self._write meanwhile: the set stays as it is
             if not todo:
                 return 0
             texts = [self._docs[k]["text"] for k in todo]
@@ -215,6 +222,7 @@ class SimpleDocumentStore:
                 self.index.add_with_ids(vectors, np.asarray(todo, dtype=np.int64))
                 for k in todo:
                     self._docs[k]["embedded"] = True
+                self._pending.difference_update(todo)
         log.info("embedded %d documents with %s", len(todo), self.embedder.name)
         return len(todo)
 
@@ -267,7 +275,8 @@ class SimpleDocumentStore:
                     for s, k in zip(scores.tolist(), keys.tolist()) if k >= 0]
 
     def pending(self) -> int:
-        return sum(1 for d in self._docs.values() if not d["embedded"])
+        """How many documents wait for compute_embeddings() (new or changed since)."""
+        return len(self._pending)
 
     # ---- persistence ----
     def save(self, path: Union[str, os.PathLike]) -> Path:
@@ -335,6 +344,8 @@ class SimpleDocumentStore:
         for key, doc_id, text, metadata, embedded in rows:
             store._docs[key] = {"id": doc_id, "text": text, "metadata": json.loads(metadata), "embedded": bool(embedded)}
             store._key_of[doc_id] = key
+            if not embedded:
+                store._pending.add(key)
             store._index_meta(key, store._docs[key]["metadata"], add=True)
         store._next_key = meta.get("next_key", (max(store._docs) + 1) if store._docs else 0)
         _check_consistent(p, meta, store)

@@ -243,3 +243,66 @@ def test_paths_with_uri_characters_save_and_load(tmp_path, name):
     s.save(tmp_path / name)
     loaded = SimpleDocumentStore.load(tmp_path / name, embedder=HashingEmbedder(256))
     assert loaded.get("r")["text"] == "a river in Africa"
+
+
+def test_searches_racing_writes_on_100k_documents():
+    # Readers search (text queries, filters) while a writer upserts changed texts, adds and deletes documents
+    # and re-embeds. Every hit must be a consistent snapshot: its score is the cosine between the query and
+    # its own text's embedding (a vector left from a replaced text would not be), and it passes the filter.
+    topics = ["cats", "dogs", "rivers", "python files", "sorting lists", "reading csv", "birds", "trees",
+              "mountains", "trains", "coffee", "tea", "rain", "snow", "music", "chess"]
+    n = 100_000
+    store = SimpleDocumentStore(embedding_dim=256)
+    store.add_documents([f"document {i} about {topics[i % 16]} and {topics[i * 7 % 16]}" for i in range(n)],
+                        metadatas=[{"group": i % 10} for i in range(n)], ids=[f"d{i}" for i in range(n)])
+    store.compute_embeddings(show_progress=False)
+    embed = store.embedder
+    errors, stop = [], threading.Event()
+
+    def unit(v):
+        v = np.asarray(v, dtype=np.float64)
+        return v / max(np.linalg.norm(v), 1e-300)
+
+    def reader(seed):
+        try:
+            search_until_stopped(np.random.default_rng(seed))
+        except Exception as exc:  # a thread's exception must fail the test, not only print
+            errors.append(repr(exc))
+
+    def search_until_stopped(rng):
+        searches = 0
+        while not stop.is_set() or searches < 5:
+            q = f"{topics[rng.integers(16)]} {topics[rng.integers(16)]}"
+            group = int(rng.integers(10)) if rng.random() < 0.5 else None
+            hits = store.search(q, 5, filter={"group": group} if group is not None else None)
+            qv = unit(embed.encode([q])[0])
+            for h in hits:
+                score = float(unit(embed.encode([h["text"]])[0]) @ qv)
+                if abs(score - h["score"]) > 1e-4 or (group is not None and h["metadata"]["group"] != group):
+                    errors.append((q, group, h))
+            if len(hits) != 5 or len({h["id"] for h in hits}) != 5:
+                errors.append((q, group, "hits", [h["id"] for h in hits]))
+            searches += 1
+
+    def writer():
+        try:
+            for r in range(30):
+                base = 1000 * r
+                store.add_documents([f"changed {base + j} about {topics[j % 16]} rain" for j in range(50)],
+                                    metadatas=[{"group": j % 10} for j in range(50)],
+                                    ids=[f"d{base + j}" for j in range(50)])  # upserts: new texts
+                store.add_documents([f"new {r}-{j} about {topics[j % 16]}" for j in range(50)],
+                                    metadatas=[{"group": j % 10} for j in range(50)],
+                                    ids=[f"n{r}-{j}" for j in range(50)])
+                store.delete([f"d{base + 500 + j}" for j in range(50)])
+                store.compute_embeddings(show_progress=False)
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(store) == n + 30 * 50 - 30 * 50 and store.index.ntotal == len(store) and store.pending() == 0
