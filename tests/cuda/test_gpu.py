@@ -97,3 +97,34 @@ def test_default_cuda_path_follows_the_dispatch_table():
     arch = _backend.cuda_arch(torch.device("cuda"))
     if _backend.cuda_kernels_mode() == "auto" and not any(tuple(r.arch) == arch for r in _backend.CUDA_KERNEL_TABLE):
         assert info["ops"]["attention"]["cuda"].startswith("torch (")
+
+
+@kernels
+def test_cuda_bindings_check_scratch_extents():
+    # The bindings check every device buffer against its storage too, and the launchers the scratch they are
+    # given: too small a top-k workspace or attention-backward delta raises instead of writing past it.
+    dev = torch.device("cuda")
+    C = _backend._C
+    buf = _backend.buf
+    queries, corpus = torch.randn(4, 32, device=dev), torch.randn(5000, 32, device=dev)
+    scores = torch.empty(4, 10, device=dev)
+    idx = torch.empty(4, 10, dtype=torch.int64, device=dev)
+    need = C.cuda_topk_workspace(4, 5000, 10, 0)
+    args = (buf(queries), buf(corpus), 32, 0, 4, 5000, 32, 10, 0, buf(scores), buf(idx))
+    if need > 0:
+        small = torch.empty(need - 1, dtype=torch.uint8, device=dev)
+        with pytest.raises(RuntimeError, match="workspace holds"):
+            C.cuda_topk(*args, buf(small), 0, _backend.cuda_stream(queries))
+    with pytest.raises(ValueError, match="out_idx reaches"):
+        C.cuda_topk(*args[:10], buf(idx[:3]), (0, 0), 0, _backend.cuda_stream(queries))
+    q = torch.randn(1, 2, 8, 16, device=dev)
+    lse = torch.empty(1, 2, 8, device=dev)
+    st = tuple(q.stride()[:3])
+    grads = [torch.empty_like(q) for _ in range(3)]  # kept alive: the kernel writes them
+    delta, short = torch.empty(16, device=dev), torch.empty(15, device=dev)  # B * H * Nq floats, and one fewer
+    bwd = (buf(q),) * 5 + (buf(lse), (0, 0), (0, 0), (0, 0)) + tuple(buf(g) for g in grads) + (
+        (1, 2, 8, 8, 16), st, st, st, st, st, False, 0, 0.25, 0)
+    with pytest.raises(ValueError, match="delta reaches"):
+        C.cuda_attention_bwd(*bwd, buf(short), 0, _backend.cuda_stream(q))
+    C.cuda_attention_bwd(*bwd, buf(delta), 0, _backend.cuda_stream(q))
+    torch.cuda.synchronize()
