@@ -24,14 +24,6 @@ def _index(version: int) -> FlatIndex:
     return index
 
 
-def _version(path) -> int:
-    """Which version a loadable index folder holds, checking its files agree with each other."""
-    index = FlatIndex.load(path, mmap=False)
-    v = index.ntotal - 10
-    assert np.all(np.asarray(index._arrays["vectors"][: index.ntotal]) == v), "vectors of another version"
-    return v
-
-
 @pytest.mark.parametrize("what", ["index", "store", "checkpoint"])
 def test_a_save_refuses_a_folder_it_did_not_write(tmp_path, what):
     user = tmp_path / "results"
@@ -92,14 +84,67 @@ def test_a_failure_inside_the_save_leaves_the_folder_untouched(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.lock", "idx"]
 
 
-# A child process saving version V over `path`, killed (SIGKILL) right after its K-th step: a rename or a
-# removal of a folder (the steps whose order matters). K = 0 kills nothing and prints how many steps there were.
-SAVE_AND_DIE = textwrap.dedent('''
-    import os, shutil, sys
+# Version V of each kind of folder minillm saves: an index of 10 + V rows of V, a store of 10 + V documents "v V",
+# a checkpoint whose state says step V and whose weights are all V.
+MAKE = textwrap.dedent('''
     import numpy as np
-    import minillm.utils as u
+    import torch
     from minillm import FlatIndex
-    path, version, die_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    from minillm.models import DecoderOnlyModel
+    from minillm.rag import HashingEmbedder, SimpleDocumentStore
+    from minillm.training.checkpoint import save_checkpoint
+
+    def save(kind, path, version):
+        if kind == "index":
+            index = FlatIndex(4, "ip")
+            index.add(np.full((10 + version, 4), version, dtype=np.float32))
+            index.save(path)
+        elif kind == "store":
+            store = SimpleDocumentStore(8, embedder=HashingEmbedder(8))
+            store.add_documents([f"v {version}"] * (10 + version), ids=[str(i) for i in range(10 + version)])
+            store.compute_embeddings(show_progress=False)
+            store.save(path)
+        else:
+            model = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": 11, "d_model": 8,
+                                      "num_heads": 2, "num_layers": 1, "max_seq_len": 8})
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(version)
+            save_checkpoint(path, model, None, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                            {"step": version})
+''')
+exec(MAKE)
+KINDS = ["index", "store", "checkpoint"]
+MARKER_FILE = {"index": "index.json", "store": "store.sqlite", "checkpoint": "trainer_state.json"}
+
+
+def _version(path, kind="index") -> int:
+    """Which version a loadable folder of `kind` holds, checking its files agree with each other."""
+    if kind == "index":
+        index = FlatIndex.load(path, mmap=False)
+        v = index.ntotal - 10
+        assert np.all(np.asarray(index._arrays["vectors"][: index.ntotal]) == v), "vectors of another version"
+        return v
+    if kind == "store":  # load checks that documents and vectors come from one save
+        store = SimpleDocumentStore.load(path, embedder=HashingEmbedder(8), mmap=False)
+        v = len(store) - 10
+        assert {d["text"] for d in store.documents} == {f"v {v}"}, "documents of another version"
+        return v
+    from minillm.models import PreTrainedModel
+    from minillm.training.checkpoint import load_weights_dict
+
+    v = json.loads((path / "trainer_state.json").read_text())["step"]
+    assert all(bool((t == v).all()) for t in load_weights_dict(path).values()), "weights of another version"
+    assert isinstance(PreTrainedModel.from_pretrained(path), PreTrainedModel)
+    return v
+
+
+# A child process saving version V of a kind over `path`, killed (SIGKILL) right after its K-th step: a rename
+# or a removal of a folder (the steps whose order matters). K = 0 kills nothing and prints how many steps there were.
+SAVE_AND_DIE = MAKE + textwrap.dedent('''
+    import os, shutil, sys
+    import minillm.utils as u
+    kind, path, version, die_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     steps = 0
     def step(fn):
         def wrapped(*args, **kwargs):
@@ -112,16 +157,14 @@ SAVE_AND_DIE = textwrap.dedent('''
         return wrapped
     u.os.replace = step(os.replace)
     u.shutil.rmtree = step(shutil.rmtree)
-    index = FlatIndex(4, "ip")
-    index.add(np.full((10 + version, 4), version, dtype=np.float32))
-    index.save(path)
+    save(kind, path, version)
     print(steps)
 ''')
 
 
-def _save(script, path, version, die_at=0):
-    res = subprocess.run([sys.executable, str(script), str(path), str(version), str(die_at)], capture_output=True,
-                         text=True, cwd=tempfile.gettempdir(), timeout=300)
+def _save(script, kind, path, version, die_at=0):
+    res = subprocess.run([sys.executable, str(script), kind, str(path), str(version), str(die_at)],
+                         capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=300)
     if die_at:
         assert res.returncode in (0, -signal.SIGKILL), res.stderr
         return res.returncode == -signal.SIGKILL
@@ -136,40 +179,42 @@ def saver(tmp_path):
     return script
 
 
-def test_kill_at_every_step_of_a_save_leaves_a_loadable_folder(saver, tmp_path):
-    _index(1).save(tmp_path / "probe")
-    steps = _save(saver, tmp_path / "probe", 2)  # the steps of a save over a save
+@pytest.mark.parametrize("kind", KINDS)
+def test_kill_at_every_step_of_a_save_leaves_a_loadable_folder(saver, kind, tmp_path):
+    save(kind, tmp_path / "probe", 1)
+    steps = _save(saver, kind, tmp_path / "probe", 2)  # the steps of a save over a save
     assert steps >= 4
     for k in range(1, steps + 1):
-        path = tmp_path / f"idx{k}"
-        _index(1).save(path)
-        assert _save(saver, path, 2, die_at=k), f"step {k} of {steps} was not reached"
-        assert _version(find_dir(path, "index.json")) in (1, 2), k
-        _index(3).save(path)  # the next save recovers and succeeds
-        assert _version(path) == 3
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".idx{k}.")) == [f".idx{k}.lock"]
+        path = tmp_path / f"dir{k}"
+        save(kind, path, 1)
+        assert _save(saver, kind, path, 2, die_at=k), f"step {k} of {steps} was not reached"
+        assert _version(find_dir(path, MARKER_FILE[kind]), kind) in (1, 2), k
+        save(kind, path, 3)  # the next save recovers and succeeds
+        assert _version(path, kind) == 3
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".dir{k}.")) == [f".dir{k}.lock"]
 
 
-def test_kill_during_the_recovery_of_a_crash_loses_nothing(saver, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_kill_during_the_recovery_of_a_crash_loses_nothing(saver, kind, tmp_path):
     # First crash: between the two renames (no folder at the path: the previous one and the complete new one
     # beside it). Then a save that recovers it is killed at each of its steps: the complete data must survive.
-    path = tmp_path / "idx"
-    _index(1).save(path)
+    path = tmp_path / "dir"
+    save(kind, path, 1)
     for k in range(1, 20):  # the step after which the path is gone: between the renames
-        assert _save(saver, path, 2, die_at=k)
+        assert _save(saver, kind, path, 2, die_at=k)
         if not path.exists():
             break
-        _index(1).save(path)
-    assert not path.exists() and _version(find_dir(path, "index.json")) == 2
+        save(kind, path, 1)
+    assert not path.exists() and _version(find_dir(path, MARKER_FILE[kind]), kind) == 2
     steps = 12
     for k in range(1, steps + 1):
         case = tmp_path / f"case{k}"
         case.mkdir()
-        for p in list(tmp_path.glob(".idx.*")) + ([path] if path.exists() else []):
+        for p in list(tmp_path.glob(".dir.*")) + ([path] if path.exists() else []):
             subprocess.run(["cp", "-a", str(p), str(case / p.name)], check=True)
-        target = case / "idx"
-        died = _save(saver, target, 3, die_at=k)
-        got = _version(find_dir(target, "index.json"))
+        target = case / "dir"
+        died = _save(saver, kind, target, 3, die_at=k)
+        got = _version(find_dir(target, MARKER_FILE[kind]), kind)
         assert got in (2, 3), f"killed at step {k}: version {got}"
         if not died:
             assert got == 3
