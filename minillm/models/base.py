@@ -5,7 +5,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -36,13 +36,34 @@ def register(model_type: str):
 def unique_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """state_dict without the second name of tied parameters (safetensors stores each tensor once)."""
     seen, out = set(), {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else (name,)
-        if key in seen:
+    # Tied parameters are one Parameter object under two names: identity finds them on any device, the meta
+    # device too (where every data pointer is 0).
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
             continue
-        seen.add(key)
-        out[name] = t
+        seen.add(id(t))
+        out[name] = t.detach()
     return out
+
+
+def _fit_problems(expected: Dict[str, torch.Tensor], f, strict: bool) -> List[str]:
+    """What keeps an open safetensors file `f` from loading into tensors named and shaped as `expected`."""
+    names = set(f.keys())
+    missing = sorted(set(expected) - names)
+    unexpected = sorted(names - set(expected))
+    mismatched = [
+        f"{n}: file {tuple(f.get_slice(n).get_shape())} vs model {tuple(expected[n].shape)}"
+        for n in sorted(names & set(expected))
+        if tuple(f.get_slice(n).get_shape()) != tuple(expected[n].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected and strict:
+        problems.append(f"unexpected tensors {unexpected}")
+    if mismatched:
+        problems.append(f"shape mismatches {mismatched}")
+    return problems
 
 
 class PreTrainedModel(nn.Module):
@@ -91,20 +112,7 @@ class PreTrainedModel(nn.Module):
         expected = unique_state_dict(self)
         with safe_open(os.fspath(path), framework="pt") as f:
             names = set(f.keys())
-            missing = sorted(set(expected) - names)
-            unexpected = sorted(names - set(expected))
-            mismatched = [
-                f"{n}: file {tuple(f.get_slice(n).get_shape())} vs model {tuple(expected[n].shape)}"
-                for n in sorted(names & set(expected))
-                if tuple(f.get_slice(n).get_shape()) != tuple(expected[n].shape)
-            ]
-            problems = []
-            if missing:
-                problems.append(f"missing tensors {missing}")
-            if unexpected and strict:
-                problems.append(f"unexpected tensors {unexpected}")
-            if mismatched:
-                problems.append(f"shape mismatches {mismatched}")
+            problems = _fit_problems(expected, f, strict)
             if problems:
                 raise ValueError(f"{path} does not fit {type(self).__name__}: " + "; ".join(problems))
             # Weights saved in another floating dtype (e.g. bf16 by extract) load in that dtype.
@@ -137,10 +145,18 @@ class PreTrainedModel(nn.Module):
         else:
             config = ModelConfig.from_dict(raw)
             model_cls = _REGISTRY.get(config.model_type) if cls is PreTrainedModel else cls
-            model = model_cls(config)
             weights = directory / WEIGHTS_NAME
             if not weights.is_file():
                 raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+            # Names and shapes first, on the meta device (no memory): a file that does not fit is refused
+            # before the model's parameters are allocated.
+            with torch.device("meta"):
+                probe = model_cls(config)
+            with safe_open(os.fspath(weights), framework="pt") as f:
+                problems = _fit_problems(unique_state_dict(probe), f, strict=True)
+            if problems:
+                raise ValueError(f"{weights} does not fit {model_cls.__name__}: " + "; ".join(problems))
+            model = model_cls(config)
             model.load_weights(weights)
         if cls is not PreTrainedModel and not isinstance(model, cls):
             raise ValueError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")

@@ -308,3 +308,30 @@ def test_absurd_configs_are_refused_before_allocating():
         assert n <= config.estimated_parameters() <= 1.5 * n, (cfg, n, config.estimated_parameters())
     with pytest.raises(ValueError, match=r"more than 0\.0 GiB"):
         ModelConfig.from_dict({"d_model": 64, "num_heads": 2}).check_size(max_bytes=1000)
+
+
+def test_weights_that_do_not_fit_are_refused_before_the_model_is_allocated(tmp_path):
+    # A config grown to ~800M parameters (3.2 GB) beside the small model's weights: the names and shapes are
+    # compared on the meta device, so the process never allocates the large model (it did before refusing).
+    import subprocess
+    import sys
+    import tempfile
+
+    small = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": 50, "d_model": 16, "num_heads": 2,
+                              "num_layers": 1, "max_seq_len": 16})
+    small.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(d_model=2048, num_heads=16, num_layers=16)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    code = ("import resource, sys\n"
+            "from minillm.models import PreTrainedModel\n"
+            "try:\n"
+            f"    PreTrainedModel.from_pretrained({str(tmp_path)!r})\n"
+            "except ValueError as e:\n"
+            "    print('refused', 'shape mismatches' in str(e) or 'missing tensors' in str(e))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    refused, peak_mb = res.stdout.split("\n")[0], int(res.stdout.split()[-1])
+    assert refused == "refused True" and peak_mb < 600, res.stdout  # torch itself: ~300 MB
