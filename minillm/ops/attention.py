@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minillm.ops import _backend
-from minillm.ops.reference import attention_sdpa
+from minillm.ops.reference import attention_sdpa, sdpa_operand
 
 # Kernel dtype codes (csrc/kernels.h: DType).
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -454,6 +454,8 @@ def scaled_dot_product_attention(
             fits = False
     if not fits:
         kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        if isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor):
+            query, key, value = sdpa_operand(query), sdpa_operand(key), sdpa_operand(value)  # torch's overlap bug
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, **kwargs)
     return _run(query, key, value, kpm, bool(is_causal), 0, scale_v)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minillm.index import FlatIndex
-from minillm.ops import _backend, attention, linear, scaled_dot_product_attention, topk_search
+from minillm.ops import _backend, attention, force_torch, linear, scaled_dot_product_attention, topk_search
 from minillm.ops.reference import attention_reference, topk_search_reference
 
 pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="native extension not available")
@@ -87,14 +87,16 @@ def _compare(fn, torch_fn, flats, views, dtype, grad_seed, grad_names, **kwargs)
         want, want_grads = _run(fn, flats, views, dtype, grad_seed, contiguous=True, **kwargs)
         tol = 1e-6
     else:
-        want, want_grads = _run(torch_fn, flats, views, torch.float64, grad_seed, **kwargs)
+        # torch on contiguous copies: torch 2.13's own CPU SDPA is wrong for overlapping inputs (an expanded
+        # query), which minillm's torch path copies first (reference.sdpa_operand)
+        want, want_grads = _run(torch_fn, flats, views, torch.float64, grad_seed, contiguous=True, **kwargs)
         tol = TOL[dtype]
     assert out.dtype == dtype and out.shape == want.shape
     _close(out, want, "out", tol)
     for name, a, b in zip(grad_names, grads, want_grads):
         _close(a, b, name, 4 * tol)
     if dtype in HALF:  # and near fp64, far looser than a layout error (reads of the wrong elements are O(1))
-        ref, ref_grads = _run(torch_fn, flats, views, torch.float64, grad_seed, **kwargs)
+        ref, ref_grads = _run(torch_fn, flats, views, torch.float64, grad_seed, contiguous=True, **kwargs)
         scale = 1 + max([ref.abs().max().item()] + [g.abs().max().item() for g in ref_grads])
         for name, a, b in zip(("out",) + tuple(grad_names), [out] + grads, [ref] + ref_grads):
             err = (a.double() - b).abs().max().item()
@@ -136,6 +138,25 @@ def test_sdpa_dropin_on_any_layout(simd_level, case):
         mask = mask[:, None, None, :]
     _compare(scaled_dot_product_attention, F.scaled_dot_product_attention, (fq, fk, fv), (q, k, v), dtype, 2,
              ("dq", "dk", "dv"), attn_mask=mask, is_causal=causal)
+
+
+@given(case=attention_case())
+@SETTINGS
+def test_torch_paths_on_any_layout(simd_level, case):
+    # The plain-torch twins (other devices, MINILLM_FORCE_TORCH=1) on the same layouts: torch's SDPA read
+    # uninitialised memory for an expanded query before reference.sdpa_operand copied it.
+    (q, fq), (k, fk), (v, fv), kpm, qpm, causal, dtype = case
+    kpm = kpm[0] if kpm is not None else None
+    qpm = qpm[0] if qpm is not None else None
+    # In half precision torch picks its SDPA kernel by layout, each rounding its own way: fp32 here.
+    dtype = torch.float32 if dtype in HALF else dtype
+    with force_torch():
+        _compare(attention, attention_reference, (fq, fk, fv), (q, k, v), dtype, 5, ("dq", "dk", "dv"),
+                 causal=causal, key_padding_mask=kpm, query_padding_mask=qpm)
+        # and the drop-in's fallback to torch's function (a dense mask never takes the kernel)
+        dense = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool)
+        _compare(scaled_dot_product_attention, F.scaled_dot_product_attention, (fq, fk, fv), (q, k, v), dtype, 6,
+                 ("dq", "dk", "dv"), attn_mask=dense)
 
 
 # ---- linear ----
@@ -224,3 +245,47 @@ def test_flat_index_on_any_layout(simd_level, case, data):
         index.add(corpus)
         D, ids = index.search(queries, k)
     _check_topk(queries, corpus, k, metric, D, ids)
+
+
+# ---- the registered ops, called directly (torch.compile, torch.library tooling and users reach them) ----
+
+@given(case=attention_case())
+@SETTINGS
+def test_registered_attention_ops_on_any_layout(simd_level, case):
+    (q, _), (k, _), (v, _), kpm, qpm, causal, dtype = case
+    if dtype in HALF:
+        dtype = torch.float32  # the precision is the public suite's; here the op's own layout handling
+        q, k, v = q.float(), k.float(), v.float()
+    kpm = kpm[0] if kpm is not None else None
+    qpm = qpm[0] if qpm is not None else None
+    offset, scale = k.shape[2] - q.shape[2], q.shape[-1] ** -0.5
+    out, lse = torch.ops.minillm.attention_fwd(q, k, v, kpm, qpm, causal, offset, scale)
+    want = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=kpm,
+                               query_padding_mask=qpm, scale=scale)
+    _close(out, want, "out", TOL[dtype])
+    dout = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(4)).expand(out.shape)
+    grads = torch.ops.minillm.attention_bwd(dout, q, k, v, out, lse, None, kpm, qpm, causal, offset, scale)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    attention_reference(*ref, causal=causal, key_padding_mask=kpm, query_padding_mask=qpm,
+                        scale=scale).backward(dout.double())
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
+        _close(g, r.grad, name, 4 * TOL[dtype])
+
+
+@given(case=linear_case())
+@SETTINGS
+def test_registered_linear_ops_on_any_layout(simd_level, case):
+    (x, _), (w, _), b, dtype = case
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x  # the ops take 2-D operands (a view when it can be)
+    b = b[0] if b is not None else None
+    _close(torch.ops.minillm.linear(x2, w, b), F.linear(x2.double(), w.double(), None if b is None else b.double()),
+           "linear", TOL[dtype])
+    _close(torch.ops.minillm.matmul(x2, w.t()), x2.double() @ w.double().t(), "matmul", TOL[dtype])
+
+
+@given(case=topk_case())
+@SETTINGS
+def test_registered_topk_op_on_any_layout(simd_level, case):
+    queries, corpus, k, metric, _ = case
+    scores, idx = torch.ops.minillm.topk_search(queries, corpus, k, metric)
+    _check_topk(queries, corpus.float(), k, metric, scores, idx)

@@ -2,11 +2,13 @@
 topk_search_torch) against the plain references that define minillm's semantics, on CPU tensors standing in
 for CUDA ones: bottom-right causal alignment, padded keys and queries never used (NaN there stays out), rows
 that see no key returning 0 with zero gradients, top-k ties to the lower index and NaN scores ranked last."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minillm.ops import attention, reference
 from minillm.ops.reference import (METRICS, attention_reference, attention_sdpa, topk_search_reference,
                                    topk_search_torch)
 
@@ -107,3 +109,31 @@ def test_topk_search_torch_bounds_its_tiles(monkeypatch):
     got = topk_search_torch(q, c, 5, "ip", max_scores=20_000)
     assert max(sizes) <= 20_000 and len(sizes) > 1
     assert torch.equal(got[1], topk_search_reference(q, c, 5, "ip")[1])
+
+
+def test_torch_paths_copy_overlapping_inputs():
+    # torch 2.13's CPU F.scaled_dot_product_attention returns wrong rows (zeros, uninitialised memory) for inputs
+    # whose elements overlap, e.g. a query expanded along N from one row. minillm's torch paths (attention_sdpa:
+    # other devices, MINILLM_FORCE_TORCH; the drop-in's fallback to torch's function) copy such inputs first.
+    from minillm.ops import force_torch, scaled_dot_product_attention
+
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.randn(4096, generator=gen)
+    rng = np.random.default_rng(0)
+    layouts = [((1, 1, 2, 2), (1, 1, 0, 1))]  # found by tests/ops/test_layouts.py
+    while len(layouts) < 200:
+        shape = tuple(int(rng.choice([1, 2, 3])) for _ in range(3)) + (int(rng.choice([1, 2, 4, 8])),)
+        strides = tuple(int(rng.choice([0, 1, 2, 3, 4, 8, 16])) for _ in range(3)) + (1,)
+        if reference._overlaps(flat.as_strided(shape, strides)):
+            layouts.append((shape, strides))
+    for shape, strides in layouts:
+        q = flat.as_strided(shape, strides)
+        k = torch.randn(shape[0], shape[1], 2, shape[3], generator=gen)
+        v = torch.randn(k.shape, generator=gen)
+        want = attention_reference(q.double(), k.double(), v.double())
+        with force_torch():
+            got = attention(q, k, v)
+        dense = torch.ones(shape[2], 2, dtype=torch.bool)  # a dense mask: the drop-in calls torch's function
+        got_dropin = scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=f"{shape} {strides}")
+        torch.testing.assert_close(got_dropin.double(), want, atol=1e-5, rtol=1e-5, msg=f"{shape} {strides}")
