@@ -9,7 +9,6 @@
 #include <array>
 #include <initializer_list>
 #include <limits>
-#include <utility>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -137,8 +136,6 @@ Dim dense(std::initializer_list<int64_t> sizes) {
 
 bool float_dtype(int dtype) { return dtype == minillm::kF32 || dtype == minillm::kBF16 || dtype == minillm::kF16 || dtype == minillm::kF64; }
 
-int64_t item_bytes(int dtype) { return dtype == minillm::kF64 ? 8 : dtype == minillm::kF32 ? 4 : dtype == minillm::kI8 ? 1 : 2; }
-
 void check_attention(const Sizes& sz, int dtype) {
   require(sz[0] >= 1 && sz[1] >= 1 && sz[2] >= 1 && sz[3] >= 1 && sz[4] >= 1,
           "attention sizes (B, H, Nq, Nk, D) must all be >= 1 (empty inputs are answered in Python)");
@@ -172,12 +169,12 @@ struct AttnShape {
 
 AttnShape attn_shape(const Sizes& sz, int dtype) {
   check_attention(sz, dtype);
-  return {sz, item_bytes(dtype), dtype == minillm::kF64 ? 8 : 4};
+  return {sz, minillm::elem_size(dtype), dtype == minillm::kF64 ? 8 : 4};
 }
 
 AttnFwdArgs fwd_args(const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& kpm,
-                     const Buf& qpm, const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal,
-                     int64_t causal_offset, double scale, int dtype, int nthreads) {
+                     const Buf& qpm, const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs,
+                     bool causal, int64_t causal_offset, double scale, int dtype, int nthreads) {
   const AttnShape s = attn_shape(sz, dtype);
   AttnFwdArgs a{};
   a.q = s.strided(q, "q", sz[2], qs);
@@ -231,9 +228,6 @@ AttnBwdArgs bwd_args(const Buf& dout, const Buf& q, const Buf& k, const Buf& v, 
   return a;
 }
 
-// int8 codes are read in whole blocks of this many columns (csrc/kernels_impl.h: kI8Pad).
-constexpr int64_t kI8Pad = 64;
-
 TopkArgs topk_args(const Buf& queries, const Buf& corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N,
                    int64_t d, int64_t k, int metric, const Buf& out_scores, const Buf& out_idx, int nthreads,
                    const Buf& row_scale = {0, 0}, const Buf& row_norm2 = {0, 0}) {
@@ -245,10 +239,11 @@ TopkArgs topk_args(const Buf& queries, const Buf& corpus, int64_t corpus_stride,
   require(!i8 || (row_scale.ptr != 0 && row_norm2.ptr != 0), "an int8 corpus needs row_scale and row_norm2");
   require(metric == minillm::kIP || metric == minillm::kCosine || metric == minillm::kL2,
           "topk metric must be kIP, kCosine or kL2");
-  const int64_t width = i8 ? (d + kI8Pad - 1) / kI8Pad * kI8Pad : d;  // columns a corpus row is read over
+  // the columns a corpus row is read over: int8 codes in whole kI8Pad blocks
+  const int64_t width = i8 ? (d + minillm::kI8Pad - 1) / minillm::kI8Pad * minillm::kI8Pad : d;
   TopkArgs a{};
   a.queries = checked<const float*>(queries, "queries", 4, {dense({Q, d})});
-  a.corpus = checked<const void*>(corpus, "corpus", item_bytes(dtype), {{N, corpus_stride}, {width, 1}});
+  a.corpus = checked<const void*>(corpus, "corpus", minillm::elem_size(dtype), {{N, corpus_stride}, {width, 1}});
   a.row_scale = i8 ? checked<const float*>(row_scale, "row_scale", 4, {{N, 1}}) : nullptr;
   a.row_norm2 = i8 ? checked<const float*>(row_norm2, "row_norm2", 4, {{N, 1}}) : nullptr;
   a.corpus_stride = corpus_stride;
@@ -304,7 +299,7 @@ GemmArgs gemm_args(const Buf& a, int64_t lda, bool a_colmajor, const Buf& b, int
                    const Buf& bias, const Buf& c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
   require(M >= 1 && N >= 1 && K >= 1, "gemm sizes M, N and K must be >= 1 (empty products are answered in Python)");
   require(dtype == minillm::kF32 || dtype == minillm::kF64, "gemm dtype must be kF32 or kF64");
-  const int64_t item = item_bytes(dtype);
+  const int64_t item = minillm::elem_size(dtype);
   GemmArgs g{};
   g.a = operand(a, "a", item, M, K, lda, a_colmajor);
   g.lda = lda;
@@ -351,8 +346,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "attention_bwd",
       [](const Buf& dout, const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& dlse,
-         const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv, const Sizes& sz, const Strides& dos,
-         const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
+         const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv, const Sizes& sz,
+         const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
          int64_t causal_offset, double scale, int dtype, int nthreads) {
         check(run_attention_bwd(bwd_args(dout, q, k, v, out, lse, dlse, kpm, qpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
                                          causal_offset, scale, dtype, nthreads)),
@@ -380,7 +375,7 @@ PYBIND11_MODULE(_C, m) {
          int dtype, int nthreads) {
         require(M >= 1 && K >= 1 && N >= 1, "linear_small_m sizes M, K and N must be >= 1");
         require(dtype == minillm::kF32 || dtype == minillm::kF64, "linear_small_m dtype must be kF32 or kF64");
-        const int64_t item = item_bytes(dtype);
+        const int64_t item = minillm::elem_size(dtype);
         LinearArgs a{};
         a.x = checked<const void*>(x, "x", item, {{M, ldx}, {K, 1}});
         a.w = checked<const void*>(w, "weight", item, {dense({N, K})});
@@ -467,8 +462,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_attention_bwd",
       [](const Buf& dout, const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& dlse,
-         const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv, const Sizes& sz, const Strides& dos,
-         const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
+         const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv, const Sizes& sz,
+         const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
          int64_t causal_offset, double scale, int dtype, const Buf& delta, int device, uintptr_t stream) {
         const AttnBwdArgs a = bwd_args(dout, q, k, v, out, lse, dlse, kpm, qpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
                                        causal_offset, scale, dtype, 0);

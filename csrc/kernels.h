@@ -13,6 +13,12 @@ enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3, kI8 = 4 };
 
 enum Metric : int { kIP = 0, kCosine = 1, kL2 = 2 };
 
+// Bytes of one stored element of a DType.
+inline int64_t elem_size(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : dtype == kI8 ? 1 : 2; }
+
+// A kI8 corpus row is read in whole blocks of this many columns (codes zero-padded to a multiple of it).
+constexpr int64_t kI8Pad = 64;
+
 // Status codes returned by kernels (0 = ok).
 enum Status : int { kOk = 0, kOutOfMemory = 1 };
 

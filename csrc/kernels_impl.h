@@ -244,7 +244,6 @@ inline uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | (r >> 13));
 }
 
-inline int64_t elem_size(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : dtype == kI8 ? 1 : 2; }
 inline const void* at(const void* base, int dtype, int64_t off) {
   return static_cast<const char*>(base) + off * elem_size(dtype);
 }
@@ -2120,7 +2119,6 @@ inline float self_dot_stored(int dt, const void* C, int64_t off, int64_t K) {
 // int8 codes against queries quantized to int16: pairs of int16 products summed into int32 lanes
 // (vpmaddwd), two instructions per 32 codes instead of widening every code to fp32. K is a multiple of
 // 64 (codes and queries are zero-padded to it); the caller rescales S by both quantization scales.
-constexpr int64_t kI8Pad = 64;
 
 // <q, c> for one int16 query and one row of int8 codes.
 inline float dot_i8q(int64_t K, const int16_t* q, const int8_t* c) {

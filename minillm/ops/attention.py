@@ -56,8 +56,9 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
         return out, lse
     buf, dense = _backend.buf, _backend.dense_buf
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)  # kept alive until the launch returns
-    launch((buf(q), buf(k), buf(v), dense(out), dense(lse), dense(kpm), dense(qpm), (B, H, Nq, Nk, D), q.stride()[:3], k.stride()[:3], v.stride()[:3],
-            causal, causal_offset, scale, _DTYPE_CODE[q.dtype]), B * H * Nq * Nk * D)
+    launch((buf(q), buf(k), buf(v), dense(out), dense(lse), dense(kpm), dense(qpm), (B, H, Nq, Nk, D),
+            q.stride()[:3], k.stride()[:3], v.stride()[:3], causal, causal_offset, scale, _DTYPE_CODE[q.dtype]),
+           B * H * Nq * Nk * D)
     return out, lse
 
 
@@ -74,7 +75,8 @@ def _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padd
     buf, dense = _backend.buf, _backend.dense_buf
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)
     launch((buf(dout), buf(q), buf(k), buf(v), buf(out), dense(lse), dense(dlse), dense(kpm), dense(qpm),
-            dense(dq), dense(dk), dense(dv), (B, H, Nq, Nk, D), dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3],
+            dense(dq), dense(dk), dense(dv), (B, H, Nq, Nk, D),
+            dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3],
             causal, causal_offset, scale, _DTYPE_CODE[q.dtype]), 3 * B * H * Nq * Nk * D)
     return dq, dk, dv
 

@@ -130,8 +130,8 @@ def _linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if M == 0 or N == 0:
         return y
     buf, dense = _backend.buf, _backend.dense_buf
-    _backend._C.linear_small_m(buf(x), dense(weight), dense(bias), dense(y), M, K, N, x.stride(0), _DTYPE_CODE[x.dtype],
-                               _backend.threads_for(_small_m_us(M, N, K, weight.element_size())))
+    _backend._C.linear_small_m(buf(x), dense(weight), dense(bias), dense(y), M, K, N, x.stride(0),
+                               _DTYPE_CODE[x.dtype], _backend.threads_for(_small_m_us(M, N, K, weight.element_size())))
     return y
 
 

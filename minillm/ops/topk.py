@@ -81,8 +81,8 @@ def _topk_search_cuda(queries: Tensor, corpus: Tensor, k: int, metric: str) -> T
     workspace = torch.empty(_backend._C.cuda_topk_workspace(Q, N, k, device), dtype=torch.uint8, device=queries.device)
     buf, dense = _backend.buf, _backend.dense_buf
     _backend._C.cuda_topk(dense(queries), buf(corpus), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
-                          _METRIC_CODE[metric], dense(scores), dense(idx), dense(workspace) if workspace.numel() else (0, 0),
-                          device, _backend.cuda_stream(queries))
+                          _METRIC_CODE[metric], dense(scores), dense(idx), dense(workspace), device,
+                          _backend.cuda_stream(queries))
     return scores, idx
 
 

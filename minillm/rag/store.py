@@ -54,14 +54,14 @@ def _check_metadata(meta: Any, where: str = "metadata") -> None:
 
 
 def _check_consistent(path: Path, meta: Dict[str, Any], store: "SimpleDocumentStore") -> None:
-    """A loaded store's two halves (documents.sqlite, index/) must come from one save: the same snapshot token
+    """A loaded store's two halves (store.sqlite, index/) must come from one save: the same snapshot token
     (saves before the token have none) and one vector per embedded document, none for any other. A folder mixed
     from two saves would otherwise answer searches with documents that do not match their vectors."""
-    mixed = f"{path}: documents.sqlite and index/ come from different saves (a mixed or damaged folder); " \
+    mixed = f"{path}: {DB_NAME} and index/ come from different saves (a mixed or damaged folder); " \
             f"restore the folder from one save or rebuild the store"
     if "snapshot" in meta and meta["snapshot"] != store.index.snapshot:
         raise ValueError(f"{mixed} (snapshot {meta['snapshot']} against {store.index.snapshot})")
-    embedded = {k for k, d in store._docs.items() if d["embedded"]}
+    embedded = store._docs.keys() - store._pending
     vectors = set(store.index.ids.tolist())
     if embedded != vectors:
         raise ValueError(f"{mixed}: {len(vectors - embedded)} vectors without an embedded document, "
@@ -91,10 +91,10 @@ class SimpleDocumentStore:
             raise ValueError(f"embedder {self.embedder.name} makes {self.embedder.dim}-d vectors but the store has "
                              f"embedding_dim={embedding_dim}")
         self.index = FlatIndex(embedding_dim, "cosine", dtype)
-        self._docs: Dict[int, Dict[str, Any]] = {}  # key -> {"id", "text", "metadata", "embedded"}
+        self._docs: Dict[int, Dict[str, Any]] = {}  # key -> {"id", "text", "metadata"}
         self._key_of: Dict[str, int] = {}
-        # Keys of documents without a current vector (new or changed text): pending() reads its size without
-        # walking the documents, which searches racing writes cannot do ("dictionary changed size").
+        # Keys of documents without a current vector (new or changed text); every other document has one.
+        # pending() reads its size without walking the documents, which searches racing writes cannot do.
         self._pending: set = set()
         # metadata field -> JSON of a value -> keys of the documents holding it: dict filters become set
         # operations instead of a scan over every document's metadata.
@@ -171,7 +171,7 @@ class SimpleDocumentStore:
                 if key is not None:
                     doc = self._docs[key]
                     if doc["text"] != text:
-                        doc["text"], doc["embedded"] = text, False
+                        doc["text"] = text
                         self._pending.add(key)
                         stale.append(key)
                     self._index_meta(key, doc["metadata"], add=False)
@@ -180,7 +180,7 @@ class SimpleDocumentStore:
                     key = self._next_key
                     self._next_key += 1
                     self._key_of[doc_id] = key
-                    self._docs[key] = {"id": doc_id, "text": text, "metadata": dict(meta), "embedded": False}
+                    self._docs[key] = {"id": doc_id, "text": text, "metadata": dict(meta)}
                     self._pending.add(key)
                 self._index_meta(key, meta, add=True)
             if stale:
@@ -220,8 +220,6 @@ class SimpleDocumentStore:
                 bar.close()
             with self._lock.write():
                 self.index.add_with_ids(vectors, np.asarray(todo, dtype=np.int64))
-                for k in todo:
-                    self._docs[k]["embedded"] = True
                 self._pending.difference_update(todo)
         log.info("embedded %d documents with %s", len(todo), self.embedder.name)
         return len(todo)
@@ -296,7 +294,7 @@ class SimpleDocumentStore:
                             "next_key": self._next_key, "snapshot": snapshot}
                     db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
                     db.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?)",
-                                   [(k, d["id"], d["text"], json.dumps(d["metadata"]), int(d["embedded"]))
+                                   [(k, d["id"], d["text"], json.dumps(d["metadata"]), int(k not in self._pending))
                                     for k, d in self._docs.items()])
                     db.commit()
                 finally:
@@ -342,7 +340,7 @@ class SimpleDocumentStore:
         if store.index.dim != dim or store.index.metric != meta["metric"]:
             raise ValueError(f"{p}: index dimension/metric do not match the store's")
         for key, doc_id, text, metadata, embedded in rows:
-            store._docs[key] = {"id": doc_id, "text": text, "metadata": json.loads(metadata), "embedded": bool(embedded)}
+            store._docs[key] = {"id": doc_id, "text": text, "metadata": json.loads(metadata)}
             store._key_of[doc_id] = key
             if not embedded:
                 store._pending.add(key)

@@ -163,16 +163,14 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a tokenizer JSON file ({exc})") from None
     kinds = {"char": CharTokenizer, "bpe": BPETokenizer}
-    if isinstance(data, dict) and data.get("type") in kinds:
-        make = lambda: kinds[data["type"]]._from_json(data)  # noqa: E731
-    elif isinstance(data, dict) and "model" in data:
-        make = lambda: PretrainedTokenizer.from_file(path)  # noqa: E731
-    else:
+    own = isinstance(data, dict) and data.get("type") in kinds
+    if not own and not (isinstance(data, dict) and "model" in data):
         raise ValueError(f"{path} is neither a minillm tokenizer nor a Hugging Face tokenizer.json")
     try:
-        tok = make()
+        if not own:
+            return PretrainedTokenizer.from_file(path)
+        tok = kinds[data["type"]]._from_json(data)
+        tok.special_tokens = dict(data.get("special_tokens", {}))
+        return tok
     except Exception as exc:  # the file's contents are wrong: the tokenizers library raises a bare Exception
         raise ValueError(f"{path} is a damaged tokenizer file ({type(exc).__name__}: {exc})") from exc
-    if isinstance(data, dict) and data.get("type") in kinds:
-        tok.special_tokens = dict(data.get("special_tokens", {}))
-    return tok

@@ -252,9 +252,10 @@ class Trainer:
             # batch fewer would enter evaluate()'s all-reduce while the others wait in DDP's gradient one.
             padded = math.ceil(len(batches) / self.world) * self.world
             batches = [batches[i % len(batches)] for i in range(padded)]
-        mine = list(range(self.rank, len(batches), self.world))
-        seeds = [(self.seed * 1_000_003 + epoch) * 1_000_003 + g for g in mine]  # global batch g's masks
-        return [batches[g] for g in mine], [s % (2 ** 63) for s in seeds]
+        mine = range(self.rank, len(batches), self.world)
+        # global batch g's masks: one seed per (run seed, epoch, g), whichever rank or worker collates it
+        seeds = [((self.seed * 1_000_003 + epoch) * 1_000_003 + g) % 2 ** 63 for g in mine]
+        return [batches[g] for g in mine], seeds
 
     def _batch_loader(self, batches: List[List[int]], seeds: List[int], start: int):
         """Batches [start, len) of this rank's epoch, collated as the user's DataLoader would load them."""
@@ -265,9 +266,8 @@ class Trainer:
         # otherwise, and a resumed run (a new iterator mid-epoch) would shift the dropout stream.
         gen = torch.Generator().manual_seed(seeds[0] if seeds else 0)
         return DataLoader(_EpochBatches(user.dataset, batches, user.collate_fn, seeds), batch_size=None,
-                          sampler=range(start, len(batches)), num_workers=workers, pin_memory=user.pin_memory,
-                          generator=gen,
-                          worker_init_fn=user.worker_init_fn, timeout=user.timeout,
+                          sampler=range(start, len(batches)), generator=gen, num_workers=workers,
+                          pin_memory=user.pin_memory, worker_init_fn=user.worker_init_fn, timeout=user.timeout,
                           multiprocessing_context=user.multiprocessing_context if workers > 0 else None, **extra)
 
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

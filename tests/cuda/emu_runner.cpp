@@ -61,8 +61,6 @@ void write_file(const std::string& path, const void* data, size_t bytes) {
   if (!out) throw std::runtime_error("cannot write " + path);
 }
 
-size_t elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
-
 void strides3(const std::map<std::string, std::string>& m, const std::string& name, int64_t* s) {
   for (int i = 0; i < 3; ++i) s[i] = geti(m, name + "_s" + std::to_string(i));
 }
