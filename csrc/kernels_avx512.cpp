@@ -2,4 +2,4 @@
 // when the CPU and OS support them.
 #define MINILLM_ISA avx512
 #define MINILLM_VBYTES 64
-#include "kernels_impl.h"
+#include "cpu/entry_points.h"

@@ -2,4 +2,4 @@
 // generic vectors; the only level compiled on non-x86 machines.
 #define MINILLM_ISA scalar
 #define MINILLM_VBYTES 16
-#include "kernels_impl.h"
+#include "cpu/entry_points.h"

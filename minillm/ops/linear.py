@@ -4,7 +4,7 @@ Two kernels sit behind `minillm::linear`:
 - few rows (M <= SMALL_M, KV-cache decoding): the step's cost is reading the weights, so each weight row
   is streamed once, with no packed copy;
 - more rows (training, prompt processing, embedding batches): a packed, register-blocked GEMM
-  (csrc/kernels_impl.h, `gemm_impl`). On this project's AVX-512 machine (AMD Zen 5) torch's fp32 `addmm`
+  (csrc/cpu/gemm.h, `gemm_impl`). On this project's AVX-512 machine (AMD Zen 5) torch's fp32 `addmm`
   runs at ~210-230 GFLOP/s at every size; benchmarks/bench_linear.py measured this GEMM at 1.2-1.9x it
   forward and 1.8-1.95x forward + backward on the models' layer shapes.
 
