@@ -1,4 +1,5 @@
-// Attention forward: the bf16 (vdpbf16ps / AMX) and the fp32/fp64 FlashAttention-2 kernels.
+// Attention forward: one FlashAttention-2 block loop (attention_fwd_blocks) and the two kernels that fill it
+// in, fp32/fp64 GEMM tiles (FwdF32) and bf16 pair-word products on vdpbf16ps or AMX (FwdBf16).
 #pragma once
 #include "cpu/attention_bf16.h"
 #include "cpu/amx.h"
@@ -10,193 +11,52 @@ namespace minillm {
 namespace MINILLM_ISA {
 namespace {
 
-#if defined(__AVX512BW__)
-int attention_fwd_bf16dot(const AttnFwdArgs& a) {
-  constexpr int W = 16;
-  const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
-  // With AMX a row tile is 32 rows and its columns whole 32-key chunks (16 pairs, one tile's depth in p v).
-  const bool amx = use_amx();
-  const int64_t TR = amx ? kAmxRows : kMR, CW = amx ? 32 : W;
-  const int64_t bk = imin(kBkFwd, round_up(imax(Nk, 1), CW));  // 256 keys: 0.82-0.87 of 64's time on a Zen 4
-  const int64_t Dp = round_up(D, kPad), DP = Dp / 2, NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
-  const int64_t off = a.causal_offset;
-  const float scale = static_cast<float>(a.scale);
-  const int nt = a.nthreads > 0 ? a.nthreads : 1;
-  // Rows read in place as 32-bit words: whole pairs (D == Dp), word strides, and gather offsets within int32.
-  constexpr int64_t kMaxWordStride = int64_t(1) << 26;
-  const bool q_in_place = D == Dp && a.q_stride[2] % 2 == 0;
-  const bool rows_in_place = D == Dp && a.k_stride[2] % 2 == 0 && a.k_stride[2] / 2 < kMaxWordStride;
-  const int64_t nqb = (Nq + kBq - 1) / kBq;
-  const int64_t chunks = B * H >= 2 * nt ? 1 : imax(1, imin(nqb, (2 * nt + B * H - 1) / (B * H)));
-  const int64_t qb_per_chunk = (nqb + chunks - 1) / chunks;
-  const int64_t items = B * H * chunks;
-  const size_t arena_bytes = Arena::need<uint32_t>(DP * NkP) + Arena::need<uint32_t>(NkP / 2 * Dp) +
-                             Arena::need<uint16_t>(kBq * Dp) + 2 * Arena::need<uint16_t>(16 * Dp) +
-                             Arena::need<float>(kBq * bk) + Arena::need<uint16_t>(kBq * bk) +
-                             Arena::need<float>(kBq * Dp) + 2 * Arena::need<float>(kBq) + Arena::need<uint8_t>(nkb);
-  int status = kOk;
-  int done = 0;  // threads done with their share (finish_share)
-#pragma omp parallel num_threads(nt)
-  {
-    Arena arena(arena_bytes);
-    const bool ok = thread_arena_ok(arena, &status);
-    AmxTiles tiles(amx && ok);
-    uint32_t* Kp = ok ? arena.take<uint32_t>(DP * NkP) : nullptr;      // (Dp / 2, ldk) words: K^T pairs
-    uint32_t* Vp = ok ? arena.take<uint32_t>(NkP / 2 * Dp) : nullptr;  // (keys / 2, Dp) words: V row pairs
-    uint16_t* Qb = ok ? arena.take<uint16_t>(kBq * Dp) : nullptr;      // (kBq, Dp) bf16
-    uint16_t* K16 = ok ? arena.take<uint16_t>(16 * Dp) : nullptr;      // (16, Dp): 16 padded k rows
-    uint16_t* V16 = ok ? arena.take<uint16_t>(16 * Dp) : nullptr;      // (16, Dp): their v rows
-    float* S = ok ? arena.take<float>(kBq * bk) : nullptr;             // (kBq, bk): scores, then p
-    uint16_t* Pb = ok ? arena.take<uint16_t>(kBq * bk) : nullptr;      // (kBq, bk): p in bf16
-    float* acc = ok ? arena.take<float>(kBq * Dp) : nullptr;
-    float* m = ok ? arena.take<float>(kBq) : nullptr;
-    float* l = ok ? arena.take<float>(kBq) : nullptr;
-    uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t it = 0; it < items; ++it) {
-      if (!ok) continue;
-      const int64_t bh = it / chunks, b = bh / H, h = bh % H;
-      const int64_t q_begin = (it % chunks) * qb_per_chunk * kBq;
-      const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * kBq);
-      if (q_begin >= q_end) continue;
-      const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
-      if (!any_query(qpm, q_begin, q_end)) {
-        for (int64_t i = q_begin; i < q_end; ++i) write_empty_row<float>(a, bh * Nq + i, acc, Dp);
-        continue;
-      }
-      const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
-      // Keys any row here sees: up to the causal limit and the last unpadded key.
-      const int64_t k_end = imin(a.causal ? imax(0, imin(Nk, q_end + off)) : Nk, keys_end(kpm, Nk));
-      const int64_t ldk = imax(bk, round_up(k_end, bk));
-      const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
-      const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
-      const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
-      // Packs keys [0, ldk) 16 at a time; padded keys and keys past k_end are zeros (never read as data).
-      // Rows that need no zero padding (D == Dp) are read in place when all 16 keys are visible.
-      for (int64_t j = 0; j < ldk; j += 16) {
-        bool whole = rows_in_place && j + 16 <= k_end;
-        for (int64_t t = 0; whole && kpm && t < 16; ++t) whole = kpm[j + t];
-        if (whole) {
-          transpose_words16(static_cast<const uint32_t*>(at(a.k, kBF16, kbase + j * a.k_stride[2])), a.k_stride[2] / 2,
-                            DP, Kp + j, ldk);
-          auto vrow = [&](int64_t jj) { return static_cast<const uint16_t*>(at(a.v, kBF16, vbase + jj * a.v_stride[2])); };
-          for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(vrow(j + t), vrow(j + t + 1), Dp, Vp + (j + t) / 2 * Dp);
-          continue;
-        }
-        load_kv_rows16(at(a.k, kBF16, kbase), a.k_stride[2], at(a.v, kBF16, vbase), a.v_stride[2], j, k_end, kpm, D, Dp,
-                       K16, V16);
-        transpose_words16(reinterpret_cast<const uint32_t*>(K16), DP, DP, Kp + j, ldk);
-        for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(V16 + t * Dp, V16 + (t + 1) * Dp, Dp, Vp + (j + t) / 2 * Dp);
-      }
-      visible_blocks(kpm, Nk, bk, nkb, kvis);
+// Block sizes of one forward call: query rows per block (BQ), keys per block (bk), rows per register tile
+// (TR) and the key granularity of a tile's products (CW: a tile computes its keys rounded up to it).
+struct FwdBlocks {
+  int64_t BQ, bk, TR, CW;
+};
 
-      for (int64_t i0 = q_begin; i0 < q_end; i0 += kBq) {
-        const int64_t rows = imin(kBq, q_end - i0);
-        if (!any_query(qpm, i0, i0 + rows)) {
-          for (int64_t r = 0; r < rows; ++r) write_empty_row<float>(a, bh * Nq + i0 + r, acc, Dp);
-          continue;
-        }
-        // q rows as the products' broadcast side: in place when they need no zero padding.
-        const uint32_t* Qw = reinterpret_cast<const uint32_t*>(Qb);
-        int64_t ldq = DP;
-        if (q_in_place) {
-          Qw = static_cast<const uint32_t*>(at(a.q, kBF16, qbase + i0 * a.q_stride[2]));
-          ldq = a.q_stride[2] / 2;
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            bf16_row(at(a.q, kBF16, qbase + (i0 + r) * a.q_stride[2]), D, Dp, Qb + r * Dp);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          m[r] = -INFINITY;
-          l[r] = 0;
-        }
-        std::memset(acc, 0, sizeof(float) * rows * Dp);
-        const int64_t j_end = a.causal ? imax(0, imin(k_end, i0 + rows + off)) : k_end;
-        for (int64_t j0 = 0; j0 < j_end; j0 += bk) {
-          if (!kvis[j0 / bk]) continue;
-          const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kvis[j0 / bk]);
-          for (int64_t r0 = 0; r0 < rows; r0 += TR) {
-            const int64_t tr = imin(TR, rows - r0);
-            const int64_t cols =
-                imin(k_end - j0, a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk);
-            if (cols <= 0) continue;
-            // Keys in [cols, cv) are masked for every row of the tile (past the causal limit of its last
-            // row, or past k_end), so their p is 0 and p v may run over all cv keys.
-            const int64_t cv = round_up(cols, CW);
-            bf16_mm(amx, tr, cv, DP, Qw + r0 * ldq, ldq, Kp + j0, ldk, S + r0 * bk, bk, false);
-            // Scores are scaled after masking (-inf stays -inf) inside the softmax step.
-            if (masked)
-              for (int64_t r = r0; r < r0 + tr; ++r)
-                mask_block<float>(S + r * bk, j0, cv, Nk, a.causal, i0 + r + off, kpm);
-            for (int64_t s0 = r0; s0 < r0 + tr; s0 += kSoftRows)
-              softmax_tile_bf16(S, bk, s0, imin(kSoftRows, r0 + tr - s0), cv, scale, m, l, acc, Dp, Pb, bk);
-            bf16_mm(amx, tr, Dp, amx ? cv / 2 : (cols + 1) / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * bk),
-                    bk / 2, Vp + (j0 / 2) * Dp, Dp, acc + r0 * Dp, Dp, true);
-          }
-        }
-        float* lse = static_cast<float*>(a.lse) + bh * Nq + i0;
-        for (int64_t r = 0; r < rows; ++r) {
-          void* orow = const_cast<void*>(at(a.out, a.dtype, (bh * Nq + i0 + r) * D));
-          if (l[r] == 0.0f || (qpm && !qpm[i0 + r])) {
-            std::memset(acc + r * Dp, 0, sizeof(float) * Dp);
-            store_row<float>(acc + r * Dp, D, 1.0f, a.dtype, orow);
-            lse[r] = INFINITY;
-          } else {
-            store_row<float>(acc + r * Dp, D, 1.0f / l[r], a.dtype, orow);
-            lse[r] = m[r] + std::log(l[r]);
-          }
-        }
-      }
-    }
-    finish_share(&done);
-  }
-  return status;
-}
-#endif
-
-template <typename T>
-int attention_fwd_impl(const AttnFwdArgs& a) {
-  if (a.Nq <= kDecodeRows) return attention_decode_impl<T>(a);
-#if defined(__AVX512BW__)
-  if (std::is_same<T, float>::value && a.dtype == kBF16 && use_bf16_dot()) return attention_fwd_bf16dot(a);
-#endif
-  constexpr int W = Vec<T>::W;
-  const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D;
-  const int64_t bk = key_block(Nk, kBkFwd);
+// The forward's work loop, the same for every kernel. Work items are (b, h, chunk of query blocks): with too
+// few (b, h) pairs to feed every thread each pair's queries are split, and each item packs its K and V once,
+// so items stay as large as the threads allow. Within an item, query block by key block, row tile by row
+// tile, with the online softmax's running maxima m, sums l and output rows acc in T (float for 16-bit).
+// Kernel (constructed once per thread on its Arena) supplies what differs:
+//   scratch_bytes(a, blocks, Dp, NkP)       its per-thread scratch
+//   pack_keys(b, h, kpm, k_end, q0, q1)     K and V of one (b, h) (keys from k_end on are never read)
+//   load_queries(i0, rows, q_end)           the block's q rows
+//   scores(r0, tr, cv, j0, S)               S rows [r0, r0 + tr) = q k^T for keys [j0, j0 + cv)
+//   update(S, r0, tr, cv, cols, j0, m, l, acc)  the softmax step and acc += p v
+template <typename T, typename Kernel>
+int attention_fwd_blocks(const AttnFwdArgs& a, const FwdBlocks& fb) {
+  const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D, BQ = fb.BQ, bk = fb.bk;
   const int64_t Dp = round_up(D, kPad), NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
   const int64_t off = a.causal_offset;
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
-  // fp32/fp64 rows whose length is whole vectors need no conversion.
-  const bool direct = (a.dtype == kF32 || a.dtype == kF64) && D == Dp;
-  // Too few (b, h) pairs to feed every thread: split each pair's queries into chunks. Each work
-  // item converts its K (transposed) and V once, so items are kept as large as the threads allow.
-  const int64_t nqb = (Nq + kBqFwd - 1) / kBqFwd;
+  const int64_t nqb = (Nq + BQ - 1) / BQ;
   const int64_t chunks = B * H >= 2 * nt ? 1 : imax(1, imin(nqb, (2 * nt + B * H - 1) / (B * H)));
   const int64_t qb_per_chunk = (nqb + chunks - 1) / chunks;
   const int64_t items = B * H * chunks;
-  const size_t arena_bytes = Arena::need<T>(Dp * round_up(NkP, kPanel<T>)) + Arena::need<T>(NkP * Dp) + Arena::need<T>(kBqFwd * Dp) +
-                             Arena::need<T>(kBqFwd * bk) + Arena::need<T>(kBqFwd * Dp) + 2 * Arena::need<T>(kBqFwd) +
-                             Arena::need<uint8_t>(nkb);
+  const size_t arena_bytes = Kernel::scratch_bytes(a, fb, Dp, NkP) + Arena::need<T>(BQ * bk) +
+                             Arena::need<T>(BQ * Dp) + 2 * Arena::need<T>(BQ) + Arena::need<uint8_t>(nkb);
   int status = kOk;
   int done = 0;  // threads done with their share (finish_share)
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
     const bool ok = thread_arena_ok(arena, &status);
-    T* Kt = ok ? arena.take<T>(Dp * round_up(NkP, kPanel<T>)) : nullptr;  // K^T, packed (gemm_packed)
-    T* Vp = ok ? arena.take<T>(NkP * Dp) : nullptr;  // (keys, Dp)
-    T* Qs = ok ? arena.take<T>(kBqFwd * Dp) : nullptr;  // (kBqFwd, Dp): q * scale
-    T* S = ok ? arena.take<T>(kBqFwd * bk) : nullptr;  // (kBqFwd, bk): scores, then probabilities
-    T* acc = ok ? arena.take<T>(kBqFwd * Dp) : nullptr;
-    T* m = ok ? arena.take<T>(kBqFwd) : nullptr;
-    T* l = ok ? arena.take<T>(kBqFwd) : nullptr;
+    Kernel kern(a, fb, Dp, NkP, ok ? &arena : nullptr);
+    T* S = ok ? arena.take<T>(BQ * bk) : nullptr;  // (BQ, bk): scores, then probabilities
+    T* acc = ok ? arena.take<T>(BQ * Dp) : nullptr;  // (BQ, Dp)
+    T* m = ok ? arena.take<T>(BQ) : nullptr;
+    T* l = ok ? arena.take<T>(BQ) : nullptr;
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t it = 0; it < items; ++it) {
       if (!ok) continue;
       const int64_t bh = it / chunks, b = bh / H, h = bh % H;
-      const int64_t q_begin = (it % chunks) * qb_per_chunk * kBqFwd;
-      const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * kBqFwd);
+      const int64_t q_begin = (it % chunks) * qb_per_chunk * BQ;
+      const int64_t q_end = imin(Nq, q_begin + qb_per_chunk * BQ);
       if (q_begin >= q_end) continue;
       const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
       if (!any_query(qpm, q_begin, q_end)) {  // every query here is padding: nothing to read
@@ -206,61 +66,16 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
       // Keys any row here sees: up to the causal limit and the last unpadded key.
       const int64_t k_end = imin(a.causal ? imax(0, imin(Nk, q_end + off)) : Nk, keys_end(kpm, Nk));
-      // Element (d, j) of K^T: kt(j)[d * P] (packed_at).
-      constexpr int64_t P = kPanel<T>;
-      auto kt = [&](int64_t j) { return packed_at(Kt, Dp, j); };
-      const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
-      const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
-      const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
-
-      // Rows already in the kernel's type and width are read in place: K while it is transposed, and V by
-      // the p v product itself when no key below k_end is padded (keys from k_end on are never read: a
-      // right-padded batch). A padded value must not be read (0 * NaN is NaN), so with padding holes V is
-      // copied with those rows zeroed.
-      bool holes = false;
-      for (int64_t j = 0; kpm && j < k_end; ++j) holes |= !kpm[j];
-      const bool v_direct = direct && !holes;
-      const T* Vb = v_direct ? static_cast<const T*>(at(a.v, a.dtype, vbase)) : Vp;
-      const int64_t ldv = v_direct ? a.v_stride[2] : Dp;
-      const int64_t es = elem_size(a.dtype);
-      if (v_direct) prefetch_strided(Vb, imin(k_end, 2 * bk), ldv * es, D * es);
-      prefetch_strided(at(a.q, a.dtype, qbase + q_begin * a.q_stride[2]), imin(kBqFwd, q_end - q_begin),
-                       a.q_stride[2] * es, D * es);
-      // No padded key below k_end: groups of 8 keys straight from their rows.
-      int64_t j = v_direct ? pack_rows8(static_cast<const T*>(at(a.k, a.dtype, kbase)), a.k_stride[2], k_end, Dp, Kt)
-                           : 0;
-      for (; j < k_end; ++j) {
-        // Padded keys are never read: whatever they hold (NaN, inf) cannot reach the output.
-        if (kpm && !kpm[j]) {
-          for (int64_t d = 0; d < Dp; ++d) kt(j)[d * P] = 0;
-          std::memset(Vp + j * Dp, 0, sizeof(T) * Dp);
-          continue;
-        }
-        const T* kr = Qs;
-        if (direct)
-          kr = static_cast<const T*>(at(a.k, a.dtype, kbase + j * a.k_stride[2]));
-        else
-          load_row<T>(at(a.k, a.dtype, kbase + j * a.k_stride[2]), a.dtype, D, Dp, T(1), Qs);
-        for (int64_t d = 0; d < Dp; ++d) kt(j)[d * P] = kr[d];
-        if (!v_direct)
-          load_row<T>(at(a.v, a.dtype, vbase + j * a.v_stride[2]), a.dtype, D, Dp, T(1), Vp + j * Dp);
-      }
-      for (int64_t j = k_end; j < round_up(k_end, P); ++j)  // the last panel's unused columns
-        for (int64_t d = 0; d < Dp; ++d) kt(j)[d * P] = 0;
+      kern.pack_keys(b, h, kpm, k_end, q_begin, q_end);
       visible_blocks(kpm, Nk, bk, nkb, kvis);
 
-      for (int64_t i0 = q_begin; i0 < q_end; i0 += kBqFwd) {
-        const int64_t rows = imin(kBqFwd, q_end - i0);
+      for (int64_t i0 = q_begin; i0 < q_end; i0 += BQ) {
+        const int64_t rows = imin(BQ, q_end - i0);
         if (!any_query(qpm, i0, i0 + rows)) {
           for (int64_t r = 0; r < rows; ++r) write_empty_row<T>(a, bh * Nq + i0 + r, acc, Dp);
           continue;
         }
-        for (int64_t r = 0; r < rows; ++r)
-          load_row<T>(at(a.q, a.dtype, qbase + (i0 + r) * a.q_stride[2]), a.dtype, D, Dp, static_cast<T>(a.scale),
-                      Qs + r * Dp);
-        if (i0 + rows < q_end)
-          prefetch_strided(at(a.q, a.dtype, qbase + (i0 + rows) * a.q_stride[2]), imin(kBqFwd, q_end - i0 - rows),
-                           a.q_stride[2] * es, D * es);
+        kern.load_queries(i0, rows, q_end);
         for (int64_t r = 0; r < rows; ++r) {
           m[r] = -INFINITY;
           l[r] = 0;
@@ -272,18 +87,18 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
           const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kvis[j0 / bk]);
           // Row tile by row tile: on a causal block crossing the diagonal a tile computes only the keys its
           // last row sees, which skips the triangle above the diagonal (most of the work when N <= bk).
-          for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
-            const int64_t tr = imin(kMR, rows - r0);
+          for (int64_t r0 = 0; r0 < rows; r0 += fb.TR) {
+            const int64_t tr = imin(fb.TR, rows - r0);
             const int64_t cols =
                 imin(k_end - j0, a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk);
             if (cols <= 0) continue;  // no row of the tile sees a key of this block
-            const int64_t cv = round_up(cols, W);
-            gemm_packed<T>(tr, cv, Dp, Qs + r0 * Dp, Dp, kt(j0), S + r0 * bk, bk, false);
-            if (masked)
+            // Keys in [cols, cv) are masked for every row of the tile (past the causal limit of its last row,
+            // or past k_end), so their p is 0 and p v may run over all cv keys.
+            const int64_t cv = round_up(cols, fb.CW);
+            kern.scores(r0, tr, cv, j0, S);
+            if (masked)  // before any scaling, so that -inf stays -inf
               for (int64_t r = r0; r < r0 + tr; ++r) mask_block<T>(S + r * bk, j0, cv, Nk, a.causal, i0 + r + off, kpm);
-            softmax_tile<T>(S, bk, r0, tr, cv, T(1), m, l, acc, Dp);
-            // Keys past k_end have p = 0 and no value row (V read in place ends at Nk).
-            gemm<T>(tr, Dp, imin(cols, k_end - j0), S + r0 * bk, bk, Vb + j0 * ldv, ldv, acc + r0 * Dp, Dp, true);
+            kern.update(S, r0, tr, cv, cols, j0, m, l, acc);
           }
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
@@ -303,6 +118,200 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
     finish_share(&done);
   }
   return status;
+}
+
+// fp32 / fp64: q (scaled) against K^T packed by GEMM panels, then p v straight from V's rows where it can.
+template <typename T>
+struct FwdF32 {
+  const AttnFwdArgs& a;
+  const int64_t D, Dp, bk;
+  // fp32/fp64 rows whose length is whole vectors need no conversion.
+  const bool direct;
+  T* Kt;  // K^T, packed (gemm_packed); element (d, j) at packed_at(Kt, Dp, j)[d * kPanel<T>]
+  T* Vp;  // (keys, Dp): converted V rows
+  T* Qs;  // (BQ, Dp): q * scale
+  // The current item's.
+  int64_t qbase = 0, k_end = 0, ldv = 0;
+  const T* Vb = nullptr;
+
+  static FwdBlocks blocks(const AttnFwdArgs& a) { return {kBqFwd, key_block(a.Nk, kBkFwd), kMR, Vec<T>::W}; }
+  static size_t scratch_bytes(const AttnFwdArgs&, const FwdBlocks& fb, int64_t Dp, int64_t NkP) {
+    return Arena::need<T>(Dp * round_up(NkP, kPanel<T>)) + Arena::need<T>(NkP * Dp) + Arena::need<T>(fb.BQ * Dp);
+  }
+  FwdF32(const AttnFwdArgs& args, const FwdBlocks& fb, int64_t Dp_, int64_t NkP, Arena* arena)
+      : a(args), D(args.D), Dp(Dp_), bk(fb.bk), direct((a.dtype == kF32 || a.dtype == kF64) && D == Dp) {
+    Kt = arena ? arena->take<T>(Dp * round_up(NkP, kPanel<T>)) : nullptr;
+    Vp = arena ? arena->take<T>(NkP * Dp) : nullptr;
+    Qs = arena ? arena->take<T>(fb.BQ * Dp) : nullptr;
+  }
+
+  void pack_keys(int64_t b, int64_t h, const uint8_t* kpm, int64_t k_end_, int64_t q_begin, int64_t q_end) {
+    k_end = k_end_;
+    constexpr int64_t P = kPanel<T>;
+    auto kt = [&](int64_t j) { return packed_at(Kt, Dp, j); };
+    const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
+    const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+    qbase = b * a.q_stride[0] + h * a.q_stride[1];
+    // Rows already in the kernel's type and width are read in place: K while it is transposed, and V by the
+    // p v product itself when no key below k_end is padded (keys from k_end on are never read: a right-padded
+    // batch). A padded value must not be read (0 * NaN is NaN), so with padding holes V is copied with those
+    // rows zeroed.
+    bool holes = false;
+    for (int64_t j = 0; kpm && j < k_end; ++j) holes |= !kpm[j];
+    const bool v_direct = direct && !holes;
+    Vb = v_direct ? static_cast<const T*>(at(a.v, a.dtype, vbase)) : Vp;
+    ldv = v_direct ? a.v_stride[2] : Dp;
+    const int64_t es = elem_size(a.dtype);
+    if (v_direct) prefetch_strided(Vb, imin(k_end, 2 * bk), ldv * es, D * es);
+    prefetch_strided(at(a.q, a.dtype, qbase + q_begin * a.q_stride[2]), imin(kBqFwd, q_end - q_begin),
+                     a.q_stride[2] * es, D * es);
+    // No padded key below k_end: groups of 8 keys straight from their rows.
+    int64_t j = v_direct ? pack_rows8(static_cast<const T*>(at(a.k, a.dtype, kbase)), a.k_stride[2], k_end, Dp, Kt)
+                         : 0;
+    for (; j < k_end; ++j) {
+      // Padded keys are never read: whatever they hold (NaN, inf) cannot reach the output.
+      if (kpm && !kpm[j]) {
+        for (int64_t d = 0; d < Dp; ++d) kt(j)[d * P] = 0;
+        std::memset(Vp + j * Dp, 0, sizeof(T) * Dp);
+        continue;
+      }
+      const T* kr = Qs;
+      if (direct)
+        kr = static_cast<const T*>(at(a.k, a.dtype, kbase + j * a.k_stride[2]));
+      else
+        load_row<T>(at(a.k, a.dtype, kbase + j * a.k_stride[2]), a.dtype, D, Dp, T(1), Qs);
+      for (int64_t d = 0; d < Dp; ++d) kt(j)[d * P] = kr[d];
+      if (!v_direct) load_row<T>(at(a.v, a.dtype, vbase + j * a.v_stride[2]), a.dtype, D, Dp, T(1), Vp + j * Dp);
+    }
+    for (int64_t j = k_end; j < round_up(k_end, P); ++j)  // the last panel's unused columns
+      for (int64_t d = 0; d < Dp; ++d) kt(j)[d * P] = 0;
+  }
+
+  void load_queries(int64_t i0, int64_t rows, int64_t q_end) {
+    for (int64_t r = 0; r < rows; ++r)
+      load_row<T>(at(a.q, a.dtype, qbase + (i0 + r) * a.q_stride[2]), a.dtype, D, Dp, static_cast<T>(a.scale),
+                  Qs + r * Dp);
+    const int64_t es = elem_size(a.dtype);
+    if (i0 + rows < q_end)
+      prefetch_strided(at(a.q, a.dtype, qbase + (i0 + rows) * a.q_stride[2]), imin(kBqFwd, q_end - i0 - rows),
+                       a.q_stride[2] * es, D * es);
+  }
+
+  void scores(int64_t r0, int64_t tr, int64_t cv, int64_t j0, T* S) const {
+    gemm_packed<T>(tr, cv, Dp, Qs + r0 * Dp, Dp, packed_at(Kt, Dp, j0), S + r0 * bk, bk, false);
+  }
+
+  void update(T* S, int64_t r0, int64_t tr, int64_t cv, int64_t cols, int64_t j0, T* m, T* l, T* acc) const {
+    softmax_tile<T>(S, bk, r0, tr, cv, T(1), m, l, acc, Dp);
+    // Keys past k_end have p = 0 and no value row (V read in place ends at Nk).
+    gemm<T>(tr, Dp, imin(cols, k_end - j0), S + r0 * bk, bk, Vb + j0 * ldv, ldv, acc + r0 * Dp, Dp, true);
+  }
+};
+
+#if defined(__AVX512BW__)
+// bf16 on vdpbf16ps (or AMX tiles): q rows as pair words against K^T packed as (D / 2, keys) words, and p (rounded
+// to bf16, as torch's bf16 flash kernel does) against V as (keys / 2, D) words; see attention_bf16.h.
+struct FwdBf16 {
+  const AttnFwdArgs& a;
+  const int64_t D, Dp, DP, bk;
+  const float scale;
+  const bool amx;
+  // Rows read in place as 32-bit words: whole pairs (D == Dp), word strides, and gather offsets within int32.
+  const bool q_in_place, rows_in_place;
+  AmxTiles tiles;
+  uint32_t* Kp;   // (Dp / 2, ldk) words: K^T pairs
+  uint32_t* Vp;   // (keys / 2, Dp) words: V row pairs
+  uint16_t* Qb;   // (BQ, Dp) bf16
+  uint16_t* K16;  // (16, Dp): 16 padded k rows
+  uint16_t* V16;  // (16, Dp): their v rows
+  uint16_t* Pb;   // (BQ, bk): p in bf16
+  // The current item's and query block's.
+  int64_t qbase = 0, ldk = 0, ldq = 0;
+  const uint32_t* Qw = nullptr;
+
+  static constexpr int64_t kMaxWordStride = int64_t(1) << 26;
+  // With AMX a row tile is 32 rows and its columns whole 32-key chunks (16 pairs, one tile's depth in p v).
+  static FwdBlocks blocks(const AttnFwdArgs& a) {
+    const bool amx = use_amx();
+    const int64_t CW = amx ? 32 : 16;
+    return {kBq, imin(kBkFwd, round_up(imax(a.Nk, 1), CW)), amx ? kAmxRows : kMR, CW};  // 256 keys: 0.82-0.87 of 64's time on a Zen 4
+  }
+  static size_t scratch_bytes(const AttnFwdArgs& a, const FwdBlocks& fb, int64_t Dp, int64_t NkP) {
+    return Arena::need<uint32_t>(Dp / 2 * NkP) + Arena::need<uint32_t>(NkP / 2 * Dp) +
+           Arena::need<uint16_t>(fb.BQ * Dp) + 2 * Arena::need<uint16_t>(16 * Dp) + Arena::need<uint16_t>(fb.BQ * fb.bk);
+  }
+  FwdBf16(const AttnFwdArgs& args, const FwdBlocks& fb, int64_t Dp_, int64_t NkP, Arena* arena)
+      : a(args), D(args.D), Dp(Dp_), DP(Dp_ / 2), bk(fb.bk), scale(static_cast<float>(args.scale)),
+        amx(fb.TR == kAmxRows), q_in_place(D == Dp && a.q_stride[2] % 2 == 0),
+        rows_in_place(D == Dp && a.k_stride[2] % 2 == 0 && a.k_stride[2] / 2 < kMaxWordStride),
+        tiles(amx && arena) {
+    Kp = arena ? arena->take<uint32_t>(DP * NkP) : nullptr;
+    Vp = arena ? arena->take<uint32_t>(NkP / 2 * Dp) : nullptr;
+    Qb = arena ? arena->take<uint16_t>(fb.BQ * Dp) : nullptr;
+    K16 = arena ? arena->take<uint16_t>(16 * Dp) : nullptr;
+    V16 = arena ? arena->take<uint16_t>(16 * Dp) : nullptr;
+    Pb = arena ? arena->take<uint16_t>(fb.BQ * bk) : nullptr;
+  }
+
+  // Packs keys [0, ldk) 16 at a time; padded keys and keys past k_end are zeros (never read as data). Rows that
+  // need no zero padding (D == Dp) are read in place when all 16 keys are visible.
+  void pack_keys(int64_t b, int64_t h, const uint8_t* kpm, int64_t k_end, int64_t, int64_t) {
+    ldk = imax(bk, round_up(k_end, bk));
+    const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
+    const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+    qbase = b * a.q_stride[0] + h * a.q_stride[1];
+    for (int64_t j = 0; j < ldk; j += 16) {
+      bool whole = rows_in_place && j + 16 <= k_end;
+      for (int64_t t = 0; whole && kpm && t < 16; ++t) whole = kpm[j + t];
+      if (whole) {
+        transpose_words16(static_cast<const uint32_t*>(at(a.k, kBF16, kbase + j * a.k_stride[2])), a.k_stride[2] / 2,
+                          DP, Kp + j, ldk);
+        auto vrow = [&](int64_t jj) { return static_cast<const uint16_t*>(at(a.v, kBF16, vbase + jj * a.v_stride[2])); };
+        for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(vrow(j + t), vrow(j + t + 1), Dp, Vp + (j + t) / 2 * Dp);
+        continue;
+      }
+      load_kv_rows16(at(a.k, kBF16, kbase), a.k_stride[2], at(a.v, kBF16, vbase), a.v_stride[2], j, k_end, kpm, D, Dp,
+                     K16, V16);
+      transpose_words16(reinterpret_cast<const uint32_t*>(K16), DP, DP, Kp + j, ldk);
+      for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(V16 + t * Dp, V16 + (t + 1) * Dp, Dp, Vp + (j + t) / 2 * Dp);
+    }
+  }
+
+  // q rows as the products' broadcast side: in place when they need no zero padding.
+  void load_queries(int64_t i0, int64_t rows, int64_t) {
+    Qw = reinterpret_cast<const uint32_t*>(Qb);
+    ldq = DP;
+    if (q_in_place) {
+      Qw = static_cast<const uint32_t*>(at(a.q, kBF16, qbase + i0 * a.q_stride[2]));
+      ldq = a.q_stride[2] / 2;
+    } else {
+      for (int64_t r = 0; r < rows; ++r) bf16_row(at(a.q, kBF16, qbase + (i0 + r) * a.q_stride[2]), D, Dp, Qb + r * Dp);
+    }
+  }
+
+  // Unscaled: the scale enters the softmax's exponent.
+  void scores(int64_t r0, int64_t tr, int64_t cv, int64_t j0, float* S) const {
+    bf16_mm(amx, tr, cv, DP, Qw + r0 * ldq, ldq, Kp + j0, ldk, S + r0 * bk, bk, false);
+  }
+
+  void update(float* S, int64_t r0, int64_t tr, int64_t cv, int64_t cols, int64_t j0, float* m, float* l,
+              float* acc) const {
+    for (int64_t s0 = r0; s0 < r0 + tr; s0 += kSoftRows)
+      softmax_tile_bf16(S, bk, s0, imin(kSoftRows, r0 + tr - s0), cv, scale, m, l, acc, Dp, Pb, bk);
+    bf16_mm(amx, tr, Dp, amx ? cv / 2 : (cols + 1) / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * bk), bk / 2,
+            Vp + (j0 / 2) * Dp, Dp, acc + r0 * Dp, Dp, true);
+  }
+};
+#endif
+
+template <typename T>
+int attention_fwd_impl(const AttnFwdArgs& a) {
+  if (a.Nq <= kDecodeRows) return attention_decode_impl<T>(a);
+#if defined(__AVX512BW__)
+  if (std::is_same<T, float>::value && a.dtype == kBF16 && use_bf16_dot())
+    return attention_fwd_blocks<float, FwdBf16>(a, FwdBf16::blocks(a));
+#endif
+  return attention_fwd_blocks<T, FwdF32<T>>(a, FwdF32<T>::blocks(a));
 }
 
 }  // namespace
