@@ -156,7 +156,8 @@ struct BwdF32 {
     dV = arena ? arena->take<T>(NkP * Dp) : nullptr;
   }
 
-  void load_item(int64_t b, int64_t h, int64_t bh, const uint8_t* kpm, const uint8_t* qpm, T* Dl) {
+  MINILLM_ALWAYS_INLINE void load_item(int64_t b, int64_t h, int64_t bh, const uint8_t* kpm, const uint8_t* qpm,
+                                       T* Dl) {
     const int64_t Nq = a.Nq, Nk = a.Nk;
     const T* dlse = a.dlse ? static_cast<const T*>(a.dlse) + bh * Nq : nullptr;
     for (int64_t i = 0; i < Nq; ++i) {
@@ -315,7 +316,8 @@ struct BwdBf16 {
     f1 = arena ? arena->take<float>(kOutKeys * Dp) : nullptr;
   }
 
-  void load_item(int64_t b, int64_t h, int64_t bh, const uint8_t* kpm, const uint8_t* qpm, float* Dl) {
+  MINILLM_ALWAYS_INLINE void load_item(int64_t b, int64_t h, int64_t bh, const uint8_t* kpm, const uint8_t* qpm,
+                                       float* Dl) {
     const int64_t Nq = a.Nq, Nk = a.Nk;
     const float* dlse = a.dlse ? static_cast<const float*>(a.dlse) + bh * Nq : nullptr;
     // q and dO rows (padded queries and the pad row are zeros), Dl, and their transposed row pairs.

@@ -10,18 +10,8 @@ namespace {
 // Attention tiles: query rows per block and keys per block (a multiple of every vector width).
 constexpr int64_t kBq = 64;
 constexpr int64_t kBkMax = 64;
-// The fp32 forward's tiles. Query blocks are whole row tiles, so that no block ends on a narrower tile (64
-// rows left a 4-row tile with 8 accumulators instead of 12: 4.6% of the AVX2 forward's perf samples). With
-// 16 vector registers the blocks are larger (126 = 21 row tiles, 256 keys): each K and V block is reread
-// less often and the online-softmax bookkeeping (row maxima, rescaling acc) runs per 256 keys. Small gains
-// on a 2-core Zen 3 (AVX2), B4 H8 D64, calls alternating in one process (time ratio min / median, 2
-// threads): 126 x 128 against 60 x 64 0.92 / 0.94 at N = 1024, 0.93 / 0.98 at N = 512, 1.0 / 1.03 at
-// N = 2048; 126 x 256 against 126 x 128, medians 0.97-0.98 bidirectional at N = 1024 and 2048 (four
-// runs), 0.95 causal at 1024, 0.94 / 0.99 causal at 2048, 0.96 at N = 256, 0.94-0.99 with 25% padded
-// keys (126 x 64 and 252 x 64 were slower, 1.04-1.07; 126 x 512 no better, 0.95-1.07). AVX-512 on a
-// 2-core Zen 4 (512-bit FMAs on two 256-bit halves): 60 x 256 against the 60 x 64 tuned on Zen 5, medians
-// 0.88-0.93 bidirectional at N = 512-2048, 0.81-0.92 causal, 0.85-0.88 padded, 0.87 at B12 H4 D32 N = 128
-// (60 x 128 0.93; 60 x 512, 30 x 256 and 126 x 256 within 2% of 60 x 256).
+// The fp32 forward's tiles: query blocks are whole row tiles (no block ends on a narrower tile), and with 16
+// vector registers larger blocks reread K and V less often. Measurements: docs/performance.md, "Attention tiles".
 constexpr int64_t kBqFwd = VB >= 64 ? 60 : 126;
 constexpr int64_t kBkFwd = 256;
 static_assert(kBqFwd % kMR == 0, "forward query blocks are whole row tiles");

@@ -145,7 +145,8 @@ struct FwdF32 {
     Qs = arena ? arena->take<T>(fb.BQ * Dp) : nullptr;
   }
 
-  void pack_keys(int64_t b, int64_t h, const uint8_t* kpm, int64_t k_end_, int64_t q_begin, int64_t q_end) {
+  MINILLM_ALWAYS_INLINE void pack_keys(int64_t b, int64_t h, const uint8_t* kpm, int64_t k_end_, int64_t q_begin,
+                                       int64_t q_end) {
     k_end = k_end_;
     constexpr int64_t P = kPanel<T>;
     auto kt = [&](int64_t j) { return packed_at(Kt, Dp, j); };
@@ -255,7 +256,7 @@ struct FwdBf16 {
 
   // Packs keys [0, ldk) 16 at a time; padded keys and keys past k_end are zeros (never read as data). Rows that
   // need no zero padding (D == Dp) are read in place when all 16 keys are visible.
-  void pack_keys(int64_t b, int64_t h, const uint8_t* kpm, int64_t k_end, int64_t, int64_t) {
+  MINILLM_ALWAYS_INLINE void pack_keys(int64_t b, int64_t h, const uint8_t* kpm, int64_t k_end, int64_t, int64_t) {
     ldk = imax(bk, round_up(k_end, bk));
     const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
     const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];

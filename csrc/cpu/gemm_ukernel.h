@@ -92,10 +92,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
 // Width of one GEMM panel (kNV vectors) and C (+)= A B for B packed panel by panel: columns [j, j + kPanel)
 // of B are one contiguous (K, kPanel) block at Bp + (j / kPanel) * K * kPanel, so each k-step of the
 // micro-kernel reads the next cache line instead of a line a whole row of B away (a 4 KB stride at
-// N = 1024, a new page per k-step). In-process A/B on the 2-core Zen 3 (AVX2), B4 H8 D64, against K^T (and
-// the backward's V^T) stored row-major with a padded leading dimension: forward medians 0.91-1.0 of the
-// time at N = 512-2048, bidirectional, causal and padded, 0.99 at N = 64-128; backward 0.93-1.01
-// bidirectional, 0.88-0.93 causal, 0.95 padded; the same output bits.
+// N = 1024, a new page per k-step). Measurements: docs/performance.md, "Packed panels".
 template <typename T>
 constexpr int64_t kPanel = kNV * Vec<T>::W;
 

@@ -34,11 +34,9 @@ class Arena {
 };
 
 // With OMP_WAIT_POLICY=PASSIVE a thread that reaches a barrier first sleeps in the kernel, and waking it
-// costs tens of microseconds on a VM (~80 us median on the 2-core Zen 5 for an empty region). An attention
-// region's work loop ends without a barrier (nowait) and each thread, its share done, spins here until the
-// whole team is done (at most ~100 us), so that they reach the region's closing barrier together. fp32
-// forward, in-process A/B on the 2-core Zen 5, B12 H4 D32: N = 64 0.77 of the time, causal N = 128 0.87-0.88
-// (nowait alone 0.85 / 0.89-0.92).
+// costs tens of microseconds on a VM. An attention region's work loop ends without a barrier (nowait) and
+// each thread, its share done, spins here until the whole team is done (at most ~100 us), so that they reach
+// the region's closing barrier together. Measurements: docs/performance.md, "Finishing a parallel region".
 inline void finish_share(int* done) {
 #if defined(_OPENMP)
   const int team = omp_get_num_threads();

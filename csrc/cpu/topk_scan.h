@@ -11,13 +11,7 @@ namespace {
 constexpr int kMQ = VB >= 64 ? 4 : 2;  // queries per dot micro-kernel
 
 // The few-query micro-kernels read one corpus row at a time: rows read side by side are interleaved
-// streams, which the memory system serves worse than one. 1M x 384, Q = 1, C++ harness, 2 threads: on a
-// Zen 3 (AVX2) four rows held an fp32 scan at ~13 GB/s, 60-65% of a plain sum's bandwidth, one row 18-19
-// GB/s; on a Zen 4 (AVX-512, plain sum 30-31 GB/s) one row against four: fp32 0.70 of the time (26.6 GB/s),
-// fp16 0.60, bf16 0.43, int8 (VNNI) 0.59-0.62, and four queries at once (fp32, fp16) 0.66-0.73. The rows
-// come in through the hardware prefetcher alone: requesting rows 8 KB ahead (prefetchnta), which had
-// raised a four-row scan on a Zen 5 from ~45 to ~65-70 GB/s, slowed the one-row scan on the Zen 4 (time
-// without / with it: fp32 0.69-0.91, fp16 0.81, bf16 0.84, int8 0.92, four queries 0.76; AVX2 code 0.72-0.88).
+// streams, which the memory system serves worse than one. Measurements: docs/performance.md, "Top-k scans".
 // pf, avail: prefetch_scan_row's (pf = 0: none). Only a tile's first pass over the corpus requests rows: later
 // query groups find them in the cache, where requests only cost time (fp32 l2, whose norms read the tile first,
 // was 1.11x slower with them).
@@ -87,9 +81,8 @@ inline float load_cvt(int dt, const void* base, int64_t off) {
 // bf16 rows two values per 32-bit lane: the lane shifted left by 16 is the even value as an fp32 and the
 // lane with its low half cleared the odd one, so a block of 2W values widens with a shift and an AND. The
 // generic widening (zero-extend each value to 32 bits, then shift) spends a cross-lane shuffle per W values.
-// In-process A/B on a 2-core Zen 4, 1M x 384: Q = 2 0.78-0.81 of the time, Q = 4 0.86-0.96, Q = 1 0.92-0.96
-// (noise level there: the unchanged fp16 scan read 0.93 in the same harness). The queries a pair-widened
-// row meets are deinterleaved to match (split_pairs).
+// (docs/performance.md, "Top-k scans"). The queries a pair-widened row meets are deinterleaved to match
+// (split_pairs).
 constexpr bool kBF16Pairs = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;
 constexpr int64_t kPairBlock = 2 * Vec<float>::W;
 

@@ -43,6 +43,9 @@ constexpr int64_t kPad = Vec<float>::W;
 // accumulator arrays in stack memory and promotes them to registers only inside the k loop, so every tile
 // call stored and reloaded each accumulator twice (98 stack accesses around the 24 FMAs of a 6x4 fp32 tile).
 #define MINILLM_UNROLL _Pragma("GCC unroll 32")
+// For the kernels' once-per-work-item hooks (packing, loading): called out of line, the small attention
+// calls ran 2-4% slower (B12 H4 D32 N = 64-128, in-process A/B on a Zen 4).
+#define MINILLM_ALWAYS_INLINE inline __attribute__((always_inline))
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -113,8 +116,7 @@ inline T hmax(vec_t<T> v) {
 // Below AVX-512 the rounding constant leaves n in the low mantissa bits of t, so 2^n is built in the
 // exponent bits without a float-to-int conversion; x <= -88 gives n = -127, an all-zero scale and exactly 0
 // (so exp(-inf) = 0). AVX-512 rounds with vrndscaleps and scales with vscalefps (three instructions fewer;
-// fp32 attention forward on a Zen 4, in-process A/B: B12 H4 D32 medians 0.96-0.98 at N = 64-128, equal at
-// N = 1024); there lanes below -87 are zeroed by the masked vscalefps.
+// docs/performance.md, "exp"); there lanes below -87 are zeroed by the masked vscalefps.
 #if defined(__AVX512F__) && MINILLM_VBYTES == 64
 #define MINILLM_EXP_SCALEF 1
 #else
