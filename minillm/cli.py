@@ -20,11 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
-import torch
-import torch.nn.functional as F
-from safetensors import SafetensorError
-
-from minillm import ops
+# torch, safetensors and the kernels are imported by the commands that use them, so that `minillm --help` and
+# argument errors answer at once (importing torch alone takes seconds on a cold start).
 
 log = logging.getLogger("minillm")
 
@@ -49,6 +46,11 @@ def _median_ms(fn: Callable[[], object], repeats: int = 5) -> float:
 
 def demo(args: argparse.Namespace) -> int:
     """Runs each op once against its torch counterpart: the answer is checked, then both are timed."""
+    import torch
+    import torch.nn.functional as F
+
+    from minillm import ops
+
     torch.manual_seed(0)
     print("minillm", __import__("minillm").__version__, "| torch", torch.__version__)
     print("backend:", json.dumps(ops.backend_info(), indent=2))
@@ -125,6 +127,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    import torch
+
     from minillm.models import DecoderOnlyModel
     from minillm.training import load_model_and_tokenizer
 
@@ -156,6 +160,8 @@ def continue_(args: argparse.Namespace) -> int:
 
 
 def extract(args: argparse.Namespace) -> int:
+    import torch
+
     from minillm.training import extract_model_for_inference
 
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -185,6 +191,8 @@ def stdlib_text() -> str:
 def quickstart(args: argparse.Namespace) -> int:
     """Trains a character-level GPT on standard-library docstrings for about a minute, with early
     stopping and a progress bar, then samples from the best model."""
+    import torch
+
     from minillm.models import DecoderOnlyModel
     from minillm.tokenizers import CharTokenizer
     from minillm.training import Trainer, create_dataloaders, load_and_split_data
@@ -223,7 +231,7 @@ def quickstart(args: argparse.Namespace) -> int:
                                                              min_length=80, max_length=600)))  # no duplicates
     store.add_documents(chunks)
     print(f"\nRAG: embedding {len(chunks)} passages with {store.embedder.name}")
-    store.compute_embeddings(show_progress=True)
+    store.compute_embeddings()
     store.save(out / "document_store")
     question = args.question
     print(f"question: {question}")
@@ -253,13 +261,13 @@ def _doc_files(paths: List[str]) -> List[Path]:
 
 
 def rag_index(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from minillm.utils import progress_bar
 
     from minillm.rag import DocumentProcessor, SimpleDocumentStore
 
     store = SimpleDocumentStore(embedding_dim=args.embedding_dim)
     files = _doc_files(args.docs)
-    for f in tqdm(files, desc="splitting", unit="file"):
+    for f in progress_bar(files, desc="splitting", unit="file"):
         try:
             text = f.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -271,7 +279,7 @@ def rag_index(args: argparse.Namespace) -> int:
                             metadatas=[{"source": str(f), "start": c.start, "end": c.end, "heading": c.heading}
                                        for c in chunks],
                             ids=[f"{f}:{c.start}" for c in chunks])
-    store.compute_embeddings(batch_size=32, show_progress=True)
+    store.compute_embeddings(batch_size=32)
     store.save(args.store)
     print(f"indexed {len(store)} chunks from {len(files)} files with {store.embedder.name} -> {args.store}")
     return 0
@@ -418,6 +426,13 @@ def _mode_to_command(argv: List[str]) -> List[str]:
     return argv
 
 
+def _safetensor_error() -> type:
+    """safetensors' error type once a command has loaded it (a command that never read a weights file raises
+    none of them)."""
+    mod = sys.modules.get("safetensors")
+    return getattr(mod, "SafetensorError", ValueError) if mod else ValueError
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = _mode_to_command(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
@@ -427,7 +442,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError, sqlite3.DatabaseError,
-            SafetensorError) as exc:
+            _safetensor_error()) as exc:
         # Errors a user's files or arguments cause: one line, exit 2 (sqlite3: a corrupt store.sqlite;
         # SafetensorError: a corrupt weights file).
         print(f"minillm: error: {exc}", file=sys.stderr)

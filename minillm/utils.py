@@ -6,9 +6,10 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Collection, Iterator, List, Optional, Union
+from typing import Any, Callable, Collection, Iterable, Iterator, List, Optional, Union
 
 try:
     import fcntl
@@ -192,3 +193,18 @@ def find_dir(path: PathLike, marker: str) -> Optional[Path]:
         if (candidate / marker).is_file():
             return candidate
     return None
+
+
+def progress_bar(iterable: Optional[Iterable] = None, *, enabled: Optional[bool] = None, **kwargs: Any):
+    """A tqdm bar on stderr, or None. `enabled`: True shows it anywhere, False never, None (the default of
+    minillm's long jobs) only when stderr is a terminal: redrawn lines (tqdm's carriage returns) would flood a CI
+    log or a redirected file, where the jobs' logging lines say the same. kwargs go to tqdm (total, desc, ...).
+    With an iterable, returns the wrapped iterable (the iterable itself when there is no bar)."""
+    if enabled is None:
+        enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+

@@ -246,3 +246,26 @@ def test_two_processes_saving_one_path_take_turns(tmp_path):
         assert p.returncode == 0, err
     assert _version(path) in (1, 2)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".idx.")) == [".idx.lock"]
+
+
+def test_progress_bar_only_on_a_terminal_unless_asked(monkeypatch):
+    import io
+
+    from minillm.utils import progress_bar
+
+    items = [1, 2, 3]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a CI log or a redirected file
+    assert progress_bar(items, desc="x") is items
+    assert progress_bar(total=3) is None
+    bar = progress_bar(items, enabled=True, desc="x")  # asked for: shown anyway
+    assert list(bar) == items and bar is not items
+    monkeypatch.setattr(sys, "stderr", Tty())
+    bar = progress_bar(total=3, desc="x")
+    assert bar is not None
+    bar.close()
+    assert progress_bar(items, enabled=False) is items

@@ -12,6 +12,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minillm.models import auto
 from minillm.models.config import ModelConfig
 from minillm.utils import atomic_write, atomic_write_text
 
@@ -21,16 +22,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 
-_REGISTRY: Dict[str, type] = {}
-
-
-def register(model_type: str):
-    def wrap(cls):
-        _REGISTRY[model_type] = cls
-        cls.model_type = model_type
-        return cls
-
-    return wrap
 
 
 def unique_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -138,13 +129,12 @@ class PreTrainedModel(nn.Module):
         raw = json.loads(config_path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
             raise ValueError(f"{config_path} holds a JSON {type(raw).__name__}, not a config object")
-        if raw.get("model_type") == "bert":
-            from minillm.models.pretrained import load_hf_bert
-
-            model = load_hf_bert(directory)
+        foreign = auto.FORMATS.get(raw.get("model_type"))  # e.g. a Hugging Face BERT folder
+        if foreign is not None:
+            model = foreign(directory)
         else:
             config = ModelConfig.from_dict(raw)
-            model_cls = _REGISTRY.get(config.model_type) if cls is PreTrainedModel else cls
+            model_cls = auto.model_class(config.model_type) if cls is PreTrainedModel else cls
             weights = directory / WEIGHTS_NAME
             if not weights.is_file():
                 raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
@@ -167,7 +157,7 @@ class PreTrainedModel(nn.Module):
 def build_model(config: Union[ModelConfig, Dict[str, Any]]) -> PreTrainedModel:
     """The model class named by config["model_type"]: encoder_only, decoder_only or transformer."""
     config = ModelConfig.from_dict(config)
-    return _REGISTRY[config.model_type](config)
+    return auto.model_class(config.model_type)(config)
 
 
 def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> PreTrainedModel:

@@ -8,7 +8,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from minillm import ops
-from minillm.models.base import PreTrainedModel, lm_loss, register
+from minillm.models.auto import register
+from minillm.models.base import PreTrainedModel, lm_loss
 from minillm.models.generation import check_sampling, decode
 from minillm.models.layers import Block, Embeddings, KVCache, check_input_ids, init_weights, padding_mask
 

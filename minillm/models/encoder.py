@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from minillm.models.base import PreTrainedModel, lm_loss, register
+from minillm.models.auto import register
+from minillm.models.base import PreTrainedModel, lm_loss
 from minillm.models.layers import Block, Embeddings, Packed, activation_fn, init_weights, padding_mask
 
 

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from minillm.models.auto import register_format
 from minillm.models.config import ModelConfig
 from minillm.models.encoder import EncoderOnlyModel, pool
+from minillm.utils import progress_bar
 
 log = logging.getLogger("minillm.models")
 
@@ -70,6 +72,7 @@ def _bert_name_map(num_layers: int) -> dict:
     return m
 
 
+@register_format("bert")
 def load_hf_bert(directory: Union[str, Path]) -> EncoderOnlyModel:
     """EncoderOnlyModel with the weights of a Hugging Face BERT folder (config.json + model.safetensors).
 
@@ -187,10 +190,7 @@ class SentenceEncoder:
         pad = 0 if pad is None else pad
         out = torch.empty(len(sentences), self.dim)
         starts = range(0, len(sentences), batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="embedding", unit="batch")
+        starts = progress_bar(starts, enabled=show_progress, desc="embedding", unit="batch")
         for start in starts:
             idx = order[start:start + batch_size]
             width = max(len(encoded[i]) for i in idx)

@@ -52,6 +52,9 @@ def _apply_simd_env() -> None:
 
 
 _apply_simd_env()
+# The level, kept here as well so that code torch.compile traces (linear's choice of kernel) reads a Python
+# value it can guard on rather than calling into the extension.
+_simd = _C.simd_level() if _C is not None else "none"
 
 
 def native_available() -> bool:
@@ -233,7 +236,7 @@ def threads_for(single_thread_us: float) -> int:
 
 def simd_level() -> str:
     """SIMD level the C++ kernels run at (``avx512``, ``avx2`` or ``scalar``); ``none`` without the extension."""
-    return _C.simd_level() if _C is not None else "none"
+    return _simd
 
 
 def simd_levels() -> list:
@@ -245,7 +248,9 @@ def set_simd_level(level: str) -> None:
     """Run the C++ kernels at `level` (one of :func:`simd_levels`) from now on."""
     if _C is None:
         raise RuntimeError(f"the minillm native extension is not available ({_IMPORT_ERROR})")
+    global _simd
     _C.set_simd_level(level)
+    _simd = _C.simd_level()
 
 
 @contextlib.contextmanager

@@ -227,10 +227,11 @@ class _LinearFunction(torch.autograd.Function):
 # ---- public API ----
 
 
-@torch.compiler.assume_constant_result  # a setting, read once while torch.compile traces
 def gemm_native(device: torch.device) -> bool:
     """True when linear layers with more than SMALL_M rows run the native GEMM on `device`: CPU at the
-    AVX-512 level, where it was measured ahead of torch's BLAS. Below that level F.linear runs."""
+    AVX-512 level, where it was measured ahead of torch's BLAS. Below that level F.linear runs. Pure Python
+    over _backend's settings, so torch.compile traces it and guards on them (no call into the extension).
+    """
     return _backend.native_for(device) and _backend.simd_level() == "avx512"
 
 

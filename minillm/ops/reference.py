@@ -14,7 +14,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 METRICS = ("ip", "cosine", "l2")
 
@@ -126,6 +125,9 @@ def attention_sdpa(
         if off == 0:  # torch's is_causal is top-left: j <= i
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         if off == Nk - Nq and Nq < Nk:  # bottom-right, every query sees at least one key
+            # Imported here: torch.nn.attention.bias loads torch._dynamo, a second on every `import minillm.ops`.
+            from torch.nn.attention.bias import causal_lower_right
+
             return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Nq, Nk), scale=scale)
     # Masked: one boolean mask for SDPA, in as few passes as the masks allow (each pass is a kernel launch,
     # which is what costs at small N on a GPU).

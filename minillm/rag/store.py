@@ -21,7 +21,7 @@ import numpy as np
 
 from minillm.index import FlatIndex, _RWLock
 from minillm.rag.embedders import default_embedder, embedder_by_name
-from minillm.utils import atomic_dir, find_dir
+from minillm.utils import atomic_dir, find_dir, progress_bar
 
 log = logging.getLogger("minillm.rag")
 FORMAT = "minillm-document-store"
@@ -198,19 +198,16 @@ class SimpleDocumentStore:
             self.index.remove_ids(keys)
         return len(keys)
 
-    def compute_embeddings(self, batch_size: int = 32, show_progress: bool = True) -> int:
-        """Embeds the documents that are new or changed; returns how many were embedded."""
+    def compute_embeddings(self, batch_size: int = 32, show_progress: Optional[bool] = None) -> int:
+        """Embeds the documents that are new or changed; returns how many were embedded. show_progress: a bar
+        anywhere (True), never (False), or on a terminal only (None)."""
         with self._write:
             todo = sorted(self._pending)  # writers wait on self._write meanwhile: the set stays as it is
             if not todo:
                 return 0
             texts = [self._docs[k]["text"] for k in todo]
             vectors = np.empty((len(todo), self.embedding_dim), dtype=np.float32)
-            bar = None
-            if show_progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(todo), desc="embedding", unit="doc")
+            bar = progress_bar(enabled=show_progress, total=len(todo), desc="embedding", unit="doc")
             step = max(batch_size, 1) * 8  # the embedder batches inside; this only paces the progress bar
             for i in range(0, len(todo), step):
                 vectors[i:i + step] = self.embedder.encode(texts[i:i + step], batch_size=batch_size)

@@ -7,6 +7,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
+from minillm.tokenizers.loading import KINDS, load_tokenizer
+
 PathLike = Union[str, os.PathLike]
 SPECIAL_NAMES = ("pad", "unk", "bos", "eos", "cls", "sep", "mask")
 
@@ -20,6 +22,12 @@ class Tokenizer:
 
     kind = ""
     special_tokens: Dict[str, str]
+
+    def __init_subclass__(cls, **kwargs):
+        # Each concrete kind registers for load_tokenizer (tokenizers/loading.py), which reads its files.
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("kind"):  # declared here, not inherited: a user's subclass keeps its parent's files
+            KINDS[cls.kind] = cls
 
     # ---- implemented by subclasses ----
     def _encode(self, text: str) -> List[int]:
@@ -144,33 +152,3 @@ def _check_kind(cls, tok):
     if not isinstance(tok, cls):
         raise ValueError(f"the file holds a {type(tok).__name__}, not a {cls.__name__}; use minillm.tokenizers.load_tokenizer")
     return tok
-
-
-def load_tokenizer(path: PathLike) -> Tokenizer:
-    """Any tokenizer file: minillm's own JSON (char, bpe) or a Hugging Face tokenizer.json."""
-    from minillm.tokenizers.bpe import BPETokenizer
-    from minillm.tokenizers.char import CharTokenizer
-    from minillm.tokenizers.pretrained import PretrainedTokenizer
-
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no tokenizer file at {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not a tokenizer JSON file ({exc})") from None
-    kinds = {"char": CharTokenizer, "bpe": BPETokenizer}
-    own = isinstance(data, dict) and data.get("type") in kinds
-    if not own and not (isinstance(data, dict) and "model" in data):
-        raise ValueError(f"{path} is neither a minillm tokenizer nor a Hugging Face tokenizer.json")
-    try:
-        if not own:
-            return PretrainedTokenizer.from_file(path)
-        tok = kinds[data["type"]]._from_json(data)
-        tok.special_tokens = dict(data.get("special_tokens", {}))
-        return tok
-    except Exception as exc:  # the file's contents are wrong: the tokenizers library raises a bare Exception
-        raise ValueError(f"{path} is a damaged tokenizer file ({type(exc).__name__}: {exc})") from exc

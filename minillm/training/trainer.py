@@ -20,7 +20,7 @@ from minillm.models.decoder import DecoderOnlyModel
 from minillm.models.encoder import EncoderOnlyModel
 from minillm.training import checkpoint as ckpt
 from minillm.training.collate import Collator
-from minillm.utils import atomic_write_text
+from minillm.utils import atomic_write_text, progress_bar
 
 log = logging.getLogger("minillm.training")
 
@@ -145,7 +145,7 @@ class Trainer:
         restore_best_weights: bool = True,
         metrics_file: Union[str, os.PathLike, None] = None,
         plot_path: Union[str, os.PathLike, None, bool] = None,
-        progress: bool = True,
+        progress: Optional[bool] = None,
     ):
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"model must be a minillm model, got {type(model).__name__}")
@@ -383,10 +383,9 @@ class Trainer:
         st = self.state
         self.model.train()
         bar = None
-        if self.progress and self.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=st["step"], desc="training", unit="step", dynamic_ncols=True)
+        if self.is_main:  # on a terminal unless progress=True / False says otherwise (utils.progress_bar)
+            bar = progress_bar(enabled=self.progress, total=total, initial=st["step"], desc="training", unit="step",
+                               dynamic_ncols=True)
         done = st["early_stopped"] or (self.max_steps is not None and st["step"] >= self.max_steps)
         while not done and st["epoch"] < epochs:
             batches, seeds = self._epoch_batches(st["epoch"])
