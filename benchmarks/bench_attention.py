@@ -26,9 +26,7 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from common import (PEAK_MEMORY_ENV, banner, interleaved_medians, median_time, peak_extra_mb, plot,  # noqa: E402
+from common import (PEAK_MEMORY_ENV, banner, interleaved_medians, median_time, peak_extra_mb, plot,
                     print_table, write_json)
 
 

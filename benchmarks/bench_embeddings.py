@@ -14,10 +14,9 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import DATA_DIR, banner, median_time, print_table, try_baseline, write_json  # noqa: E402
+from common import DATA_DIR, banner, median_time, print_table, try_baseline, write_json
 
 
 def squad_sentences(n: int) -> list:

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from common import banner, median_time, print_table, try_baseline, write_json  # noqa: E402
+from common import banner, median_time, print_table, try_baseline, write_json
 
 
 def gpt2_to_minillm(hf_model, max_seq_len: int):

@@ -15,11 +15,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_embeddings import squad_sentences  # noqa: E402
-from common import banner, median_time, print_table, write_json  # noqa: E402
+from bench_embeddings import squad_sentences
+from common import banner, median_time, print_table, write_json
 
 
 def main() -> None:

@@ -21,42 +21,12 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(__file__))
+from common import banner, openblas_coretype, print_table, write_json
+from index_worker import KINDS
 
-from common import banner, openblas_coretype, print_table, write_json  # noqa: E402
-
-WORKER = r'''
-import json, os, sys, time, statistics
-import numpy as np
-kind, n, d, k, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-qs = [int(x) for x in sys.argv[6].split(",")]
-rng = np.random.default_rng(0)
-X = rng.standard_normal((n, d), dtype=np.float32); X /= np.linalg.norm(X, axis=1, keepdims=True)
-Q = X[rng.integers(0, n, max(qs))] + 0.1 * rng.standard_normal((max(qs), d), dtype=np.float32)
-if kind.startswith("minillm"):
-    import minillm
-    index = minillm.FlatIndex(d, "ip", dtype=kind.split("-")[1] if "-" in kind else "float32")
-else:
-    import faiss
-    if kind == "faiss-tuned":
-        faiss.cvar.distance_compute_blas_threshold = 0
-    index = faiss.IndexFlatIP(d)
-t = time.perf_counter(); index.add(X); add_s = time.perf_counter() - t
-res = {"add_s": add_s, "search_ms": {}}
-for q in qs:
-    index.search(Q[:q], k)  # warm-up
-    times = []
-    for _ in range(5 if q > 16 else 9):
-        t = time.perf_counter(); D, I = index.search(Q[:q], k); times.append(time.perf_counter() - t)
-    res["search_ms"][str(q)] = 1000 * statistics.median(times)
-    np.save(f"{out}-{q}.npy", I)
-json.dump(res, open(out + ".json", "w"))
-'''
-
-
-# minillm's storage variants ("minillm" is float32) and the FAISS baselines; "x/minillm" columns are
-# time ratios against minillm float32 (above 1: slower than it), recall is against its ids.
-KINDS = ("minillm", "minillm-float16", "minillm-int8", "faiss", "faiss-tuned")
+# Each contender runs index_worker.py in a fresh process; "x/minillm" columns are time ratios against minillm
+# float32 (above 1: slower than it), recall is against its ids.
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index_worker.py")
 
 
 def main() -> None:
@@ -72,18 +42,15 @@ def main() -> None:
 
     info = banner("bench_index: FlatIndex vs FAISS IndexFlatIP, separate processes", n=args.n, dim=args.dim, k=args.k)
     tmp = tempfile.mkdtemp()
-    script = os.path.join(tmp, "worker.py")
-    with open(script, "w") as f:
-        f.write(WORKER)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     results, reasons = {}, {}
     coretype = openblas_coretype()
     for kind in KINDS:
         e = dict(env, OPENBLAS_CORETYPE=coretype) if kind == "faiss-tuned" and coretype else env
         out = os.path.join(tmp, kind)
-        proc = subprocess.run([sys.executable, script, kind, str(args.n), str(args.dim), str(args.k), out,
-                               ",".join(map(str, args.queries))], env=e, capture_output=True, text=True,
-                              cwd=tempfile.gettempdir())
+        proc = subprocess.run([sys.executable, WORKER, kind, "--n", str(args.n), "--dim", str(args.dim),
+                               "--k", str(args.k), "--out", out, "--queries", ",".join(map(str, args.queries))],
+                              env=e, capture_output=True, text=True, cwd=tempfile.gettempdir())
         if proc.returncode != 0:
             reasons[kind] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             print(f"  {kind} failed: {reasons[kind]}")

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from common import banner, median_time, plot, print_table, try_baseline, write_json  # noqa: E402
+from common import banner, median_time, plot, print_table, try_baseline, write_json
 
 SHAPES = [  # (model, layer, M tokens, K in, N out)
     ("shakespeare GPT", "qkv", 768, 128, 384),

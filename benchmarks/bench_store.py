@@ -14,13 +14,10 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from common import banner, print_table, write_json  # noqa: E402
+from common import banner, print_table, write_json
 
 
 def rss_mb() -> float:

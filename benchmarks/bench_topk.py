@@ -23,132 +23,10 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(__file__))
+from common import PEAK_MEMORY_ENV, banner, openblas_coretype, plot, print_table, write_json
+from topk_worker import KINDS
 
-from common import PEAK_MEMORY_ENV, banner, openblas_coretype, plot, print_table, write_json  # noqa: E402
-
-WORKER = r'''
-import json, sys
-import numpy as np
-kind, n, d, k, data, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
-qs = [int(x) for x in sys.argv[7].split(",")]
-q_all = int(sys.argv[8])  # the largest Q of the whole run: every worker draws the same queries
-sys.path.insert(0, sys.argv[9])  # benchmarks/: common.py imports nothing but the standard library
-mode = sys.argv[10]  # "time": medians, ids and the read rate; "memory": each Q's peak extra memory
-from common import interleaved_medians, peak_extra_mb
-rng = np.random.default_rng(0)
-if data == "clustered":  # 1000 centres, points near them: many close scores, like real embeddings
-    centres = rng.standard_normal((1000, d), dtype=np.float32)
-    X = centres[rng.integers(0, 1000, n)] + 0.3 * rng.standard_normal((n, d), dtype=np.float32)
-else:
-    X = rng.standard_normal((n, d), dtype=np.float32)
-X /= np.linalg.norm(X, axis=1, keepdims=True)
-Q = X[rng.integers(0, n, q_all)] + 0.1 * rng.standard_normal((q_all, d), dtype=np.float32)
-
-read = None
-check = None  # minillm kinds: check(batch) tests a call's (scores, ids) against the plain-torch reference
-if kind.startswith("minillm"):
-    import minillm, torch
-    from minillm.ops.reference import topk_search_reference
-    storage = kind.split("-")[1] if "-" in kind else "fp32"
-    if storage == "int8":
-        C = minillm.ops.Int8Corpus(X)
-        stored = torch.from_numpy(X)
-    elif storage == "fp32":
-        C = stored = X
-    else:
-        C = torch.from_numpy(X).to({"fp16": torch.float16, "bf16": torch.bfloat16}[storage])
-        stored = C.float()  # the exact answer for a 16-bit corpus is the one over its stored values
-    search = lambda q: minillm.ops.topk_search(q, C, k, "ip")
-    run = lambda q: search(q)[1]
-    n_check = min(8, q_all)  # rows of each batch checked: a brute-force sort over N per row
-    ref = {}  # the reference's top-k scores of those rows, computed once, in the timing worker only
-
-    def check(q):
-        # The batch's own call, so the path under test is the one timed. Tie-aware: the k best scores are
-        # unique even when their ids are not, and every id returned must carry its own exact score. The int8
-        # scan is approximate by design: its rescored scores are exact, and its recall is in the table.
-        s, ids = search(q)
-        s, ids = torch.as_tensor(s)[:n_check], torch.as_tensor(ids)[:n_check]
-        own = (torch.as_tensor(stored)[ids].double() * torch.from_numpy(q[:n_check, None, :]).double()).sum(-1)
-        if not torch.allclose(s.double(), own, atol=1e-4, rtol=1e-4):
-            sys.exit(f"{kind}: returned scores are not the exact scores of the returned ids; not timing")
-        if storage == "int8":
-            return
-        if "s" not in ref:
-            ref["s"] = topk_search_reference(torch.from_numpy(Q[:n_check]), torch.as_tensor(stored), k, "ip")[0]
-        want = ref["s"][:len(s)]
-        if not torch.allclose(s, want, atol=1e-4, rtol=1e-4):
-            sys.exit(f"{kind}: top-{k} scores differ from the reference by {(s - want).abs().max():.3g}")
-    if storage == "fp32":
-        # The bandwidth bound of a scan, read in turn with each search: torch's multithreaded sum of the corpus.
-        Xt = torch.from_numpy(X)
-        read = lambda: float(Xt.sum())
-    else:
-        # The fp32 kernel on the same data, timed in turn with the compressed one in this process: their ratio
-        # is the storage's speed-up, free of the drift between separate processes on a shared machine.
-        run_fp32 = lambda q: minillm.ops.topk_search(q, X, k, "ip")[1]
-elif kind == "torch":
-    import torch
-    Xt = torch.from_numpy(X)
-    run = lambda q: torch.topk(torch.from_numpy(q) @ Xt.T, k, dim=1).indices.numpy()
-elif kind == "numpy":
-    def run(q):
-        s = q @ X.T
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(s, part, 1), axis=1)
-        return np.take_along_axis(part, order, 1)
-elif kind.startswith("faiss"):
-    import faiss
-    if kind == "faiss-tuned":
-        faiss.cvar.distance_compute_blas_threshold = 0
-    index = faiss.IndexFlatIP(d); index.add(X)
-    run = lambda q: index.search(q, k)[1]
-elif kind == "usearch":
-    from usearch.index import search, MetricKind
-    run = lambda q: search(X, q, k, MetricKind.IP, exact=True).keys
-
-if mode == "memory":
-    # Run under common.PEAK_MEMORY_ENV, so each call's high-water mark is its own; a one-query call first
-    # keeps lazy initialisation (thread pools, first-call caches) out of every reading.
-    run(np.ascontiguousarray(Q[:1]))
-    res = {"extra_mb": {}}
-    for q in qs:
-        batch = np.ascontiguousarray(Q[:q])
-        res["extra_mb"][str(q)] = peak_extra_mb(lambda: run(batch), warmup=False)
-    json.dump(res, open(out + ".json", "w"))
-    sys.exit(0)
-
-res = {"ms": {}, "ms_fp32_same_process": {}, "read_gbs": {}}
-paired = kind.startswith("minillm-")
-for q in qs:
-    batch = np.ascontiguousarray(Q[:q])
-    if check is not None:
-        check(batch)
-    last = {}  # the search's ids from its latest call
-    # Timed in turn, each round starting one further along (common.interleaved_medians): a slow spell, or
-    # what one call leaves in the caches for the next, falls on every contender alike. Few-query calls are
-    # short, so they get more rounds.
-    fns = {"run": lambda: last.update(ids=run(batch))}
-    if paired:
-        fns["fp32"] = lambda: run_fp32(batch)
-    if read is not None:
-        fns["read"] = read
-    failures = {}
-    med = interleaved_medians(fns, 15 if q <= 16 else 3, failures)  # one warm-up call each
-    if failures:
-        raise RuntimeError(failures)
-    ids = last["ids"]
-    res["ms"][str(q)] = 1000 * med["run"]
-    if read is not None:
-        res["read_gbs"][str(q)] = X.nbytes / med["read"] / 1e9
-    if paired:
-        res["ms_fp32_same_process"][str(q)] = 1000 * med["fp32"]
-    np.save(f"{out}-{q}.npy", np.asarray(ids, dtype=np.int64).reshape(q, k))
-json.dump(res, open(out + ".json", "w"))
-'''
-
-KINDS = ("minillm", "minillm-fp16", "minillm-bf16", "minillm-int8", "torch", "numpy", "faiss", "faiss-tuned", "usearch")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "topk_worker.py")
 
 
 def main() -> None:
@@ -179,9 +57,6 @@ def main() -> None:
     info = banner("bench_topk: exact top-k, each contender in its own process", k=args.k,
                   faiss_tuning=f"distance_compute_blas_threshold=0, OPENBLAS_CORETYPE={coretype}")
     tmp = tempfile.mkdtemp()
-    script = os.path.join(tmp, "worker.py")
-    with open(script, "w") as f:
-        f.write(WORKER)
     rows, reasons = [], {}
     for data in args.data:
         for d in args.d:
@@ -203,9 +78,10 @@ def main() -> None:
                     def launch(batch_sizes, mode="time"):
                         """Runs the worker on these Qs: (its results, None) or (None, the failure's last line)."""
                         dest = out + ("-memory" if mode == "memory" else "")
-                        proc = subprocess.run([sys.executable, script, kind, str(n), str(d), str(args.k), data, dest,
-                                               ",".join(map(str, batch_sizes)), str(max(args.queries)),
-                                               os.path.dirname(os.path.abspath(__file__)), mode],
+                        proc = subprocess.run([sys.executable, WORKER, kind, "--n", str(n), "--d", str(d),
+                                               "--k", str(args.k), "--data", data, "--out", dest,
+                                               "--queries", ",".join(map(str, batch_sizes)),
+                                               "--q-all", str(max(args.queries)), "--mode", mode],
                                               env={**env, **PEAK_MEMORY_ENV} if mode == "memory" else env,
                                               capture_output=True, text=True, cwd=tempfile.gettempdir())
                         if proc.returncode == 0:
@@ -268,6 +144,10 @@ def main() -> None:
                     # A plain read of the corpus (torch sum), timed in turn with minillm's search in its process.
                     row["read GB/s"] = mine[0]["read_gbs"].get(str(q), math.nan) if mine else math.nan
                     row["minillm/read"] = row["minillm GB/s"] / row["read GB/s"]
+                    # The GEMM bound (Q >= 16): torch.mm over corpus tiles, the same products with nothing selected,
+                    # timed in turn with the search; the ratio of the rates is the search's share of it.
+                    row["mm GFLOP/s"] = mine[0]["mm_gflops"].get(str(q), math.nan) if mine else math.nan
+                    row["minillm/mm rate"] = (2 * q * n * d / (t_mine / 1000) / 1e9) / row["mm GFLOP/s"]
                     row["minillm q/s"] = q / (t_mine / 1000)
                     rows.append(row)
                 cols = list(rows[-1])

@@ -11,14 +11,11 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from common import DATA_DIR, banner, print_table, write_json  # noqa: E402
+from common import DATA_DIR, banner, print_table, write_json
 
 
 def ndcg_at_k(ranked, relevant: dict, k: int) -> float:

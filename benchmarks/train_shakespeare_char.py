@@ -17,9 +17,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from common import DATA_DIR, banner, print_table, write_json  # noqa: E402
+from common import DATA_DIR, banner, print_table, write_json
 
 
 def build_plain_gpt(vocab: int, n_layer: int, n_head: int, n_embd: int, block: int):

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from common import interleaved_medians  # noqa: E402
+from common import interleaved_medians  # benchmarks/ is on sys.path (conftest.py)
 
 
 def test_interleaved_medians_take_turns_and_record_failures():
