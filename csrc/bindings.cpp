@@ -1,18 +1,23 @@
-// The only pybind11 file. Functions take buffers as (data pointer, bytes from it to the end of its storage)
-// pairs of Python ints (minillm/ops/_backend.py: `buf`), sizes and element strides, check that every element
-// the kernel will touch lies inside its buffer, copy them into a plain struct while holding the GIL, then
-// release the GIL for the kernel. Allocation and dtype handling live in minillm/ops (Python), which alone
-// calls this module; the extent checks here make sure no call from Python reaches memory outside a tensor.
+// The only pybind11 file: minillm._C. Each op is one function named as the op, called from minillm/ops with
+// keyword arguments named as the fields of its argument struct below (AttnFwdIn, ...):
+//
+//     _C.attention_fwd(q=buf(q), k=buf(k), ..., dtype=_C.DTYPES["float32"], nthreads=2)
+//
+// A buffer is (data pointer, bytes from it to the end of its storage), two Python ints (minillm/ops/_backend.py:
+// `buf`). The function checks that every element the kernel will touch (sizes x strides) lies inside its buffer,
+// fills the kernel's struct (csrc/kernels.h), releases the GIL and runs minillm::<op>, which picks the SIMD level
+// and runs csrc/cpu/<op>.h. Argument semantics (dtypes, shapes, masks) are checked in Python, with messages in
+// the user's terms; the checks here keep any call that reaches this module inside its tensors' memory.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <array>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <new>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -29,67 +34,263 @@ using minillm::TopkArgs;
 
 namespace {
 
-using Strides = std::array<int64_t, 3>;
-using Sizes = std::array<int64_t, 5>;  // B, H, Nq, Nk, D
+using Strides = std::array<int64_t, 3>;  // element strides of (b, h, n)
+using Sizes = std::array<int64_t, 5>;    // B, H, Nq, Nk, D
 
-template <typename P>
-P ptr(uintptr_t p) {
-  return reinterpret_cast<P>(p);
-}
-
-}  // namespace
-
-// A buffer: (data pointer, bytes addressable from it), as minillm.ops._backend.buf(tensor) makes it from the
-// tensor's storage (storage bytes - storage offset). (0, 0) stands for an absent optional buffer.
+// A buffer: (data pointer, bytes addressable from it). (0, 0) stands for an absent optional buffer.
 struct Buf {
-  uintptr_t ptr;
-  int64_t bytes;
+  uintptr_t ptr = 0;
+  int64_t bytes = 0;
 };
 
-// Python's (int, int) tuple to Buf directly: pybind11's generic std::pair caster cost ~0.25 us per buffer,
-// a sixth of a small attention call with seven buffers.
-namespace pybind11 {
-namespace detail {
-template <>
-struct type_caster<Buf> {
-  PYBIND11_TYPE_CASTER(Buf, const_name("tuple[int, int]"));
-  bool load(handle src, bool) {
-    PyObject* t = src.ptr();
-    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2) return false;
-    PyObject* p = PyTuple_GET_ITEM(t, 0);
-    PyObject* n = PyTuple_GET_ITEM(t, 1);
-    if (!PyLong_Check(p) || !PyLong_Check(n)) return false;
-    const unsigned long long pv = PyLong_AsUnsignedLongLong(p);
-    const long long nv = PyLong_AsLongLong(n);
-    if (PyErr_Occurred()) {  // negative pointer or out-of-range int: not a buffer
-      PyErr_Clear();
-      return false;
-    }
-    value = Buf{static_cast<uintptr_t>(pv), static_cast<int64_t>(nv)};
-    return true;
-  }
-  static handle cast(const Buf& b, return_value_policy, handle) {
-    return make_tuple(b.ptr, b.bytes).release();
-  }
+// ---- the ops' arguments, one struct per binding (names as the Python keywords) ----
+
+struct AttnFwdIn {
+  Buf q, k, v, out, lse, key_padding_mask, query_padding_mask;
+  Sizes sizes;
+  Strides q_strides, k_strides, v_strides;
+  bool causal;
+  int64_t causal_offset;
+  double scale;
+  int dtype;
+  int nthreads = 1;
+  int device = 0;          // CUDA only
+  uintptr_t stream = 0;    // CUDA only
 };
-}  // namespace detail
-}  // namespace pybind11
 
-namespace {
+struct AttnBwdIn {
+  Buf dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, dq, dk, dv;
+  Sizes sizes;
+  Strides dout_strides, q_strides, k_strides, v_strides, out_strides;
+  bool causal;
+  int64_t causal_offset;
+  double scale;
+  int dtype;
+  int nthreads = 1;
+  Buf delta;               // CUDA only: B * H * Nq floats of scratch
+  int device = 0;          // CUDA only
+  uintptr_t stream = 0;    // CUDA only
+};
 
-void copy3(int64_t* dst, const Strides& s) {
-  for (int i = 0; i < 3; ++i) dst[i] = s[i];
-}
+struct TopkIn {
+  Buf queries, corpus;
+  int64_t corpus_stride;
+  int dtype;
+  int64_t Q, N, d, k;
+  int metric;
+  Buf out_scores, out_idx;
+  int nthreads = 1;
+  Buf row_scale, row_norm2;  // int8 corpus only
+  Buf workspace;             // CUDA only
+  int device = 0;            // CUDA only
+  uintptr_t stream = 0;      // CUDA only
+};
 
-// minillm/ops checks every public argument before it gets here, but the module is importable: a size or
-// code the kernels do not handle raises ValueError (pybind11 maps std::invalid_argument) instead of
-// dividing by zero or indexing past a table.
+struct LinearIn {
+  Buf x, weight, bias, y;
+  int64_t M, K, N, ldx;
+  int dtype;
+  int nthreads = 1;
+};
+
+struct GemmIn {
+  Buf a;
+  int64_t lda;
+  bool a_colmajor;
+  Buf b;
+  int64_t ldb;
+  bool b_colmajor;
+  Buf bias, c;
+  int64_t M, N, K;
+  int dtype;
+  int nthreads = 1;
+};
+
+// ---- errors ----
+
+// minillm/ops checks every public argument before it gets here, but the module is importable: a size or code
+// the kernels do not handle raises ValueError instead of dividing by zero or indexing past a table.
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("minillm._C: " + what); }
 
 // A literal message, so a passing check builds no string (they run on every call).
 void require(bool ok, const char* what) {
   if (!ok) fail(what);
 }
+
+void check(int status, const char* what) {
+  if (status == minillm::kOutOfMemory) throw std::bad_alloc();
+  if (status != minillm::kOk) throw std::runtime_error(std::string(what) + ": kernel failed");
+}
+
+// ---- keyword arguments at positional cost ----
+// The op functions are METH_FASTCALL | METH_KEYWORDS functions: CPython passes the values and a tuple of the
+// keyword names, and names written in Python source are interned strings, so a name is matched by comparing
+// pointers with the interned field names. (pybind11's own keyword handling cost ~1.1 us on a 12-argument call,
+// a tenth of a small attention call.) Positional arguments fill the fields in order.
+
+[[noreturn]] void type_error(const std::string& what) { throw py::type_error("minillm._C." + what); }
+
+void convert(PyObject* o, Buf& out, const char* name) {
+  if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 2 || !PyLong_Check(PyTuple_GET_ITEM(o, 0)) ||
+      !PyLong_Check(PyTuple_GET_ITEM(o, 1)))
+    type_error(std::string(name) + " must be a buffer (pointer, bytes), two ints");
+  const unsigned long long p = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(o, 0));
+  const long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(o, 1));
+  if (PyErr_Occurred()) {  // a negative pointer or an out-of-range int: not a buffer
+    PyErr_Clear();
+    fail(std::string(name) + ": not a valid buffer (pointer, bytes)");
+  }
+  out = Buf{static_cast<uintptr_t>(p), static_cast<int64_t>(n)};
+}
+
+void convert(PyObject* o, long long& out, const char* name) {
+  if (!PyLong_Check(o)) type_error(std::string(name) + " must be an int");
+  out = PyLong_AsLongLong(o);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    fail(std::string(name) + " does not fit int64");
+  }
+}
+
+void convert(PyObject* o, long& out, const char* name) {
+  long long v;
+  convert(o, v, name);
+  out = static_cast<long>(v);
+}
+
+void convert(PyObject* o, int& out, const char* name) {
+  long long v;
+  convert(o, v, name);
+  if (v < std::numeric_limits<int>::min() || v > std::numeric_limits<int>::max()) fail(std::string(name) + " does not fit int");
+  out = static_cast<int>(v);
+}
+
+void convert(PyObject* o, unsigned long& out, const char* name) {  // stream handles (uintptr_t)
+  if (!PyLong_Check(o)) type_error(std::string(name) + " must be an int");
+  out = PyLong_AsUnsignedLong(o);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    fail(std::string(name) + " is not a valid handle");
+  }
+}
+
+void convert(PyObject* o, bool& out, const char* name) {
+  if (o != Py_True && o != Py_False) type_error(std::string(name) + " must be a bool");
+  out = o == Py_True;
+}
+
+void convert(PyObject* o, double& out, const char* name) {
+  if (!PyFloat_Check(o) && !PyLong_Check(o)) type_error(std::string(name) + " must be a float");
+  out = PyFloat_AsDouble(o);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    fail(std::string(name) + " is not a valid float");
+  }
+}
+
+template <size_t N>
+void convert(PyObject* o, std::array<int64_t, N>& out, const char* name) {
+  if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != static_cast<Py_ssize_t>(N))
+    type_error(std::string(name) + " must be a tuple of " + std::to_string(N) + " ints");
+  for (size_t i = 0; i < N; ++i) {
+    long long v;
+    convert(PyTuple_GET_ITEM(o, i), v, name);
+    out[i] = v;
+  }
+}
+
+// One keyword of a binding: its name, how it fills the argument struct, and whether the call must pass it.
+template <typename In>
+struct Field {
+  const char* name;
+  void (*set)(In&, PyObject*, const char*);
+  bool required;
+  PyObject* key;  // the interned name, made on first use (under the GIL)
+};
+
+#define MINILLM_FIELD(In, member) {#member, [](In& a, PyObject* o, const char* n) { convert(o, a.member, n); }, true, nullptr}
+#define MINILLM_OPTIONAL(In, member) {#member, [](In& a, PyObject* o, const char* n) { convert(o, a.member, n); }, false, nullptr}
+
+// Fills `in` from a vectorcall's positional values and keywords (kwnames) against `fields`; a TypeError names
+// an unknown, repeated or missing argument.
+template <typename In, size_t N>
+void parse(const char* fn, std::array<Field<In>, N>& fields, PyObject* const* args, Py_ssize_t nargs,
+           PyObject* kwnames, In& in) {
+  static_assert(N <= 64, "one bit per field");
+  uint64_t seen = 0;
+  if (nargs > static_cast<Py_ssize_t>(N)) type_error(std::string(fn) + "() takes at most " + std::to_string(N) + " arguments");
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    fields[i].set(in, args[i], fields[i].name);
+    seen |= uint64_t(1) << i;
+  }
+  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  size_t hint = static_cast<size_t>(nargs);  // callers pass keywords in field order: try the next field first
+  for (Py_ssize_t i = 0; i < nkw; ++i) {
+    PyObject* name = PyTuple_GET_ITEM(kwnames, i);
+    size_t f = N;
+    for (size_t t = 0; t < N && f == N; ++t) {
+      const size_t j = (hint + t) % N;
+      if (!fields[j].key) fields[j].key = PyUnicode_InternFromString(fields[j].name);
+      if (fields[j].key == name) f = j;
+    }
+    for (size_t j = 0; j < N && f == N; ++j)  // a name built at run time (e.g. **kwargs), not interned
+      if (PyUnicode_Compare(fields[j].key, name) == 0) f = j;
+    if (f == N) {
+      PyErr_Clear();
+      type_error(std::string(fn) + "() got an unexpected keyword argument '" + PyUnicode_AsUTF8(name) + "'");
+    }
+    if (seen & (uint64_t(1) << f))
+      type_error(std::string(fn) + "() got multiple values for argument '" + fields[f].name + "'");
+    fields[f].set(in, args[nargs + i], fields[f].name);
+    seen |= uint64_t(1) << f;
+    hint = f + 1;
+  }
+  for (size_t j = 0; j < N; ++j)
+    if (fields[j].required && !(seen & (uint64_t(1) << j)))
+      type_error(std::string(fn) + "() missing required argument '" + fields[j].name + "'");
+}
+
+// The same from a dict (gemm_pair's two products).
+template <typename In, size_t N>
+void parse_dict(const char* fn, std::array<Field<In>, N>& fields, PyObject* dict, In& in) {
+  if (!PyDict_Check(dict)) type_error(std::string(fn) + "() takes dicts of gemm's arguments");
+  std::vector<PyObject*> values;
+  py::tuple names(PyDict_Size(dict));
+  Py_ssize_t pos = 0, i = 0;
+  PyObject *key, *value;
+  while (PyDict_Next(dict, &pos, &key, &value)) {
+    values.push_back(value);
+    Py_INCREF(key);
+    PyTuple_SET_ITEM(names.ptr(), i++, key);
+  }
+  parse(fn, fields, values.data(), 0, names.ptr(), in);
+}
+
+// A binding: parses into In and runs Op(in); C++ exceptions become Python's (std::invalid_argument: ValueError,
+// std::bad_alloc: MemoryError, others: RuntimeError).
+template <typename In, size_t N, void (*Op)(const In&)>
+PyObject* binding(const char* fn, std::array<Field<In>, N>& fields, PyObject* const* args, Py_ssize_t nargs,
+                  PyObject* kwnames) {
+  try {
+    In in;
+    parse(fn, fields, args, nargs, kwnames, in);
+    Op(in);
+    Py_RETURN_NONE;
+  } catch (py::builtin_exception& e) {
+    e.set_error();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::bad_alloc&) {
+    PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+// ---- extent checks ----
 
 constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
 
@@ -121,7 +322,7 @@ P checked(const Buf& b, const char* name, int64_t itemsize, std::initializer_lis
   if (need < 0 || b.bytes < need)
     fail(std::string(name) + " reaches " + std::to_string(need) + " bytes past its pointer, but its storage holds " +
          std::to_string(b.bytes) + " from there");
-  return ptr<P>(b.ptr);
+  return reinterpret_cast<P>(b.ptr);
 }
 
 // Elements of a contiguous array of these sizes (each >= 1), as one Dim.
@@ -134,24 +335,22 @@ Dim dense(std::initializer_list<int64_t> sizes) {
   return {n, 1};
 }
 
-bool float_dtype(int dtype) { return dtype == minillm::kF32 || dtype == minillm::kBF16 || dtype == minillm::kF16 || dtype == minillm::kF64; }
-
-void check_attention(const Sizes& sz, int dtype) {
-  require(sz[0] >= 1 && sz[1] >= 1 && sz[2] >= 1 && sz[3] >= 1 && sz[4] >= 1,
-          "attention sizes (B, H, Nq, Nk, D) must all be >= 1 (empty inputs are answered in Python)");
-  require(float_dtype(dtype), "attention dtype must be a float code of csrc/kernels.h (kF32, kBF16, kF16, kF64)");
+bool float_dtype(int dtype) {
+  return dtype == minillm::kF32 || dtype == minillm::kBF16 || dtype == minillm::kF16 || dtype == minillm::kF64;
 }
 
-void check(int status, const char* what) {
-  if (status == minillm::kOutOfMemory) throw std::bad_alloc();
-  if (status != minillm::kOk) throw std::runtime_error(std::string(what) + ": kernel failed");
-}
+// ---- attention ----
 
 // The attention operands' extents: (B, H, n, D) with element strides for (b, h, n) and unit stride along D
 // (csrc/kernels.h), the outputs and log-sum-exps contiguous, the masks (B, n) bytes.
 struct AttnShape {
   Sizes sz;
   int64_t item, acc;  // bytes of an element and of an accumulator (lse)
+  AttnShape(const Sizes& s, int dtype) : sz(s), item(minillm::elem_size(dtype)), acc(dtype == minillm::kF64 ? 8 : 4) {
+    require(sz[0] >= 1 && sz[1] >= 1 && sz[2] >= 1 && sz[3] >= 1 && sz[4] >= 1,
+            "attention sizes (B, H, Nq, Nk, D) must all be >= 1 (empty inputs are answered in Python)");
+    require(float_dtype(dtype), "attention dtype must be a float code of csrc/kernels.h (kF32, kBF16, kF16, kF64)");
+  }
   const void* strided(const Buf& b, const char* name, int64_t n, const Strides& s) const {
     return checked<const void*>(b, name, item, {{sz[0], s[0]}, {sz[1], s[1]}, {n, s[2]}, {sz[4], 1}});
   }
@@ -167,94 +366,247 @@ struct AttnShape {
   }
 };
 
-AttnShape attn_shape(const Sizes& sz, int dtype) {
-  check_attention(sz, dtype);
-  return {sz, minillm::elem_size(dtype), dtype == minillm::kF64 ? 8 : 4};
+void copy3(int64_t* dst, const Strides& s) {
+  for (int i = 0; i < 3; ++i) dst[i] = s[i];
 }
 
-AttnFwdArgs fwd_args(const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& kpm,
-                     const Buf& qpm, const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs,
-                     bool causal, int64_t causal_offset, double scale, int dtype, int nthreads) {
-  const AttnShape s = attn_shape(sz, dtype);
+AttnFwdArgs fwd_args(const AttnFwdIn& in) {
+  const Sizes& sz = in.sizes;
+  const AttnShape s(sz, in.dtype);
   AttnFwdArgs a{};
-  a.q = s.strided(q, "q", sz[2], qs);
-  a.k = s.strided(k, "k", sz[3], ks);
-  a.v = s.strided(v, "v", sz[3], vs);
-  a.out = s.dense_out(out, "out", sz[2]);
-  a.lse = s.lse<void*>(lse, "lse");
-  a.kpm = s.mask(kpm, "key_padding_mask", sz[3]);
-  a.qpm = s.mask(qpm, "query_padding_mask", sz[2]);
+  a.q = s.strided(in.q, "q", sz[2], in.q_strides);
+  a.k = s.strided(in.k, "k", sz[3], in.k_strides);
+  a.v = s.strided(in.v, "v", sz[3], in.v_strides);
+  a.out = s.dense_out(in.out, "out", sz[2]);
+  a.lse = s.lse<void*>(in.lse, "lse");
+  a.kpm = s.mask(in.key_padding_mask, "key_padding_mask", sz[3]);
+  a.qpm = s.mask(in.query_padding_mask, "query_padding_mask", sz[2]);
   a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
-  copy3(a.q_stride, qs);
-  copy3(a.k_stride, ks);
-  copy3(a.v_stride, vs);
-  a.causal = causal;
-  a.causal_offset = causal_offset;
-  a.scale = scale;
-  a.dtype = dtype;
-  a.nthreads = nthreads;
+  copy3(a.q_stride, in.q_strides);
+  copy3(a.k_stride, in.k_strides);
+  copy3(a.v_stride, in.v_strides);
+  a.causal = in.causal;
+  a.causal_offset = in.causal_offset;
+  a.scale = in.scale;
+  a.dtype = in.dtype;
+  a.nthreads = in.nthreads;
   return a;
 }
 
-AttnBwdArgs bwd_args(const Buf& dout, const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse,
-                     const Buf& dlse, const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv,
-                     const Sizes& sz, const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs,
-                     const Strides& os, bool causal, int64_t causal_offset, double scale, int dtype, int nthreads) {
-  const AttnShape s = attn_shape(sz, dtype);
+AttnBwdArgs bwd_args(const AttnBwdIn& in) {
+  const Sizes& sz = in.sizes;
+  const AttnShape s(sz, in.dtype);
   AttnBwdArgs a{};
-  a.dout = s.strided(dout, "dout", sz[2], dos);
-  a.q = s.strided(q, "q", sz[2], qs);
-  a.k = s.strided(k, "k", sz[3], ks);
-  a.v = s.strided(v, "v", sz[3], vs);
-  a.out = s.strided(out, "out", sz[2], os);
-  a.lse = s.lse<const void*>(lse, "lse");
-  a.dlse = s.lse<const void*>(dlse, "dlse", true);
-  a.kpm = s.mask(kpm, "key_padding_mask", sz[3]);
-  a.qpm = s.mask(qpm, "query_padding_mask", sz[2]);
-  a.dq = s.dense_out(dq, "dq", sz[2]);
-  a.dk = s.dense_out(dk, "dk", sz[3]);
-  a.dv = s.dense_out(dv, "dv", sz[3]);
+  a.dout = s.strided(in.dout, "dout", sz[2], in.dout_strides);
+  a.q = s.strided(in.q, "q", sz[2], in.q_strides);
+  a.k = s.strided(in.k, "k", sz[3], in.k_strides);
+  a.v = s.strided(in.v, "v", sz[3], in.v_strides);
+  a.out = s.strided(in.out, "out", sz[2], in.out_strides);
+  a.lse = s.lse<const void*>(in.lse, "lse");
+  a.dlse = s.lse<const void*>(in.dlse, "dlse", true);
+  a.kpm = s.mask(in.key_padding_mask, "key_padding_mask", sz[3]);
+  a.qpm = s.mask(in.query_padding_mask, "query_padding_mask", sz[2]);
+  a.dq = s.dense_out(in.dq, "dq", sz[2]);
+  a.dk = s.dense_out(in.dk, "dk", sz[3]);
+  a.dv = s.dense_out(in.dv, "dv", sz[3]);
   a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
-  copy3(a.do_stride, dos);
-  copy3(a.q_stride, qs);
-  copy3(a.k_stride, ks);
-  copy3(a.v_stride, vs);
-  copy3(a.o_stride, os);
-  a.causal = causal;
-  a.causal_offset = causal_offset;
-  a.scale = scale;
-  a.dtype = dtype;
-  a.nthreads = nthreads;
+  copy3(a.do_stride, in.dout_strides);
+  copy3(a.q_stride, in.q_strides);
+  copy3(a.k_stride, in.k_strides);
+  copy3(a.v_stride, in.v_strides);
+  copy3(a.o_stride, in.out_strides);
+  a.causal = in.causal;
+  a.causal_offset = in.causal_offset;
+  a.scale = in.scale;
+  a.dtype = in.dtype;
+  a.nthreads = in.nthreads;
   return a;
 }
 
-TopkArgs topk_args(const Buf& queries, const Buf& corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N,
-                   int64_t d, int64_t k, int metric, const Buf& out_scores, const Buf& out_idx, int nthreads,
-                   const Buf& row_scale = {0, 0}, const Buf& row_norm2 = {0, 0}) {
+#define MINILLM_ATTN_FWD_FIELDS(In)                                                                           \
+  MINILLM_FIELD(In, q), MINILLM_FIELD(In, k), MINILLM_FIELD(In, v), MINILLM_FIELD(In, out), MINILLM_FIELD(In, lse), \
+      MINILLM_OPTIONAL(In, key_padding_mask), MINILLM_OPTIONAL(In, query_padding_mask), MINILLM_FIELD(In, sizes), \
+      MINILLM_FIELD(In, q_strides), MINILLM_FIELD(In, k_strides), MINILLM_FIELD(In, v_strides),                 \
+      MINILLM_FIELD(In, causal), MINILLM_FIELD(In, causal_offset), MINILLM_FIELD(In, scale), MINILLM_FIELD(In, dtype)
+
+std::array<Field<AttnFwdIn>, 16> attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
+                                                           MINILLM_OPTIONAL(AttnFwdIn, nthreads)}};
+
+void attention_fwd(const AttnFwdIn& in) {
+  const AttnFwdArgs a = fwd_args(in);
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::attention_fwd(a);
+  }
+  check(status, "attention_fwd");
+}
+
+#define MINILLM_ATTN_BWD_FIELDS(In)                                                                               \
+  MINILLM_FIELD(In, dout), MINILLM_FIELD(In, q), MINILLM_FIELD(In, k), MINILLM_FIELD(In, v), MINILLM_FIELD(In, out),   \
+      MINILLM_FIELD(In, lse), MINILLM_OPTIONAL(In, dlse), MINILLM_OPTIONAL(In, key_padding_mask),                     \
+      MINILLM_OPTIONAL(In, query_padding_mask), MINILLM_FIELD(In, dq), MINILLM_FIELD(In, dk), MINILLM_FIELD(In, dv),  \
+      MINILLM_FIELD(In, sizes), MINILLM_FIELD(In, dout_strides), MINILLM_FIELD(In, q_strides),                        \
+      MINILLM_FIELD(In, k_strides), MINILLM_FIELD(In, v_strides), MINILLM_FIELD(In, out_strides),                     \
+      MINILLM_FIELD(In, causal), MINILLM_FIELD(In, causal_offset), MINILLM_FIELD(In, scale), MINILLM_FIELD(In, dtype)
+
+std::array<Field<AttnBwdIn>, 23> attention_bwd_fields = {{MINILLM_ATTN_BWD_FIELDS(AttnBwdIn),
+                                                           MINILLM_OPTIONAL(AttnBwdIn, nthreads)}};
+
+void attention_bwd(const AttnBwdIn& in) {
+  const AttnBwdArgs a = bwd_args(in);
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::attention_bwd(a);
+  }
+  check(status, "attention_bwd");
+}
+
+// ---- top-k ----
+
+TopkArgs topk_args(const TopkIn& in) {
+  const int64_t Q = in.Q, N = in.N, d = in.d, k = in.k;
+  const int dtype = in.dtype, metric = in.metric;
   require(Q >= 1 && N >= 1 && d >= 1, "topk sizes Q, N and d must be >= 1");
   require(k >= 1 && k <= N, "topk needs 1 <= k <= N");
   require(dtype == minillm::kF32 || dtype == minillm::kBF16 || dtype == minillm::kF16 || dtype == minillm::kI8,
           "topk corpus dtype must be kF32, kBF16, kF16 or kI8");
   const bool i8 = dtype == minillm::kI8;
-  require(!i8 || (row_scale.ptr != 0 && row_norm2.ptr != 0), "an int8 corpus needs row_scale and row_norm2");
+  require(!i8 || (in.row_scale.ptr != 0 && in.row_norm2.ptr != 0), "an int8 corpus needs row_scale and row_norm2");
   require(metric == minillm::kIP || metric == minillm::kCosine || metric == minillm::kL2,
           "topk metric must be kIP, kCosine or kL2");
   // the columns a corpus row is read over: int8 codes in whole kI8Pad blocks
   const int64_t width = i8 ? (d + minillm::kI8Pad - 1) / minillm::kI8Pad * minillm::kI8Pad : d;
   TopkArgs a{};
-  a.queries = checked<const float*>(queries, "queries", 4, {dense({Q, d})});
-  a.corpus = checked<const void*>(corpus, "corpus", minillm::elem_size(dtype), {{N, corpus_stride}, {width, 1}});
-  a.row_scale = i8 ? checked<const float*>(row_scale, "row_scale", 4, {{N, 1}}) : nullptr;
-  a.row_norm2 = i8 ? checked<const float*>(row_norm2, "row_norm2", 4, {{N, 1}}) : nullptr;
-  a.corpus_stride = corpus_stride;
+  a.queries = checked<const float*>(in.queries, "queries", 4, {dense({Q, d})});
+  a.corpus = checked<const void*>(in.corpus, "corpus", minillm::elem_size(dtype), {{N, in.corpus_stride}, {width, 1}});
+  a.row_scale = i8 ? checked<const float*>(in.row_scale, "row_scale", 4, {{N, 1}}) : nullptr;
+  a.row_norm2 = i8 ? checked<const float*>(in.row_norm2, "row_norm2", 4, {{N, 1}}) : nullptr;
+  a.corpus_stride = in.corpus_stride;
   a.dtype = dtype;
   a.Q = Q, a.N = N, a.d = d, a.k = k;
   a.metric = metric;
-  a.out_scores = checked<float*>(out_scores, "out_scores", 4, {dense({Q, k})});
-  a.out_idx = checked<int64_t*>(out_idx, "out_idx", 8, {dense({Q, k})});
-  a.nthreads = nthreads;
+  a.out_scores = checked<float*>(in.out_scores, "out_scores", 4, {dense({Q, k})});
+  a.out_idx = checked<int64_t*>(in.out_idx, "out_idx", 8, {dense({Q, k})});
+  a.nthreads = in.nthreads;
   return a;
 }
+
+#define MINILLM_TOPK_FIELDS(In)                                                                                 \
+  MINILLM_FIELD(In, queries), MINILLM_FIELD(In, corpus), MINILLM_FIELD(In, corpus_stride), MINILLM_FIELD(In, dtype), \
+      MINILLM_FIELD(In, Q), MINILLM_FIELD(In, N), MINILLM_FIELD(In, d), MINILLM_FIELD(In, k),                        \
+      MINILLM_FIELD(In, metric), MINILLM_FIELD(In, out_scores), MINILLM_FIELD(In, out_idx)
+
+std::array<Field<TopkIn>, 14> topk_fields = {{MINILLM_TOPK_FIELDS(TopkIn), MINILLM_OPTIONAL(TopkIn, nthreads),
+                                              MINILLM_OPTIONAL(TopkIn, row_scale), MINILLM_OPTIONAL(TopkIn, row_norm2)}};
+
+void topk(const TopkIn& in) {
+  const TopkArgs a = topk_args(in);
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::topk(a);
+  }
+  check(status, "topk");
+}
+
+// ---- linear layers ----
+
+std::array<Field<LinearIn>, 10> linear_small_m_fields = {{
+    MINILLM_FIELD(LinearIn, x), MINILLM_FIELD(LinearIn, weight), MINILLM_OPTIONAL(LinearIn, bias),
+    MINILLM_FIELD(LinearIn, y), MINILLM_FIELD(LinearIn, M), MINILLM_FIELD(LinearIn, K), MINILLM_FIELD(LinearIn, N),
+    MINILLM_FIELD(LinearIn, ldx), MINILLM_FIELD(LinearIn, dtype), MINILLM_OPTIONAL(LinearIn, nthreads)}};
+
+void linear_small_m(const LinearIn& in) {
+  const int64_t M = in.M, K = in.K, N = in.N;
+  require(M >= 1 && K >= 1 && N >= 1, "linear_small_m sizes M, K and N must be >= 1");
+  require(in.dtype == minillm::kF32 || in.dtype == minillm::kF64, "linear_small_m dtype must be kF32 or kF64");
+  const int64_t item = minillm::elem_size(in.dtype);
+  LinearArgs a{};
+  a.x = checked<const void*>(in.x, "x", item, {{M, in.ldx}, {K, 1}});
+  a.w = checked<const void*>(in.weight, "weight", item, {dense({N, K})});
+  a.b = checked<const void*>(in.bias, "bias", item, {{N, 1}}, true);
+  a.y = checked<void*>(in.y, "y", item, {dense({M, N})});
+  a.M = M, a.K = K, a.N = N, a.ldx = in.ldx;
+  a.dtype = in.dtype;
+  a.nthreads = in.nthreads;
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::linear_small_m(a);
+  }
+  check(status, "linear_small_m");
+}
+
+// A GEMM operand of `rows` x `cols` elements, row-major with row stride ld (colmajor: column stride ld).
+const void* operand(const Buf& b, const char* name, int64_t itemsize, int64_t rows, int64_t cols, int64_t ld,
+                    bool colmajor) {
+  return colmajor ? checked<const void*>(b, name, itemsize, {{cols, ld}, {rows, 1}})
+                  : checked<const void*>(b, name, itemsize, {{rows, ld}, {cols, 1}});
+}
+
+GemmArgs gemm_args(const GemmIn& in) {
+  const int64_t M = in.M, N = in.N, K = in.K;
+  require(M >= 1 && N >= 1 && K >= 1, "gemm sizes M, N and K must be >= 1 (empty products are answered in Python)");
+  require(in.dtype == minillm::kF32 || in.dtype == minillm::kF64, "gemm dtype must be kF32 or kF64");
+  const int64_t item = minillm::elem_size(in.dtype);
+  GemmArgs g{};
+  g.a = operand(in.a, "a", item, M, K, in.lda, in.a_colmajor);
+  g.lda = in.lda;
+  g.a_colmajor = in.a_colmajor;
+  g.b = operand(in.b, "b", item, K, N, in.ldb, in.b_colmajor);
+  g.ldb = in.ldb;
+  g.b_colmajor = in.b_colmajor;
+  g.bias = checked<const void*>(in.bias, "bias", item, {{N, 1}}, true);
+  g.c = checked<void*>(in.c, "c", item, {dense({M, N})});
+  g.M = M, g.N = N, g.K = K;
+  g.dtype = in.dtype;
+  g.nthreads = in.nthreads;
+  return g;
+}
+
+std::array<Field<GemmIn>, 13> gemm_fields = {{
+    MINILLM_FIELD(GemmIn, a), MINILLM_FIELD(GemmIn, lda), MINILLM_FIELD(GemmIn, a_colmajor), MINILLM_FIELD(GemmIn, b),
+    MINILLM_FIELD(GemmIn, ldb), MINILLM_FIELD(GemmIn, b_colmajor), MINILLM_OPTIONAL(GemmIn, bias),
+    MINILLM_FIELD(GemmIn, c), MINILLM_FIELD(GemmIn, M), MINILLM_FIELD(GemmIn, N), MINILLM_FIELD(GemmIn, K),
+    MINILLM_FIELD(GemmIn, dtype), MINILLM_OPTIONAL(GemmIn, nthreads)}};
+
+void gemm(const GemmIn& in) {
+  const GemmArgs g = gemm_args(in);
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::gemm(g);
+  }
+  check(status, "gemm");
+}
+
+// gemm_pair(first, second, nthreads): two dicts of gemm's keywords (without nthreads).
+struct GemmPairIn {
+  GemmArgs first, second;
+  int nthreads = 1;
+};
+
+void convert(PyObject* o, GemmArgs& out, const char* name) {
+  GemmIn in;
+  parse_dict(name, gemm_fields, o, in);
+  out = gemm_args(in);
+}
+
+std::array<Field<GemmPairIn>, 3> gemm_pair_fields = {{MINILLM_FIELD(GemmPairIn, first), MINILLM_FIELD(GemmPairIn, second),
+                                                       MINILLM_OPTIONAL(GemmPairIn, nthreads)}};
+
+void gemm_pair(const GemmPairIn& in) {
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::gemm_pair(in.first, in.second, in.nthreads);
+  }
+  check(status, "gemm_pair");
+}
+
+// ---- CUDA: the same arguments on device pointers, plus the device index and the caller's stream ----
 
 #ifdef MINILLM_WITH_CUDA
 // Runs a CUDA launcher without the GIL; its message becomes a RuntimeError.
@@ -268,58 +620,40 @@ void run_cuda(F&& launch) {
   }
   if (status != 0) throw std::runtime_error(error);
 }
+
+std::array<Field<AttnFwdIn>, 17> cuda_attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
+                                                                MINILLM_FIELD(AttnFwdIn, device),
+                                                                MINILLM_FIELD(AttnFwdIn, stream)}};
+
+void cuda_attention_fwd(const AttnFwdIn& in) {
+  const AttnFwdArgs a = fwd_args(in);
+  run_cuda([&](std::string* e) { return minillm::cuda_api::attention_fwd(a, in.device, in.stream, e); });
+}
+
+std::array<Field<AttnBwdIn>, 25> cuda_attention_bwd_fields = {{MINILLM_ATTN_BWD_FIELDS(AttnBwdIn),
+                                                                MINILLM_FIELD(AttnBwdIn, delta),
+                                                                MINILLM_FIELD(AttnBwdIn, device),
+                                                                MINILLM_FIELD(AttnBwdIn, stream)}};
+
+void cuda_attention_bwd(const AttnBwdIn& in) {
+  const AttnBwdArgs a = bwd_args(in);
+  float* scratch = checked<float*>(in.delta, "delta", 4, {dense({in.sizes[0], in.sizes[1], in.sizes[2]})});
+  run_cuda([&](std::string* e) { return minillm::cuda_api::attention_bwd(a, scratch, in.device, in.stream, e); });
+}
+
+std::array<Field<TopkIn>, 14> cuda_topk_fields = {{MINILLM_TOPK_FIELDS(TopkIn), MINILLM_FIELD(TopkIn, workspace),
+                                                   MINILLM_FIELD(TopkIn, device), MINILLM_FIELD(TopkIn, stream)}};
+
+void cuda_topk(const TopkIn& in) {
+  const TopkArgs a = topk_args(in);
+  const Buf& w = in.workspace;
+  require(w.bytes >= 0 && (w.ptr != 0 || w.bytes == 0), "workspace: bad buffer");
+  // The launcher compares the workspace's bytes with what its plan needs (cuda_topk_workspace).
+  run_cuda([&](std::string* e) {
+    return minillm::cuda_api::topk(a, reinterpret_cast<void*>(w.ptr), w.bytes, in.device, in.stream, e);
+  });
+}
 #endif
-
-int run_attention_fwd(AttnFwdArgs a) {
-  py::gil_scoped_release nogil;
-  return minillm::dispatch_attention_fwd(a);
-}
-int run_attention_bwd(AttnBwdArgs a) {
-  py::gil_scoped_release nogil;
-  return minillm::dispatch_attention_bwd(a);
-}
-int run_topk(TopkArgs a) {
-  py::gil_scoped_release nogil;
-  return minillm::dispatch_topk(a);
-}
-
-int run_linear(LinearArgs a) {
-  py::gil_scoped_release nogil;
-  return minillm::dispatch_linear_small_m(a);
-}
-
-// A GEMM operand of `rows` x `cols` elements, row-major with row stride ld (colmajor: column stride ld).
-const void* operand(const Buf& b, const char* name, int64_t itemsize, int64_t rows, int64_t cols, int64_t ld,
-                    bool colmajor) {
-  return colmajor ? checked<const void*>(b, name, itemsize, {{cols, ld}, {rows, 1}})
-                  : checked<const void*>(b, name, itemsize, {{rows, ld}, {cols, 1}});
-}
-
-GemmArgs gemm_args(const Buf& a, int64_t lda, bool a_colmajor, const Buf& b, int64_t ldb, bool b_colmajor,
-                   const Buf& bias, const Buf& c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
-  require(M >= 1 && N >= 1 && K >= 1, "gemm sizes M, N and K must be >= 1 (empty products are answered in Python)");
-  require(dtype == minillm::kF32 || dtype == minillm::kF64, "gemm dtype must be kF32 or kF64");
-  const int64_t item = minillm::elem_size(dtype);
-  GemmArgs g{};
-  g.a = operand(a, "a", item, M, K, lda, a_colmajor);
-  g.lda = lda;
-  g.a_colmajor = a_colmajor;
-  g.b = operand(b, "b", item, K, N, ldb, b_colmajor);
-  g.ldb = ldb;
-  g.b_colmajor = b_colmajor;
-  g.bias = checked<const void*>(bias, "bias", item, {{N, 1}}, true);
-  g.c = checked<void*>(c, "c", item, {dense({M, N})});
-  g.M = M, g.N = N, g.K = K;
-  g.dtype = dtype;
-  g.nthreads = nthreads;
-  return g;
-}
-using GemmTuple = std::tuple<Buf, int64_t, bool, Buf, int64_t, bool, Buf, Buf, int64_t, int64_t, int64_t, int>;
-
-int run_gemm(GemmArgs g) {
-  py::gil_scoped_release nogil;
-  return minillm::dispatch_gemm(g);
-}
 
 int isa_from_name(const std::string& name) {
   for (int isa = minillm::kScalar; isa <= minillm::kAvx512; ++isa)
@@ -327,87 +661,76 @@ int isa_from_name(const std::string& name) {
   throw py::value_error("unknown SIMD level '" + name + "'; expected one of avx512, avx2, scalar");
 }
 
+// The entry point CPython calls for binding `name`: keywords parsed against name_fields, then name(in).
+using FastFn = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t, PyObject*);
+#define MINILLM_ENTRY(name, In)                                                                          \
+  PyObject* name##_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {        \
+    return binding<In, std::tuple_size<decltype(name##_fields)>::value, name>(#name, name##_fields, args, nargs, \
+                                                                              kwnames);                   \
+  }
+MINILLM_ENTRY(attention_fwd, AttnFwdIn)
+MINILLM_ENTRY(attention_bwd, AttnBwdIn)
+MINILLM_ENTRY(topk, TopkIn)
+MINILLM_ENTRY(linear_small_m, LinearIn)
+MINILLM_ENTRY(gemm, GemmIn)
+MINILLM_ENTRY(gemm_pair, GemmPairIn)
+#ifdef MINILLM_WITH_CUDA
+MINILLM_ENTRY(cuda_attention_fwd, AttnFwdIn)
+MINILLM_ENTRY(cuda_attention_bwd, AttnBwdIn)
+MINILLM_ENTRY(cuda_topk, TopkIn)
+#endif
+#undef MINILLM_ENTRY
+
+// A METH_FASTCALL | METH_KEYWORDS function as PyMethodDef stores it.
+PyCFunction as_cfunction(FastFn f) { return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f)); }
+
+// Adds the function to the module; the definition must outlive it (static).
+void add_function(py::module_& m, PyMethodDef* def) {
+  m.attr(def->ml_name) = py::reinterpret_steal<py::object>(PyCFunction_NewEx(def, nullptr, m.attr("__name__").ptr()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "minillm native kernels (raw-pointer interface; use minillm.ops instead)";
+  constexpr int kFast = METH_FASTCALL | METH_KEYWORDS;
+  static PyMethodDef defs[] = {
+      {"attention_fwd", as_cfunction(attention_fwd_entry), kFast,
+       "Attention forward (csrc/kernels.h: AttnFwdArgs); keywords as AttnFwdIn in csrc/bindings.cpp."},
+      {"attention_bwd", as_cfunction(attention_bwd_entry), kFast,
+       "Attention backward (csrc/kernels.h: AttnBwdArgs); keywords as AttnBwdIn in csrc/bindings.cpp."},
+      {"topk", as_cfunction(topk_entry), kFast,
+       "Exact top-k (csrc/kernels.h: TopkArgs); keywords as TopkIn; row_scale/row_norm2 for an int8 corpus."},
+      {"linear_small_m", as_cfunction(linear_small_m_entry), kFast,
+       "y = x W^T + b for few rows (csrc/kernels.h: LinearArgs); keywords as LinearIn."},
+      {"gemm", as_cfunction(gemm_entry), kFast, "C = A B + bias (csrc/kernels.h: GemmArgs); keywords as GemmIn."},
+      {"gemm_pair", as_cfunction(gemm_pair_entry), kFast,
+       "Two independent gemm calls (first, second: dicts of gemm's keywords), one per thread."},
+#ifdef MINILLM_WITH_CUDA
+      {"cuda_attention_fwd", as_cfunction(cuda_attention_fwd_entry), kFast,
+       "attention_fwd on CUDA device pointers, plus device and stream (cuda/cuda_api.h)."},
+      {"cuda_attention_bwd", as_cfunction(cuda_attention_bwd_entry), kFast,
+       "attention_bwd on CUDA device pointers, plus delta (B*H*Nq floats of scratch), device and stream."},
+      {"cuda_topk", as_cfunction(cuda_topk_entry), kFast,
+       "topk on CUDA device pointers, plus workspace (cuda_topk_workspace bytes), device and stream."},
+#endif
+  };
+  for (PyMethodDef& def : defs) add_function(m, &def);
 
-  m.def(
-      "attention_fwd",
-      [](const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& kpm, const Buf& qpm,
-         const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset,
-         double scale, int dtype, int nthreads) {
-        check(run_attention_fwd(fwd_args(q, k, v, out, lse, kpm, qpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype,
-                                         nthreads)),
-              "attention_fwd");
-      },
-      "Attention forward on raw pointers (see csrc/kernels.h).");
-
-  m.def(
-      "attention_bwd",
-      [](const Buf& dout, const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& dlse,
-         const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv, const Sizes& sz,
-         const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
-         int64_t causal_offset, double scale, int dtype, int nthreads) {
-        check(run_attention_bwd(bwd_args(dout, q, k, v, out, lse, dlse, kpm, qpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
-                                         causal_offset, scale, dtype, nthreads)),
-              "attention_bwd");
-      },
-      "Attention backward on raw pointers (see csrc/kernels.h).");
-
-  m.def(
-      "topk",
-      [](const Buf& queries, const Buf& corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
-         int64_t k, int metric, const Buf& out_scores, const Buf& out_idx, int nthreads, const Buf& row_scale,
-         const Buf& row_norm2) {
-        check(run_topk(topk_args(queries, corpus, corpus_stride, dtype, Q, N, d, k, metric, out_scores, out_idx,
-                                 nthreads, row_scale, row_norm2)),
-              "topk");
-      },
-      py::arg("queries"), py::arg("corpus"), py::arg("corpus_stride"), py::arg("dtype"), py::arg("Q"), py::arg("N"),
-      py::arg("d"), py::arg("k"), py::arg("metric"), py::arg("out_scores"), py::arg("out_idx"), py::arg("nthreads"),
-      py::arg("row_scale") = Buf{0, 0}, py::arg("row_norm2") = Buf{0, 0},
-      "Top-k search on raw pointers (see csrc/kernels.h); row_scale/row_norm2 for an int8 corpus.");
-
-  m.def(
-      "linear_small_m",
-      [](const Buf& x, const Buf& w, const Buf& b, const Buf& y, int64_t M, int64_t K, int64_t N, int64_t ldx,
-         int dtype, int nthreads) {
-        require(M >= 1 && K >= 1 && N >= 1, "linear_small_m sizes M, K and N must be >= 1");
-        require(dtype == minillm::kF32 || dtype == minillm::kF64, "linear_small_m dtype must be kF32 or kF64");
-        const int64_t item = minillm::elem_size(dtype);
-        LinearArgs a{};
-        a.x = checked<const void*>(x, "x", item, {{M, ldx}, {K, 1}});
-        a.w = checked<const void*>(w, "weight", item, {dense({N, K})});
-        a.b = checked<const void*>(b, "bias", item, {{N, 1}}, true);
-        a.y = checked<void*>(y, "y", item, {dense({M, N})});
-        a.M = M, a.K = K, a.N = N, a.ldx = ldx;
-        a.dtype = dtype;
-        a.nthreads = nthreads;
-        check(run_linear(a), "linear_small_m");
-      },
-      "y = x W^T + b for few rows (see csrc/kernels.h).");
-
-  m.def(
-      "gemm",
-      [](const Buf& a, int64_t lda, bool a_colmajor, const Buf& b, int64_t ldb, bool b_colmajor, const Buf& bias,
-         const Buf& c, int64_t M, int64_t N, int64_t K, int dtype, int nthreads) {
-        check(run_gemm(gemm_args(a, lda, a_colmajor, b, ldb, b_colmajor, bias, c, M, N, K, dtype, nthreads)), "gemm");
-      },
-      "C = A B + bias on raw pointers (see csrc/kernels.h).");
-  m.def(
-      "gemm_pair",
-      [](const GemmTuple& x, const GemmTuple& y, int nthreads) {
-        const GemmArgs g1 = std::apply(gemm_args, std::tuple_cat(x, std::make_tuple(1)));
-        const GemmArgs g2 = std::apply(gemm_args, std::tuple_cat(y, std::make_tuple(1)));
-        int status;
-        {
-          py::gil_scoped_release nogil;
-          status = minillm::dispatch_gemm_pair(g1, g2, nthreads);
-        }
-        check(status, "gemm_pair");
-      },
-      "Two independent gemm calls, each given as the arguments of gemm without nthreads, one per thread.");
+  // The codes of csrc/kernels.h, the one place minillm/ops reads them from.
+  py::dict dtypes;
+  dtypes["float32"] = int(minillm::kF32);
+  dtypes["bfloat16"] = int(minillm::kBF16);
+  dtypes["float16"] = int(minillm::kF16);
+  dtypes["float64"] = int(minillm::kF64);
+  dtypes["int8"] = int(minillm::kI8);
+  m.attr("DTYPES") = dtypes;
+  py::dict metrics;
+  metrics["ip"] = int(minillm::kIP);
+  metrics["cosine"] = int(minillm::kCosine);
+  metrics["l2"] = int(minillm::kL2);
+  m.attr("METRICS") = metrics;
+  m.attr("I8_PAD") = minillm::kI8Pad;
 
   m.def(
       "dot_products",
@@ -448,29 +771,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
 #ifdef MINILLM_WITH_CUDA
   m.attr("cuda") = true;
-  // The same raw-pointer interface on device pointers, plus the device index and the caller's stream.
   m.def("cuda_device_count", [] { return minillm::cuda_api::device_count(); }, "CUDA devices visible (0 without a driver).");
-  m.def(
-      "cuda_attention_fwd",
-      [](const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& kpm, const Buf& qpm,
-         const Sizes& sz, const Strides& qs, const Strides& ks, const Strides& vs, bool causal, int64_t causal_offset,
-         double scale, int dtype, int device, uintptr_t stream) {
-        const AttnFwdArgs a = fwd_args(q, k, v, out, lse, kpm, qpm, sz, qs, ks, vs, causal, causal_offset, scale, dtype, 0);
-        run_cuda([&](std::string* e) { return minillm::cuda_api::attention_fwd(a, device, stream, e); });
-      },
-      "Attention forward on CUDA device pointers (see cuda/cuda_api.h).");
-  m.def(
-      "cuda_attention_bwd",
-      [](const Buf& dout, const Buf& q, const Buf& k, const Buf& v, const Buf& out, const Buf& lse, const Buf& dlse,
-         const Buf& kpm, const Buf& qpm, const Buf& dq, const Buf& dk, const Buf& dv, const Sizes& sz,
-         const Strides& dos, const Strides& qs, const Strides& ks, const Strides& vs, const Strides& os, bool causal,
-         int64_t causal_offset, double scale, int dtype, const Buf& delta, int device, uintptr_t stream) {
-        const AttnBwdArgs a = bwd_args(dout, q, k, v, out, lse, dlse, kpm, qpm, dq, dk, dv, sz, dos, qs, ks, vs, os, causal,
-                                       causal_offset, scale, dtype, 0);
-        float* scratch = checked<float*>(delta, "delta", 4, {dense({sz[0], sz[1], sz[2]})});
-        run_cuda([&](std::string* e) { return minillm::cuda_api::attention_bwd(a, scratch, device, stream, e); });
-      },
-      "Attention backward on CUDA device pointers; delta: B*H*Nq floats of scratch.");
   m.def(
       "cuda_topk_workspace",
       [](int64_t Q, int64_t N, int64_t k, int device) {
@@ -483,20 +784,7 @@ PYBIND11_MODULE(_C, m) {
         if (bytes < 0) throw std::runtime_error(error);
         return bytes;
       },
-      "Device scratch bytes cuda_topk needs for these sizes.");
-  m.def(
-      "cuda_topk",
-      [](const Buf& queries, const Buf& corpus, int64_t corpus_stride, int dtype, int64_t Q, int64_t N, int64_t d,
-         int64_t k, int metric, const Buf& out_scores, const Buf& out_idx, const Buf& workspace, int device,
-         uintptr_t stream) {
-        const TopkArgs a = topk_args(queries, corpus, corpus_stride, dtype, Q, N, d, k, metric, out_scores, out_idx, 0);
-        require(workspace.bytes >= 0 && (workspace.ptr != 0 || workspace.bytes == 0), "workspace: bad buffer");
-        // The launcher compares the workspace's bytes with what its plan needs (cuda_topk_workspace).
-        run_cuda([&](std::string* e) {
-          return minillm::cuda_api::topk(a, ptr<void*>(workspace.ptr), workspace.bytes, device, stream, e);
-        });
-      },
-      "Exact top-k on CUDA device pointers (see cuda/cuda_api.h).");
+      py::arg("Q"), py::arg("N"), py::arg("k"), py::arg("device"), "Device scratch bytes cuda_topk needs for these sizes.");
 #else
   m.attr("cuda") = false;
 #endif

@@ -123,6 +123,7 @@ struct GemmArgs {
   int topk(const TopkArgs& a);                    \
   int linear_small_m(const LinearArgs& a);        \
   int gemm(const GemmArgs& g);                    \
+  int gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads); \
   }
 
 MINILLM_DECLARE_ISA(scalar)
@@ -151,11 +152,24 @@ bool use_amx();
 // CPUs where it measured faster (AMD family 1Ah and later), MINILLM_SCAN_PREFETCH=0|1 decides otherwise.
 bool use_scan_prefetch();
 
-int dispatch_attention_fwd(const AttnFwdArgs& a);
-int dispatch_attention_bwd(const AttnBwdArgs& a);
-int dispatch_topk(const TopkArgs& a);
-int dispatch_linear_small_m(const LinearArgs& a);
-int dispatch_gemm(const GemmArgs& g);
-int dispatch_gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads);
+// The ops at the SIMD level chosen at run time (best_isa(), or set_isa()): each runs <level>::op, defined at the
+// end of csrc/cpu/<op>.h and compiled once per level by kernels_<level>.cpp. Status codes as above.
+#if defined(MINILLM_HAVE_X86_ISAS)
+#define MINILLM_AT_LEVEL(op, ...)                                                    \
+  (current_isa() == kAvx512 ? avx512::op(__VA_ARGS__)                                \
+                            : current_isa() == kAvx2 ? avx2::op(__VA_ARGS__) : scalar::op(__VA_ARGS__))
+#else
+#define MINILLM_AT_LEVEL(op, ...) scalar::op(__VA_ARGS__)
+#endif
+inline int attention_fwd(const AttnFwdArgs& a) { return MINILLM_AT_LEVEL(attention_fwd, a); }
+inline int attention_bwd(const AttnBwdArgs& a) { return MINILLM_AT_LEVEL(attention_bwd, a); }
+inline int topk(const TopkArgs& a) { return MINILLM_AT_LEVEL(topk, a); }
+inline int linear_small_m(const LinearArgs& a) { return MINILLM_AT_LEVEL(linear_small_m, a); }
+inline int gemm(const GemmArgs& g) { return MINILLM_AT_LEVEL(gemm, g); }
+// Two independent products, one per thread (a linear layer's dx and dW).
+inline int gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads) {
+  return MINILLM_AT_LEVEL(gemm_pair, g1, g2, nthreads);
+}
+#undef MINILLM_AT_LEVEL
 
 }  // namespace minillm

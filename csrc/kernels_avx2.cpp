@@ -1,4 +1,9 @@
 // AVX2 + FMA level; compiled with -mavx2 -mfma -mf16c (see CMakeLists.txt), run only when the CPU has them.
 #define MINILLM_ISA avx2
 #define MINILLM_VBYTES 32
-#include "cpu/entry_points.h"
+// Each header ends with its op's entry point for this level (declared in kernels.h).
+#include "cpu/attention_bwd.h"
+#include "cpu/attention_fwd.h"
+#include "cpu/gemm.h"
+#include "cpu/linear.h"
+#include "cpu/topk.h"

@@ -2,4 +2,9 @@
 // when the CPU and OS support them.
 #define MINILLM_ISA avx512
 #define MINILLM_VBYTES 64
-#include "cpu/entry_points.h"
+// Each header ends with its op's entry point for this level (declared in kernels.h).
+#include "cpu/attention_bwd.h"
+#include "cpu/attention_fwd.h"
+#include "cpu/gemm.h"
+#include "cpu/linear.h"
+#include "cpu/topk.h"

@@ -2,4 +2,9 @@
 // generic vectors; the only level compiled on non-x86 machines.
 #define MINILLM_ISA scalar
 #define MINILLM_VBYTES 16
-#include "cpu/entry_points.h"
+// Each header ends with its op's entry point for this level (declared in kernels.h).
+#include "cpu/attention_bwd.h"
+#include "cpu/attention_fwd.h"
+#include "cpu/gemm.h"
+#include "cpu/linear.h"
+#include "cpu/topk.h"

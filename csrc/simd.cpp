@@ -110,33 +110,4 @@ bool use_scan_prefetch() {
   return on;
 }
 
-#if defined(MINILLM_HAVE_X86_ISAS)
-#define MINILLM_DISPATCH(fn, args)                      \
-  switch (current_isa()) {                              \
-    case kAvx512: return avx512::fn(args);              \
-    case kAvx2: return avx2::fn(args);                  \
-    default: return scalar::fn(args);                   \
-  }
-#else
-#define MINILLM_DISPATCH(fn, args) return scalar::fn(args);
-#endif
-
-int dispatch_attention_fwd(const AttnFwdArgs& a) { MINILLM_DISPATCH(attention_fwd, a) }
-int dispatch_attention_bwd(const AttnBwdArgs& a) { MINILLM_DISPATCH(attention_bwd, a) }
-int dispatch_topk(const TopkArgs& a) { MINILLM_DISPATCH(topk, a) }
-int dispatch_linear_small_m(const LinearArgs& a) { MINILLM_DISPATCH(linear_small_m, a) }
-int dispatch_gemm(const GemmArgs& g) { MINILLM_DISPATCH(gemm, g) }
-
-// Two independent products (a linear layer's dx and dW), one per thread: one parallel region instead of
-// two, and no synchronisation inside either product. With dynamic scheduling the calling thread starts
-// at once and takes the second product too if the other thread has not woken by then.
-int dispatch_gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads) {
-  GemmArgs one[2] = {g1, g2};
-  one[0].nthreads = one[1].nthreads = 1;
-  int status[2] = {kOk, kOk};
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads >= 2 ? 2 : 1)
-  for (int i = 0; i < 2; ++i) status[i] = dispatch_gemm(one[i]);
-  return status[0] != kOk ? status[0] : status[1];
-}
-
 }  // namespace minillm

@@ -424,5 +424,11 @@ int attention_bwd_impl(const AttnBwdArgs& a) {
 }
 
 }  // namespace
+
+// The entry point of this SIMD level (csrc/kernels.h).
+int attention_bwd(const AttnBwdArgs& a) {
+  return a.dtype == kF64 ? attention_bwd_impl<double>(a) : attention_bwd_impl<float>(a);
+}
+
 }  // namespace MINILLM_ISA
 }  // namespace minillm

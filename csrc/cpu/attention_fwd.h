@@ -316,5 +316,11 @@ int attention_fwd_impl(const AttnFwdArgs& a) {
 }
 
 }  // namespace
+
+// The entry point of this SIMD level (csrc/kernels.h).
+int attention_fwd(const AttnFwdArgs& a) {
+  return a.dtype == kF64 ? attention_fwd_impl<double>(a) : attention_fwd_impl<float>(a);
+}
+
 }  // namespace MINILLM_ISA
 }  // namespace minillm

@@ -112,5 +112,21 @@ int gemm_impl(const GemmArgs& g) {
 }
 
 }  // namespace
+
+// The entry points of this SIMD level (csrc/kernels.h).
+int gemm(const GemmArgs& g) { return g.dtype == kF64 ? gemm_impl<double>(g) : gemm_impl<float>(g); }
+
+// Two independent products (a linear layer's dx and dW), one per thread: one parallel region instead of
+// two, and no synchronisation inside either product. With dynamic scheduling the calling thread starts
+// at once and takes the second product too if the other thread has not woken by then.
+int gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads) {
+  GemmArgs one[2] = {g1, g2};
+  one[0].nthreads = one[1].nthreads = 1;
+  int status[2] = {kOk, kOk};
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads >= 2 ? 2 : 1)
+  for (int i = 0; i < 2; ++i) status[i] = MINILLM_ISA::gemm(one[i]);
+  return status[0] != kOk ? status[0] : status[1];
+}
+
 }  // namespace MINILLM_ISA
 }  // namespace minillm

@@ -60,5 +60,9 @@ int linear_impl(const LinearArgs& a) {
 }
 
 }  // namespace
+
+// The entry point of this SIMD level (csrc/kernels.h).
+int linear_small_m(const LinearArgs& a) { return a.dtype == kF64 ? linear_impl<double>(a) : linear_impl<float>(a); }
+
 }  // namespace MINILLM_ISA
 }  // namespace minillm

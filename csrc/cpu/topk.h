@@ -257,5 +257,9 @@ int topk_impl(const TopkArgs& a) {
 }
 
 }  // namespace
+
+// The entry point of this SIMD level (csrc/kernels.h).
+int topk(const TopkArgs& a) { return topk_impl(a); }
+
 }  // namespace MINILLM_ISA
 }  // namespace minillm

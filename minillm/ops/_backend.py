@@ -55,6 +55,9 @@ _apply_simd_env()
 # The level, kept here as well so that code torch.compile traces (linear's choice of kernel) reads a Python
 # value it can guard on rather than calling into the extension.
 _simd = _C.simd_level() if _C is not None else "none"
+# csrc/kernels.h's dtype and metric codes as the extension exports them: the one place they are defined.
+DTYPE_CODE = {getattr(torch, name): code for name, code in _C.DTYPES.items()} if _C is not None else {}
+METRIC_CODE = dict(_C.METRICS) if _C is not None else {}
 
 
 def native_available() -> bool:

@@ -16,8 +16,8 @@ from torch import Tensor
 from minillm.ops import _backend
 from minillm.ops.reference import attention_sdpa, sdpa_operand
 
-# Kernel dtype codes (csrc/kernels.h: DType).
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+# The dtypes the kernels take (their codes: _backend.DTYPE_CODE, from the extension).
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DTYPE_NAMES = "float32, bfloat16, float16 or float64"
 
 
@@ -39,13 +39,12 @@ def _mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     return mask.contiguous() if mask is not None else None
 
 
-# One preparation per direction for every device: kernel-ready inputs (unit stride along D, contiguous
-# lse and masks), fresh contiguous outputs, the empty-shape answers; then launch(raw arguments, work in
-# multiply-adds) runs the device's kernel, which appends its own trailing arguments (threads, or device
-# and stream).
-def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, launch):
+# One preparation per direction for every device: kernel-ready inputs (unit stride along D, contiguous lse and
+# masks), fresh contiguous outputs, the empty-shape answers, then the binding of the same name (csrc/bindings.cpp:
+# keywords as its AttnFwdIn / AttnBwdIn). `cuda`: the CUDA binding's device index and stream, else the CPU kernel.
+def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, cuda=None):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    B, H, Nq, D = q.shape
+    B, H, Nq, D = q.shape  # q (B, H, Nq, D), k / v (B, H, Nk, D)
     Nk = k.shape[2]
     # Positional sizes: the tuple form of new_empty costs twice as much (~1.5 us each), a tenth of a small call.
     out = q.new_empty(B, H, Nq, D)
@@ -55,15 +54,24 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
         lse.fill_(float("inf"))
         return out, lse
     buf, dense = _backend.buf, _backend.dense_buf
-    kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)  # kept alive until the launch returns
-    launch((buf(q), buf(k), buf(v), dense(out), dense(lse), dense(kpm), dense(qpm), (B, H, Nq, Nk, D),
-            q.stride()[:3], k.stride()[:3], v.stride()[:3], causal, causal_offset, scale, _DTYPE_CODE[q.dtype]),
-           B * H * Nq * Nk * D)
+    kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)  # kept alive until the call returns
+    if cuda is None:
+        _backend._C.attention_fwd(
+            q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
+            query_padding_mask=dense(qpm), sizes=(B, H, Nq, Nk, D), q_strides=q.stride()[:3],
+            k_strides=k.stride()[:3], v_strides=v.stride()[:3], causal=causal, causal_offset=causal_offset,
+            scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], nthreads=_threads(B * H * Nq * Nk * D))
+    else:
+        _backend._C.cuda_attention_fwd(
+            q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
+            query_padding_mask=dense(qpm), sizes=(B, H, Nq, Nk, D), q_strides=q.stride()[:3],
+            k_strides=k.stride()[:3], v_strides=v.stride()[:3], causal=causal, causal_offset=causal_offset,
+            scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], device=cuda[0], stream=cuda[1])
     return out, lse
 
 
-def _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
-                     scale, launch):
+def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
+              cuda=None):
     dout, q, k, v, out = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -74,10 +82,23 @@ def _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padd
     dlse = dlse.contiguous() if dlse is not None else None
     buf, dense = _backend.buf, _backend.dense_buf
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)
-    launch((buf(dout), buf(q), buf(k), buf(v), buf(out), dense(lse), dense(dlse), dense(kpm), dense(qpm),
-            dense(dq), dense(dk), dense(dv), (B, H, Nq, Nk, D),
-            dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3],
-            causal, causal_offset, scale, _DTYPE_CODE[q.dtype]), 3 * B * H * Nq * Nk * D)
+    if cuda is None:
+        _backend._C.attention_bwd(
+            dout=buf(dout), q=buf(q), k=buf(k), v=buf(v), out=buf(out), lse=dense(lse), dlse=dense(dlse),
+            key_padding_mask=dense(kpm), query_padding_mask=dense(qpm), dq=dense(dq), dk=dense(dk), dv=dense(dv),
+            sizes=(B, H, Nq, Nk, D), dout_strides=dout.stride()[:3], q_strides=q.stride()[:3],
+            k_strides=k.stride()[:3], v_strides=v.stride()[:3], out_strides=out.stride()[:3], causal=causal,
+            causal_offset=causal_offset, scale=scale, dtype=_backend.DTYPE_CODE[q.dtype],
+            nthreads=_threads(3 * B * H * Nq * Nk * D))
+    else:
+        delta = torch.empty(B * H * Nq, dtype=torch.float32, device=q.device)  # scratch
+        _backend._C.cuda_attention_bwd(
+            dout=buf(dout), q=buf(q), k=buf(k), v=buf(v), out=buf(out), lse=dense(lse), dlse=dense(dlse),
+            key_padding_mask=dense(kpm), query_padding_mask=dense(qpm), dq=dense(dq), dk=dense(dk), dv=dense(dv),
+            sizes=(B, H, Nq, Nk, D), dout_strides=dout.stride()[:3], q_strides=q.stride()[:3],
+            k_strides=k.stride()[:3], v_strides=v.stride()[:3], out_strides=out.stride()[:3], causal=causal,
+            causal_offset=causal_offset, scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], delta=dense(delta),
+            device=cuda[0], stream=cuda[1])
     return dq, dk, dv
 
 
@@ -98,7 +119,7 @@ def _attention_fwd(
     """Returns out (B, H, Nq, D) and the log-sum-exp (B, H, Nq) in fp32 (fp64 for fp64 inputs);
     lse is +inf for a query that sees no key or is padding."""
     _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale)
-    return _forward_cpu(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
+    return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
 
 
 def _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale) -> None:
@@ -120,16 +141,6 @@ def _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_paddi
         if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype or t.device != q.device:
             got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"minillm::attention_bwd: {name} must be {shape} {dtype} on {q.device}, got {got}")
-
-
-def _forward_cpu(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
-    return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
-                    lambda args, work: _backend._C.attention_fwd(*args, _threads(work)))
-
-
-def _backward_cpu(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
-    return _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
-                            causal_offset, scale, lambda args, work: _backend._C.attention_bwd(*args, _threads(work)))
 
 
 @_attention_fwd.register_fake
@@ -155,8 +166,7 @@ def _attention_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attention_fwd given the gradients of both of its outputs."""
     _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale)
-    return _backward_cpu(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
-                         scale)
+    return _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
 
 
 @_attention_bwd.register_fake
@@ -180,20 +190,15 @@ def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, c
         raise ValueError(f"minillm::attention_fwd on CUDA takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D}, "
                          f"got {q.dtype} D={q.shape[-1]}")
     return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
-                    lambda args, work: _backend._C.cuda_attention_fwd(*args, q.device.index, _backend.cuda_stream(q)))
+                    cuda=(q.device.index, _backend.cuda_stream(q)))
 
 
 @_attention_bwd.register_kernel("cuda")
 def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
                         scale):
     _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale)
-
-    def launch(args, work):
-        delta = torch.empty(q.shape[0] * q.shape[1] * q.shape[2], dtype=torch.float32, device=q.device)  # scratch
-        _backend._C.cuda_attention_bwd(*args, _backend.dense_buf(delta), q.device.index, _backend.cuda_stream(q))
-
-    return _backward_kernel(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
-                            causal_offset, scale, launch)
+    return _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
+                     cuda=(q.device.index, _backend.cuda_stream(q)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -213,11 +218,8 @@ def _grads(ctx, dout, dlse, attention_bwd):
     return dq, dk, dv, None, None, None, None, None
 
 
-def _backward(ctx, dout, dlse):
-    return _grads(ctx, dout, dlse, _attention_bwd)
-
-
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_fwd.register_autograd(lambda ctx, dout, dlse: _grads(ctx, dout, dlse, _attention_bwd),
+                                 setup_context=_setup_context)
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -228,7 +230,7 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _forward_cpu(*inputs)
+        output = _forward(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.set_materialize_grads(False)
         return output
@@ -236,7 +238,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        return _grads(ctx, dout, dlse, _backward_cpu)
+        return _grads(ctx, dout, dlse, _backward)
 
 
 # ---- public API ----
@@ -265,13 +267,13 @@ def _check_qkv(q, k, v) -> None:
         qs, ks = q.shape, k.shape
         dtype = q.dtype
         if (len(qs) == 4 and len(ks) == 4 and ks == v.shape and ks[:2] == qs[:2] and ks[3] == qs[3] != 0
-                and dtype in _DTYPE_CODE and k.dtype == dtype and v.dtype == dtype
-                and k.device == q.device and v.device == q.device):
+                and dtype in _DTYPES and k.dtype == dtype and v.dtype == dtype
+                and ((q.is_cpu and k.is_cpu and v.is_cpu) or (k.device == q.device and v.device == q.device))):
             return
     _check_tensor("q", q, 4, "(B, H, Nq, D)")
     _check_tensor("k", k, 4, "(B, H, Nk, D)")
     _check_tensor("v", v, 4, "(B, H, Nk, D)")
-    if q.dtype not in _DTYPE_CODE:
+    if q.dtype not in _DTYPES:
         raise TypeError(f"q must be {_DTYPE_NAMES}, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
@@ -313,8 +315,9 @@ def _check_inputs(q, k, v, key_padding_mask, query_padding_mask) -> None:
 
 
 def _device_type(q: Tensor) -> str:
-    # One place that reads the device type, so tests can stand CPU tensors in for CUDA ones.
-    return q.device.type
+    # One place that reads the device type, so tests can stand CPU tensors in for CUDA ones. is_cpu first: building
+    # the torch.device that .device returns costs 0.3 us, a fortieth of a small call.
+    return "cpu" if q.is_cpu else q.device.type
 
 
 def _cuda_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool) -> Tuple[bool, str]:
@@ -344,15 +347,17 @@ def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: flo
     cpu = _device_type(q) == "cpu"
     if cpu:  # the C++ kernels take every CPU call
         native, why = _backend.native_available(), ""
+        if ("attention", "cpu", native) not in _backend._logged:  # log_path_once's own test costs 0.5 us a call
+            _backend.log_path_once("attention", q.device, native, why)
     else:
         native, why = _choose(q, k, v, causal, key_padding_mask is not None or query_padding_mask is not None)
-    _backend.log_path_once("attention", q.device, native, why)
+        _backend.log_path_once("attention", q.device, native, why)
     if native:
         args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
         if cpu and not torch.compiler.is_compiling():
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
                 return _AttentionFunction.apply(*args)[0]
-            return _forward_cpu(*args)[0]  # nothing to differentiate: no autograd node to build
+            return _forward(*args)[0]  # nothing to differentiate: no autograd node to build
         return _attention_fwd(*args)[0]
     return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                           causal_offset=causal_offset, query_padding_mask=query_padding_mask)
@@ -432,7 +437,7 @@ def scaled_dot_product_attention(
     fits = (
         isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)
         and query.dim() == 4 and key.dim() == 4 and value.dim() == 4
-        and query.dtype in _DTYPE_CODE and key.dtype == query.dtype and value.dtype == query.dtype
+        and query.dtype in _DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
         and key.device == query.device and value.device == query.device
         and dropout_p == 0.0 and not (is_causal and attn_mask is not None)
         and key.shape[-1] == query.shape[-1] == value.shape[-1] and key.shape[2] == value.shape[2]

@@ -24,7 +24,7 @@ from minillm.ops import _backend
 
 # Up to this many rows the streaming kernel beats the GEMM; beyond, weights are reused enough for packing to pay.
 SMALL_M = 16
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 3}
+_DTYPES = (torch.float32, torch.float64)  # what the kernels take (codes: _backend.DTYPE_CODE)
 
 
 def _small_m_us(M: int, N: int, K: int, itemsize: int) -> float:
@@ -53,8 +53,8 @@ def _operand(t: Tensor) -> Tuple[Tensor, int, bool]:
 
 
 def _gemm_call(a: Tensor, b: Tensor, bias: Optional[Tensor]):
-    """(output (M, N), the gemm binding's arguments without the thread count, tensors to keep alive), or
-    (output, None, None) when the shapes need no kernel (empty, or K = 0)."""
+    """(output (M, N), the gemm binding's keywords without nthreads, tensors to keep alive), or (output, None,
+    None) when the shapes need no kernel (empty, or K = 0)."""
     M, K = a.shape
     N = b.shape[1]
     c = a.new_empty((M, N))
@@ -66,15 +66,20 @@ def _gemm_call(a: Tensor, b: Tensor, bias: Optional[Tensor]):
     b, ldb, b_col = _operand(b)
     bias = bias.contiguous() if bias is not None else None
     buf, dense = _backend.buf, _backend.dense_buf
-    args = (buf(a), lda, a_col, buf(b), ldb, b_col, dense(bias), dense(c), M, N, K, _DTYPE_CODE[a.dtype])
+    args = dict(a=buf(a), lda=lda, a_colmajor=a_col, b=buf(b), ldb=ldb, b_colmajor=b_col, bias=dense(bias), c=dense(c),
+                M=M, N=N, K=K, dtype=_backend.DTYPE_CODE[a.dtype])
     return c, args, (a, b, bias)
+
+
+def _gemm_threads(args: dict) -> int:
+    return _backend.threads_for(_gemm_us(args["M"], args["N"], args["K"]))
 
 
 def _gemm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
     """a (M, K) @ b (K, N) + bias (N,) -> contiguous (M, N) on the native GEMM."""
     c, args, _keep = _gemm_call(a, b, bias)
     if args is not None:
-        _backend._C.gemm(*args, _backend.threads_for(_gemm_us(*args[8:11])))
+        _backend._C.gemm(**args, nthreads=_gemm_threads(args))
     return c
 
 
@@ -83,13 +88,11 @@ def _gemm_pair(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tuple[Tensor, 
     c1, args1, _keep1 = _gemm_call(a1, b1, None)
     c2, args2, _keep2 = _gemm_call(a2, b2, None)
     if args1 is None or args2 is None:
-        if args1 is not None:
-            _backend._C.gemm(*args1, _backend.threads_for(_gemm_us(*args1[8:11])))
-        if args2 is not None:
-            _backend._C.gemm(*args2, _backend.threads_for(_gemm_us(*args2[8:11])))
+        for args in (args1, args2):
+            if args is not None:
+                _backend._C.gemm(**args, nthreads=_gemm_threads(args))
         return c1, c2
-    threads = _backend.threads_for(min(_gemm_us(*args1[8:11]), _gemm_us(*args2[8:11])))
-    _backend._C.gemm_pair(args1, args2, threads)
+    _backend._C.gemm_pair(first=args1, second=args2, nthreads=min(_gemm_threads(args1), _gemm_threads(args2)))
     return c1, c2
 
 
@@ -110,8 +113,8 @@ def _check_op_args(op: str, a, b, bias) -> None:
         raise ValueError(f"minillm::{op}: operands must be 2-D tensors")
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"minillm::{op}: inner sizes differ: {tuple(a.shape)} and {tuple(b.shape)} (as (K, N))")
-    if a.dtype not in _DTYPE_CODE or b.dtype != a.dtype or a.device != b.device:
-        raise ValueError(f"minillm::{op}: operands must share one dtype of {sorted(map(str, _DTYPE_CODE))} and "
+    if a.dtype not in _DTYPES or b.dtype != a.dtype or a.device != b.device:
+        raise ValueError(f"minillm::{op}: operands must share one dtype of {sorted(map(str, _DTYPES))} and "
                          f"one device, got {a.dtype} on {a.device} and {b.dtype} on {b.device}")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (b.shape[1],)
                              or bias.dtype != a.dtype or bias.device != a.device):
@@ -130,8 +133,9 @@ def _linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if M == 0 or N == 0:
         return y
     buf, dense = _backend.buf, _backend.dense_buf
-    _backend._C.linear_small_m(buf(x), dense(weight), dense(bias), dense(y), M, K, N, x.stride(0),
-                               _DTYPE_CODE[x.dtype], _backend.threads_for(_small_m_us(M, N, K, weight.element_size())))
+    _backend._C.linear_small_m(x=buf(x), weight=dense(weight), bias=dense(bias), y=dense(y), M=M, K=K, N=N,
+                               ldx=x.stride(0), dtype=_backend.DTYPE_CODE[x.dtype],
+                               nthreads=_backend.threads_for(_small_m_us(M, N, K, weight.element_size())))
     return y
 
 
@@ -246,15 +250,17 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     K = weight.shape[-1] if weight.dim() == 2 else -1
     if (
         weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == K and K > 0
-        and x.dtype in _DTYPE_CODE and weight.dtype == x.dtype
-        and (bias is None or (bias.dtype == x.dtype and bias.shape == (weight.shape[0],)))
-        and weight.device == x.device and _backend.native_for(x.device)
+        and x.dtype in _DTYPES and weight.dtype == x.dtype
+        and (bias is None or (bias.dtype == x.dtype and bias.shape == (weight.shape[0],) and bias.is_cpu))
+        # native_for(x.device) without building torch.device objects (0.3 us each, a tenth of a decode step's call)
+        and x.is_cpu and weight.is_cpu and _backend.native_available()
         # Few rows stream the weight row by row, so a transposed view (GPT-2's Conv1D) would need a copy of
         # the whole weight per call; F.linear multiplies it in place (measured at a decode step of
         # (1, 768) x (768, 2304)^T: 89 us vs 794 us through the copy).
         and (weight.is_contiguous() if x.numel() // K <= SMALL_M else gemm_native(x.device))
     ):
-        _backend.log_path_once("linear", x.device, True)
+        if ("linear", "cpu", True) not in _backend._logged:  # log_path_once's own test costs 0.5 us a call
+            _backend.log_path_once("linear", x.device, True)
         x2 = x.reshape(-1, K)  # (M, K)
         if torch.compiler.is_compiling():
             y = _linear(x2, weight, bias)

@@ -14,11 +14,16 @@ from torch import Tensor
 from minillm.ops import _backend
 from minillm.ops.reference import METRICS, topk_search_torch
 
-_METRIC_CODE = {"ip": 0, "cosine": 1, "l2": 2}
-# Kernel dtype codes (csrc/kernels.h: DType) for corpus storage.
-_CORPUS_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Corpus storage the kernels scan (their codes: _backend.DTYPE_CODE, from the extension).
+_CORPUS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 ArrayLike = Union[Tensor, np.ndarray]
+
+
+def _threads(Q: int, N: int, d: int, itemsize: int) -> int:
+    # One thread reads ~15 GB/s of corpus and scores ~20 G multiply-adds/s: the estimate only decides whether
+    # waking the other threads pays (a search of a few thousand rows took ~200 us, mostly the wake-up, on 2).
+    return _backend.threads_for(max(N * d * itemsize / 1.5e4, Q * N * d / 2e4))
 
 
 def _prepare(queries: Tensor, corpus: Tensor, k: int):
@@ -33,14 +38,21 @@ def _prepare(queries: Tensor, corpus: Tensor, k: int):
 @torch.library.custom_op("minillm::topk_search", mutates_args=(), device_types="cpu")
 def _topk_search(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
     """queries: (Q, d) float32; corpus: (N, d) float32/bfloat16/float16 -> scores (Q, k) float32, indices (Q, k)."""
-    _check_op_args("topk_search", queries, corpus, k, metric, _CORPUS_CODE)
+    _check_op_args("topk_search", queries, corpus, k, metric, _CORPUS_DTYPES)
+    return _topk_search_cpu(queries, corpus, k, metric)
+
+
+def _topk_search_cpu(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
+    """The op's CPU body, which eager calls of topk_search run directly: the custom-op dispatch costs ~18 us a call
+    (a search of a few thousand rows takes less)."""
     queries, corpus, scores, idx = _prepare(queries, corpus, k)
     (Q, d), N = queries.shape, corpus.shape[0]
     if Q == 0:
         return scores, idx
     buf, dense = _backend.buf, _backend.dense_buf
-    _backend._C.topk(dense(queries), buf(corpus), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
-                     _METRIC_CODE[metric], dense(scores), dense(idx), torch.get_num_threads())
+    _backend._C.topk(queries=dense(queries), corpus=buf(corpus), corpus_stride=corpus.stride(0),
+                     dtype=_backend.DTYPE_CODE[corpus.dtype], Q=Q, N=N, d=d, k=k, metric=_backend.METRIC_CODE[metric],
+                     out_scores=dense(scores), out_idx=dense(idx), nthreads=_threads(Q, N, d, corpus.element_size()))
     return scores, idx
 
 
@@ -59,8 +71,8 @@ def _check_op_args(op: str, queries, corpus, k, metric, corpus_dtypes, d=None) -
         raise ValueError(f"minillm::{op}: queries on {queries.device}, corpus on {corpus.device}")
     if not 1 <= k <= corpus.shape[0]:
         raise ValueError(f"minillm::{op}: k must satisfy 1 <= k <= N = {corpus.shape[0]}, got {k}")
-    if metric not in _METRIC_CODE:
-        raise ValueError(f"minillm::{op}: metric must be one of {tuple(_METRIC_CODE)}, got {metric!r}")
+    if metric not in METRICS:
+        raise ValueError(f"minillm::{op}: metric must be one of {METRICS}, got {metric!r}")
 
 
 # The CUDA kernel's candidate buffers fit the default 48 KB of shared memory up to this k.
@@ -69,7 +81,7 @@ _CUDA_MAX_K = 1024
 
 @_topk_search.register_kernel("cuda")
 def _topk_search_cuda(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
-    _check_op_args("topk_search", queries, corpus, k, metric, _CORPUS_CODE)
+    _check_op_args("topk_search", queries, corpus, k, metric, _CORPUS_DTYPES)
     if k > _CUDA_MAX_K:
         raise ValueError(f"minillm::topk_search on CUDA takes k <= {_CUDA_MAX_K}, got {k}")
     queries, corpus, scores, idx = _prepare(queries, corpus, k)
@@ -80,9 +92,10 @@ def _topk_search_cuda(queries: Tensor, corpus: Tensor, k: int, metric: str) -> T
     # (parts x Q x k) candidates when the corpus is split across blocks
     workspace = torch.empty(_backend._C.cuda_topk_workspace(Q, N, k, device), dtype=torch.uint8, device=queries.device)
     buf, dense = _backend.buf, _backend.dense_buf
-    _backend._C.cuda_topk(dense(queries), buf(corpus), corpus.stride(0), _CORPUS_CODE[corpus.dtype], Q, N, d, k,
-                          _METRIC_CODE[metric], dense(scores), dense(idx), dense(workspace), device,
-                          _backend.cuda_stream(queries))
+    _backend._C.cuda_topk(queries=dense(queries), corpus=buf(corpus), corpus_stride=corpus.stride(0),
+                          dtype=_backend.DTYPE_CODE[corpus.dtype], Q=Q, N=N, d=d, k=k,
+                          metric=_backend.METRIC_CODE[metric], out_scores=dense(scores), out_idx=dense(idx),
+                          workspace=dense(workspace), device=device, stream=_backend.cuda_stream(queries))
     return scores, idx
 
 
@@ -112,8 +125,7 @@ def _as_tensor(name: str, x) -> Tensor:
 
 # ---- int8 corpus: approximate scan, exact rescoring ----
 
-_I8_ALIGN = 64  # codes are zero-padded to a multiple of this many columns (every SIMD width divides it)
-_I8_CODE = 4  # csrc/kernels.h: kI8
+_I8_ALIGN = 64  # codes are zero-padded to a multiple of this many columns (csrc/kernels.h: kI8Pad, _C.I8_PAD)
 
 
 @torch.library.custom_op("minillm::topk_int8", mutates_args=(), device_types="cpu")
@@ -125,7 +137,7 @@ def _topk_int8(queries: Tensor, codes: Tensor, scales: Tensor, norm2: Tensor, d:
             and codes.shape[1] % _I8_ALIGN == 0 and d <= codes.shape[1]):
         raise ValueError(f"minillm::topk_int8: codes must be (N, Dpad) int8 with Dpad a multiple of {_I8_ALIGN} and "
                          f">= d = {d}; make them with Int8Corpus.quantize")
-    _check_op_args("topk_int8", queries, codes, k, metric, {torch.int8: 4}, d=d)
+    _check_op_args("topk_int8", queries, codes, k, metric, (torch.int8,), d=d)
     for name, t in (("scales", scales), ("norm2", norm2)):
         if not (isinstance(t, Tensor) and tuple(t.shape) == (codes.shape[0],) and t.dtype == torch.float32
                 and t.is_contiguous() and t.device == codes.device):
@@ -135,8 +147,10 @@ def _topk_int8(queries: Tensor, codes: Tensor, scales: Tensor, norm2: Tensor, d:
     if Q == 0:
         return scores, idx
     buf, dense = _backend.buf, _backend.dense_buf
-    _backend._C.topk(dense(queries), buf(codes), codes.stride(0), _I8_CODE, Q, N, d, k, _METRIC_CODE[metric],
-                     dense(scores), dense(idx), torch.get_num_threads(), dense(scales), dense(norm2))
+    _backend._C.topk(queries=dense(queries), corpus=buf(codes), corpus_stride=codes.stride(0),
+                     dtype=_backend.DTYPE_CODE[torch.int8], Q=Q, N=N, d=d, k=k, metric=_backend.METRIC_CODE[metric],
+                     out_scores=dense(scores), out_idx=dense(idx), nthreads=_threads(Q, N, d, 1),
+                     row_scale=dense(scales), row_norm2=dense(norm2))
     return scores, idx
 
 
@@ -168,7 +182,7 @@ class Int8Corpus:
         v = _as_tensor("vectors", vectors)
         if v.dim() != 2 or v.shape[1] == 0:
             raise ValueError(f"vectors must be 2-D (N, d) with d >= 1, got shape {tuple(v.shape)}")
-        if v.dtype not in _CORPUS_CODE:
+        if v.dtype not in _CORPUS_DTYPES:
             raise TypeError(f"vectors must be float32, float16 or bfloat16, got {v.dtype}")
         if v.device.type != "cpu":
             raise ValueError(f"Int8Corpus runs on the CPU; got vectors on {v.device}")
@@ -259,7 +273,7 @@ def _rescore(q: Tensor, vectors: Tensor, cand: Tensor, k: int, metric: str) -> T
 
 def _device_type(t: Tensor) -> str:
     # One place that reads the device type, so tests can stand CPU tensors in for CUDA ones.
-    return t.device.type
+    return "cpu" if t.is_cpu else t.device.type  # is_cpu first: a torch.device object costs 0.3 us
 
 
 def _choose(q: Tensor, c: Tensor, k: int) -> Tuple[bool, str]:
@@ -336,7 +350,7 @@ def topk_search(
     if c.dtype == torch.float64:
         raise TypeError("corpus is float64; store it as float32 (x.astype(np.float32) or x.float()), "
                         "which the kernel scans at twice the speed")
-    if c.dtype not in _CORPUS_CODE:
+    if c.dtype not in _CORPUS_DTYPES:
         raise TypeError(f"corpus must be float32, bfloat16 or float16, got {c.dtype}")
     if q.device != c.device:
         raise ValueError(f"queries and corpus must be on one device: queries on {q.device}, corpus on {c.device}")
@@ -359,7 +373,8 @@ def topk_search(
         native, why = _choose(q, c, k)
         _backend.log_path_once("topk_search", c.device, native, why)
         if native:
-            scores, idx = _topk_search(q, c, k, metric)
+            cpu_eager = _device_type(c) == "cpu" and not torch.compiler.is_compiling()
+            scores, idx = (_topk_search_cpu if cpu_eager else _topk_search)(q, c, k, metric)
         else:
             scores, idx = topk_search_torch(q, c, k, metric)
             scores = scores.to(torch.float32)

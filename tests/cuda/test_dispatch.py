@@ -64,24 +64,24 @@ class CpuShim(types.SimpleNamespace):
     def __getattr__(self, name):  # everything else: the real extension
         return getattr(self.real, name)
 
-    def cuda_attention_fwd(self, *args):
-        *kernel_args, device, stream = args
+    def cuda_attention_fwd(self, **kw):
+        device, stream = kw.pop("device"), kw.pop("stream")
         self.calls.append(("fwd", device, stream))
-        self.real.attention_fwd(*kernel_args, 1)
+        self.real.attention_fwd(**kw, nthreads=1)
 
-    def cuda_attention_bwd(self, *args):
-        *kernel_args, delta, device, stream = args
+    def cuda_attention_bwd(self, **kw):
+        delta, device, stream = kw.pop("delta"), kw.pop("device"), kw.pop("stream")
         self.calls.append(("bwd", device, stream))
         assert delta[0] != 0 and delta[1] >= 4 * 2 * 3 * 9  # B * H * Nq floats
-        self.real.attention_bwd(*kernel_args, 1)
+        self.real.attention_bwd(**kw, nthreads=1)
 
     def cuda_topk_workspace(self, Q, N, k, device):
         return Q * k * 12
 
-    def cuda_topk(self, *args):
-        *kernel_args, workspace, device, stream = args
+    def cuda_topk(self, **kw):
+        workspace, device, stream = kw.pop("workspace"), kw.pop("device"), kw.pop("stream")
         self.calls.append(("topk", device, stream))
-        self.real.topk(*kernel_args, 1)
+        self.real.topk(**kw, nthreads=1)
 
 
 @needs_ext

@@ -1,8 +1,12 @@
 """Every argument error is a TypeError/ValueError naming the argument, on the native and torch paths."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
+import minillm.ops
+import minillm.ops.reference
 from minillm.ops import attention, force_torch, topk_search
 
 
@@ -167,6 +171,12 @@ def _gemm(a=64, lda=8, b=64, ldb=8, b_col=False, c=64):
                      8, 8, 8, 0, 1))
 
 
+def _gemm_kw(**kw):
+    """gemm's arguments as gemm_pair takes each product: a dict of gemm's keywords without nthreads."""
+    names = ("a", "lda", "a_colmajor", "b", "ldb", "b_colmajor", "bias", "c", "M", "N", "K", "dtype")
+    return dict(zip(names, _gemm(**kw)[1][:-1]))
+
+
 def _backend_buf(t):
     from minillm.ops import _backend
 
@@ -198,7 +208,7 @@ EXTENT_CASES = [
     ("gemm lda past the end", lambda: _gemm(lda=9), "a reaches"),
     ("gemm column-major b", lambda: _gemm(ldb=16, b_col=True, b=64), "b reaches"),
     ("gemm c short", lambda: _gemm(c=8), "c reaches"),
-    ("gemm_pair second product", lambda: ("gemm_pair", (_gemm()[1][:-1], _gemm(c=8)[1][:-1], 1)), "c reaches"),
+    ("gemm_pair second product", lambda: ("gemm_pair", (_gemm_kw(), _gemm_kw(c=8), 1)), "c reaches"),
     ("linear_small_m x row stride", lambda: ("linear_small_m", (_backend_buf(_f32(64)), _backend_buf(_f32(64)),
                                                                 (0, 0), _backend_buf(_f32(64)), 8, 8, 8, 9, 0, 1)),
      "x reaches"),
@@ -266,3 +276,44 @@ def test_registered_ops_check_their_arguments():
     out, lse = ops.attention_fwd(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8),
                                  torch.ones(1, 5, dtype=torch.bool), None, True, 1, 0.3)
     assert out.shape == (1, 2, 4, 8) and lse.shape == (1, 2, 4)
+
+
+def test_bindings_take_keywords_named_as_the_kernel_fields():
+    from minillm.ops import _backend
+
+    if _backend._C is None:
+        pytest.skip("no native extension")
+    C = _backend._C
+    q = torch.randn(1, 1, 8, 8)
+    out, lse = torch.empty(1, 1, 8, 8), torch.empty(1, 1, 8)
+    b = _backend.buf
+    kw = dict(q=b(q), k=b(q), v=b(q), out=b(out), lse=b(lse), sizes=(1, 1, 8, 8, 8), q_strides=(64, 64, 8),
+              k_strides=(64, 64, 8), v_strides=(64, 64, 8), causal=False, causal_offset=0, scale=0.25,
+              dtype=C.DTYPES["float32"])
+    C.attention_fwd(**kw)  # the optional masks and nthreads left out
+    torch.testing.assert_close(out, minillm.ops.reference.attention_reference(q, q, q, scale=0.25))
+    # Keyword names built at run time (not interned strings) are matched too, in any order.
+    C.attention_fwd(**{"".join(["s", "cale"]): 0.25, **{n: v for n, v in reversed(list(kw.items())) if n != "scale"}})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'queries'"):
+        C.attention_fwd(**kw, queries=b(q))
+    with pytest.raises(TypeError, match="missing required argument 'lse'"):
+        C.attention_fwd(**{n: v for n, v in kw.items() if n != "lse"})
+    with pytest.raises(TypeError, match="multiple values for argument 'q'"):
+        C.attention_fwd(b(q), **kw)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        C.attention_fwd(**{**kw, "causal": 1})
+    with pytest.raises(TypeError, match="q must be a buffer"):
+        C.attention_fwd(**{**kw, "q": q})
+    with pytest.raises(TypeError, match="sizes must be a tuple of 5 ints"):
+        C.attention_fwd(**{**kw, "sizes": (1, 1, 8, 8)})
+
+
+def test_dtype_and_metric_codes_come_from_the_extension():
+    from minillm.ops import _backend
+
+    if _backend._C is None:
+        pytest.skip("no native extension")
+    assert _backend._C.DTYPES == {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3, "int8": 4}  # kernels.h
+    assert _backend._C.METRICS == {"ip": 0, "cosine": 1, "l2": 2}
+    assert _backend.DTYPE_CODE[torch.bfloat16] == 1 and _backend.METRIC_CODE["l2"] == 2
+    assert _backend._C.I8_PAD == importlib.import_module("minillm.ops.topk")._I8_ALIGN
