@@ -375,54 +375,9 @@ void gemm_pair(const GemmPairIn& in) {
   check(status, "gemm_pair");
 }
 
-// ---- CUDA: the same arguments on device pointers, plus the device index and the caller's stream ----
+// The CUDA bindings (compiled when nvcc was found): cuda_attention_fwd, cuda_attention_bwd, cuda_topk.
+#include "bindings_cuda.h"
 
-#ifdef MINILLM_WITH_CUDA
-// Runs a CUDA launcher without the GIL; its message becomes a RuntimeError.
-template <typename F>
-void run_cuda(F&& launch) {
-  std::string error;
-  int status;
-  {
-    py::gil_scoped_release nogil;
-    status = launch(&error);
-  }
-  if (status != 0) throw std::runtime_error(error);
-}
-
-std::array<Field<AttnFwdIn>, 17> cuda_attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
-                                                                MINILLM_FIELD(AttnFwdIn, device),
-                                                                MINILLM_FIELD(AttnFwdIn, stream)}};
-
-void cuda_attention_fwd(const AttnFwdIn& in) {
-  const AttnFwdArgs a = fwd_args(in);
-  run_cuda([&](std::string* e) { return minillm::cuda_api::attention_fwd(a, in.device, in.stream, e); });
-}
-
-std::array<Field<AttnBwdIn>, 25> cuda_attention_bwd_fields = {{MINILLM_ATTN_BWD_FIELDS(AttnBwdIn),
-                                                                MINILLM_FIELD(AttnBwdIn, delta),
-                                                                MINILLM_FIELD(AttnBwdIn, device),
-                                                                MINILLM_FIELD(AttnBwdIn, stream)}};
-
-void cuda_attention_bwd(const AttnBwdIn& in) {
-  const AttnBwdArgs a = bwd_args(in);
-  float* scratch = checked<float*>(in.delta, "delta", 4, {dense({in.sizes[0], in.sizes[1], in.sizes[2]})});
-  run_cuda([&](std::string* e) { return minillm::cuda_api::attention_bwd(a, scratch, in.device, in.stream, e); });
-}
-
-std::array<Field<TopkIn>, 14> cuda_topk_fields = {{MINILLM_TOPK_FIELDS(TopkIn), MINILLM_FIELD(TopkIn, workspace),
-                                                   MINILLM_FIELD(TopkIn, device), MINILLM_FIELD(TopkIn, stream)}};
-
-void cuda_topk(const TopkIn& in) {
-  const TopkArgs a = topk_args(in);
-  const Buf& w = in.workspace;
-  require(w.bytes >= 0 && (w.ptr != 0 || w.bytes == 0), "workspace: bad buffer");
-  // The launcher compares the workspace's bytes with what its plan needs (cuda_topk_workspace).
-  run_cuda([&](std::string* e) {
-    return minillm::cuda_api::topk(a, reinterpret_cast<void*>(w.ptr), w.bytes, in.device, in.stream, e);
-  });
-}
-#endif
 
 int isa_from_name(const std::string& name) {
   for (int isa = minillm::kScalar; isa <= minillm::kAvx512; ++isa)
