@@ -1,4 +1,5 @@
 """minillm as a transformers attention backend: BERT (MiniLM, through sentence-transformers too) and GPT-2."""
+import copy
 import json
 import os
 
@@ -61,9 +62,9 @@ def test_gpt2_matches_sdpa_and_generates_the_same():
     cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, bos_token_id=0, eos_token_id=None,
                                   pad_token_id=0)
     torch.manual_seed(0)
-    a = transformers.GPT2LMHeadModel(cfg).eval()
+    a = transformers.GPT2LMHeadModel(copy.deepcopy(cfg)).eval()  # a config each: it records the implementation
     a.set_attn_implementation("sdpa")
-    b = transformers.GPT2LMHeadModel(cfg).eval()
+    b = transformers.GPT2LMHeadModel(copy.deepcopy(cfg)).eval()
     b.load_state_dict(a.state_dict())
     b.set_attn_implementation("minillm")
     ids = torch.randint(1, 300, (3, 24))
@@ -115,8 +116,8 @@ def test_replace_linear_keeps_outputs_gradients_and_state_dict():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=64,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    ref = transformers.GPT2LMHeadModel(cfg).train()
-    ours = transformers.GPT2LMHeadModel(cfg).train()
+    ref = transformers.GPT2LMHeadModel(copy.deepcopy(cfg)).train()
+    ours = transformers.GPT2LMHeadModel(copy.deepcopy(cfg)).train()
     ours.load_state_dict(ref.state_dict())
     n_layers = sum(type(m).__name__ in ("Conv1D", "Linear") for m in ours.modules())
     assert mt.replace_linear(ours) == n_layers > 0
