@@ -46,6 +46,7 @@ using Sizes = std::array<int64_t, 5>;    // B, H, Nq, Nk, D
 struct AttnFwdIn {
   Buf q, k, v, out, lse, key_padding_mask, query_padding_mask;
   Sizes sizes;
+  int64_t kv_heads = 0;    // grouped-query attention: k/v have this many heads (0: H)
   Strides q_strides, k_strides, v_strides;
   bool causal;
   int64_t causal_offset;
@@ -120,8 +121,8 @@ struct AttnShape {
             "attention sizes (B, H, Nq, Nk, D) must all be >= 1 (empty inputs are answered in Python)");
     require(float_dtype(dtype), "attention dtype must be a float code of csrc/kernels.h (kF32, kBF16, kF16, kF64)");
   }
-  const void* strided(const Buf& b, const char* name, int64_t n, const Strides& s) const {
-    return checked<const void*>(b, name, item, {{sz[0], s[0]}, {sz[1], s[1]}, {n, s[2]}, {sz[4], 1}});
+  const void* strided(const Buf& b, const char* name, int64_t n, const Strides& s, int64_t heads = 0) const {
+    return checked<const void*>(b, name, item, {{sz[0], s[0]}, {heads ? heads : sz[1], s[1]}, {n, s[2]}, {sz[4], 1}});
   }
   void* dense_out(const Buf& b, const char* name, int64_t n) const {
     return checked<void*>(b, name, item, {dense({sz[0], sz[1], n, sz[4]})});
@@ -142,10 +143,13 @@ void copy3(int64_t* dst, const Strides& s) {
 AttnFwdArgs fwd_args(const AttnFwdIn& in) {
   const Sizes& sz = in.sizes;
   const AttnShape s(sz, in.dtype);
+  const int64_t Hkv = in.kv_heads ? in.kv_heads : sz[1];
+  require(Hkv >= 1 && sz[1] % Hkv == 0, "attention kv_heads must divide the query heads H");
   AttnFwdArgs a{};
   a.q = s.strided(in.q, "q", sz[2], in.q_strides);
-  a.k = s.strided(in.k, "k", sz[3], in.k_strides);
-  a.v = s.strided(in.v, "v", sz[3], in.v_strides);
+  a.k = s.strided(in.k, "k", sz[3], in.k_strides, Hkv);
+  a.v = s.strided(in.v, "v", sz[3], in.v_strides, Hkv);
+  a.Hkv = Hkv;
   a.out = s.dense_out(in.out, "out", sz[2]);
   a.lse = s.lse<void*>(in.lse, "lse");
   a.kpm = s.mask(in.key_padding_mask, "key_padding_mask", sz[3]);
@@ -198,8 +202,9 @@ AttnBwdArgs bwd_args(const AttnBwdIn& in) {
       MINILLM_FIELD(In, q_strides), MINILLM_FIELD(In, k_strides), MINILLM_FIELD(In, v_strides),                 \
       MINILLM_FIELD(In, causal), MINILLM_FIELD(In, causal_offset), MINILLM_FIELD(In, scale), MINILLM_FIELD(In, dtype)
 
-std::array<Field<AttnFwdIn>, 16> attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
-                                                           MINILLM_OPTIONAL(AttnFwdIn, nthreads)}};
+std::array<Field<AttnFwdIn>, 17> attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
+                                                           MINILLM_OPTIONAL(AttnFwdIn, nthreads),
+                                                           MINILLM_OPTIONAL(AttnFwdIn, kv_heads)}};
 
 void attention_fwd(const AttnFwdIn& in) {
   const AttnFwdArgs a = fwd_args(in);

@@ -22,6 +22,7 @@ std::array<Field<AttnFwdIn>, 17> cuda_attention_fwd_fields = {{MINILLM_ATTN_FWD_
 
 void cuda_attention_fwd(const AttnFwdIn& in) {
   const AttnFwdArgs a = fwd_args(in);
+  require(a.Hkv == a.H, "the CUDA attention kernel takes one key/value head per query head");
   run_cuda([&](std::string* e) { return minillm::cuda_api::attention_fwd(a, in.device, in.stream, e); });
 }
 

@@ -22,7 +22,7 @@ constexpr int64_t kI8Pad = 64;
 // Status codes returned by kernels (0 = ok).
 enum Status : int { kOk = 0, kOutOfMemory = 1 };
 
-// Attention forward. q: (B, H, Nq, D), k/v: (B, H, Nk, D), each with element strides for (b, h, n)
+// Attention forward. q: (B, H, Nq, D), k/v: (B, Hkv, Nk, D), each with element strides for (b, h, n)
 // and unit stride along D. out: contiguous (B, H, Nq, D) of the input dtype; lse: contiguous
 // (B, H, Nq) in the accumulation type (float, or double for F64).
 // Key j is visible to query i when kpm[b*Nk + j] != 0 (if kpm is set) and, if causal,
@@ -37,6 +37,9 @@ struct AttnFwdArgs {
   const uint8_t* kpm;  // (B, Nk) contiguous or nullptr
   const uint8_t* qpm;  // (B, Nq) contiguous or nullptr
   int64_t B, H, Nq, Nk, D;
+  // Key/value heads (grouped-query attention): query head h reads key/value head h / (H / Hkv); H % Hkv == 0.
+  // 0 means H (one key/value head per query head). The CUDA kernels take Hkv = H only.
+  int64_t Hkv;
   int64_t q_stride[3], k_stride[3], v_stride[3];
   bool causal;
   int64_t causal_offset;

@@ -21,6 +21,9 @@ static_assert(kBkFwd % kPanel<float> == 0 && kBkFwd % kPanel<double> == 0 && kBk
 
 // ---- attention ----
 
+// The key/value head that query head h reads (grouped-query attention: Hkv heads serve H query heads).
+inline int64_t kv_head(const AttnFwdArgs& a, int64_t h) { return a.Hkv > 0 && a.Hkv != a.H ? h / (a.H / a.Hkv) : h; }
+
 // Keys per block: 64, or fewer (whole vectors) for short sequences, which would otherwise pay for 64.
 inline int64_t key_block(int64_t Nk, int64_t max_keys = kBkMax) { return imin(max_keys, round_up(imax(Nk, 1), kPad)); }
 

@@ -35,8 +35,8 @@ int attention_decode_impl(const AttnFwdArgs& a) {
       if (!ok) continue;
       const int64_t b = bh / H, h = bh % H;
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
-      const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
-      const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+      const int64_t kbase = b * a.k_stride[0] + kv_head(a, h) * a.k_stride[1];
+      const int64_t vbase = b * a.v_stride[0] + kv_head(a, h) * a.v_stride[1];
       auto krow = [&](int64_t j) -> const T* {
         const void* p = at(a.k, a.dtype, kbase + j * a.k_stride[2]);
         if (direct) return static_cast<const T*>(p);

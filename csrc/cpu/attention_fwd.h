@@ -150,8 +150,8 @@ struct FwdF32 {
     k_end = k_end_;
     constexpr int64_t P = kPanel<T>;
     auto kt = [&](int64_t j) { return packed_at(Kt, Dp, j); };
-    const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
-    const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+    const int64_t kbase = b * a.k_stride[0] + kv_head(a, h) * a.k_stride[1];
+    const int64_t vbase = b * a.v_stride[0] + kv_head(a, h) * a.v_stride[1];
     qbase = b * a.q_stride[0] + h * a.q_stride[1];
     // Rows already in the kernel's type and width are read in place: K while it is transposed, and V by the
     // p v product itself when no key below k_end is padded (keys from k_end on are never read: a right-padded
@@ -258,8 +258,8 @@ struct FwdBf16 {
   // need no zero padding (D == Dp) are read in place when all 16 keys are visible.
   MINILLM_ALWAYS_INLINE void pack_keys(int64_t b, int64_t h, const uint8_t* kpm, int64_t k_end, int64_t, int64_t) {
     ldk = imax(bk, round_up(k_end, bk));
-    const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
-    const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+    const int64_t kbase = b * a.k_stride[0] + kv_head(a, h) * a.k_stride[1];
+    const int64_t vbase = b * a.v_stride[0] + kv_head(a, h) * a.v_stride[1];
     qbase = b * a.q_stride[0] + h * a.q_stride[1];
     for (int64_t j = 0; j < ldk; j += 16) {
       bool whole = rows_in_place && j + 16 <= k_end;

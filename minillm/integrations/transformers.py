@@ -152,11 +152,7 @@ def minillm_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if why:
         _once(why)
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    kpm = None
+    kpm = None  # grouped-query attention (fewer key/value heads) goes to the kernel as it is: no repeated K/V
     if attention_mask is not None:
         kpm, causal = attention_mask._minillm_padding
     else:

@@ -60,7 +60,8 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
             q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
             query_padding_mask=dense(qpm), sizes=(B, H, Nq, Nk, D), q_strides=q.stride()[:3],
             k_strides=k.stride()[:3], v_strides=v.stride()[:3], causal=causal, causal_offset=causal_offset,
-            scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], nthreads=_threads(B * H * Nq * Nk * D))
+            scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], nthreads=_threads(B * H * Nq * Nk * D),
+            kv_heads=k.shape[1])
     else:
         _backend._C.cuda_attention_fwd(
             q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
@@ -72,6 +73,16 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
 
 def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
               cuda=None):
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv != H:  # grouped-query attention: the backward kernels take a key/value head per query head (for now)
+        G = H // Hkv
+        dq, dk, dv = _backward(dout, q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), out, lse, dlse,
+                               key_padding_mask, query_padding_mask, causal, causal_offset, scale, cuda)
+        B, _, Nk, D = k.shape
+        # (B, H, Nk, D) -> (B, Hkv, G, Nk, D), summed over the group in fp32 (fp64 for fp64)
+        acc = _acc_dtype(q.dtype)
+        return (dq, dk.view(B, Hkv, G, Nk, D).to(acc).sum(2).to(k.dtype),
+                dv.view(B, Hkv, G, Nk, D).to(acc).sum(2).to(v.dtype))
     dout, q, k, v, out = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -179,16 +190,17 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_mask, query_p
 _CUDA_MAX_D = 256
 
 
-def _cuda_fits(q: Tensor) -> bool:
-    return q.dtype != torch.float64 and q.shape[-1] <= _CUDA_MAX_D
+def _cuda_fits(q: Tensor, k: Optional[Tensor] = None) -> bool:
+    return q.dtype != torch.float64 and q.shape[-1] <= _CUDA_MAX_D and (k is None or k.shape[1] == q.shape[1])
 
 
 @_attention_fwd.register_kernel("cuda")
 def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
     _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale)
-    if not _cuda_fits(q):
-        raise ValueError(f"minillm::attention_fwd on CUDA takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D}, "
-                         f"got {q.dtype} D={q.shape[-1]}")
+    if not _cuda_fits(q, k):
+        raise ValueError(f"minillm::attention_fwd on CUDA takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D} and "
+                         f"one key/value head per query head, got {q.dtype} D={q.shape[-1]}, H={q.shape[1]}, "
+                         f"Hkv={k.shape[1]}")
     return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
                     cuda=(q.device.index, _backend.cuda_stream(q)))
 
@@ -266,13 +278,14 @@ def _check_qkv(q, k, v) -> None:
     if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
         qs, ks = q.shape, k.shape
         dtype = q.dtype
-        if (len(qs) == 4 and len(ks) == 4 and ks == v.shape and ks[:2] == qs[:2] and ks[3] == qs[3] != 0
+        if (len(qs) == 4 and len(ks) == 4 and ks == v.shape and ks[0] == qs[0] and ks[3] == qs[3] != 0
+                and (ks[1] == qs[1] or (ks[1] > 0 and qs[1] % ks[1] == 0))
                 and dtype in _DTYPES and k.dtype == dtype and v.dtype == dtype
                 and ((q.is_cpu and k.is_cpu and v.is_cpu) or (k.device == q.device and v.device == q.device))):
             return
     _check_tensor("q", q, 4, "(B, H, Nq, D)")
-    _check_tensor("k", k, 4, "(B, H, Nk, D)")
-    _check_tensor("v", v, 4, "(B, H, Nk, D)")
+    _check_tensor("k", k, 4, "(B, Hkv, Nk, D)")
+    _check_tensor("v", v, 4, "(B, Hkv, Nk, D)")
     if q.dtype not in _DTYPES:
         raise TypeError(f"q must be {_DTYPE_NAMES}, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -280,9 +293,11 @@ def _check_qkv(q, k, v) -> None:
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, H, _, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != H or v.shape[1] != H:
+    Hkv = k.shape[1]
+    if k.shape[0] != B or v.shape[0] != B or v.shape[1] != Hkv or Hkv == 0 or H % Hkv != 0:
         raise ValueError(
-            f"q, k and v must agree in B and H: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"q, k and v must agree in B and H (k and v may have fewer heads Hkv, grouped-query attention, when Hkv "
+            f"divides H): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same length Nk: k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -323,8 +338,8 @@ def _device_type(q: Tensor) -> str:
 def _cuda_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool) -> Tuple[bool, str]:
     """(take the CUDA kernel?, why): only for arguments it supports and cases the dispatch table has
     measured faster than torch (see minillm.ops._backend.CUDA_KERNEL_TABLE and MINILLM_CUDA_KERNELS)."""
-    if not _cuda_fits(q):
-        return False, f"the CUDA kernel takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D}"
+    if not _cuda_fits(q, k):
+        return False, f"the CUDA kernel takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D}, no grouped-query heads"
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     case = _backend.KernelCase("attention", str(q.dtype).replace("torch.", ""), q.shape[-1], k.shape[2],
                                q.shape[2], "fwd+bwd" if grad else "fwd", causal, padded)
@@ -359,6 +374,8 @@ def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: flo
                 return _AttentionFunction.apply(*args)[0]
             return _forward(*args)[0]  # nothing to differentiate: no autograd node to build
         return _attention_fwd(*args)[0]
+    if k.shape[1] != q.shape[1]:  # grouped-query attention on the torch path: each key/value head serves H / Hkv
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                           causal_offset=causal_offset, query_padding_mask=query_padding_mask)
 
@@ -377,8 +394,9 @@ def attention(
 
     Args:
         q: (B, H, Nq, D) queries; float32, bfloat16, float16 or float64 (any head dim D >= 1).
-        k: (B, H, Nk, D) keys, same dtype and device. Nk may differ from Nq.
-        v: (B, H, Nk, D) values.
+        k: (B, Hkv, Nk, D) keys, same dtype and device. Nk may differ from Nq. Hkv = H, or fewer heads dividing H
+            (grouped-query attention: query head h reads key/value head h // (H // Hkv), without a copy on CPU).
+        v: (B, Hkv, Nk, D) values.
         causal: query i sees key j only when j <= i + (Nk - Nq): bottom-right alignment, so in
             KV-cache decoding (Nq new queries after Nk - Nq cached keys) each query sees the cache
             and itself. Queries that see no key (Nq > Nk) return 0.
@@ -444,12 +462,9 @@ def scaled_dot_product_attention(
         and _choose(query, key, value, bool(is_causal), attn_mask is not None)[0]
     )
     kpm = None
-    if fits and enable_gqa and key.shape[1] != query.shape[1]:
-        if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0:
-            fits = False
-        else:
-            rep = query.shape[1] // key.shape[1]
-            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    if fits and key.shape[1] != query.shape[1] and not enable_gqa:
+        fits = False  # torch's function says what is wrong
+    # enable_gqa with Hkv dividing H: the kernel reads each key/value head for its group of query heads.
     if fits and attn_mask is not None:
         kpm = _as_key_padding(attn_mask, query.shape[0], query.shape[2], key.shape[2])
         fits = kpm is not None
