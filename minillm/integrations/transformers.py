@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -128,8 +129,6 @@ def _eager_mask(attention_mask, query: torch.Tensor, key: torch.Tensor, causal: 
 
 def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
     """transformers' own attention for this call: `sdpa`, or the model's `eager` where sdpa cannot compute it."""
-    import sys
-
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     extra = {} if is_causal is None else {"is_causal": is_causal}

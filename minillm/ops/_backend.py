@@ -268,12 +268,15 @@ def force_torch(enabled: bool = True) -> Iterator[None]:
         _force_torch = before
 
 
-def log_path_once(op: str, device: torch.device, native: bool, why: str = "") -> None:
-    """One INFO line the first time `op` takes a path on a device type, naming the path and why."""
-    key = (op, device.type, native)
+def log_path_once(op: str, device, native: bool, why: str = "") -> None:
+    """One INFO line the first time `op` takes a path on a device type, naming the path and why. `device`: a
+    torch.device, or its type as a string (CPU callers pass "cpu": building a tensor's torch.device costs 0.3 us,
+    and after the first call this function is only the set lookup)."""
+    key = (op, device if isinstance(device, str) else device.type, native)
     if key in _logged or torch.compiler.is_compiling():
         return
     _logged.add(key)
+    device = torch.device(device) if isinstance(device, str) else device
     if native and device.type == "cuda":
         log.info("minillm.ops.%s on %s: native CUDA kernel (%s)", op, device, why or "supported")
     elif native:

@@ -362,8 +362,7 @@ def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: flo
     cpu = _device_type(q) == "cpu"
     if cpu:  # the C++ kernels take every CPU call
         native, why = _backend.native_available(), ""
-        if ("attention", "cpu", native) not in _backend._logged:  # log_path_once's own test costs 0.5 us a call
-            _backend.log_path_once("attention", q.device, native, why)
+        _backend.log_path_once("attention", "cpu", native, why)
     else:
         native, why = _choose(q, k, v, causal, key_padding_mask is not None or query_padding_mask is not None)
         _backend.log_path_once("attention", q.device, native, why)

@@ -22,7 +22,8 @@ ArrayLike = Union[Tensor, np.ndarray]
 
 def _threads(Q: int, N: int, d: int, itemsize: int) -> int:
     # One thread reads ~15 GB/s of corpus and scores ~20 G multiply-adds/s: the estimate only decides whether
-    # waking the other threads pays (a search of a few thousand rows took ~200 us, mostly the wake-up, on 2).
+    # waking the other threads pays (one (1, 16) query against 64 rows took ~200 us on 2 threads, mostly the
+    # wake-up, and ~25 us on one).
     return _backend.threads_for(max(N * d * itemsize / 1.5e4, Q * N * d / 2e4))
 
 
@@ -44,7 +45,8 @@ def _topk_search(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[
 
 def _topk_search_cpu(queries: Tensor, corpus: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
     """The op's CPU body, which eager calls of topk_search run directly: the custom-op dispatch costs ~18 us a call
-    (a search of a few thousand rows takes less)."""
+    (measured 21 us through the op against 3 us for the
+    binding alone, one (1, 16) query in 64 rows)."""
     queries, corpus, scores, idx = _prepare(queries, corpus, k)
     (Q, d), N = queries.shape, corpus.shape[0]
     if Q == 0:
