@@ -40,11 +40,21 @@ using minillm_py::convert;  // one overload set with gemm_pair's convert(GemmArg
 
 using Strides = std::array<int64_t, 3>;  // element strides of (b, h, n)
 using Sizes = std::array<int64_t, 5>;    // B, H, Nq, Nk, D
+using Strides4 = std::array<int64_t, 4>; // element strides of (b, h, i, j)
+
+// Score modifiers (csrc/kernels.h, AttnMods), the same keywords in both directions; all optional.
+struct ModsIn {
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0;
+  Buf alibi, bias;
+  Strides4 bias_strides{};
+};
 
 // ---- the ops' arguments, one struct per binding (names as the Python keywords) ----
 
-struct AttnFwdIn {
+struct AttnFwdIn : ModsIn {
   Buf q, k, v, out, lse, key_padding_mask, query_padding_mask;
+  Buf sinks;
   Sizes sizes;
   int64_t kv_heads = 0;    // grouped-query attention: k/v have this many heads (0: H)
   Strides q_strides, k_strides, v_strides;
@@ -57,9 +67,11 @@ struct AttnFwdIn {
   uintptr_t stream = 0;    // CUDA only
 };
 
-struct AttnBwdIn {
+struct AttnBwdIn : ModsIn {
   Buf dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, dq, dk, dv;
+  Buf dbias;
   Sizes sizes;
+  int64_t kv_heads = 0;
   Strides dout_strides, q_strides, k_strides, v_strides, out_strides;
   bool causal;
   int64_t causal_offset;
@@ -124,8 +136,8 @@ struct AttnShape {
   const void* strided(const Buf& b, const char* name, int64_t n, const Strides& s, int64_t heads = 0) const {
     return checked<const void*>(b, name, item, {{sz[0], s[0]}, {heads ? heads : sz[1], s[1]}, {n, s[2]}, {sz[4], 1}});
   }
-  void* dense_out(const Buf& b, const char* name, int64_t n) const {
-    return checked<void*>(b, name, item, {dense({sz[0], sz[1], n, sz[4]})});
+  void* dense_out(const Buf& b, const char* name, int64_t n, int64_t heads = 0) const {
+    return checked<void*>(b, name, item, {dense({sz[0], heads ? heads : sz[1], n, sz[4]})});
   }
   template <typename P>
   P lse(const Buf& b, const char* name, bool optional = false) const {
@@ -133,6 +145,21 @@ struct AttnShape {
   }
   const uint8_t* mask(const Buf& b, const char* name, int64_t n) const {
     return checked<const uint8_t*>(b, name, 1, {dense({sz[0], n})}, true);
+  }
+  minillm::AttnMods mods(const ModsIn& in) const {
+    require(in.window_left >= -1 && in.window_right >= -1, "attention window sides must be >= -1 (-1: unbounded)");
+    require(in.softcap >= 0 && in.softcap < std::numeric_limits<double>::infinity(),
+            "attention softcap must be finite and >= 0 (0: none)");
+    minillm::AttnMods m{};
+    m.window_left = in.window_left;
+    m.window_right = in.window_right;
+    m.softcap = in.softcap;
+    m.alibi = checked<const void*>(in.alibi, "alibi", acc, {dense({sz[0], sz[1]})}, true);
+    const Strides4& bs = in.bias_strides;
+    m.bias = checked<const void*>(in.bias, "bias", acc, {{sz[0], bs[0]}, {sz[1], bs[1]}, {sz[2], bs[2]}, {sz[3], bs[3]}},
+                                  true);
+    for (int i = 0; i < 4; ++i) m.bias_stride[i] = bs[i];
+    return m;
   }
 };
 
@@ -161,6 +188,8 @@ AttnFwdArgs fwd_args(const AttnFwdIn& in) {
   a.causal = in.causal;
   a.causal_offset = in.causal_offset;
   a.scale = in.scale;
+  a.mods = s.mods(in);
+  a.mods.sinks = checked<const void*>(in.sinks, "sinks", s.acc, {dense({sz[1]})}, true);
   a.dtype = in.dtype;
   a.nthreads = in.nthreads;
   return a;
@@ -169,19 +198,22 @@ AttnFwdArgs fwd_args(const AttnFwdIn& in) {
 AttnBwdArgs bwd_args(const AttnBwdIn& in) {
   const Sizes& sz = in.sizes;
   const AttnShape s(sz, in.dtype);
+  const int64_t Hkv = in.kv_heads ? in.kv_heads : sz[1];
+  require(Hkv >= 1 && sz[1] % Hkv == 0, "attention kv_heads must divide the query heads H");
   AttnBwdArgs a{};
   a.dout = s.strided(in.dout, "dout", sz[2], in.dout_strides);
   a.q = s.strided(in.q, "q", sz[2], in.q_strides);
-  a.k = s.strided(in.k, "k", sz[3], in.k_strides);
-  a.v = s.strided(in.v, "v", sz[3], in.v_strides);
+  a.k = s.strided(in.k, "k", sz[3], in.k_strides, Hkv);
+  a.v = s.strided(in.v, "v", sz[3], in.v_strides, Hkv);
+  a.Hkv = Hkv;
   a.out = s.strided(in.out, "out", sz[2], in.out_strides);
   a.lse = s.lse<const void*>(in.lse, "lse");
   a.dlse = s.lse<const void*>(in.dlse, "dlse", true);
   a.kpm = s.mask(in.key_padding_mask, "key_padding_mask", sz[3]);
   a.qpm = s.mask(in.query_padding_mask, "query_padding_mask", sz[2]);
   a.dq = s.dense_out(in.dq, "dq", sz[2]);
-  a.dk = s.dense_out(in.dk, "dk", sz[3]);
-  a.dv = s.dense_out(in.dv, "dv", sz[3]);
+  a.dk = s.dense_out(in.dk, "dk", sz[3], Hkv);
+  a.dv = s.dense_out(in.dv, "dv", sz[3], Hkv);
   a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
   copy3(a.do_stride, in.dout_strides);
   copy3(a.q_stride, in.q_strides);
@@ -191,10 +223,16 @@ AttnBwdArgs bwd_args(const AttnBwdIn& in) {
   a.causal = in.causal;
   a.causal_offset = in.causal_offset;
   a.scale = in.scale;
+  a.mods = s.mods(in);
+  a.mods.dbias = checked<void*>(in.dbias, "dbias", s.acc, {dense({sz[0], sz[1], sz[2], sz[3]})}, true);
   a.dtype = in.dtype;
   a.nthreads = in.nthreads;
   return a;
 }
+
+#define MINILLM_ATTN_MODS_FIELDS(In)                                                                          \
+  MINILLM_OPTIONAL(In, window_left), MINILLM_OPTIONAL(In, window_right), MINILLM_OPTIONAL(In, softcap),         \
+      MINILLM_OPTIONAL(In, alibi), MINILLM_OPTIONAL(In, bias), MINILLM_OPTIONAL(In, bias_strides)
 
 #define MINILLM_ATTN_FWD_FIELDS(In)                                                                           \
   MINILLM_FIELD(In, q), MINILLM_FIELD(In, k), MINILLM_FIELD(In, v), MINILLM_FIELD(In, out), MINILLM_FIELD(In, lse), \
@@ -202,9 +240,11 @@ AttnBwdArgs bwd_args(const AttnBwdIn& in) {
       MINILLM_FIELD(In, q_strides), MINILLM_FIELD(In, k_strides), MINILLM_FIELD(In, v_strides),                 \
       MINILLM_FIELD(In, causal), MINILLM_FIELD(In, causal_offset), MINILLM_FIELD(In, scale), MINILLM_FIELD(In, dtype)
 
-std::array<Field<AttnFwdIn>, 17> attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
+std::array<Field<AttnFwdIn>, 24> attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
                                                            MINILLM_OPTIONAL(AttnFwdIn, nthreads),
-                                                           MINILLM_OPTIONAL(AttnFwdIn, kv_heads)}};
+                                                           MINILLM_OPTIONAL(AttnFwdIn, kv_heads),
+                                                           MINILLM_ATTN_MODS_FIELDS(AttnFwdIn),
+                                                           MINILLM_OPTIONAL(AttnFwdIn, sinks)}};
 
 void attention_fwd(const AttnFwdIn& in) {
   const AttnFwdArgs a = fwd_args(in);
@@ -224,8 +264,11 @@ void attention_fwd(const AttnFwdIn& in) {
       MINILLM_FIELD(In, k_strides), MINILLM_FIELD(In, v_strides), MINILLM_FIELD(In, out_strides),                     \
       MINILLM_FIELD(In, causal), MINILLM_FIELD(In, causal_offset), MINILLM_FIELD(In, scale), MINILLM_FIELD(In, dtype)
 
-std::array<Field<AttnBwdIn>, 23> attention_bwd_fields = {{MINILLM_ATTN_BWD_FIELDS(AttnBwdIn),
-                                                           MINILLM_OPTIONAL(AttnBwdIn, nthreads)}};
+std::array<Field<AttnBwdIn>, 31> attention_bwd_fields = {{MINILLM_ATTN_BWD_FIELDS(AttnBwdIn),
+                                                           MINILLM_OPTIONAL(AttnBwdIn, nthreads),
+                                                           MINILLM_OPTIONAL(AttnBwdIn, kv_heads),
+                                                           MINILLM_ATTN_MODS_FIELDS(AttnBwdIn),
+                                                           MINILLM_OPTIONAL(AttnBwdIn, dbias)}};
 
 void attention_bwd(const AttnBwdIn& in) {
   const AttnBwdArgs a = bwd_args(in);

@@ -22,6 +22,24 @@ constexpr int64_t kI8Pad = 64;
 // Status codes returned by kernels (0 = ok).
 enum Status : int { kOk = 0, kOutOfMemory = 1 };
 
+// Score modifiers of an attention call, flash-attention's (a zero-initialised struct, with both window sides
+// -1, changes nothing). With off = causal_offset, key j is visible to query i only inside the window
+// [i + off - window_left, i + off + window_right] (-1: unbounded on that side; causal caps the right side at 0),
+// and the score is
+//   s_ij = softcap * tanh(scale q_i.k_j / softcap) (softcap > 0; else scale q_i.k_j)
+//          - alibi[b, h] * |i + off - j| + bias[b, h, i, j],
+// with exp(sinks[h]) added to every softmax denominator (a learned logit with no value row; forward only,
+// the backward reads it through lse).
+struct AttnMods {
+  int64_t window_left, window_right;
+  double softcap;
+  const void* alibi;  // (B, H) contiguous, accumulation type, or nullptr
+  const void* bias;   // accumulation type with element strides bias_stride for (b, h, i, j), or nullptr
+  int64_t bias_stride[4];
+  const void* sinks;  // (H) accumulation type, or nullptr
+  void* dbias;        // backward: (B, H, Nq, Nk) contiguous accumulation type, gets dL/ds_ij; or nullptr
+};
+
 // Attention forward. q: (B, H, Nq, D), k/v: (B, Hkv, Nk, D), each with element strides for (b, h, n)
 // and unit stride along D. out: contiguous (B, H, Nq, D) of the input dtype; lse: contiguous
 // (B, H, Nq) in the accumulation type (float, or double for F64).
@@ -44,12 +62,14 @@ struct AttnFwdArgs {
   bool causal;
   int64_t causal_offset;
   double scale;
+  AttnMods mods;
   int dtype;
   int nthreads;
 };
 
 // Attention backward. dout/out are strided like q; dlse (optional) and lse are contiguous
-// (B, H, Nq) in the accumulation type. dq/dk/dv: contiguous outputs of the input dtype.
+// (B, H, Nq) in the accumulation type. dq: contiguous (B, H, Nq, D), dk/dv: contiguous (B, Hkv, Nk, D), of
+// the input dtype (grouped-query attention sums each key/value head's gradient over its query heads).
 struct AttnBwdArgs {
   const void* dout;
   const void* q;
@@ -64,10 +84,12 @@ struct AttnBwdArgs {
   void* dk;
   void* dv;
   int64_t B, H, Nq, Nk, D;
+  int64_t Hkv;  // as in AttnFwdArgs; 0 means H
   int64_t do_stride[3], q_stride[3], k_stride[3], v_stride[3], o_stride[3];
   bool causal;
   int64_t causal_offset;
   double scale;
+  AttnMods mods;
   int dtype;
   int nthreads;
 };

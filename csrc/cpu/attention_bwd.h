@@ -3,6 +3,7 @@
 #pragma once
 #include "cpu/amx.h"
 #include "cpu/attention_bf16.h"
+#include "cpu/attention_mods.h"
 #include "cpu/parallel.h"
 
 namespace minillm {
@@ -25,30 +26,35 @@ inline T delta_row(const T* dO, const T* O, int64_t Dp, T dlse) {
   return hsum<T>(s) - dlse;
 }
 
-// The backward's work loop, the same for every kernel: one (b, h) per work item, which owns dQ, dK and dV of
-// its pair, so no accumulation crosses threads. Key block by query block (causal: from the first query block
-// that sees the key block), row tile by row tile: P = exp(S - lse) and dS = P (dP - Delta) in T (float for
-// 16-bit inputs), dQ += dS k per tile, then dV += P^T dO and dK += dS^T q per block. Kernel (one per thread)
-// supplies:
+// The backward's work loop, the same for every kernel: one (b, key/value head) per work item, which owns dK and
+// dV of its pair and dQ of its query heads (one, or H / Hkv with grouped-query attention, in turn), so no
+// accumulation crosses threads. Per query head: key block by query block (only the query blocks whose band
+// reaches the key block), row tile by row tile: P = exp(S - lse) and dS = P (dP - Delta) in T (float for 16-bit
+// inputs), dQ += dS k per tile, then dV += P^T dO and dK += dS^T q per block. Score modifiers
+// (attention_mods.h) recompute the forward's scores before the mask; dL/ds is written to dbias when asked and
+// then taken through the soft-capping's tanh. Kernel (one per thread) supplies:
 //   scratch_bytes(a, blocks, Dp, NkP)    its per-thread scratch
-//   load_item(b, h, bh, kpm, qpm, Dl)    q, dO, K, V of one (b, h), Delta per query, zeroed accumulators
+//   load_kv(b, hk, kpm)                  K and V of one (b, key/value head), zeroed dK and dV
+//   load_q(b, h, bh, qpm, Dl)            q and dO of one (b, h), Delta per query, zeroed dQ
 //   key_cols(j0, k_end)                  keys of block j0 that rows compute (the rest have P = dS = 0)
 //   products(i0, r0, tr, cv, j0, P, dS)  S and dP rows [r0, r0 + tr) for keys [j0, j0 + cv)
 //   row_scale                            multiplies S before the mask (1: q was scaled already)
 //   row_done(r, dS)                      after row r of dS is final
 //   dq(i0, r0, tr, cols, cv, j0, dS)     dQ rows += dS k
-//   block_done(i0, rows, j0, kcols, tri, P, dS)  dV += P^T dO, dK += dS^T q
-//   store_item(bh)                       the item's gradients to the outputs
+//   block_done(i0, rows, j0, kcols, tri, hi_off, P, dS)  dV += P^T dO, dK += dS^T q (tri: rows i with
+//                                        i + hi_off < j see no key j; the product may skip them)
+//   store_dq(bh), store_dkv(bkv)         the gradients to the outputs
 template <typename T, typename Kernel>
 int attention_bwd_blocks(const AttnBwdArgs& a, const BwdBlocks& bb) {
   typedef vec_t<T> V;
   constexpr int W = Vec<T>::W;
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D, BQ = bb.BQ, bk = bb.bk;
+  const int64_t Hkv = a.Hkv > 0 ? a.Hkv : H, G = H / Hkv;
   const int64_t Dp = round_up(D, kPad), NkP = round_up(Nk, bk), nkb = NkP / bk;
-  const int64_t off = a.causal_offset;
+  const Band band(a);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
   const size_t arena_bytes = Kernel::scratch_bytes(a, bb, Dp, NkP) + Arena::need<T>(Nq) +
-                             2 * Arena::need<T>(BQ * bk) + Arena::need<uint8_t>(nkb);
+                             3 * Arena::need<T>(BQ * bk) + Arena::need<uint8_t>(nkb);
   int status = kOk;
   int done = 0;  // threads done with their share (finish_share)
 #pragma omp parallel num_threads(nt)
@@ -59,64 +65,83 @@ int attention_bwd_blocks(const AttnBwdArgs& a, const BwdBlocks& bb) {
     T* Dl = ok ? arena.take<T>(Nq) : nullptr;       // (Nq): rowsum(dO * O) - dlse
     T* P = ok ? arena.take<T>(BQ * bk) : nullptr;   // (BQ, bk)
     T* dS = ok ? arena.take<T>(BQ * bk) : nullptr;  // (BQ, bk): dP, then dS in place
+    T* tc = ok ? arena.take<T>(BQ * bk) : nullptr;  // (BQ, bk): tanh of the soft-capped scores
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t bh = 0; bh < B * H; ++bh) {
+    for (int64_t item = 0; item < B * Hkv; ++item) {
       if (!ok) continue;
-      const int64_t b = bh / H, h = bh % H;
+      const int64_t b = item / Hkv, hk = item % Hkv;
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
       const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
-      const T* lse = static_cast<const T*>(a.lse) + bh * Nq;
-      kern.load_item(b, h, bh, kpm, qpm, Dl);
+      kern.load_kv(b, hk, kpm);
       visible_blocks(kpm, Nk, bk, nkb, kvis);
       const int64_t k_end = keys_end(kpm, Nk);
-
-      for (int64_t j0 = 0; j0 < Nk; j0 += bk) {
-        if (!kvis[j0 / bk]) continue;
-        const int64_t kcols = kern.key_cols(j0, k_end);
-        // Causal: rows i < j0 - off see no key of this block.
-        const int64_t i_first = a.causal ? imax(0, j0 - off) / BQ * BQ : 0;
-        for (int64_t i0 = i_first; i0 < Nq; i0 += BQ) {
-          const int64_t rows = imin(BQ, Nq - i0);
-          if (!any_query(qpm, i0, i0 + rows)) continue;
-          const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kvis[j0 / bk]);
-          const bool tri = a.causal && masked;
-          // P and dS row tile by row tile; on a causal block crossing the diagonal a tile computes only the
-          // keys its last row sees and zero-fills the rest, so the products below may skip them.
-          for (int64_t r0 = 0; r0 < rows; r0 += bb.TR) {
-            const int64_t tr = imin(bb.TR, rows - r0);
-            const int64_t cols = tri ? imax(0, imin(kcols, i0 + r0 + tr + off - j0)) : kcols;
-            const int64_t cv = round_up(cols, bb.CW);  // keys in [cols, cv) are masked: p = dS = 0
-            if (cv > 0) kern.products(i0, r0, tr, cv, j0, P, dS);
-            for (int64_t r = r0; r < r0 + tr; ++r) {
-              T* p = P + r * bk;
-              T* ds = dS + r * bk;
-              std::memset(p + cv, 0, sizeof(T) * (bk - cv));
-              std::memset(ds + cv, 0, sizeof(T) * (bk - cv));
-              if (qpm && !qpm[i0 + r]) {  // a padded query takes no part, whatever its q or dO hold
-                std::memset(p, 0, sizeof(T) * cv);
-                std::memset(ds, 0, sizeof(T) * cv);
-              } else {
-                if (kern.row_scale != T(1)) {
-                  const V sc = vbcast(kern.row_scale);
-                  for (int64_t c = 0; c < cv; c += W) vstore(p + c, vload(p + c) * sc);
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        const int64_t bh = b * H + h;
+        const T* lse = static_cast<const T*>(a.lse) + bh * Nq;
+        const ScoreMods<T> mods(a, b, h);
+        const bool capped = mods.cap != 0;
+        T* dbias = static_cast<T*>(a.mods.dbias);
+        kern.load_q(b, h, bh, qpm, Dl);
+        for (int64_t j0 = 0; j0 < Nk; j0 += bk) {
+          if (!kvis[j0 / bk]) continue;
+          const int64_t kcols = kern.key_cols(j0, k_end);
+          // Rows i + hi_off < j0 see no key of this block, nor do rows i + lo_off > j0 + kcols - 1.
+          const int64_t i_first = band.hi ? imax(0, j0 - band.hi_off) / BQ * BQ : 0;
+          const int64_t i_stop = band.lo ? imax(0, imin(Nq, j0 + kcols - band.lo_off)) : Nq;
+          for (int64_t i0 = i_first; i0 < i_stop; i0 += BQ) {
+            const int64_t rows = imin(BQ, Nq - i0);
+            if (!any_query(qpm, i0, i0 + rows)) continue;
+            const bool masked = block_needs_mask(j0, bk, Nk, band, i0, rows, kvis[j0 / bk]);
+            const bool tri = band.hi && masked;
+            // P and dS row tile by row tile; on a block crossing the band's upper edge a tile computes only the
+            // keys its last row sees and zero-fills the rest, so the products below may skip them.
+            for (int64_t r0 = 0; r0 < rows; r0 += bb.TR) {
+              const int64_t tr = imin(bb.TR, rows - r0);
+              const int64_t cols = tri ? imax(0, imin(kcols, band.end(i0 + r0 + tr - 1, Nk) - j0)) : kcols;
+              const int64_t cv = round_up(cols, bb.CW);  // keys in [cols, cv) are masked: p = dS = 0
+              if (cv > 0) kern.products(i0, r0, tr, cv, j0, P, dS);
+              for (int64_t r = r0; r < r0 + tr; ++r) {
+                T* p = P + r * bk;
+                T* ds = dS + r * bk;
+                T* t = tc + r * bk;
+                std::memset(p + cv, 0, sizeof(T) * (bk - cv));
+                std::memset(ds + cv, 0, sizeof(T) * (bk - cv));
+                if (qpm && !qpm[i0 + r]) {  // a padded query takes no part, whatever its q or dO hold
+                  std::memset(p, 0, sizeof(T) * cv);
+                  std::memset(ds, 0, sizeof(T) * cv);
+                } else {
+                  if (mods.on) {
+                    mods.apply(p, cv, kern.row_scale, i0 + r, j0, Nk, t);
+                  } else if (kern.row_scale != T(1)) {
+                    const V sc = vbcast(kern.row_scale);
+                    for (int64_t c = 0; c < cv; c += W) vstore(p + c, vload(p + c) * sc);
+                  }
+                  if (masked) mask_block<T>(p, j0, cv, Nk, band, i0 + r, kpm);
+                  const V lv = vbcast(lse[i0 + r]), dv = vbcast(Dl[i0 + r]);
+                  for (int64_t c = 0; c < cv; c += W) {
+                    const V pv = vexp(vload(p + c) - lv);
+                    vstore(p + c, pv);
+                    vstore(ds + c, pv * (vload(ds + c) - dv));
+                  }
+                  if (dbias)  // dL/ds of this row's keys below Nk (the buffer starts zeroed)
+                    std::memcpy(dbias + (bh * Nq + i0 + r) * Nk + j0, ds, sizeof(T) * imin(cv, Nk - j0));
+                  if (capped)  // d cap tanh(x / cap) / dx = 1 - tanh^2; masked keys have ds = 0 already
+                    for (int64_t c = 0; c < cv; c += W) {
+                      const V tv = vload(t + c);
+                      vstore(ds + c, vload(ds + c) * (T(1) - tv * tv));
+                    }
                 }
-                if (masked) mask_block<T>(p, j0, cv, Nk, a.causal, i0 + r + off, kpm);
-                const V lv = vbcast(lse[i0 + r]), dv = vbcast(Dl[i0 + r]);
-                for (int64_t c = 0; c < cv; c += W) {
-                  const V pv = vexp(vload(p + c) - lv);
-                  vstore(p + c, pv);
-                  vstore(ds + c, pv * (vload(ds + c) - dv));
-                }
+                kern.row_done(r, dS);
               }
-              kern.row_done(r, dS);
+              if (cols > 0) kern.dq(i0, r0, tr, cols, cv, j0, dS);
             }
-            if (cols > 0) kern.dq(i0, r0, tr, cols, cv, j0, dS);
+            kern.block_done(i0, rows, j0, kcols, tri, band.hi_off, P, dS);
           }
-          kern.block_done(i0, rows, j0, kcols, tri, P, dS);
         }
+        kern.store_dq(bh);
       }
-      kern.store_item(bh);
+      kern.store_dkv(item);
     }
     finish_share(&done);
   }
@@ -156,9 +181,8 @@ struct BwdF32 {
     dV = arena ? arena->take<T>(NkP * Dp) : nullptr;
   }
 
-  MINILLM_ALWAYS_INLINE void load_item(int64_t b, int64_t h, int64_t bh, const uint8_t* kpm, const uint8_t* qpm,
-                                       T* Dl) {
-    const int64_t Nq = a.Nq, Nk = a.Nk;
+  MINILLM_ALWAYS_INLINE void load_q(int64_t b, int64_t h, int64_t bh, const uint8_t* qpm, T* Dl) {
+    const int64_t Nq = a.Nq;
     const T* dlse = a.dlse ? static_cast<const T*>(a.dlse) + bh * Nq : nullptr;
     for (int64_t i = 0; i < Nq; ++i) {
       if (qpm && !qpm[i]) {  // a padded query's q and dO are never read: zero rows keep the GEMMs clean
@@ -176,13 +200,17 @@ struct BwdF32 {
       Dl[i] = delta_row<T>(dO + i * Dp, dQ + i * Dp, Dp, dlse ? dlse[i] : T(0));
     }
     std::memset(dQ, 0, sizeof(T) * Nq * Dp);
+  }
+
+  MINILLM_ALWAYS_INLINE void load_kv(int64_t b, int64_t hk, const uint8_t* kpm) {
+    const int64_t Nk = a.Nk;
     // K rows into Kr and V rows into dV (free until it is zeroed below), then both packed transposed, 8 keys
     // at a time in registers: value by value it was a quarter of the kernel's own time at B12 H4 D32 N = 64.
     for (int64_t j = 0; j < NkP; ++j) {
       if (j < Nk && !(kpm && !kpm[j])) {  // padded keys are never read
-        load_row<T>(at(a.k, a.dtype, b * a.k_stride[0] + h * a.k_stride[1] + j * a.k_stride[2]), a.dtype, D, Dp,
+        load_row<T>(at(a.k, a.dtype, b * a.k_stride[0] + hk * a.k_stride[1] + j * a.k_stride[2]), a.dtype, D, Dp,
                     T(1), Kr + j * Dp);
-        load_row<T>(at(a.v, a.dtype, b * a.v_stride[0] + h * a.v_stride[1] + j * a.v_stride[2]), a.dtype, D, Dp,
+        load_row<T>(at(a.v, a.dtype, b * a.v_stride[0] + hk * a.v_stride[1] + j * a.v_stride[2]), a.dtype, D, Dp,
                     T(1), dV + j * Dp);
       } else {
         std::memset(Kr + j * Dp, 0, sizeof(T) * Dp);
@@ -218,8 +246,8 @@ struct BwdF32 {
 
   // dV += P^T dO and dK += dS^T (scale q), key tile by key tile; P^T and dS^T are read in place (column-major),
   // and on the diagonal a key tile starts at the first row that sees its first key.
-  void block_done(int64_t i0, int64_t rows, int64_t j0, int64_t kcols, bool tri, const T* P, const T* dS) const {
-    const int64_t off = a.causal_offset;
+  void block_done(int64_t i0, int64_t rows, int64_t j0, int64_t kcols, bool tri, int64_t off, const T* P,
+                  const T* dS) const {
     for (int64_t c0 = 0; c0 < kcols; c0 += kMR) {
       const int64_t tk = imin(kMR, kcols - c0);
       const int64_t r_start = tri ? imin(rows, imax(0, j0 + c0 - off - i0)) : 0;
@@ -232,14 +260,18 @@ struct BwdF32 {
     }
   }
 
-  void store_item(int64_t bh) const {
+  void store_dq(int64_t bh) const {
     const T scale = static_cast<T>(a.scale);
-    const int64_t Nq = a.Nq, Nk = a.Nk;
+    const int64_t Nq = a.Nq;
     for (int64_t i = 0; i < Nq; ++i)
       store_row<T>(dQ + i * Dp, D, scale, a.dtype, const_cast<void*>(at(a.dq, a.dtype, (bh * Nq + i) * D)));
+  }
+
+  void store_dkv(int64_t bkv) const {
+    const int64_t Nk = a.Nk;
     for (int64_t j = 0; j < Nk; ++j) {
-      store_row<T>(dK + j * Dp, D, T(1), a.dtype, const_cast<void*>(at(a.dk, a.dtype, (bh * Nk + j) * D)));
-      store_row<T>(dV + j * Dp, D, T(1), a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bh * Nk + j) * D)));
+      store_row<T>(dK + j * Dp, D, T(1), a.dtype, const_cast<void*>(at(a.dk, a.dtype, (bkv * Nk + j) * D)));
+      store_row<T>(dV + j * Dp, D, T(1), a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bkv * Nk + j) * D)));
     }
   }
 };
@@ -316,9 +348,8 @@ struct BwdBf16 {
     f1 = arena ? arena->take<float>(kOutKeys * Dp) : nullptr;
   }
 
-  MINILLM_ALWAYS_INLINE void load_item(int64_t b, int64_t h, int64_t bh, const uint8_t* kpm, const uint8_t* qpm,
-                                       float* Dl) {
-    const int64_t Nq = a.Nq, Nk = a.Nk;
+  MINILLM_ALWAYS_INLINE void load_q(int64_t b, int64_t h, int64_t bh, const uint8_t* qpm, float* Dl) {
+    const int64_t Nq = a.Nq;
     const float* dlse = a.dlse ? static_cast<const float*>(a.dlse) + bh * Nq : nullptr;
     // q and dO rows (padded queries and the pad row are zeros), Dl, and their transposed row pairs.
     for (int64_t i = 0; i < NqE; ++i) {
@@ -347,15 +378,19 @@ struct BwdBf16 {
         pair_bf16_rows(dOb + 2 * (ip + t) * Dp, dOb + (2 * (ip + t) + 1) * Dp, Dp, W16 + t * Dp);
       transpose_words16(W16, Dp, Dp, dOT + ip, NqE / 2);
     }
+    std::memset(dQ, 0, sizeof(float) * Nq * Dp);
+  }
+
+  MINILLM_ALWAYS_INLINE void load_kv(int64_t b, int64_t hk, const uint8_t* kpm) {
+    const int64_t Nk = a.Nk;
     // K and V, 16 keys at a time: padded keys and keys past Nk are zeros (never read as data).
     for (int64_t j = 0; j < NkP; j += 16) {
-      load_kv_rows16(at(a.k, kBF16, b * a.k_stride[0] + h * a.k_stride[1]), a.k_stride[2],
-                     at(a.v, kBF16, b * a.v_stride[0] + h * a.v_stride[1]), a.v_stride[2], j, Nk, kpm, D, Dp, K16, V16);
+      load_kv_rows16(at(a.k, kBF16, b * a.k_stride[0] + hk * a.k_stride[1]), a.k_stride[2],
+                     at(a.v, kBF16, b * a.v_stride[0] + hk * a.v_stride[1]), a.v_stride[2], j, Nk, kpm, D, Dp, K16, V16);
       transpose_words16(reinterpret_cast<const uint32_t*>(K16), DP, DP, Kp + j, NkP);
       transpose_words16(reinterpret_cast<const uint32_t*>(V16), DP, DP, Vp + j, NkP);
       for (int64_t t = 0; t < 16; t += 2) pair_bf16_rows(K16 + t * Dp, K16 + (t + 1) * Dp, Dp, Kv + (j + t) / 2 * Dp);
     }
-    std::memset(dQ, 0, sizeof(float) * Nq * Dp);
     std::memset(dKT, 0, sizeof(float) * Dp * NkP);
     std::memset(dVT, 0, sizeof(float) * Dp * NkP);
   }
@@ -378,7 +413,7 @@ struct BwdBf16 {
             Kv + (j0 / 2) * Dp, Dp, dQ + (i0 + r0) * Dp, Dp, true);
   }
 
-  void block_done(int64_t i0, int64_t rows, int64_t j0, int64_t, bool, float* P, float* dS) const {
+  void block_done(int64_t i0, int64_t rows, int64_t j0, int64_t, bool, int64_t, float* P, float* dS) const {
     // Row pairs of P and dS; an odd last row pairs with zeros.
     const int64_t rp = (rows + 1) / 2;
     if (rows & 1) {
@@ -393,10 +428,14 @@ struct BwdBf16 {
     bf16_mm(amx, Dp, bk, rp, QT + i0 / 2, NqE / 2, dSI, bk, dKT + j0, NkP, true);  // dK^T += q^T dS
   }
 
-  void store_item(int64_t bh) const {
-    const int64_t Nq = a.Nq, Nk = a.Nk;
+  void store_dq(int64_t bh) const {
+    const int64_t Nq = a.Nq;
     for (int64_t i = 0; i < Nq; ++i)
       store_row<float>(dQ + i * Dp, D, row_scale, a.dtype, const_cast<void*>(at(a.dq, a.dtype, (bh * Nq + i) * D)));
+  }
+
+  void store_dkv(int64_t bkv) const {
+    const int64_t Nk = a.Nk;
     // dK^T and dV^T back to rows, kOutKeys keys at a time in 8 x 8 register transposes: read a column at a
     // time, each value was on another line NkP floats away (4 KB at N = 1024, one cache set), 8% of the call.
     for (int64_t j0 = 0; j0 < Nk; j0 += kOutKeys) {
@@ -406,8 +445,8 @@ struct BwdBf16 {
         transpose8_rows(dVT + d0 * NkP + j0, NkP, nj, f1 + d0, Dp);
       }
       for (int64_t j = j0; j < imin(Nk, j0 + kOutKeys); ++j) {
-        store_row<float>(f0 + (j - j0) * Dp, D, row_scale, a.dtype, const_cast<void*>(at(a.dk, a.dtype, (bh * Nk + j) * D)));
-        store_row<float>(f1 + (j - j0) * Dp, D, 1.0f, a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bh * Nk + j) * D)));
+        store_row<float>(f0 + (j - j0) * Dp, D, row_scale, a.dtype, const_cast<void*>(at(a.dk, a.dtype, (bkv * Nk + j) * D)));
+        store_row<float>(f1 + (j - j0) * Dp, D, 1.0f, a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bkv * Nk + j) * D)));
       }
     }
   }

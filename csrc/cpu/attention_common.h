@@ -24,6 +24,26 @@ static_assert(kBkFwd % kPanel<float> == 0 && kBkFwd % kPanel<double> == 0 && kBk
 // The key/value head that query head h reads (grouped-query attention: Hkv heads serve H query heads).
 inline int64_t kv_head(const AttnFwdArgs& a, int64_t h) { return a.Hkv > 0 && a.Hkv != a.H ? h / (a.H / a.Hkv) : h; }
 
+// The band of keys each query row sees, from the causal flag and the window (csrc/kernels.h, AttnMods): row i
+// sees keys [i + lo_off, i + hi_off], a side without a limit when its flag is off. Causal attention is the band
+// with hi_off = causal_offset; every block loop skips the blocks outside it.
+struct Band {
+  bool lo, hi;
+  int64_t lo_off, hi_off;
+  template <typename Args>
+  explicit Band(const Args& a) {
+    int64_t right = a.mods.window_right;  // -1: unbounded
+    if (a.causal) right = right < 0 ? 0 : imin(right, 0);
+    hi = right >= 0;
+    hi_off = a.causal_offset + right;
+    lo = a.mods.window_left >= 0;
+    lo_off = a.causal_offset - a.mods.window_left;
+  }
+  // Keys [first(i), last(i) + 1) of row i, within [0, Nk); empty when last < first.
+  int64_t first(int64_t i) const { return lo ? imax(0, i + lo_off) : 0; }
+  int64_t end(int64_t i, int64_t Nk) const { return hi ? imax(0, imin(Nk, i + hi_off + 1)) : Nk; }
+};
+
 // Keys per block: 64, or fewer (whole vectors) for short sequences, which would otherwise pay for 64.
 inline int64_t key_block(int64_t Nk, int64_t max_keys = kBkMax) { return imin(max_keys, round_up(imax(Nk, 1), kPad)); }
 
@@ -71,8 +91,7 @@ inline int64_t pack_rows8(const T* rows, int64_t ld, int64_t n, int64_t Dp, T* B
 // Sets s[c] = -inf for every key of the block [j0, j0 + bk) that query row `i` may not see. Runs once per
 // row of every masked block, so the padding mask is applied a vector at a time.
 template <typename T>
-inline void mask_block(T* s, int64_t j0, int64_t bk, int64_t Nk, bool causal, int64_t last_visible,
-                       const uint8_t* kpm) {
+inline void mask_block(T* s, int64_t j0, int64_t bk, int64_t Nk, const Band& band, int64_t i, const uint8_t* kpm) {
   typedef vec_t<T> V;
   typedef decltype(V{} < V{}) VM;  // lane mask type (int32 or int64 lanes)
   constexpr int W = Vec<T>::W;
@@ -92,8 +111,10 @@ inline void mask_block(T* s, int64_t j0, int64_t bk, int64_t Nk, bool causal, in
       if (!kpm[j0 + c]) s[c] = ninf;
   }
   for (c = in_range; c < bk; ++c) s[c] = ninf;
-  if (causal)
-    for (c = imax(0, last_visible + 1 - j0); c < in_range; ++c) s[c] = ninf;
+  if (band.hi)
+    for (c = imax(0, i + band.hi_off + 1 - j0); c < in_range; ++c) s[c] = ninf;
+  if (band.lo)
+    for (c = 0; c < imin(in_range, i + band.lo_off - j0); ++c) s[c] = ninf;
 }
 
 // One past the last key kept by the padding mask (Nk without one): right-padded keys beyond it cost nothing.
@@ -116,11 +137,12 @@ inline void visible_blocks(const uint8_t* kpm, int64_t Nk, int64_t bk, int64_t n
 }
 
 // True when some key of block j0 is invisible to some row of [i0, i0 + rows): past Nk, padded (`vis`, the
-// block's visible_blocks entry), or above the causal diagonal. Blocks with every key kept skip the mask
-// pass (a right-padded batch masks one block per row, not all of them).
-inline bool block_needs_mask(int64_t j0, int64_t bk, int64_t Nk, bool causal, int64_t i0, int64_t off,
+// block's visible_blocks entry), or outside the band. Blocks with every key kept skip the mask pass (a
+// right-padded batch masks one block per row, not all of them).
+inline bool block_needs_mask(int64_t j0, int64_t bk, int64_t Nk, const Band& band, int64_t i0, int64_t rows,
                              uint8_t vis) {
-  return j0 + bk > Nk || vis != kAllKeys || (causal && j0 + bk - 1 > i0 + off);
+  return j0 + bk > Nk || vis != kAllKeys || (band.hi && j0 + bk - 1 > i0 + band.hi_off) ||
+         (band.lo && j0 < i0 + rows - 1 + band.lo_off);
 }
 
 // Query padding (qpm, the (Nq) row of one batch entry): true when any of rows [i0, i1) is computed.

@@ -1,6 +1,6 @@
 // Attention forward for a few query rows (KV-cache decoding): K and V rows read in place.
 #pragma once
-#include "cpu/attention_common.h"
+#include "cpu/attention_mods.h"
 #include "cpu/parallel.h"
 
 namespace minillm {
@@ -20,13 +20,15 @@ int attention_decode_impl(const AttnFwdArgs& a) {
   // fp32/fp64 rows whose length is whole vectors are read in place; others are converted row by row.
   const bool direct = (a.dtype == kF32 || a.dtype == kF64) && D == Dp;
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
-  const size_t arena_bytes = Arena::need<T>(Nk) + 3 * Arena::need<T>(Dp);
+  const int64_t NkP = round_up(Nk, W);
+  const Band band(a);
+  const size_t arena_bytes = Arena::need<T>(NkP) + 3 * Arena::need<T>(Dp);
   int status = kOk;
 #pragma omp parallel num_threads(nt)
   {
     Arena arena(arena_bytes);
     const bool ok = thread_arena_ok(arena, &status);
-    T* s = ok ? arena.take<T>(Nk) : nullptr;     // (Nk): scores, then probabilities
+    T* s = ok ? arena.take<T>(NkP) : nullptr;    // (NkP): scores, then probabilities
     T* qv = ok ? arena.take<T>(Dp) : nullptr;    // (Dp): q * scale
     T* row = ok ? arena.take<T>(Dp) : nullptr;   // (Dp): a converted k or v row
     T* acc = ok ? arena.take<T>(Dp) : nullptr;   // (Dp)
@@ -35,6 +37,7 @@ int attention_decode_impl(const AttnFwdArgs& a) {
       if (!ok) continue;
       const int64_t b = bh / H, h = bh % H;
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
+      const ScoreMods<T> mods(a, b, h);
       const int64_t kbase = b * a.k_stride[0] + kv_head(a, h) * a.k_stride[1];
       const int64_t vbase = b * a.v_stride[0] + kv_head(a, h) * a.v_stride[1];
       auto krow = [&](int64_t j) -> const T* {
@@ -57,25 +60,36 @@ int attention_decode_impl(const AttnFwdArgs& a) {
         }
         load_row<T>(at(a.q, a.dtype, b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2]), a.dtype, D, Dp,
                     static_cast<T>(a.scale), qv);
-        const int64_t n_vis = a.causal ? imax(0, imin(Nk, i + a.causal_offset + 1)) : Nk;
-        T m = -INFINITY;
-        for (int64_t j = 0; j < n_vis; ++j) {
+        // Keys [j_lo, n_vis) are in the band; a padded key's row is never read (its score is masked).
+        const int64_t j_lo = band.first(i), n_vis = band.end(i, Nk);
+        for (int64_t j = j_lo; j < n_vis; ++j) {
           if (kpm && !kpm[j]) {
-            s[j] = -INFINITY;
+            s[j] = 0;
             continue;
           }
           const T* k = krow(j);
           V d = V{};
           for (int64_t c = 0; c < Dp; c += W) d += vload(qv + c) * vload(k + c);
           s[j] = hsum<T>(d);
+        }
+        // The modifiers over whole vectors from j_lo's (aligned down; the extra scores are never used).
+        const int64_t a0 = j_lo / W * W;
+        if (mods.on && n_vis > j_lo) {
+          for (int64_t j = a0; j < j_lo; ++j) s[j] = 0;
+          for (int64_t j = n_vis; j < round_up(n_vis, W); ++j) s[j] = 0;
+          mods.apply(s + a0, round_up(n_vis, W) - a0, T(1), i, a0, Nk, nullptr);
+        }
+        T m = mods.sink;  // a sink is a score with no value row
+        for (int64_t j = j_lo; j < n_vis; ++j) {
+          if (kpm && !kpm[j]) s[j] = -INFINITY;
           m = s[j] > m ? s[j] : m;
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i;
         void* orow = const_cast<void*>(at(a.out, a.dtype, (bh * Nq + i) * D));
         for (int64_t c = 0; c < Dp; ++c) acc[c] = 0;
         const T shift = m == -INFINITY ? T(0) : m;
-        T l = 0;
-        for (int64_t j = 0; j < n_vis; ++j) {
+        T l = mods.sink == -INFINITY ? T(0) : std::exp(mods.sink - shift);
+        for (int64_t j = j_lo; j < n_vis; ++j) {
           if (s[j] == -INFINITY) continue;  // masked: its value row is never read
           const T p = std::exp(s[j] - shift);
           l += p;

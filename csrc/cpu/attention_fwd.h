@@ -4,6 +4,7 @@
 #include "cpu/attention_bf16.h"
 #include "cpu/amx.h"
 #include "cpu/attention_decode.h"
+#include "cpu/attention_mods.h"
 #include "cpu/softmax.h"
 #include "cpu/prefetch.h"
 
@@ -26,12 +27,14 @@ struct FwdBlocks {
 //   pack_keys(b, h, kpm, k_end, q0, q1)     K and V of one (b, h) (keys from k_end on are never read)
 //   load_queries(i0, rows, q_end)           the block's q rows
 //   scores(r0, tr, cv, j0, S)               S rows [r0, r0 + tr) = q k^T for keys [j0, j0 + cv)
-//   update(S, r0, tr, cv, cols, j0, m, l, acc)  the softmax step and acc += p v
+//   score_scale                             what S still has to be multiplied by (1: q was scaled already)
+//   update(S, r0, tr, cv, cols, j0, m, l, acc, scale)  the softmax step on S * scale and acc += p v
+// Score modifiers (attention_mods.h) run between scores and the mask; the update then scales by 1.
 template <typename T, typename Kernel>
 int attention_fwd_blocks(const AttnFwdArgs& a, const FwdBlocks& fb) {
   const int64_t B = a.B, H = a.H, Nq = a.Nq, Nk = a.Nk, D = a.D, BQ = fb.BQ, bk = fb.bk;
   const int64_t Dp = round_up(D, kPad), NkP = round_up(imax(Nk, 1), bk), nkb = NkP / bk;
-  const int64_t off = a.causal_offset;
+  const Band band(a);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
   const int64_t nqb = (Nq + BQ - 1) / BQ;
   const int64_t chunks = B * H >= 2 * nt ? 1 : imax(1, imin(nqb, (2 * nt + B * H - 1) / (B * H)));
@@ -64,8 +67,9 @@ int attention_fwd_blocks(const AttnFwdArgs& a, const FwdBlocks& fb) {
         continue;
       }
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
-      // Keys any row here sees: up to the causal limit and the last unpadded key.
-      const int64_t k_end = imin(a.causal ? imax(0, imin(Nk, q_end + off)) : Nk, keys_end(kpm, Nk));
+      const ScoreMods<T> mods(a, b, h);
+      // Keys any row here sees: up to the band's limit and the last unpadded key.
+      const int64_t k_end = imin(band.end(q_end - 1, Nk), keys_end(kpm, Nk));
       kern.pack_keys(b, h, kpm, k_end, q_begin, q_end);
       visible_blocks(kpm, Nk, bk, nkb, kvis);
 
@@ -76,29 +80,32 @@ int attention_fwd_blocks(const AttnFwdArgs& a, const FwdBlocks& fb) {
           continue;
         }
         kern.load_queries(i0, rows, q_end);
+        // A sink is a first visible score with no value row: m starts at it and l at exp(0).
         for (int64_t r = 0; r < rows; ++r) {
-          m[r] = -INFINITY;
-          l[r] = 0;
+          m[r] = mods.sink;
+          l[r] = mods.sink == -INFINITY ? T(0) : T(1);
         }
         std::memset(acc, 0, sizeof(T) * rows * Dp);
-        const int64_t j_end = a.causal ? imax(0, imin(k_end, i0 + rows + off)) : k_end;
-        for (int64_t j0 = 0; j0 < j_end; j0 += bk) {
+        const int64_t j_end = imin(k_end, band.end(i0 + rows - 1, Nk));
+        for (int64_t j0 = band.first(i0) / bk * bk; j0 < j_end; j0 += bk) {
           if (!kvis[j0 / bk]) continue;
-          const bool masked = block_needs_mask(j0, bk, Nk, a.causal, i0, off, kvis[j0 / bk]);
+          const bool masked = block_needs_mask(j0, bk, Nk, band, i0, rows, kvis[j0 / bk]);
           // Row tile by row tile: on a causal block crossing the diagonal a tile computes only the keys its
           // last row sees, which skips the triangle above the diagonal (most of the work when N <= bk).
           for (int64_t r0 = 0; r0 < rows; r0 += fb.TR) {
             const int64_t tr = imin(fb.TR, rows - r0);
-            const int64_t cols =
-                imin(k_end - j0, a.causal && masked ? imax(0, imin(bk, i0 + r0 + tr + off - j0)) : bk);
-            if (cols <= 0) continue;  // no row of the tile sees a key of this block
+            const int64_t cols = imin(imin(bk, k_end - j0), band.hi && masked ? band.end(i0 + r0 + tr - 1, Nk) - j0 : bk);
+            // no row of the tile sees a key of this block (left of the window of its first row: none does)
+            if (cols <= 0 || band.first(i0 + r0) >= j0 + cols) continue;
             // Keys in [cols, cv) are masked for every row of the tile (past the causal limit of its last row,
             // or past k_end), so their p is 0 and p v may run over all cv keys.
             const int64_t cv = round_up(cols, fb.CW);
             kern.scores(r0, tr, cv, j0, S);
+            if (mods.on)
+              for (int64_t r = r0; r < r0 + tr; ++r) mods.apply(S + r * bk, cv, kern.score_scale, i0 + r, j0, Nk, nullptr);
             if (masked)  // before any scaling, so that -inf stays -inf
-              for (int64_t r = r0; r < r0 + tr; ++r) mask_block<T>(S + r * bk, j0, cv, Nk, a.causal, i0 + r + off, kpm);
-            kern.update(S, r0, tr, cv, cols, j0, m, l, acc);
+              for (int64_t r = r0; r < r0 + tr; ++r) mask_block<T>(S + r * bk, j0, cv, Nk, band, i0 + r, kpm);
+            kern.update(S, r0, tr, cv, cols, j0, m, l, acc, mods.on ? T(1) : kern.score_scale);
           }
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
@@ -133,6 +140,7 @@ struct FwdF32 {
   // The current item's.
   int64_t qbase = 0, k_end = 0, ldv = 0;
   const T* Vb = nullptr;
+  static constexpr T score_scale = T(1);  // q is scaled as it is loaded
 
   static FwdBlocks blocks(const AttnFwdArgs& a) { return {kBqFwd, key_block(a.Nk, kBkFwd), kMR, Vec<T>::W}; }
   static size_t scratch_bytes(const AttnFwdArgs&, const FwdBlocks& fb, int64_t Dp, int64_t NkP) {
@@ -202,7 +210,7 @@ struct FwdF32 {
     gemm_packed<T>(tr, cv, Dp, Qs + r0 * Dp, Dp, packed_at(Kt, Dp, j0), S + r0 * bk, bk, false);
   }
 
-  void update(T* S, int64_t r0, int64_t tr, int64_t cv, int64_t cols, int64_t j0, T* m, T* l, T* acc) const {
+  void update(T* S, int64_t r0, int64_t tr, int64_t cv, int64_t cols, int64_t j0, T* m, T* l, T* acc, T) const {
     softmax_tile<T>(S, bk, r0, tr, cv, T(1), m, l, acc, Dp);
     // Keys past k_end have p = 0 and no value row (V read in place ends at Nk).
     gemm<T>(tr, Dp, imin(cols, k_end - j0), S + r0 * bk, bk, Vb + j0 * ldv, ldv, acc + r0 * Dp, Dp, true);
@@ -215,7 +223,7 @@ struct FwdF32 {
 struct FwdBf16 {
   const AttnFwdArgs& a;
   const int64_t D, Dp, DP, bk;
-  const float scale;
+  const float scale, score_scale;  // score_scale = scale: q k^T is computed unscaled
   const bool amx;
   // Rows read in place as 32-bit words: whole pairs (D == Dp), word strides, and gather offsets within int32.
   const bool q_in_place, rows_in_place;
@@ -243,7 +251,7 @@ struct FwdBf16 {
   }
   FwdBf16(const AttnFwdArgs& args, const FwdBlocks& fb, int64_t Dp_, int64_t NkP, Arena* arena)
       : a(args), D(args.D), Dp(Dp_), DP(Dp_ / 2), bk(fb.bk), scale(static_cast<float>(args.scale)),
-        amx(fb.TR == kAmxRows), q_in_place(D == Dp && a.q_stride[2] % 2 == 0),
+        score_scale(scale), amx(fb.TR == kAmxRows), q_in_place(D == Dp && a.q_stride[2] % 2 == 0),
         rows_in_place(D == Dp && a.k_stride[2] % 2 == 0 && a.k_stride[2] / 2 < kMaxWordStride),
         tiles(amx && arena) {
     Kp = arena ? arena->take<uint32_t>(DP * NkP) : nullptr;
@@ -296,9 +304,9 @@ struct FwdBf16 {
   }
 
   void update(float* S, int64_t r0, int64_t tr, int64_t cv, int64_t cols, int64_t j0, float* m, float* l,
-              float* acc) const {
+              float* acc, float sc) const {
     for (int64_t s0 = r0; s0 < r0 + tr; s0 += kSoftRows)
-      softmax_tile_bf16(S, bk, s0, imin(kSoftRows, r0 + tr - s0), cv, scale, m, l, acc, Dp, Pb, bk);
+      softmax_tile_bf16(S, bk, s0, imin(kSoftRows, r0 + tr - s0), cv, sc, m, l, acc, Dp, Pb, bk);
     bf16_mm(amx, tr, Dp, amx ? cv / 2 : (cols + 1) / 2, reinterpret_cast<const uint32_t*>(Pb + r0 * bk), bk / 2,
             Vp + (j0 / 2) * Dp, Dp, acc + r0 * Dp, Dp, true);
   }

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minillm.ops import _backend
-from minillm.ops.reference import attention_sdpa, sdpa_operand
+from minillm.ops.reference import attention_reference, attention_sdpa, sdpa_operand
 
 # The dtypes the kernels take (their codes: _backend.DTYPE_CODE, from the extension).
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -39,29 +39,69 @@ def _mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     return mask.contiguous() if mask is not None else None
 
 
+def _bias_operand(bias: Optional[Tensor], B: int, H: int, Nq: int, Nk: int, acc: torch.dtype) -> Optional[Tensor]:
+    """The additive bias as the kernels read it: (B, H, Nq, Nk) in the accumulation dtype, broadcast dims as stride 0
+    (an expanded input is cast from its unexpanded values, never materialised whole)."""
+    if bias is None:
+        return None
+    b4 = bias[(None,) * (4 - bias.dim())]  # (.., .., Nq or 1, Nk or 1) view
+    for d in range(4):  # un-expand stride-0 dims, so that a cast copies only the distinct values
+        if b4.stride(d) == 0 and b4.shape[d] > 1:
+            b4 = b4.narrow(d, 0, 1)
+    if b4.dtype != acc:
+        b4 = b4.to(acc)
+    return b4.expand(B, H, Nq, Nk)
+
+
+# The score modifiers (csrc/kernels.h, AttnMods) as the bindings' keywords; none for plain attention.
+def _mods_kwargs(window_left, window_right, softcap, alibi, bias, shape, acc):
+    kw = {}
+    if window_left >= 0 or window_right >= 0:
+        kw["window_left"], kw["window_right"] = window_left, window_right
+    if softcap:
+        kw["softcap"] = softcap
+    B, H, Nq, Nk = shape
+    if alibi is not None:
+        alibi = alibi.to(acc).expand(B, H).contiguous()
+        kw["alibi"] = _backend.dense_buf(alibi)
+    if bias is not None:
+        bias = _bias_operand(bias, B, H, Nq, Nk, acc)
+        kw["bias"], kw["bias_strides"] = _backend.buf(bias), bias.stride()
+    return kw, (alibi, bias)  # the tensors stay alive until the call returns
+
+
 # One preparation per direction for every device: kernel-ready inputs (unit stride along D, contiguous lse and
 # masks), fresh contiguous outputs, the empty-shape answers, then the binding of the same name (csrc/bindings.cpp:
 # keywords as its AttnFwdIn / AttnBwdIn). `cuda`: the CUDA binding's device index and stream, else the CPU kernel.
-def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, cuda=None):
+# Score modifiers (window, softcap, alibi, bias, sinks) run on the CPU kernels only.
+def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, window_left=-1,
+             window_right=-1, softcap=0.0, alibi=None, bias=None, sinks=None, cuda=None):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    B, H, Nq, D = q.shape  # q (B, H, Nq, D), k / v (B, H, Nk, D)
+    B, H, Nq, D = q.shape  # q (B, H, Nq, D), k / v (B, Hkv, Nk, D)
     Nk = k.shape[2]
     # Positional sizes: the tuple form of new_empty costs twice as much (~1.5 us each), a tenth of a small call.
     out = q.new_empty(B, H, Nq, D)
-    lse = q.new_empty(B, H, Nq, dtype=_acc_dtype(q.dtype))
+    acc = _acc_dtype(q.dtype)
+    lse = q.new_empty(B, H, Nq, dtype=acc)
     if B * H * Nq * D == 0 or Nk == 0:
         out.zero_()
         lse.fill_(float("inf"))
+        if sinks is not None and Nq * D > 0:  # a query with no key: out 0, its lse the sink alone
+            lse.copy_(sinks.detach().to(acc)[None, :, None].expand(B, H, Nq))
         return out, lse
     buf, dense = _backend.buf, _backend.dense_buf
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)  # kept alive until the call returns
     if cuda is None:
+        mods, keep = _mods_kwargs(window_left, window_right, softcap, alibi, bias, (B, H, Nq, Nk), acc)
+        if sinks is not None:
+            keep = (keep, sinks := sinks.detach().to(acc).contiguous())
+            mods["sinks"] = dense(sinks)
         _backend._C.attention_fwd(
             q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
             query_padding_mask=dense(qpm), sizes=(B, H, Nq, Nk, D), q_strides=q.stride()[:3],
             k_strides=k.stride()[:3], v_strides=v.stride()[:3], causal=causal, causal_offset=causal_offset,
             scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], nthreads=_threads(B * H * Nq * Nk * D),
-            kv_heads=k.shape[1])
+            kv_heads=k.shape[1], **mods)
     else:
         _backend._C.cuda_attention_fwd(
             q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
@@ -72,35 +112,42 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
 
 
 def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
-              cuda=None):
+              window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, bias_grad=False, cuda=None):
+    """(dq, dk, dv, dbias): dbias is dL/ds (B, H, Nq, Nk) in the accumulation dtype when bias_grad, else empty."""
     H, Hkv = q.shape[1], k.shape[1]
-    if Hkv != H:  # grouped-query attention: the backward kernels take a key/value head per query head (for now)
+    if Hkv != H and cuda is not None:  # grouped-query attention: the CUDA kernels take a key/value head per query head
         G = H // Hkv
-        dq, dk, dv = _backward(dout, q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), out, lse, dlse,
-                               key_padding_mask, query_padding_mask, causal, causal_offset, scale, cuda)
+        dq, dk, dv, _ = _backward(dout, q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), out, lse,
+                                  dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale, cuda=cuda)
         B, _, Nk, D = k.shape
-        # (B, H, Nk, D) -> (B, Hkv, G, Nk, D), summed over the group in fp32 (fp64 for fp64)
-        acc = _acc_dtype(q.dtype)
-        return (dq, dk.view(B, Hkv, G, Nk, D).to(acc).sum(2).to(k.dtype),
-                dv.view(B, Hkv, G, Nk, D).to(acc).sum(2).to(v.dtype))
+        # (B, H, Nk, D) -> (B, Hkv, G, Nk, D), summed over the group in fp32
+        return (dq, dk.view(B, Hkv, G, Nk, D).float().sum(2).to(k.dtype),
+                dv.view(B, Hkv, G, Nk, D).float().sum(2).to(v.dtype), q.new_empty(0, dtype=torch.float32))
     dout, q, k, v, out = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    dq, dk, dv = q.new_empty(B, H, Nq, D), k.new_empty(B, H, Nk, D), v.new_empty(B, H, Nk, D)  # contiguous
+    acc = _acc_dtype(q.dtype)
+    dq, dk, dv = q.new_empty(B, H, Nq, D), k.new_empty(B, Hkv, Nk, D), v.new_empty(B, Hkv, Nk, D)  # contiguous
+    # Zeros: the kernel writes the rows and blocks it computes, and the rest have no gradient.
+    # (custom ops return tensors: an empty one stands for no dbias)
+    dbias = q.new_zeros(B, H, Nq, Nk, dtype=acc) if bias_grad else q.new_empty(0, dtype=acc)
     if B * H * Nq * D == 0 or Nk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
     buf, dense = _backend.buf, _backend.dense_buf
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)
     if cuda is None:
+        mods, keep = _mods_kwargs(window_left, window_right, softcap, alibi, bias, (B, H, Nq, Nk), acc)
+        if bias_grad:
+            mods["dbias"] = dense(dbias)
         _backend._C.attention_bwd(
             dout=buf(dout), q=buf(q), k=buf(k), v=buf(v), out=buf(out), lse=dense(lse), dlse=dense(dlse),
             key_padding_mask=dense(kpm), query_padding_mask=dense(qpm), dq=dense(dq), dk=dense(dk), dv=dense(dv),
             sizes=(B, H, Nq, Nk, D), dout_strides=dout.stride()[:3], q_strides=q.stride()[:3],
             k_strides=k.stride()[:3], v_strides=v.stride()[:3], out_strides=out.stride()[:3], causal=causal,
             causal_offset=causal_offset, scale=scale, dtype=_backend.DTYPE_CODE[q.dtype],
-            nthreads=_threads(3 * B * H * Nq * Nk * D))
+            nthreads=_threads(3 * B * H * Nq * Nk * D), kv_heads=Hkv, **mods)
     else:
         delta = torch.empty(B * H * Nq, dtype=torch.float32, device=q.device)  # scratch
         _backend._C.cuda_attention_bwd(
@@ -110,7 +157,7 @@ def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mas
             k_strides=k.stride()[:3], v_strides=v.stride()[:3], out_strides=out.stride()[:3], causal=causal,
             causal_offset=causal_offset, scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], delta=dense(delta),
             device=cuda[0], stream=cuda[1])
-    return dq, dk, dv
+    return dq, dk, dv, dbias
 
 
 # ---- custom ops (schema once; CPU implementation here, fake + autograd beside it) ----
@@ -126,23 +173,33 @@ def _attention_fwd(
     causal: bool,
     causal_offset: int,
     scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Returns out (B, H, Nq, D) and the log-sum-exp (B, H, Nq) in fp32 (fp64 for fp64 inputs);
-    lse is +inf for a query that sees no key or is padding."""
-    _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale)
-    return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
+    lse is +inf for a query that sees no key or is padding (with sinks: the sink's logit when it sees no key)."""
+    _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale, window_left, window_right, softcap, alibi,
+                   bias, sinks)
+    return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, window_left,
+                    window_right, softcap, alibi, bias, sinks)
 
 
-def _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale) -> None:
+def _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale, window_left=-1, window_right=-1,
+                   softcap=0.0, alibi=None, bias=None, sinks=None) -> None:
     """The registered ops' own checks: torch.ops.minillm.* can be called directly (torch.compile, torch.library
     tooling, users), and the kernels take raw pointers, so a mismatch must stop here. The public attention()
     makes the same checks before its eager path, which skips the op."""
     _check_inputs(q, k, v, key_padding_mask, query_padding_mask)
     _check_scale(scale, q.shape[-1])
+    _check_mods(q, k, (window_left, window_right), softcap, alibi, bias, sinks)
 
 
-def _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale) -> None:
-    _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale)
+def _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale, *mods) -> None:
+    _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale, *mods)
     B, H, Nq, D = q.shape
     for name, t, shape, dtype in (("dout", dout, (B, H, Nq, D), q.dtype), ("out", out, (B, H, Nq, D), q.dtype),
                                   ("lse", lse, (B, H, Nq), _acc_dtype(q.dtype)),
@@ -155,7 +212,7 @@ def _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_paddi
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
+def _attention_fwd_fake(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods):
     B, H, Nq, D = q.shape
     return q.new_empty((B, H, Nq, D)), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
 
@@ -174,19 +231,31 @@ def _attention_bwd(
     causal: bool,
     causal_offset: int,
     scale: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of attention_fwd given the gradients of both of its outputs."""
-    _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale)
-    return _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    bias_grad: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias) of attention_fwd given the gradients of both of its outputs; dbias is
+    dL/ds (B, H, Nq, Nk) in the accumulation dtype when bias_grad, else an empty tensor. (A sink's gradient
+    follows from lse and Delta: see _grads.)"""
+    _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale, window_left,
+                    window_right, softcap, alibi, bias)
+    return _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
+                     window_left, window_right, softcap, alibi, bias, bias_grad)
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
-                        scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                        scale, window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, bias_grad=False):
+    B, H, Nq, _ = q.shape
+    dbias = q.new_empty((B, H, Nq, k.shape[2]), dtype=_acc_dtype(q.dtype)) if bias_grad else q.new_empty((0,), dtype=_acc_dtype(q.dtype))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
-# CUDA kernels (cuda/attention.cuh): fp32/bf16/fp16 with fp32 accumulation, head dims up to 256.
+# CUDA kernels (cuda/attention.cuh): fp32/bf16/fp16 with fp32 accumulation, head dims up to 256, plain attention.
 _CUDA_MAX_D = 256
 
 
@@ -194,40 +263,67 @@ def _cuda_fits(q: Tensor, k: Optional[Tensor] = None) -> bool:
     return q.dtype != torch.float64 and q.shape[-1] <= _CUDA_MAX_D and (k is None or k.shape[1] == q.shape[1])
 
 
+def _plain(window_left, window_right, softcap, alibi, bias, sinks) -> bool:
+    return window_left < 0 and window_right < 0 and not softcap and alibi is None and bias is None and sinks is None
+
+
 @_attention_fwd.register_kernel("cuda")
-def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale):
-    _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale)
-    if not _cuda_fits(q, k):
-        raise ValueError(f"minillm::attention_fwd on CUDA takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D} and "
-                         f"one key/value head per query head, got {q.dtype} D={q.shape[-1]}, H={q.shape[1]}, "
-                         f"Hkv={k.shape[1]}")
+def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods):
+    _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale, *mods)
+    if not _cuda_fits(q, k) or not _plain(*mods):
+        raise ValueError(f"minillm::attention_fwd on CUDA takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D}, "
+                         f"one key/value head per query head and no window, softcap, alibi, bias or sinks, got "
+                         f"{q.dtype} D={q.shape[-1]}, H={q.shape[1]}, Hkv={k.shape[1]}")
     return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
                     cuda=(q.device.index, _backend.cuda_stream(q)))
 
 
 @_attention_bwd.register_kernel("cuda")
 def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
-                        scale):
-    _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale)
+                        scale, window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, bias_grad=False):
+    _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale, window_left,
+                    window_right, softcap, alibi, bias)
+    if not _plain(window_left, window_right, softcap, alibi, bias, None) or bias_grad:
+        raise ValueError("minillm::attention_bwd on CUDA takes no window, softcap, alibi or bias")
     return _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
                      cuda=(q.device.index, _backend.cuda_stream(q)))
 
 
+_MOD_DEFAULTS = (-1, -1, 0.0, None, None, None)  # window_left, window_right, softcap, alibi, bias, sinks
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale = inputs
+    inputs = tuple(inputs) + _MOD_DEFAULTS[len(inputs) - 8:]  # a call may leave the defaults out
+    (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, window_left, window_right, softcap,
+     alibi, bias, sinks) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, query_padding_mask)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, query_padding_mask, alibi, bias, sinks)
     ctx.causal, ctx.causal_offset, ctx.scale = causal, causal_offset, scale
+    ctx.window, ctx.softcap = (window_left, window_right), softcap
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[12]
 
 
 def _grads(ctx, dout, dlse, attention_bwd):
-    """(dq, dk, dv, None x 5) from the saved context, through `attention_bwd` (the op, or its CPU body)."""
-    q, k, v, out, lse, key_padding_mask, query_padding_mask = ctx.saved_tensors
+    """The inputs' gradients from the saved context, through `attention_bwd` (the op, or its CPU body): dq, dk,
+    dv from the kernel, the bias's from its dL/ds summed over broadcast dims, the sinks' from lse:
+    dL/dsink_h = -sum_(b, i) exp(sink_h - lse) Delta with Delta = rowsum(dO * O) - dlse (a sink is a logit whose
+    value row is 0, so its dP is 0)."""
+    q, k, v, out, lse, key_padding_mask, query_padding_mask, alibi, bias, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, ctx.causal,
-                               ctx.causal_offset, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv, dbias = attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, ctx.causal,
+                                      ctx.causal_offset, ctx.scale, ctx.window[0], ctx.window[1], ctx.softcap, alibi,
+                                      bias, ctx.bias_grad)
+    gbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if ctx.bias_grad else None
+    gsinks = None
+    if sinks is not None and ctx.needs_input_grad[13]:
+        acc = lse.dtype
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)  # (B, H, Nq)
+        if dlse is not None:
+            delta = delta - dlse
+        p_sink = torch.exp(sinks.to(acc)[None, :, None] - lse)  # 0 for padded queries (lse = +inf)
+        gsinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, gbias, gsinks
 
 
 _attention_fwd.register_autograd(lambda ctx, dout, dlse: _grads(ctx, dout, dlse, _attention_bwd),
@@ -357,22 +453,66 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool) -> Tupl
     return False, ""
 
 
+def _check_mods(q: Tensor, k: Tensor, window, softcap, alibi_slopes, bias, sinks) -> None:
+    """The score modifiers' arguments, named in the messages as attention() takes them."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    if window is not None:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+            raise ValueError(f"window must be (left, right), two ints >= -1 (-1: unbounded on that side), got {window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap < 0):
+        raise ValueError(f"softcap must be a finite float > 0 (or 0 / None: none), got {softcap!r}")
+    for name, t, shapes, layout in (("alibi_slopes", alibi_slopes, ((H,), (B, H)), "(H,) or (B, H)"),
+                                    ("sinks", sinks, ((H,),), "(H,)")):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor {layout}, got {getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {layout} = {shapes[-1]}, got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}, got {t.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be a float tensor broadcastable to (B, H, Nq, Nk), got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)}; for a boolean mask use "
+                            f"torch.where(mask, 0.0, float('-inf'))")
+        ok = bias.dim() <= 4 and all(n in (1, want) for n, want in zip(bias.shape[::-1], (Nk, Nq, H, B)))
+        if not ok:
+            raise ValueError(f"bias must broadcast to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}, got {tuple(bias.shape)}")
+        if bias.device != q.device:
+            raise ValueError(f"bias must be on {q.device}, got {bias.device}")
+
+
 def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: float,
-         query_padding_mask: Optional[Tensor] = None) -> Tensor:
+         query_padding_mask: Optional[Tensor] = None, window=(-1, -1), softcap=0.0, alibi=None, bias=None,
+         sinks=None) -> Tensor:
     cpu = _device_type(q) == "cpu"
+    plain = _plain(window[0], window[1], softcap, alibi, bias, sinks)
     if cpu:  # the C++ kernels take every CPU call
         native, why = _backend.native_available(), ""
         _backend.log_path_once("attention", "cpu", native, why)
     else:
         native, why = _choose(q, k, v, causal, key_padding_mask is not None or query_padding_mask is not None)
+        if native and not plain:
+            native, why = False, "the CUDA kernel takes no window, softcap, alibi, bias or sinks"
         _backend.log_path_once("attention", q.device, native, why)
     if native:
-        args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale)
+        args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, window[0], window[1],
+                softcap, alibi, bias, sinks)
         if cpu and not torch.compiler.is_compiling():
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                            or (bias is not None and bias.requires_grad)
+                                            or (sinks is not None and sinks.requires_grad)):
                 return _AttentionFunction.apply(*args)[0]
             return _forward(*args)[0]  # nothing to differentiate: no autograd node to build
         return _attention_fwd(*args)[0]
+    if not plain:  # the torch twin computes the modifiers densely
+        return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                   causal_offset=causal_offset, query_padding_mask=query_padding_mask,
+                                   window=window, softcap=softcap or None, alibi_slopes=alibi, bias=bias, sinks=sinks)
     if k.shape[1] != q.shape[1]:  # grouped-query attention on the torch path: each key/value head serves H / Hkv
         k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
@@ -388,6 +528,11 @@ def attention(
     key_padding_mask: Optional[Tensor] = None,
     query_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    window: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused scaled-dot-product attention, softmax(q k^T * scale) v, with forward and backward kernels.
 
@@ -404,6 +549,17 @@ def attention(
             output rows are 0 and get no gradient. For a padded self-attention batch pass the same mask
             as both masks, and padding costs nothing in either direction (variable-length batches).
         scale: multiplier of q k^T; default 1 / sqrt(D).
+        window: (left, right), flash-attention's ``window_size``: query i sees keys j with
+            i + Nk - Nq - left <= j <= i + Nk - Nq + right; -1 leaves that side unbounded. Blocks outside the
+            window are skipped, not masked. Mistral's ``sliding_window=W`` is ``window=(W - 1, 0)`` with causal.
+        softcap: logit soft-capping, s -> softcap * tanh(s / softcap) (Gemma 2); None or 0: none.
+        alibi_slopes: (H,) or (B, H): ALiBi, s -> s - slope * |i + Nk - Nq - j| (flash-attention's form; in
+            causal attention it differs from BLOOM's slope * j by a constant per row, which softmax ignores).
+            Constants: no gradient.
+        bias: an additive float bias broadcastable to (B, H, Nq, Nk) (T5's relative position bias), read
+            blockwise from its broadcast form; it gets a gradient when it requires one.
+        sinks: (H,) attention sinks (gpt-oss): a learned logit per head in the softmax's denominator, with no
+            value; it gets a gradient when it requires one.
 
     Returns:
         (B, H, Nq, D) in the input dtype. A query row that sees no key is 0 (never NaN).
@@ -411,15 +567,23 @@ def attention(
 
     CPU tensors run the C++ kernel (fp32 accumulation for 16-bit inputs, O(N) extra memory). CUDA tensors
     run minillm's CUDA kernel only for the cases measured faster than torch on that GPU architecture
-    (``minillm.ops._backend.CUDA_KERNEL_TABLE``; ``MINILLM_CUDA_KERNELS=on|off`` overrides); every other
-    call runs :func:`minillm.ops.reference.attention_sdpa`: torch's scaled_dot_product_attention with the
-    same masks and semantics.
+    (``minillm.ops._backend.CUDA_KERNEL_TABLE``; ``MINILLM_CUDA_KERNELS=on|off`` overrides) and without score
+    modifiers; every other call runs :func:`minillm.ops.reference.attention_sdpa` (torch's
+    scaled_dot_product_attention with the same masks and semantics), or with modifiers
+    :func:`minillm.ops.reference.attention_reference`.
     """
     _check_inputs(q, k, v, key_padding_mask, query_padding_mask)
     if causal is not False and causal is not True:
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(scale, q.shape[-1])
-    return _run(q, k, v, key_padding_mask, causal, k.shape[2] - q.shape[2], scale, query_padding_mask)
+    if window is None and softcap is None and alibi_slopes is None and bias is None and sinks is None:
+        return _run(q, k, v, key_padding_mask, causal, k.shape[2] - q.shape[2], scale, query_padding_mask)
+    _check_mods(q, k, window, softcap, alibi_slopes, bias, sinks)
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes are constants here (no gradient); pass alibi_slopes.detach()")
+    window = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    return _run(q, k, v, key_padding_mask, causal, k.shape[2] - q.shape[2], scale, query_padding_mask, window,
+                float(softcap or 0.0), alibi_slopes, bias, sinks)
 
 
 def _as_key_padding(attn_mask: Tensor, B: int, Nq: int, Nk: int) -> Optional[Tensor]:

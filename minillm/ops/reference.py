@@ -33,15 +33,24 @@ def attention_reference(
     scale: Optional[float] = None,
     causal_offset: Optional[int] = None,
     query_padding_mask: Optional[Tensor] = None,
+    window: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
-    """softmax(q k^T * scale + mask) v, with minillm's masking rules.
+    """softmax(s) v with minillm's masking rules and score modifiers, s = q k^T * scale + modifiers.
 
-    q: (B, H, Nq, D); k, v: (B, H, Nk, D); key_padding_mask: bool (B, Nk), True = keep;
-    query_padding_mask: bool (B, Nq), True = compute (a padded query returns 0 and gets no gradient).
-    Causal: key j is visible to query i when j <= i + causal_offset; the default offset Nk - Nq
-    aligns the last query with the last key (bottom-right, as in KV-cache decoding).
-    A query that sees no key returns 0. Padded keys, values and queries are never used.
-    Returns (B, H, Nq, D) in q's dtype.
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D), Hkv dividing H (query head h reads key/value head h // (H // Hkv));
+    key_padding_mask: bool (B, Nk), True = keep; query_padding_mask: bool (B, Nq), True = compute (a padded
+    query returns 0 and gets no gradient).
+    With off = causal_offset (default Nk - Nq: the last query aligned with the last key, bottom-right, as in
+    KV-cache decoding): causal: key j is visible to query i when j <= i + off; window (left, right): when
+    i + off - left <= j <= i + off + right (-1: unbounded on that side).
+    Scores: softcap * tanh(s / softcap) when softcap is set, minus alibi_slopes ((H,) or (B, H)) times
+    |i + off - j|, plus bias (broadcastable to (B, H, Nq, Nk)); sinks (H,): a logit per head added to the
+    softmax's denominator only. A query that sees no key returns 0. Padded keys, values and queries are never
+    used. Returns (B, H, Nq, D) in q's dtype.
     """
     Nq, Nk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     if Nk == 0:  # no key at all: every query returns 0
@@ -49,6 +58,12 @@ def attention_reference(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     dt = _opmath(q.dtype)
     qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
+    if kf.shape[1] != qf.shape[1]:  # grouped-query attention
+        G = qf.shape[1] // kf.shape[1]
+        kf, vf = kf.repeat_interleave(G, dim=1), vf.repeat_interleave(G, dim=1)
+    off = Nk - Nq if causal_offset is None else causal_offset
+    i = torch.arange(Nq, device=q.device)[:, None]
+    j = torch.arange(Nk, device=q.device)[None, :]
     # Padded queries, keys and values are never used, even in the backward (0 * inf would be NaN).
     visible = None
     if query_padding_mask is not None:
@@ -59,19 +74,33 @@ def attention_reference(
         vf = vf.masked_fill(~key_padding_mask[:, None, :, None], 0)
         keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, Nk)
         visible = keep if visible is None else visible & keep
+    left, right = (-1, -1) if window is None else window
     if causal:
-        off = Nk - Nq if causal_offset is None else causal_offset
-        i = torch.arange(Nq, device=q.device)[:, None]
-        j = torch.arange(Nk, device=q.device)[None, :]
-        visible = (j <= i + off) if visible is None else visible & (j <= i + off)  # (Nq, Nk)
+        right = 0 if right < 0 else min(right, 0)
+    for ok, band in ((right >= 0, j <= i + off + right), (left >= 0, j >= i + off - left)):
+        if ok:
+            visible = band if visible is None else visible & band  # (Nq, Nk)
     s = (qf @ kf.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dt)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]  # (B or 1, H, 1, 1)
+        s = s - slopes * (i + off - j).abs().to(dt)
+    if bias is not None:
+        s = s + bias.to(dt)
     if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
     # Softmax is shift-invariant, so the shift carries no gradient; rows with no visible key shift by 0.
     m = s.detach().amax(dim=-1, keepdim=True)
+    if sinks is not None:
+        sink = sinks.to(dt)[None, :, None, None]  # (1, H, 1, 1)
+        m = torch.maximum(m, sink.detach())
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.exp(sink - m)
     out = (p @ vf) / torch.where(denom == 0, torch.ones_like(denom), denom)
     return out.to(q.dtype)
 

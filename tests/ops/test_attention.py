@@ -517,8 +517,8 @@ def test_grouped_query_attention_gradcheck_and_opcheck():
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, mask, None,
             True, 2, 0.25)
     torch.library.opcheck(torch.ops.minillm.attention_bwd.default, args)
-    dq, dk, dv = torch.ops.minillm.attention_bwd(*args)
-    assert dk.shape == k.shape and dv.shape == v.shape
+    dq, dk, dv, dbias = torch.ops.minillm.attention_bwd(*args)
+    assert dk.shape == k.shape and dv.shape == v.shape and dbias.numel() == 0
 
 
 def test_grouped_query_heads_must_divide():
