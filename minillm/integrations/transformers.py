@@ -9,16 +9,17 @@
 
 Two functions are registered under the name "minillm" (transformers >= 4.48): the attention function
 (AttentionInterface) and a mask function (AttentionMaskInterface). The mask function returns exactly what
-transformers' `sdpa` backend gets (`sdpa_mask`), so model code that edits the mask (Falcon adds ALiBi to it) keeps
-working; when the pattern is causal or bidirectional attention plus key padding it also tags the mask with the
-(B, Nk) padding, which the kernel takes directly (padded keys cost nothing).
+transformers' `sdpa` backend gets (`sdpa_mask`), so model code that edits the mask keeps working; when the mask is a
+band of keys per query (causal, bidirectional, sliding windows, with the cache's offsets) times key padding it also
+tags it with that band, checked against the mask, which the kernel takes as a window and a (B, Nk) padding mask:
+blocks outside the window and padded keys cost nothing.
 
-The attention runs minillm's kernel only for what the kernel computes exactly: such a tagged mask (or none),
-no attention dropout, and no argument beyond those. Everything else -- a mask of any other pattern or made by the
-model, T5's `position_bias`, Gemma 2's `softcap`, gpt-oss's attention sinks (`s_aux`), `output_attentions`, dropout
-in training, or any keyword this module does not know -- goes to transformers' own `sdpa` function with every
-argument untouched, or to the model's own `eager` function where `sdpa` cannot compute it (softcap, sinks,
-attention weights). Each reason is logged once.
+The attention runs minillm's kernel for what it computes exactly: a tagged mask (or none), an additive float mask
+(Falcon's ALiBi mask) as a bias, T5's `position_bias` as a bias (with its gradient), Gemma 2's `softcap`, gpt-oss's
+attention sinks (`s_aux`), grouped-query heads without copies. Everything else -- a boolean mask of another pattern,
+`output_attentions`, dropout in training, or any keyword this module does not know -- goes to transformers' own
+`sdpa` function with every argument untouched, or to the model's own `eager` function where `sdpa` cannot compute it
+(attention weights). Each reason is logged once.
 
 Attention is a small part of an encoder's time at sentence lengths; :func:`replace_linear` moves the
 rest, the model's linear layers (nn.Linear and GPT-2's Conv1D), onto minillm's GEMM in place.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -48,8 +49,9 @@ def _once(reason: str) -> None:
 def minillm_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                  mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
     """transformers' `sdpa_mask` (a (B, 1, Nq, Nk) bool mask, or None where `is_causal` suffices), tagged with
-    `_minillm_padding = ((B, Nk) bool keep mask, causal)` when the pattern is plain causal or bidirectional
-    attention plus key padding, aligned as the kernel's bottom-right causal mask is."""
+    `_minillm_band = _Band(...)` when it is a band of keys per query (causal, bidirectional, sliding windows:
+    key j visible to query i when i + lo <= j <= i + hi) times key padding, which the kernel takes without the
+    dense mask (blocks outside the band are skipped). The tag is checked against the mask it describes."""
     import transformers.masking_utils as mu
 
     if mask_function is None:
@@ -61,13 +63,62 @@ def minillm_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
                              kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
     mask = mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
-    causal = mask_function is mu.causal_mask_function
-    plain = causal or mask_function is mu.bidirectional_mask_function
-    if (mask is not None and plain and attention_mask is not None and attention_mask.dim() == 2
-            and attention_mask.shape == (batch_size, kv_length) and kv_offset == 0
-            and (not causal or q_offset + q_length == kv_length)):
-        mask._minillm_padding = (attention_mask.to(torch.bool), causal)
+    if mask is not None and mask.dtype == torch.bool and not kwargs.get("use_vmap", False):
+        band = _band_of(mask, mask_function, attention_mask, q_length, kv_length, q_offset, kv_offset)
+        if band is not None:
+            mask._minillm_band = band
     return mask
+
+
+class _Band(NamedTuple):
+    """What the kernel computes for a tagged mask: keys j with i + lo <= j <= i + hi (None: unbounded) for query i
+    of an (Nq, Nk) call, and the (B, Nk) key padding (None: none)."""
+    lo: Optional[int]
+    hi: Optional[int]
+    kpm: Optional[torch.Tensor]
+    Nq: int
+    Nk: int
+
+
+def _band_of(mask, mask_function, attention_mask, q_length, kv_length, q_offset, kv_offset) -> Optional[_Band]:
+    """The band `mask` is, or None: the pattern function evaluated once on the (Nq, Nk) grid (index-based functions
+    only: sdpa_mask's own non-vmap path), its band read off the rows, and band & padding compared with the mask."""
+    from transformers.masking_utils import _non_vmap_expansion_sdpa
+
+    dev = mask.device
+    B = mask.shape[0]
+    kpm = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
+            return None
+        padded = torch.nn.functional.pad(attention_mask, (0, max(0, kv_length + kv_offset - attention_mask.shape[-1])))
+        kpm = padded[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+    try:
+        idx = _non_vmap_expansion_sdpa(torch.arange(B, device=dev), torch.arange(1, device=dev),
+                                       torch.arange(q_length, device=dev) + q_offset,
+                                       torch.arange(kv_length, device=dev) + kv_offset)
+        pattern = torch.as_tensor(mask_function(*idx)).expand(B, 1, q_length, kv_length)
+    except Exception:  # a pattern that is not index-based: the dense mask stays the only description
+        return None
+    vis = pattern[0, 0]  # (Nq, Nk)
+    i = torch.arange(q_length, device=dev)[:, None]
+    j = torch.arange(kv_length, device=dev)[None, :]
+    rows = vis.any(1)
+    first = torch.where(vis, j, kv_length).amin(1)
+    last = torch.where(vis, j, -1).amax(1)
+    ii = i[:, 0]
+    cut_hi, cut_lo = rows & (last < kv_length - 1), rows & (first > 0)
+    hi = int((last - ii)[cut_hi].max()) if bool(cut_hi.any()) else None
+    lo = int((first - ii)[cut_lo].min()) if bool(cut_lo.any()) else None
+    band = torch.ones(q_length, kv_length, dtype=torch.bool, device=dev)
+    if hi is not None:
+        band &= j <= i + hi
+    if lo is not None:
+        band &= j >= i + lo
+    want = band[None, None] if kpm is None else band[None, None] & kpm[:, None, None, :]
+    if not torch.equal(pattern, band[None, None].expand_as(pattern)) or not torch.equal(mask, want.expand_as(mask)):
+        return None
+    return _Band(lo, hi, kpm, q_length, kv_length)
 
 
 _interface_users: dict = {}
@@ -89,27 +140,65 @@ def _uses_attention_functions(config) -> bool:
 
 
 # Keywords that do not change what attention computes whatever they hold (sdpa ignores them too): the models'
-# bookkeeping. Any other keyword holding something other than None / False sends the call to transformers' own
-# functions, so a keyword this module does not know is never dropped.
-_ANY_VALUE = {"position_ids", "cache_position", "use_cache", "past_key_values"}
+# bookkeeping. `sliding_window` is carried by the mask in both of transformers' own functions (a tagged mask
+# carries it to the kernel). Any other keyword holding something other than None / False that _native_kwargs does
+# not take sends the call to transformers' own functions, so a keyword this module does not know is never dropped.
+_ANY_VALUE = {"position_ids", "cache_position", "use_cache", "past_key_values", "sliding_window"}
 # What sdpa cannot compute and the model's own eager function can.
 _EAGER_ONLY = ("softcap", "s_aux", "sinks", "output_attentions")
 
 
-def _why_not_native(module, query, key, attention_mask, dropout: float, kwargs: dict) -> str:
+def _broadcasts(t: torch.Tensor, shape) -> bool:
+    return t.dim() <= 4 and all(n in (1, want) for n, want in zip(t.shape[::-1], shape[::-1]))
+
+
+def _native_kwargs(module, query, key, attention_mask, dropout: float, is_causal, kwargs: dict):
+    """(keywords for minillm.ops.attention, "") when the kernel computes this call exactly, else (None, why)."""
+    B, H, Nq, _ = query.shape
+    Nk = key.shape[2]
+    kw = {}
+    bias = None
     for name, value in kwargs.items():
         if name in _ANY_VALUE or value is None or value is False:
             continue
-        if name == "sliding_window" and attention_mask is None:  # the window covers every key (no mask was needed)
-            continue
-        return f"{name}={type(value).__name__} (not in the kernel yet)"
+        if name == "softcap" and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            kw["softcap"] = float(value)
+        elif name in ("s_aux", "sinks") and isinstance(value, torch.Tensor) and tuple(value.shape) == (H,):
+            kw["sinks"] = value  # gpt-oss: one logit per head in the softmax's denominator
+        elif (name == "position_bias" and isinstance(value, torch.Tensor) and value.is_floating_point()
+              and _broadcasts(value, (B, H, Nq, Nk))):
+            bias = value  # T5's relative position bias (plus its causal part in the decoder)
+        else:
+            return None, f"{name}={type(value).__name__} (not in the kernel)"
     if dropout > 0:
-        return "attention dropout in training"
-    if attention_mask is not None and getattr(attention_mask, "_minillm_padding", None) is None:
-        return "an attention mask beyond key padding (a model-made or dense pattern)"
+        return None, "attention dropout in training"
     if query.shape[1] % key.shape[1] != 0:
-        return "query heads not a multiple of the key/value heads"
-    return ""
+        return None, "query heads not a multiple of the key/value heads"
+    causal = False
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        causal = bool(causal) and Nq > 1  # one decoding query sees the whole cache either way
+    elif getattr(attention_mask, "_minillm_band", None) is not None:
+        band = attention_mask._minillm_band
+        if (band.Nq, band.Nk) != (Nq, Nk):
+            return None, "a mask made for other sequence lengths"
+        off = Nk - Nq  # attention()'s window is relative to the bottom-right diagonal
+        right = -1 if band.hi is None else band.hi - off
+        left = -1 if band.lo is None else off - band.lo
+        if (band.hi is not None and right < 0) or (band.lo is not None and left < 0):
+            return None, "a band of keys the kernel's window does not express"
+        if (left, right) != (-1, -1):
+            kw["window"] = (left, right)
+        if band.kpm is not None:
+            kw["key_padding_mask"] = band.kpm
+    elif attention_mask.is_floating_point() and _broadcasts(attention_mask, (B, H, Nq, Nk)):
+        # An additive float mask (Falcon's ALiBi, a model-made pattern): the kernel adds it as a bias, blockwise.
+        bias = attention_mask if bias is None else bias + attention_mask
+    else:
+        return None, "a mask that is not a band of keys (a model-made or dense pattern)"
+    if bias is not None:
+        kw["bias"] = bias
+    return kw, causal
 
 
 def _eager_mask(attention_mask, query: torch.Tensor, key: torch.Tensor, causal: bool):
@@ -147,17 +236,12 @@ def minillm_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention-function signature: query (B, H, Nq, D), key/value (B, Hkv, Nk, D) ->
     ((B, Nq, H, D), None)."""
     dropout = dropout if module.training else 0.0
-    why = _why_not_native(module, query, key, attention_mask, dropout, kwargs)
-    if why:
-        _once(why)
+    kw, causal = _native_kwargs(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    if kw is None:
+        _once(causal)
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-    kpm = None  # grouped-query attention (fewer key/value heads) goes to the kernel as it is: no repeated K/V
-    if attention_mask is not None:
-        kpm, causal = attention_mask._minillm_padding
-    else:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(causal) and query.shape[2] > 1  # one decoding query sees the whole cache either way
-    out = ops.attention(query, key, value, causal=causal, key_padding_mask=kpm, scale=scaling)
+    # grouped-query attention (fewer key/value heads) goes to the kernel as it is: no repeated K/V
+    out = ops.attention(query, key, value, causal=causal, scale=scaling, **kw)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -139,3 +139,79 @@ def test_replace_linear_in_sentence_transformers(minilm_dir, data_dir):
     model = st.SentenceTransformer(minilm_dir, device="cpu", model_kwargs={"attn_implementation": "minillm"})
     assert mt.replace_linear(model) == 37  # 6 layers x (q, k, v, output, intermediate, output) + pooler
     assert abs(a - model.encode(s)).max() <= 1e-4
+
+
+def _mask(**kw):
+    import transformers.masking_utils as mu
+
+    kw.setdefault("mask_function", mu.causal_mask_function)
+    return mt.minillm_mask(**kw), mu
+
+
+@pytest.mark.parametrize("q_offset,kv_offset,q_length,kv_length", [(0, 0, 12, 12), (9, 0, 3, 12), (13, 6, 1, 8),
+                                                                     (20, 13, 3, 10)])
+def test_sliding_window_masks_are_tagged_as_bands(q_offset, kv_offset, q_length, kv_length):
+    """Mistral's sliding window (kv > q - 8) and padding, with caches that start past position 0 (kv_offset): the
+    tag describes the mask exactly, and the kernel given the tag computes sdpa's result with the dense mask."""
+    import transformers.masking_utils as mu
+
+    B = 2
+    attention_mask = torch.ones(B, kv_offset + kv_length, dtype=torch.bool)  # as transformers passes it
+    attention_mask[1, :2] = False  # left padding
+    mask, _ = _mask(batch_size=B, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                    mask_function=mu.sliding_window_causal_mask_function(8), attention_mask=attention_mask,
+                    allow_is_causal_skip=False)
+    band = mask._minillm_band
+    assert (band.Nq, band.Nk) == (q_length, kv_length)
+    q = torch.randn(B, 4, q_length, 16)
+    kv = torch.randn(B, 2, kv_length, 16)
+    module = torch.nn.Module()
+    module.training = False
+    out = mt.minillm_attention(module, q, kv, kv, mask, scaling=0.25)[0]
+    rows = mask.any(-1, keepdim=True)  # rows that see a key (sdpa's others are not comparable)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out.transpose(1, 2) * rows, ref * rows, atol=1e-5, rtol=1e-4)
+
+
+def test_patterns_that_are_not_bands_fall_back(monkeypatch):
+    """A chunked pattern (Llama 4) or any index function that is not a band keeps the dense mask and goes to sdpa."""
+    import transformers.masking_utils as mu
+
+    mask, _ = _mask(batch_size=1, q_length=9, kv_length=9, mask_function=mu.chunked_causal_mask_function(
+        3, torch.zeros(1, dtype=torch.long)), allow_is_causal_skip=False)
+    assert getattr(mask, "_minillm_band", None) is None
+    mask2, _ = _mask(batch_size=1, q_length=6, kv_length=6, allow_is_causal_skip=False,
+                     mask_function=lambda b, h, q, kv: (kv % 2 == 0) | (kv == q))
+    assert getattr(mask2, "_minillm_band", None) is None
+    fallbacks = []
+    real = mt._fallback
+    monkeypatch.setattr(mt, "_fallback", lambda *a, **k: fallbacks.append(1) or real(*a, **k))
+    q = torch.randn(1, 2, 9, 8)
+    module = torch.nn.Module()
+    module.training = False
+    out = mt.minillm_attention(module, q, q, q, mask)[0]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert fallbacks and torch.allclose(out.transpose(1, 2), ref, atol=1e-6)
+
+
+def test_float_masks_position_bias_softcap_and_sinks_run_the_kernel(monkeypatch):
+    """What models pass beyond a mask (Falcon's ALiBi float mask, T5's position_bias, Gemma 2's softcap, gpt-oss's
+    s_aux) is computed by the kernel, as the models' eager functions compute it."""
+    calls = []
+    real = mt.ops.attention
+    monkeypatch.setattr(mt.ops, "attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8)
+    module = torch.nn.Module()
+    module.training = False
+    module.is_causal = False
+    fmask = torch.randn(2, 4, 5, 7)
+    pbias = torch.randn(1, 4, 5, 7)
+    sinks = torch.randn(4)
+    out = mt.minillm_attention(module, q, k, k, fmask, scaling=0.3, position_bias=pbias, softcap=2.0, s_aux=sinks)[0]
+    kr = k.repeat_interleave(2, 1)
+    s = 2.0 * torch.tanh(q @ kr.transpose(-1, -2) * 0.3 / 2.0) + pbias + fmask
+    s = torch.cat([s, sinks[None, :, None, None].expand(2, 4, 5, 1)], -1)
+    ref = torch.softmax(s, -1)[..., :7] @ kr
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-4)
+    assert len(calls) == 1 and {"softcap", "sinks", "bias"} <= calls[0].keys()
