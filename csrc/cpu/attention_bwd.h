@@ -53,8 +53,9 @@ int attention_bwd_blocks(const AttnBwdArgs& a, const BwdBlocks& bb) {
   const int64_t Dp = round_up(D, kPad), NkP = round_up(Nk, bk), nkb = NkP / bk;
   const Band band(a);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
+  const bool capped = a.mods.softcap > 0;
   const size_t arena_bytes = Kernel::scratch_bytes(a, bb, Dp, NkP) + Arena::need<T>(Nq) +
-                             3 * Arena::need<T>(BQ * bk) + Arena::need<uint8_t>(nkb);
+                             (capped ? 3 : 2) * Arena::need<T>(BQ * bk) + Arena::need<uint8_t>(nkb);
   int status = kOk;
   int done = 0;  // threads done with their share (finish_share)
 #pragma omp parallel num_threads(nt)
@@ -65,7 +66,7 @@ int attention_bwd_blocks(const AttnBwdArgs& a, const BwdBlocks& bb) {
     T* Dl = ok ? arena.take<T>(Nq) : nullptr;       // (Nq): rowsum(dO * O) - dlse
     T* P = ok ? arena.take<T>(BQ * bk) : nullptr;   // (BQ, bk)
     T* dS = ok ? arena.take<T>(BQ * bk) : nullptr;  // (BQ, bk): dP, then dS in place
-    T* tc = ok ? arena.take<T>(BQ * bk) : nullptr;  // (BQ, bk): tanh of the soft-capped scores
+    T* tc = ok && capped ? arena.take<T>(BQ * bk) : nullptr;  // (BQ, bk): tanh of the soft-capped scores
     uint8_t* kvis = ok ? arena.take<uint8_t>(nkb) : nullptr;
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t item = 0; item < B * Hkv; ++item) {
@@ -80,7 +81,6 @@ int attention_bwd_blocks(const AttnBwdArgs& a, const BwdBlocks& bb) {
         const int64_t bh = b * H + h;
         const T* lse = static_cast<const T*>(a.lse) + bh * Nq;
         const ScoreMods<T> mods(a, b, h);
-        const bool capped = mods.cap != 0;
         T* dbias = static_cast<T*>(a.mods.dbias);
         kern.load_q(b, h, bh, qpm, Dl);
         for (int64_t j0 = 0; j0 < Nk; j0 += bk) {
@@ -104,7 +104,7 @@ int attention_bwd_blocks(const AttnBwdArgs& a, const BwdBlocks& bb) {
               for (int64_t r = r0; r < r0 + tr; ++r) {
                 T* p = P + r * bk;
                 T* ds = dS + r * bk;
-                T* t = tc + r * bk;
+                T* t = capped ? tc + r * bk : nullptr;
                 std::memset(p + cv, 0, sizeof(T) * (bk - cv));
                 std::memset(ds + cv, 0, sizeof(T) * (bk - cv));
                 if (qpm && !qpm[i0 + r]) {  // a padded query takes no part, whatever its q or dO hold

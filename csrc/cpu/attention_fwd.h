@@ -12,6 +12,13 @@ namespace minillm {
 namespace MINILLM_ISA {
 namespace {
 
+// Keys per block of the forward: kBkFwd, or 64 under a narrow sliding window, where a 256-key block would mostly
+// hold keys outside every row's window (masked, yet computed). Measured: docs/performance.md, "Sliding windows".
+inline int64_t fwd_key_block(const AttnFwdArgs& a, int64_t granule) {
+  const bool narrow = a.mods.window_left >= 0 && a.mods.window_left < 4 * kBkFwd;
+  return imin(narrow ? kBkMax : kBkFwd, round_up(imax(a.Nk, 1), granule));
+}
+
 // Block sizes of one forward call: query rows per block (BQ), keys per block (bk), rows per register tile
 // (TR) and the key granularity of a tile's products (CW: a tile computes its keys rounded up to it).
 struct FwdBlocks {
@@ -142,7 +149,7 @@ struct FwdF32 {
   const T* Vb = nullptr;
   static constexpr T score_scale = T(1);  // q is scaled as it is loaded
 
-  static FwdBlocks blocks(const AttnFwdArgs& a) { return {kBqFwd, key_block(a.Nk, kBkFwd), kMR, Vec<T>::W}; }
+  static FwdBlocks blocks(const AttnFwdArgs& a) { return {kBqFwd, fwd_key_block(a, kPad), kMR, Vec<T>::W}; }
   static size_t scratch_bytes(const AttnFwdArgs&, const FwdBlocks& fb, int64_t Dp, int64_t NkP) {
     return Arena::need<T>(Dp * round_up(NkP, kPanel<T>)) + Arena::need<T>(NkP * Dp) + Arena::need<T>(fb.BQ * Dp);
   }
@@ -243,7 +250,7 @@ struct FwdBf16 {
   static FwdBlocks blocks(const AttnFwdArgs& a) {
     const bool amx = use_amx();
     const int64_t CW = amx ? 32 : 16;
-    return {kBq, imin(kBkFwd, round_up(imax(a.Nk, 1), CW)), amx ? kAmxRows : kMR, CW};  // 256 keys: 0.82-0.87 of 64's time on a Zen 4
+    return {kBq, fwd_key_block(a, CW), amx ? kAmxRows : kMR, CW};  // 256 keys: 0.82-0.87 of 64's time on a Zen 4
   }
   static size_t scratch_bytes(const AttnFwdArgs& a, const FwdBlocks& fb, int64_t Dp, int64_t NkP) {
     return Arena::need<uint32_t>(Dp / 2 * NkP) + Arena::need<uint32_t>(NkP / 2 * Dp) +

@@ -53,29 +53,28 @@ def _bias_operand(bias: Optional[Tensor], B: int, H: int, Nq: int, Nk: int, acc:
     return b4.expand(B, H, Nq, Nk)
 
 
-# The score modifiers (csrc/kernels.h, AttnMods) as the bindings' keywords; none for plain attention.
-def _mods_kwargs(window_left, window_right, softcap, alibi, bias, shape, acc):
-    kw = {}
-    if window_left >= 0 or window_right >= 0:
-        kw["window_left"], kw["window_right"] = window_left, window_right
-    if softcap:
-        kw["softcap"] = softcap
+def _mods_arg(window_left, window_right, softcap, alibi, bias, sinks, dbias, shape, acc):
+    """The bindings' `mods` keyword (csrc/bindings.cpp, ModsIn), the modifiers' tuple, and the tensors it points
+    into, to keep alive until the call returns. (Plain calls pass mods=None.)"""
     B, H, Nq, Nk = shape
     if alibi is not None:
         alibi = alibi.to(acc).expand(B, H).contiguous()
-        kw["alibi"] = _backend.dense_buf(alibi)
     if bias is not None:
         bias = _bias_operand(bias, B, H, Nq, Nk, acc)
-        kw["bias"], kw["bias_strides"] = _backend.buf(bias), bias.stride()
-    return kw, (alibi, bias)  # the tensors stay alive until the call returns
+    if sinks is not None:
+        sinks = sinks.detach().to(acc).contiguous()
+    dense = _backend.dense_buf
+    mods = (window_left, window_right, float(softcap or 0.0), dense(alibi), _backend.buf(bias),
+            bias.stride() if bias is not None else (0, 0, 0, 0), dense(sinks), dense(dbias))
+    return mods, (alibi, bias, sinks)
 
 
 # One preparation per direction for every device: kernel-ready inputs (unit stride along D, contiguous lse and
 # masks), fresh contiguous outputs, the empty-shape answers, then the binding of the same name (csrc/bindings.cpp:
 # keywords as its AttnFwdIn / AttnBwdIn). `cuda`: the CUDA binding's device index and stream, else the CPU kernel.
-# Score modifiers (window, softcap, alibi, bias, sinks) run on the CPU kernels only.
-def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, window_left=-1,
-             window_right=-1, softcap=0.0, alibi=None, bias=None, sinks=None, cuda=None):
+# `mods`: the score modifiers (window_left, window_right, softcap, alibi, bias, sinks), on the CPU kernels only, or
+# nothing for plain attention (which then costs no more than it did before they existed).
+def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods, cuda=None):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, Nq, D = q.shape  # q (B, H, Nq, D), k / v (B, Hkv, Nk, D)
     Nk = k.shape[2]
@@ -86,22 +85,19 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
     if B * H * Nq * D == 0 or Nk == 0:
         out.zero_()
         lse.fill_(float("inf"))
-        if sinks is not None and Nq * D > 0:  # a query with no key: out 0, its lse the sink alone
-            lse.copy_(sinks.detach().to(acc)[None, :, None].expand(B, H, Nq))
+        if mods and mods[5] is not None and Nq * D > 0:  # a query with no key: out 0, its lse the sink alone
+            lse.copy_(mods[5].detach().to(acc)[None, :, None].expand(B, H, Nq))
         return out, lse
     buf, dense = _backend.buf, _backend.dense_buf
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)  # kept alive until the call returns
     if cuda is None:
-        mods, keep = _mods_kwargs(window_left, window_right, softcap, alibi, bias, (B, H, Nq, Nk), acc)
-        if sinks is not None:
-            keep = (keep, sinks := sinks.detach().to(acc).contiguous())
-            mods["sinks"] = dense(sinks)
+        mods, keep = _mods_arg(*mods, None, (B, H, Nq, Nk), acc) if mods else (None, None)
         _backend._C.attention_fwd(
             q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
             query_padding_mask=dense(qpm), sizes=(B, H, Nq, Nk, D), q_strides=q.stride()[:3],
             k_strides=k.stride()[:3], v_strides=v.stride()[:3], causal=causal, causal_offset=causal_offset,
             scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], nthreads=_threads(B * H * Nq * Nk * D),
-            kv_heads=k.shape[1], **mods)
+            kv_heads=k.shape[1], mods=mods)
     else:
         _backend._C.cuda_attention_fwd(
             q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
@@ -112,8 +108,9 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
 
 
 def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
-              window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, bias_grad=False, cuda=None):
-    """(dq, dk, dv, dbias): dbias is dL/ds (B, H, Nq, Nk) in the accumulation dtype when bias_grad, else empty."""
+              *mods, cuda=None):
+    """(dq, dk, dv, dbias). mods: nothing, or (window_left, window_right, softcap, alibi, bias, bias_grad); dbias is
+    dL/ds (B, H, Nq, Nk) in the accumulation dtype when bias_grad, else None."""
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv != H and cuda is not None:  # grouped-query attention: the CUDA kernels take a key/value head per query head
         G = H // Hkv
@@ -122,15 +119,13 @@ def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mas
         B, _, Nk, D = k.shape
         # (B, H, Nk, D) -> (B, Hkv, G, Nk, D), summed over the group in fp32
         return (dq, dk.view(B, Hkv, G, Nk, D).float().sum(2).to(k.dtype),
-                dv.view(B, Hkv, G, Nk, D).float().sum(2).to(v.dtype), q.new_empty(0, dtype=torch.float32))
+                dv.view(B, Hkv, G, Nk, D).float().sum(2).to(v.dtype), None)
     dout, q, k, v, out = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    acc = _acc_dtype(q.dtype)
     dq, dk, dv = q.new_empty(B, H, Nq, D), k.new_empty(B, Hkv, Nk, D), v.new_empty(B, Hkv, Nk, D)  # contiguous
     # Zeros: the kernel writes the rows and blocks it computes, and the rest have no gradient.
-    # (custom ops return tensors: an empty one stands for no dbias)
-    dbias = q.new_zeros(B, H, Nq, Nk, dtype=acc) if bias_grad else q.new_empty(0, dtype=acc)
+    dbias = q.new_zeros(B, H, Nq, Nk, dtype=_acc_dtype(q.dtype)) if mods and mods[5] else None
     if B * H * Nq * D == 0 or Nk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias
     lse = lse.contiguous()
@@ -138,16 +133,15 @@ def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mas
     buf, dense = _backend.buf, _backend.dense_buf
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)
     if cuda is None:
-        mods, keep = _mods_kwargs(window_left, window_right, softcap, alibi, bias, (B, H, Nq, Nk), acc)
-        if bias_grad:
-            mods["dbias"] = dense(dbias)
+        mods, keep = (_mods_arg(*mods[:5], None, dbias, (B, H, Nq, Nk), _acc_dtype(q.dtype)) if mods
+                      else (None, None))
         _backend._C.attention_bwd(
             dout=buf(dout), q=buf(q), k=buf(k), v=buf(v), out=buf(out), lse=dense(lse), dlse=dense(dlse),
             key_padding_mask=dense(kpm), query_padding_mask=dense(qpm), dq=dense(dq), dk=dense(dk), dv=dense(dv),
             sizes=(B, H, Nq, Nk, D), dout_strides=dout.stride()[:3], q_strides=q.stride()[:3],
             k_strides=k.stride()[:3], v_strides=v.stride()[:3], out_strides=out.stride()[:3], causal=causal,
             causal_offset=causal_offset, scale=scale, dtype=_backend.DTYPE_CODE[q.dtype],
-            nthreads=_threads(3 * B * H * Nq * Nk * D), kv_heads=Hkv, **mods)
+            nthreads=_threads(3 * B * H * Nq * Nk * D), kv_heads=Hkv, mods=mods)
     else:
         delta = torch.empty(B * H * Nq, dtype=torch.float32, device=q.device)  # scratch
         _backend._C.cuda_attention_bwd(
@@ -243,15 +237,20 @@ def _attention_bwd(
     follows from lse and Delta: see _grads.)"""
     _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale, window_left,
                     window_right, softcap, alibi, bias)
-    return _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
-                     window_left, window_right, softcap, alibi, bias, bias_grad)
+    dq, dk, dv, dbias = _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
+                                  causal_offset, scale, window_left, window_right, softcap, alibi, bias, bias_grad)
+    return dq, dk, dv, _no_dbias(q) if dbias is None else dbias
+
+
+def _no_dbias(q: Tensor) -> Tensor:
+    return q.new_empty((0,), dtype=_acc_dtype(q.dtype))  # custom ops return tensors: an empty one for no dbias
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset,
                         scale, window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, bias_grad=False):
     B, H, Nq, _ = q.shape
-    dbias = q.new_empty((B, H, Nq, k.shape[2]), dtype=_acc_dtype(q.dtype)) if bias_grad else q.new_empty((0,), dtype=_acc_dtype(q.dtype))
+    dbias = q.new_empty((B, H, Nq, k.shape[2]), dtype=_acc_dtype(q.dtype)) if bias_grad else _no_dbias(q)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
@@ -285,22 +284,29 @@ def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_p
                     window_right, softcap, alibi, bias)
     if not _plain(window_left, window_right, softcap, alibi, bias, None) or bias_grad:
         raise ValueError("minillm::attention_bwd on CUDA takes no window, softcap, alibi or bias")
-    return _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
-                     cuda=(q.device.index, _backend.cuda_stream(q)))
+    dq, dk, dv, _ = _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
+                              causal_offset, scale, cuda=(q.device.index, _backend.cuda_stream(q)))
+    return dq, dk, dv, _no_dbias(q)
 
 
 _MOD_DEFAULTS = (-1, -1, 0.0, None, None, None)  # window_left, window_right, softcap, alibi, bias, sinks
 
 
 def _setup_context(ctx, inputs, output):
-    inputs = tuple(inputs) + _MOD_DEFAULTS[len(inputs) - 8:]  # a call may leave the defaults out
-    (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, window_left, window_right, softcap,
-     alibi, bias, sinks) = inputs
+    # Plain calls (8 inputs: the modifiers left at their defaults, as _run passes them) save and return no more
+    # than before the modifiers existed: each saved or returned slot costs ~0.5 us, a call at (1, 1, 8, 8) ~90.
+    q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale = inputs[:8]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, query_padding_mask, alibi, bias, sinks)
     ctx.causal, ctx.causal_offset, ctx.scale = causal, causal_offset, scale
-    ctx.window, ctx.softcap = (window_left, window_right), softcap
+    if len(inputs) == 8:
+        ctx.mods = None
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, query_padding_mask)
+        return
+    mods = tuple(inputs[8:]) + _MOD_DEFAULTS[len(inputs) - 8:]  # a call to the op may leave defaults out
+    window_left, window_right, softcap, alibi, bias, sinks = mods
+    ctx.mods = (window_left, window_right, softcap)
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[12]
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, query_padding_mask, alibi, bias, sinks)
 
 
 def _grads(ctx, dout, dlse, attention_bwd):
@@ -308,12 +314,18 @@ def _grads(ctx, dout, dlse, attention_bwd):
     dv from the kernel, the bias's from its dL/ds summed over broadcast dims, the sinks' from lse:
     dL/dsink_h = -sum_(b, i) exp(sink_h - lse) Delta with Delta = rowsum(dO * O) - dlse (a sink is a logit whose
     value row is 0, so its dP is 0)."""
+    if ctx.mods is None:
+        q, k, v, out, lse, key_padding_mask, query_padding_mask = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        grads = attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, ctx.causal,
+                              ctx.causal_offset, ctx.scale)
+        return grads[0], grads[1], grads[2], None, None, None, None, None
     q, k, v, out, lse, key_padding_mask, query_padding_mask, alibi, bias, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, dbias = attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, ctx.causal,
-                                      ctx.causal_offset, ctx.scale, ctx.window[0], ctx.window[1], ctx.softcap, alibi,
-                                      bias, ctx.bias_grad)
+                                      ctx.causal_offset, ctx.scale, *ctx.mods, alibi, bias, ctx.bias_grad)
     gbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if ctx.bias_grad else None
     gsinks = None
     if sinks is not None and ctx.needs_input_grad[13]:
@@ -487,32 +499,31 @@ def _check_mods(q: Tensor, k: Tensor, window, softcap, alibi_slopes, bias, sinks
 
 
 def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: float,
-         query_padding_mask: Optional[Tensor] = None, window=(-1, -1), softcap=0.0, alibi=None, bias=None,
-         sinks=None) -> Tensor:
+         query_padding_mask: Optional[Tensor] = None, mods: tuple = ()) -> Tensor:
+    """mods: () for plain attention, else (window_left, window_right, softcap, alibi, bias, sinks)."""
     cpu = _device_type(q) == "cpu"
-    plain = _plain(window[0], window[1], softcap, alibi, bias, sinks)
     if cpu:  # the C++ kernels take every CPU call
         native, why = _backend.native_available(), ""
         _backend.log_path_once("attention", "cpu", native, why)
     else:
         native, why = _choose(q, k, v, causal, key_padding_mask is not None or query_padding_mask is not None)
-        if native and not plain:
+        if native and mods:
             native, why = False, "the CUDA kernel takes no window, softcap, alibi, bias or sinks"
         _backend.log_path_once("attention", q.device, native, why)
     if native:
-        args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, window[0], window[1],
-                softcap, alibi, bias, sinks)
+        args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale) + mods
         if cpu and not torch.compiler.is_compiling():
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                            or (bias is not None and bias.requires_grad)
-                                            or (sinks is not None and sinks.requires_grad)):
+                                            or (mods and any(t is not None and t.requires_grad for t in mods[4:]))):
                 return _AttentionFunction.apply(*args)[0]
             return _forward(*args)[0]  # nothing to differentiate: no autograd node to build
         return _attention_fwd(*args)[0]
-    if not plain:  # the torch twin computes the modifiers densely
+    if mods:  # the torch twin computes the modifiers densely
+        window_left, window_right, softcap, alibi, bias, sinks = mods
         return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                                    causal_offset=causal_offset, query_padding_mask=query_padding_mask,
-                                   window=window, softcap=softcap or None, alibi_slopes=alibi, bias=bias, sinks=sinks)
+                                   window=(window_left, window_right), softcap=softcap or None, alibi_slopes=alibi,
+                                   bias=bias, sinks=sinks)
     if k.shape[1] != q.shape[1]:  # grouped-query attention on the torch path: each key/value head serves H / Hkv
         k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
@@ -582,8 +593,8 @@ def attention(
     if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError("alibi_slopes are constants here (no gradient); pass alibi_slopes.detach()")
     window = (-1, -1) if window is None else (int(window[0]), int(window[1]))
-    return _run(q, k, v, key_padding_mask, causal, k.shape[2] - q.shape[2], scale, query_padding_mask, window,
-                float(softcap or 0.0), alibi_slopes, bias, sinks)
+    return _run(q, k, v, key_padding_mask, causal, k.shape[2] - q.shape[2], scale, query_padding_mask,
+                (window[0], window[1], float(softcap or 0.0), alibi_slopes, bias, sinks))
 
 
 def _as_key_padding(attn_mask: Tensor, B: int, Nq: int, Nk: int) -> Optional[Tensor]:
