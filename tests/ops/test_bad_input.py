@@ -317,3 +317,51 @@ def test_dtype_and_metric_codes_come_from_the_extension():
     assert _backend._C.METRICS == {"ip": 0, "cosine": 1, "l2": 2}
     assert _backend.DTYPE_CODE[torch.bfloat16] == 1 and _backend.METRIC_CODE["l2"] == 2
     assert _backend._C.I8_PAD == importlib.import_module("minillm.ops.topk")._I8_ALIGN
+
+
+def test_attention_mods_keyword_checks_every_buffer_before_the_kernel():
+    """The `mods` keyword (window, softcap, alibi, bias, sinks, dbias): wrong shapes of the tuple raise TypeError,
+    buffers too small for what the kernel would read or write raise ValueError, nothing is touched."""
+    from minillm.ops import _backend
+
+    if _backend._C is None:
+        pytest.skip("no native extension")
+    C, b, d = _backend._C, _backend.buf, _backend.dense_buf
+    q = torch.randn(2, 2, 8, 8)
+    out, lse = torch.empty(2, 2, 8, 8), torch.empty(2, 2, 8)
+    kw = dict(q=b(q), k=b(q), v=b(q), out=b(out), lse=b(lse), sizes=(2, 2, 8, 8, 8), q_strides=(128, 64, 8),
+              k_strides=(128, 64, 8), v_strides=(128, 64, 8), causal=False, causal_offset=0, scale=0.25,
+              dtype=C.DTYPES["float32"])
+    none = (0, 0)
+    good_bias = torch.randn(2, 8, 8)  # broadcast over batch: strides (0, 64, 8, 1)
+    plain = (-1, -1, 0.0, none, none, (0, 0, 0, 0), none, none)
+    C.attention_fwd(**kw, mods=plain)
+    C.attention_fwd(**kw, mods=(3, 0, 2.0, d(torch.rand(2, 2)), b(good_bias), (0, 64, 8, 1), d(torch.randn(2)), none))
+    with pytest.raises(TypeError, match="mods must be None or"):
+        C.attention_fwd(**kw, mods=(-1, -1, 0.0))
+    with pytest.raises(TypeError, match="mods.softcap must be a float"):
+        C.attention_fwd(**kw, mods=(-1, -1, "x", none, none, (0, 0, 0, 0), none, none))
+    bad = [
+        ((-2, -1, 0.0, none, none, (0, 0, 0, 0), none, none), "window sides must be >= -1"),
+        ((-1, -1, -1.0, none, none, (0, 0, 0, 0), none, none), "softcap must be finite"),
+        ((-1, -1, 0.0, d(torch.rand(2)), none, (0, 0, 0, 0), none, none), "alibi reaches"),  # (B, H) = 4 floats
+        ((-1, -1, 0.0, none, b(good_bias), (64, 64, 8, 1), none, none), "bias reaches"),  # batch stride past its end
+        ((-1, -1, 0.0, none, b(torch.randn(8, 8)), (0, 64, 8, 1), none, none), "bias reaches"),  # one head's worth
+        ((-1, -1, 0.0, none, none, (0, 0, 0, 0), d(torch.randn(1)), none), "sinks reaches"),
+        ((-1, -1, 0.0, none, none, (0, 0, 0, 0), none, d(torch.empty(4))), "takes no mods.dbias"),
+    ]
+    for mods, match in bad:
+        with pytest.raises(ValueError, match=match):
+            C.attention_fwd(**kw, mods=mods)
+    # the backward: dbias must hold (B, H, Nq, Nk), sinks are the forward's
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    bkw = dict(dout=b(q), q=b(q), k=b(q), v=b(q), out=b(out), lse=b(lse), dq=b(dq), dk=b(dk), dv=b(dv),
+               sizes=(2, 2, 8, 8, 8), dout_strides=(128, 64, 8), q_strides=(128, 64, 8), k_strides=(128, 64, 8),
+               v_strides=(128, 64, 8), out_strides=(128, 64, 8), causal=False, causal_offset=0, scale=0.25,
+               dtype=C.DTYPES["float32"])
+    C.attention_fwd(**kw)
+    C.attention_bwd(**bkw, mods=(-1, -1, 0.0, none, none, (0, 0, 0, 0), none, d(torch.zeros(2, 2, 8, 8))))
+    with pytest.raises(ValueError, match="dbias reaches"):
+        C.attention_bwd(**bkw, mods=(-1, -1, 0.0, none, none, (0, 0, 0, 0), none, d(torch.zeros(2, 2, 8, 7))))
+    with pytest.raises(ValueError, match="takes no mods.sinks"):
+        C.attention_bwd(**bkw, mods=(-1, -1, 0.0, none, none, (0, 0, 0, 0), d(torch.randn(2)), none))
