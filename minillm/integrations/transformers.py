@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from minillm import ops
+from minillm.ops.attention import _attention_band
 
 log = logging.getLogger("minillm.integrations")
 NAME = "minillm"
@@ -48,26 +49,134 @@ def _once(reason: str) -> None:
 
 def minillm_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                  mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-    """transformers' `sdpa_mask` (a (B, 1, Nq, Nk) bool mask, or None where `is_causal` suffices), tagged with
-    `_minillm_band = _Band(...)` when it is a band of keys per query (causal, bidirectional, sliding windows:
-    key j visible to query i when i + lo <= j <= i + hi) times key padding, which the kernel takes without the
-    dense mask (blocks outside the band are skipped). The tag is checked against the mask it describes."""
+    """What the kernel takes, where the pattern is a band of keys per query (causal, bidirectional, sliding windows,
+    with the cache's offsets: key j visible to query i when i + lo <= j <= i + hi) times key padding: the (B, Nk)
+    bool key-padding mask tagged `_minillm_band`, no (B, 1, Nq, Nk) mask at all. The band is read off the pattern
+    function row block by row block (index-based functions, as sdpa_mask's own fast path evaluates them) and must
+    hold exactly for every row and batch entry. Any other pattern, or a model that asks for the mask itself
+    (`allow_is_causal_skip=False`: Falcon adds ALiBi onto it), gets transformers' `sdpa_mask`, tagged with its band
+    when it is one. None where sdpa would get None and the kernel's causal flag means the same."""
     import transformers.masking_utils as mu
 
     if mask_function is None:
         mask_function = mu.causal_mask_function
+    args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                mask_function=mask_function, attention_mask=attention_mask)
     if not _uses_attention_functions(kwargs.get("config")):
         # A model that computes attention itself (BLOOM) adds the mask it gets to its scores: it needs the float
         # mask its eager implementation would get, not a boolean one.
-        return mu.eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
-    mask = mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
-    if mask is not None and mask.dtype == torch.bool and not kwargs.get("use_vmap", False):
-        band = _band_of(mask, mask_function, attention_mask, q_length, kv_length, q_offset, kv_offset)
-        if band is not None:
-            mask._minillm_band = band
-    return mask
+        return mu.eager_mask(**args, **kwargs)
+    padded = attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch_size
+    # A causal mask with allow_is_causal_skip=False is one the model asked to have materialised (Falcon edits it);
+    # bidirectional masks always come with allow_is_causal_skip=False (and allow_is_bidirectional_skip given).
+    materialise = not kwargs.get("allow_is_causal_skip", True) and "allow_is_bidirectional_skip" not in kwargs
+    if kwargs.get("use_vmap", False) or materialise or (attention_mask is not None and not padded):
+        mask = mu.sdpa_mask(**args, **kwargs)
+        if mask is not None and mask.dtype == torch.bool and not kwargs.get("use_vmap", False):
+            band = _band_of(mask, mask_function, attention_mask, q_length, kv_length, q_offset, kv_offset)
+            if band is not None:
+                mask._minillm_band = band
+        return mask
+    kpm = None
+    if padded:
+        padding = torch.nn.functional.pad(attention_mask, (0, max(0, kv_length + kv_offset - attention_mask.shape[-1])))
+        kpm = padding[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+        if bool(kpm.all()):
+            kpm = None
+    local = kwargs.get("local_size")
+    if kpm is None and (q_length == 1 or kv_length == q_length) and (local is None or kv_length < local):
+        # sdpa_mask's own shortcut (None: `is_causal` suffices), where top-left and bottom-right alignment agree
+        if mask_function is mu.causal_mask_function:
+            return None
+        if mask_function is mu.bidirectional_mask_function and kwargs.get("allow_is_bidirectional_skip", False):
+            return None
+    dev = kwargs.get("device", None) or (attention_mask.device if attention_mask is not None else "cpu")
+    lo_hi = _probe_band(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, dev)
+    if lo_hi is None:
+        return mu.sdpa_mask(**args, **kwargs)
+    keep = kpm if kpm is not None else torch.ones(batch_size, kv_length, dtype=torch.bool, device=dev)
+    keep = keep.clone()  # a tensor of its own to carry the tag
+    keep._minillm_band = _Band(lo_hi[0], lo_hi[1], kpm, q_length, kv_length)
+    return keep
+
+
+def _probe_band(mask_function, B: int, Nq: int, Nk: int, q_offset: int, kv_offset: int, device,
+                rows_per_step: int = 256) -> Optional[Tuple[Optional[int], Optional[int]]]:
+    """(lo, hi) when mask_function's pattern (without padding) is the band i + lo <= j <= i + hi over the (Nq, Nk)
+    grid of local indices for every batch entry (None: unbounded on that side), else None. Evaluated rows_per_step
+    rows at a time, so its memory stays O(B * rows_per_step * Nk)."""
+    from transformers.masking_utils import _non_vmap_expansion_sdpa
+
+    batch, head = torch.arange(B, device=device), torch.arange(1, device=device)
+    kv = torch.arange(Nk, device=device) + kv_offset
+    j = torch.arange(Nk, device=device)[None, :]
+    lo = hi = None                # the band's offsets, from rows that show them (first key > 0, last < Nk - 1)
+    lo_max = hi_min = None        # bounds from rows that reach the grid's edges: lo <= lo_max, hi >= hi_min
+    empty_rows = []               # rows that see no key: the band must miss the grid there
+    for r0 in range(0, Nq, rows_per_step):
+        r1 = min(Nq, r0 + rows_per_step)
+        try:
+            pat = mask_function(*_non_vmap_expansion_sdpa(batch, head, torch.arange(r0, r1, device=device) + q_offset,
+                                                          kv))
+            pat = torch.as_tensor(pat, device=device).expand(B, 1, r1 - r0, Nk)
+        except Exception:  # not index-based: only the dense mask describes it
+            return None
+        vis = pat[0, 0]  # (rows, Nk)
+        if pat.dtype != torch.bool or (B > 1 and not bool((pat == vis).all())):
+            return None  # batch-dependent (packed sequences, chunks after left padding)
+        i = torch.arange(r0, r1, device=device)
+        count = vis.sum(1)
+        first = torch.where(vis, j, Nk).amin(1)
+        last = torch.where(vis, j, -1).amax(1)
+        seen = count > 0
+        if not bool((count[seen] == (last - first + 1)[seen]).all()):
+            return None  # a hole in some row
+        empty_rows.append(i[~seen])
+        for edge, sel, d in ((0, seen & (first > 0), first - i), (1, seen & (last < Nk - 1), last - i)):
+            if bool(sel.any()):
+                vals = d[sel]
+                v = int(vals[0])
+                if not bool((vals == v).all()) or (edge == 0 and lo not in (None, v)) or (edge == 1 and hi not in (None, v)):
+                    return None
+                if edge == 0:
+                    lo = v
+                else:
+                    hi = v
+        at_left, at_right = seen & (first == 0), seen & (last == Nk - 1)
+        if bool(at_left.any()):
+            m = int((-i[at_left]).min())  # i + lo <= 0 for these rows
+            lo_max = m if lo_max is None else min(lo_max, m)
+        if bool(at_right.any()):
+            m = int((Nk - 1 - i[at_right]).max())  # i + hi >= Nk - 1
+            hi_min = m if hi_min is None else max(hi_min, m)
+    if (lo is not None and lo_max is not None and lo > lo_max) or (hi is not None and hi_min is not None and hi < hi_min):
+        return None
+    empty = torch.cat(empty_rows) if empty_rows else torch.empty(0, dtype=torch.long)
+    if empty.numel():  # the band must see nothing in these rows, and something in the others (checked above)
+        miss = torch.zeros_like(empty, dtype=torch.bool)
+        if hi is not None:
+            miss |= empty + hi < 0
+        if lo is not None:
+            miss |= empty + lo > Nk - 1
+        if lo is not None and hi is not None and lo > hi:
+            miss |= True
+        if not bool(miss.all()):
+            return None
+    return lo, hi
+
+
+def _dense_mask(band: "_Band", device) -> torch.Tensor:
+    """The (B, 1, Nq, Nk) bool mask a tagged compact mask stands for (sdpa_mask's), for transformers' own functions."""
+    i = torch.arange(band.Nq, device=device)[:, None]
+    j = torch.arange(band.Nk, device=device)[None, :]
+    vis = torch.ones(band.Nq, band.Nk, dtype=torch.bool, device=device)
+    if band.hi is not None:
+        vis &= j <= i + band.hi
+    if band.lo is not None:
+        vis &= j >= i + band.lo
+    if band.kpm is None:
+        return vis[None, None]
+    return vis[None, None] & band.kpm[:, None, None, :]
 
 
 class _Band(NamedTuple):
@@ -153,7 +262,8 @@ def _broadcasts(t: torch.Tensor, shape) -> bool:
 
 
 def _native_kwargs(module, query, key, attention_mask, dropout: float, is_causal, kwargs: dict):
-    """(keywords for minillm.ops.attention, "") when the kernel computes this call exactly, else (None, why)."""
+    """(keywords for minillm.ops.attention._attention_band, (lo, hi)) when the kernel computes this call exactly,
+    else (None, why)."""
     B, H, Nq, _ = query.shape
     Nk = key.shape[2]
     kw = {}
@@ -174,31 +284,31 @@ def _native_kwargs(module, query, key, attention_mask, dropout: float, is_causal
         return None, "attention dropout in training"
     if query.shape[1] % key.shape[1] != 0:
         return None, "query heads not a multiple of the key/value heads"
-    causal = False
+    lo = hi = None  # the band of keys query i sees: i + lo <= j <= i + hi
     if attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        causal = bool(causal) and Nq > 1  # one decoding query sees the whole cache either way
+        if causal and Nq > 1:  # sdpa's is_causal: top-left, j <= i (one decoding query sees the whole cache)
+            hi = 0
     elif getattr(attention_mask, "_minillm_band", None) is not None:
         band = attention_mask._minillm_band
         if (band.Nq, band.Nk) != (Nq, Nk):
             return None, "a mask made for other sequence lengths"
-        off = Nk - Nq  # attention()'s window is relative to the bottom-right diagonal
-        right = -1 if band.hi is None else band.hi - off
-        left = -1 if band.lo is None else off - band.lo
-        if (band.hi is not None and right < 0) or (band.lo is not None and left < 0):
-            return None, "a band of keys the kernel's window does not express"
-        if (left, right) != (-1, -1):
-            kw["window"] = (left, right)
+        if band.lo is not None and band.hi is not None and band.lo > band.hi:
+            return None, "a mask that hides every key"
+        lo, hi = band.lo, band.hi
         if band.kpm is not None:
             kw["key_padding_mask"] = band.kpm
     elif attention_mask.is_floating_point() and _broadcasts(attention_mask, (B, H, Nq, Nk)):
         # An additive float mask (Falcon's ALiBi, a model-made pattern): the kernel adds it as a bias, blockwise.
         bias = attention_mask if bias is None else bias + attention_mask
+    elif attention_mask.dim() != 4:
+        raise ValueError(f"minillm attention got a {attention_mask.dim()}-D attention mask without the band its mask "
+                         f"function tagged it with: model code rebuilt it; use attn_implementation='sdpa' for this model")
     else:
         return None, "a mask that is not a band of keys (a model-made or dense pattern)"
     if bias is not None:
         kw["bias"] = bias
-    return kw, causal
+    return kw, (lo, hi)
 
 
 def _eager_mask(attention_mask, query: torch.Tensor, key: torch.Tensor, causal: bool):
@@ -220,6 +330,9 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_ca
     """transformers' own attention for this call: `sdpa`, or the model's `eager` where sdpa cannot compute it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    band = getattr(attention_mask, "_minillm_band", None)
+    if band is not None and attention_mask.dim() != 4:  # a compact mask: the dense one transformers' functions take
+        attention_mask = _dense_mask(band, query.device)
     extra = {} if is_causal is None else {"is_causal": is_causal}
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is not None and any(kwargs.get(k) is not None and kwargs.get(k) is not False for k in _EAGER_ONLY):
@@ -236,12 +349,12 @@ def minillm_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention-function signature: query (B, H, Nq, D), key/value (B, Hkv, Nk, D) ->
     ((B, Nq, H, D), None)."""
     dropout = dropout if module.training else 0.0
-    kw, causal = _native_kwargs(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    kw, band = _native_kwargs(module, query, key, attention_mask, dropout, is_causal, kwargs)
     if kw is None:
-        _once(causal)
+        _once(band)
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     # grouped-query attention (fewer key/value heads) goes to the kernel as it is: no repeated K/V
-    out = ops.attention(query, key, value, causal=causal, scale=scaling, **kw)
+    out = _attention_band(query, key, value, band[0], band[1], scale=scaling, **kw)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -597,6 +597,28 @@ def attention(
                 (window[0], window[1], float(softcap or 0.0), alibi_slopes, bias, sinks))
 
 
+def _attention_band(q: Tensor, k: Tensor, v: Tensor, lo: Optional[int], hi: Optional[int], *,
+                    key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
+                    softcap: Optional[float] = None, bias: Optional[Tensor] = None,
+                    sinks: Optional[Tensor] = None) -> Tensor:
+    """attention() where query i sees keys i + lo <= j <= i + hi (None: unbounded on that side), a band on any
+    diagonal: transformers' masks are aligned top-left with the cache's offsets, not bottom-right as attention()'s
+    window is. The transformers backend's entry (minillm.integrations.transformers); lo <= hi."""
+    _check_inputs(q, k, v, key_padding_mask, None)
+    scale = _check_scale(scale, q.shape[-1])
+    if hi is not None:  # the band's upper edge is the diagonal: causal_offset = hi, window (hi - lo, 0)
+        off, window = hi, (-1 if lo is None else hi - lo, 0)
+    elif lo is not None:
+        off, window = lo, (0, -1)
+    else:
+        off, window = k.shape[2] - q.shape[2], (-1, -1)
+    _check_mods(q, k, window, softcap, None, bias, sinks)
+    if window == (-1, -1) and not softcap and bias is None and sinks is None:
+        return _run(q, k, v, key_padding_mask, False, off, scale)
+    return _run(q, k, v, key_padding_mask, False, off, scale, None,
+                (window[0], window[1], float(softcap or 0.0), None, bias, sinks))
+
+
 def _as_key_padding(attn_mask: Tensor, B: int, Nq: int, Nk: int) -> Optional[Tensor]:
     """(B, Nk) view of a boolean SDPA mask that only depends on (batch, key), else None."""
     if attn_mask.dtype != torch.bool or attn_mask.dim() > 4 or attn_mask.dim() == 0:

@@ -76,8 +76,8 @@ def _pair(cls, config):
 def _count_kernel_calls(monkeypatch):
     """(kernel calls, fallback calls): lists that grow with each call."""
     calls, fallbacks = [], []
-    real, real_fallback = mt.ops.attention, mt._fallback
-    monkeypatch.setattr(mt.ops, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, real_fallback = mt._attention_band, mt._fallback
+    monkeypatch.setattr(mt, "_attention_band", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(mt, "_fallback", lambda *a, **k: fallbacks.append(1) or real_fallback(*a, **k))
     return calls, fallbacks
 

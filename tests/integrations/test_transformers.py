@@ -38,13 +38,13 @@ def test_bert_matches_sdpa_with_padding(minilm_dir, data_dir):
     sdpa = transformers.AutoModel.from_pretrained(minilm_dir, attn_implementation="sdpa").eval()
     ours = transformers.AutoModel.from_pretrained(minilm_dir, attn_implementation="minillm").eval()
     calls = []
-    real = mt.ops.attention
-    mt.ops.attention = lambda *a, **k: calls.append(k.get("key_padding_mask") is not None) or real(*a, **k)
+    real = mt._attention_band
+    mt._attention_band = lambda *a, **k: calls.append(k.get("key_padding_mask") is not None) or real(*a, **k)
     try:
         with torch.no_grad():
             a, b = sdpa(**enc).last_hidden_state, ours(**enc).last_hidden_state
     finally:
-        mt.ops.attention = real
+        mt._attention_band = real
     keep = enc["attention_mask"].bool()
     assert (a[keep] - b[keep]).abs().max() <= 1e-4
     assert calls and all(calls), "padding must reach the kernel as a key padding mask"
@@ -148,29 +148,81 @@ def _mask(**kw):
     return mt.minillm_mask(**kw), mu
 
 
+@pytest.mark.parametrize("materialise", [False, True], ids=["compact", "dense"])
+@pytest.mark.parametrize("window", [None, 8], ids=["causal", "sliding8"])
 @pytest.mark.parametrize("q_offset,kv_offset,q_length,kv_length", [(0, 0, 12, 12), (9, 0, 3, 12), (13, 6, 1, 8),
-                                                                     (20, 13, 3, 10)])
-def test_sliding_window_masks_are_tagged_as_bands(q_offset, kv_offset, q_length, kv_length):
-    """Mistral's sliding window (kv > q - 8) and padding, with caches that start past position 0 (kv_offset): the
-    tag describes the mask exactly, and the kernel given the tag computes sdpa's result with the dense mask."""
+                                                                     (20, 13, 3, 10), (0, 0, 5, 9)])
+def test_band_masks_reach_the_kernel_exactly(q_offset, kv_offset, q_length, kv_length, window, materialise):
+    """Causal and sliding-window (kv > q - 8) patterns with padding and caches that start past position 0: the mask
+    function returns the (B, Nk) padding tagged with the band (compact: no (B, 1, Nq, Nk) mask exists) or, when
+    the model asks for the mask itself, sdpa_mask's tagged; the kernel then computes sdpa's result with
+    sdpa_mask's dense mask, and a fallback call gets that dense mask back."""
     import transformers.masking_utils as mu
 
     B = 2
     attention_mask = torch.ones(B, kv_offset + kv_length, dtype=torch.bool)  # as transformers passes it
     attention_mask[1, :2] = False  # left padding
-    mask, _ = _mask(batch_size=B, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
-                    mask_function=mu.sliding_window_causal_mask_function(8), attention_mask=attention_mask,
-                    allow_is_causal_skip=False)
+    fn = mu.causal_mask_function if window is None else mu.sliding_window_causal_mask_function(window)
+    kw = dict(batch_size=B, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+              mask_function=fn, attention_mask=attention_mask)
+    extra = {"allow_is_causal_skip": False} if materialise else {}
+    mask = mt.minillm_mask(**kw, **extra)
+    dense = mu.sdpa_mask(**kw, allow_is_causal_skip=False)
+    if mask is None:  # sdpa's own shortcut: one query, no padding, nothing to mask
+        assert q_length == 1 and bool(dense.all())
+        return
     band = mask._minillm_band
     assert (band.Nq, band.Nk) == (q_length, kv_length)
+    assert mask.shape == ((B, 1, q_length, kv_length) if materialise else (B, kv_length))
+    assert torch.equal(mt._dense_mask(band, mask.device).expand_as(dense), dense)
     q = torch.randn(B, 4, q_length, 16)
     kv = torch.randn(B, 2, kv_length, 16)
     module = torch.nn.Module()
     module.training = False
     out = mt.minillm_attention(module, q, kv, kv, mask, scaling=0.25)[0]
-    rows = mask.any(-1, keepdim=True)  # rows that see a key (sdpa's others are not comparable)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=0.25, enable_gqa=True)
+    rows = dense.any(-1, keepdim=True)  # rows that see a key (sdpa's others are not comparable)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=dense, scale=0.25, enable_gqa=True)
     torch.testing.assert_close(out.transpose(1, 2) * rows, ref * rows, atol=1e-5, rtol=1e-4)
+    seen = {}
+    module.training = True  # dropout: transformers' sdpa function, given the dense mask
+
+    def fake_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen["mask"] = attention_mask
+        return torch.zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+    import transformers.integrations.sdpa_attention as sa
+
+    real = sa.sdpa_attention_forward
+    sa.sdpa_attention_forward = fake_sdpa
+    try:
+        mt.minillm_attention(module, q, kv, kv, mask, dropout=0.1, scaling=0.25)
+    finally:
+        sa.sdpa_attention_forward = real
+    assert torch.equal(seen["mask"].expand_as(dense), dense)
+
+
+def test_a_compact_mask_that_lost_its_tag_is_an_error():
+    import transformers.masking_utils as mu
+
+    mask = mt.minillm_mask(batch_size=2, q_length=4, kv_length=4, mask_function=mu.causal_mask_function,
+                           attention_mask=torch.tensor([[True] * 4, [False, True, True, True]]))
+    assert mask.dim() == 2
+    q = torch.randn(2, 2, 4, 8)
+    module = torch.nn.Module()
+    module.training = False
+    with pytest.raises(ValueError, match="without the band"):
+        mt.minillm_attention(module, q, q, q, mask.clone())  # model code rebuilt it: the tag is gone
+
+
+def test_causal_without_a_mask_over_more_keys_is_top_left_as_in_sdpa():
+    """sdpa_mask returns None for a prefill into a longer static cache (keys past the queries padded); transformers'
+    sdpa then aligns is_causal top-left (j <= i), and so does the kernel's band here."""
+    q, kv = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)
+    module = torch.nn.Module()
+    module.training = False
+    out = mt.minillm_attention(module, q, kv, kv, None, is_causal=True)[0]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+    torch.testing.assert_close(out.transpose(1, 2), ref)
 
 
 def test_patterns_that_are_not_bands_fall_back(monkeypatch):
@@ -198,8 +250,8 @@ def test_float_masks_position_bias_softcap_and_sinks_run_the_kernel(monkeypatch)
     """What models pass beyond a mask (Falcon's ALiBi float mask, T5's position_bias, Gemma 2's softcap, gpt-oss's
     s_aux) is computed by the kernel, as the models' eager functions compute it."""
     calls = []
-    real = mt.ops.attention
-    monkeypatch.setattr(mt.ops, "attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = mt._attention_band
+    monkeypatch.setattr(mt, "_attention_band", lambda *a, **k: calls.append(k) or real(*a, **k))
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8)
     module = torch.nn.Module()

@@ -336,7 +336,9 @@ def test_attention_mods_keyword_checks_every_buffer_before_the_kernel():
     good_bias = torch.randn(2, 8, 8)  # broadcast over batch: strides (0, 64, 8, 1)
     plain = (-1, -1, 0.0, none, none, (0, 0, 0, 0), none, none)
     C.attention_fwd(**kw, mods=plain)
-    C.attention_fwd(**kw, mods=(3, 0, 2.0, d(torch.rand(2, 2)), b(good_bias), (0, 64, 8, 1), d(torch.randn(2)), none))
+    # Buffers are bare pointers: every tensor a call reads or writes is held in a name until the call returns.
+    alibi, sinks, dbias = torch.rand(2, 2), torch.randn(2), torch.zeros(2, 2, 8, 8)
+    C.attention_fwd(**kw, mods=(3, 0, 2.0, d(alibi), b(good_bias), (0, 64, 8, 1), d(sinks), none))
     with pytest.raises(TypeError, match="mods must be None or"):
         C.attention_fwd(**kw, mods=(-1, -1, 0.0))
     with pytest.raises(TypeError, match="mods.softcap must be a float"):
@@ -360,7 +362,7 @@ def test_attention_mods_keyword_checks_every_buffer_before_the_kernel():
                v_strides=(128, 64, 8), out_strides=(128, 64, 8), causal=False, causal_offset=0, scale=0.25,
                dtype=C.DTYPES["float32"])
     C.attention_fwd(**kw)
-    C.attention_bwd(**bkw, mods=(-1, -1, 0.0, none, none, (0, 0, 0, 0), none, d(torch.zeros(2, 2, 8, 8))))
+    C.attention_bwd(**bkw, mods=(-1, -1, 0.0, none, none, (0, 0, 0, 0), none, d(dbias)))
     with pytest.raises(ValueError, match="dbias reaches"):
         C.attention_bwd(**bkw, mods=(-1, -1, 0.0, none, none, (0, 0, 0, 0), none, d(torch.zeros(2, 2, 8, 7))))
     with pytest.raises(ValueError, match="takes no mods.sinks"):
