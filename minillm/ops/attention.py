@@ -262,7 +262,7 @@ def _cuda_fits(q: Tensor, k: Optional[Tensor] = None) -> bool:
     return q.dtype != torch.float64 and q.shape[-1] <= _CUDA_MAX_D and (k is None or k.shape[1] == q.shape[1])
 
 
-def _plain(window_left, window_right, softcap, alibi, bias, sinks) -> bool:
+def _plain(window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, sinks=None) -> bool:
     return window_left < 0 and window_right < 0 and not softcap and alibi is None and bias is None and sinks is None
 
 
