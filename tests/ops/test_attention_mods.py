@@ -286,3 +286,20 @@ def test_softcap_tanh_is_accurate_for_small_and_large_scores():
                                    attention_reference(q.double(), k.double(), v.double(), softcap=cap).float(),
                                    atol=3e-5, rtol=1e-4)
     assert math.isfinite(attention(q * 1e4, k, v, softcap=5.0).abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 4], ids=["in-place", "repeated"])
+def test_grouped_backward_in_place_and_repeated_agree(monkeypatch, threads):
+    """The CPU backward reads grouped K/V in place unless there are fewer (batch, key/value head) items than threads,
+    when it repeats them per query head: both with every modifier, against the reference."""
+    import importlib
+
+    attention_mod = importlib.import_module("minillm.ops.attention")
+    monkeypatch.setattr(attention_mod, "_threads", lambda macs: threads)
+    shapes = (1, 6, 2, 37, 53, 16)
+    kw = dict(FEATURES["all"], alibi_slopes=torch.rand(6), bias=torch.randn(6, 37, 53), sinks=torch.randn(6),
+              key_padding_mask=torch.rand(1, 53) > 0.2)
+    ours = _grads_of(attention, torch.float32, shapes, kw, 3)
+    want = _grads_of(attention_reference, torch.float64, shapes, kw, 3)
+    for o, w in zip(ours, want):
+        torch.testing.assert_close(o.double(), w, atol=2e-5, rtol=1e-4)
