@@ -1,14 +1,16 @@
-"""minillm.models: encoder-only (BERT, MLM), decoder-only (GPT, KV-cache generation) and
-encoder-decoder transformers; save_pretrained / from_pretrained in safetensors."""
+"""minillm.models: encoder-only (BERT, MLM), decoder-only (GPT or Llama family, KV-cache generation) and
+encoder-decoder transformers; save_pretrained / from_pretrained in safetensors (and Hugging Face BERT and
+Llama / Qwen2 / Mistral folders)."""
 from minillm.models.base import PreTrainedModel, build_model, from_pretrained
 from minillm.models.config import ModelConfig
 from minillm.models.decoder import DecoderOnlyModel
 from minillm.models.encoder import EncoderOnlyModel, pool
 from minillm.models.encoder_decoder import EncoderDecoderModel
+from minillm.models.hf_llama import load_hf_llama
 from minillm.models.layers import KVCache
 from minillm.models.pretrained import SentenceEncoder, load_hf_bert, minilm_path
 
 __all__ = [
     "ModelConfig", "PreTrainedModel", "build_model", "from_pretrained", "EncoderOnlyModel", "DecoderOnlyModel",
-    "EncoderDecoderModel", "KVCache", "SentenceEncoder", "load_hf_bert", "minilm_path", "pool",
+    "EncoderDecoderModel", "KVCache", "SentenceEncoder", "load_hf_bert", "load_hf_llama", "minilm_path", "pool",
 ]

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
 
 MODEL_TYPES = ("encoder_only", "decoder_only", "transformer")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORM_POSITIONS = ("pre", "post")
+NORM_TYPES = ("layernorm", "rmsnorm")
+POSITION_EMBEDDINGS = ("learned", "rope")
 
 # Per-architecture defaults where the three differ: BERT is post-norm with an embedding LayerNorm
 # and token types; GPT (nanoGPT) and the encoder-decoder are pre-norm.
@@ -45,6 +47,14 @@ class ModelConfig:
     type_vocab_size: Optional[int] = None  # token-type embeddings (BERT); 0 = none
     bias: bool = True
     tie_embeddings: bool = True
+    # Llama-family options (the defaults keep the GPT-2 / BERT architecture and every saved checkpoint):
+    position_embedding: str = "learned"  # "rope": rotary embeddings on q and k (rotate-half form, as Llama)
+    rope_theta: float = 10000.0
+    norm_type: str = "layernorm"  # "rmsnorm": RMSNorm (weight only)
+    gated_mlp: bool = False  # the MLP as act(x W_gate) * (x W_up) W_down: SwiGLU with activation "silu"
+    num_kv_heads: Optional[int] = None  # grouped-query attention: key/value heads (default num_heads)
+    qkv_bias: Optional[bool] = None  # biases on the q/k/v projection (default `bias`; Qwen2 has them alone)
+    sliding_window: Optional[int] = None  # each query attends to the last `sliding_window` keys (Mistral)
     num_decoder_layers: Optional[int] = None  # encoder-decoder only; default num_layers
     pad_token_id: Optional[int] = 0
     bos_token_id: Optional[int] = None
@@ -61,7 +71,12 @@ class ModelConfig:
             self.d_ff = 4 * self.d_model
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
-        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "num_decoder_layers"):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "num_decoder_layers",
+                     "num_kv_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -70,6 +85,23 @@ class ModelConfig:
                 f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}); "
                 f"e.g. num_heads={max(h for h in range(1, self.num_heads + 1) if self.d_model % h == 0)}"
             )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+        for name, plain in (("num_kv_heads", self.num_kv_heads == self.num_heads),
+                            ("position_embedding", self.position_embedding == "learned"),
+                            ("sliding_window", self.sliding_window is None)):
+            if not plain and self.model_type != "decoder_only":
+                raise ValueError(f"{name}={getattr(self, name)!r} is for decoder_only models (Llama family)")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+        if self.position_embedding == "rope" and (self.head_dim % 2 or not self.rope_theta > 0):
+            raise ValueError(f"rotary embeddings need an even head dim and rope_theta > 0, got head_dim "
+                             f"{self.head_dim}, rope_theta {self.rope_theta}")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ACTIVATIONS:
@@ -93,8 +125,11 @@ class ModelConfig:
         """Parameters a model of this config holds (the exact count up to biases and norms, which the
         estimate over-counts a little): what check_size() weighs before anything is allocated."""
         d, ff = self.d_model, self.d_ff
-        block = 4 * d * d + 2 * d * ff + 9 * d + ff  # attention q/k/v/out, MLP, biases, norms
-        n = self.vocab_size * d + self.max_seq_len * d + self.type_vocab_size * d + 2 * d
+        kv = 2 * d * self.num_kv_heads // self.num_heads  # k and v projections' outputs
+        mlp = (3 if self.gated_mlp else 2) * d * ff
+        block = 2 * d * d + d * kv + mlp + 9 * d + ff  # attention q/k/v/out, MLP, biases, norms
+        positions = self.max_seq_len * d if self.position_embedding == "learned" else 0
+        n = self.vocab_size * d + positions + self.type_vocab_size * d + 2 * d
         if self.model_type == "transformer":  # encoder and decoder: positions, blocks (cross-attention too), norms
             n += self.max_seq_len * d + 2 * d
             n += self.num_layers * block + self.num_decoder_layers * (block + 4 * d * d + 6 * d)

@@ -11,7 +11,8 @@ from minillm import ops
 from minillm.models.auto import register
 from minillm.models.base import PreTrainedModel, lm_loss
 from minillm.models.generation import check_sampling, decode
-from minillm.models.layers import Block, Embeddings, KVCache, check_input_ids, init_weights, padding_mask
+from minillm.models.layers import (Block, Embeddings, KVCache, check_input_ids, init_weights, make_norm, padding_mask,
+                                   rope_tables)
 
 
 @register("decoder_only")
@@ -26,7 +27,7 @@ class DecoderOnlyModel(PreTrainedModel):
         c = self.config
         self.embed = Embeddings(c)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
-        self.norm_f = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias) if c.norm_position == "pre" else None
+        self.norm_f = make_norm(c) if c.norm_position == "pre" else None
         self.lm_head = ops.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, c.num_layers)
         if c.tie_embeddings:
@@ -40,8 +41,11 @@ class DecoderOnlyModel(PreTrainedModel):
         kpm = padding_mask(attention_mask, input_ids)
         if kpm is not None and cache is not None:
             raise ValueError("attention_mask with a KV cache is not supported; generate from unpadded prompts")
+        rope = None
+        if self.config.position_embedding == "rope":  # (N, Dh) tables for positions start .. start + N - 1
+            rope = rope_tables(self.config, torch.arange(start, start + input_ids.shape[1], device=x.device), x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, causal=True, key_padding_mask=kpm, cache=cache, layer=i)
+            x = block(x, causal=True, key_padding_mask=kpm, cache=cache, layer=i, rope=rope)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return self.norm_f(x) if self.norm_f is not None else x
@@ -87,7 +91,7 @@ class DecoderOnlyModel(PreTrainedModel):
         self.eval()
         c = self.config
         capacity = min(c.max_seq_len, input_ids.shape[1] + max_new_tokens)  # no cache memory beyond the need
-        new_cache = (lambda: KVCache(c.num_layers, input_ids.shape[0], c.num_heads, capacity, c.head_dim,
+        new_cache = (lambda: KVCache(c.num_layers, input_ids.shape[0], c.num_kv_heads, capacity, c.head_dim,
                                      self.lm_head.weight.dtype, input_ids.device)) if use_cache else None
         try:
             return decode(self._last_logits, input_ids, c.max_seq_len, new_cache, max_new_tokens, temperature,

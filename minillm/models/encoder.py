@@ -10,7 +10,7 @@ from torch import Tensor
 
 from minillm.models.auto import register
 from minillm.models.base import PreTrainedModel, lm_loss
-from minillm.models.layers import Block, Embeddings, Packed, activation_fn, init_weights, padding_mask
+from minillm.models.layers import Block, Embeddings, Packed, activation_fn, init_weights, make_norm, padding_mask
 
 
 def pool(hidden: Tensor, attention_mask: Optional[Tensor] = None, mode: str = "mean") -> Tensor:
@@ -55,7 +55,7 @@ class EncoderOnlyModel(PreTrainedModel):
         c = self.config
         self.embed = Embeddings(c)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
-        self.norm_f = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias) if c.norm_position == "pre" else None
+        self.norm_f = make_norm(c) if c.norm_position == "pre" else None
         self.mlm_head = MLMHead(c)
         init_weights(self, c.num_layers)
         if c.tie_embeddings:

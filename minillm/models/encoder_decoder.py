@@ -11,7 +11,8 @@ from minillm import ops
 from minillm.models.auto import register
 from minillm.models.base import PreTrainedModel, lm_loss
 from minillm.models.generation import check_sampling, decode
-from minillm.models.layers import Block, Embeddings, KVCache, check_input_ids, init_weights, padding_mask
+from minillm.models.layers import (Block, Embeddings, KVCache, check_input_ids, init_weights, make_norm,
+                                   padding_mask)
 
 
 @register("transformer")
@@ -30,8 +31,8 @@ class EncoderDecoderModel(PreTrainedModel):
         self.encoder = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         self.decoder = nn.ModuleList(Block(c, cross=True) for _ in range(c.num_decoder_layers))
         pre = c.norm_position == "pre"
-        self.enc_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias) if pre else None
-        self.dec_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias) if pre else None
+        self.enc_norm = make_norm(c) if pre else None
+        self.dec_norm = make_norm(c) if pre else None
         self.lm_head = ops.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, c.num_layers + c.num_decoder_layers)
         if c.tie_embeddings:

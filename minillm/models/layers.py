@@ -38,7 +38,61 @@ def activation_fn(name: str):
         return _gelu
     if name == "gelu_tanh":
         return lambda x: F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu
     return F.relu
+
+
+def make_norm(config: ModelConfig, dim: Optional[int] = None) -> nn.Module:
+    """The config's normalisation over the last dim: LayerNorm (GPT, BERT) or RMSNorm (Llama)."""
+    dim = dim or config.d_model
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 whatever the input dtype (as Llama's reference does),
+    the result cast back before the weight multiplies it."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rope(NamedTuple):
+    """cos and sin of the rotary embedding at the positions of one forward: (N, Dh) each, or (T, Dh) for packed
+    tokens; rows broadcast over batch and heads."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def rope_tables(config: ModelConfig, positions: Tensor, dtype: torch.dtype) -> Rope:
+    """Rotary tables for `positions` (any shape P): cos, sin (P, Dh) in `dtype`, computed in fp32 (fp64 for fp64).
+    Frequencies
+    theta^(-2i / Dh), each used for dims i and i + Dh / 2 (the rotate-half layout of Llama's reference)."""
+    Dh = config.head_dim
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 as Llama's reference computes them
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, Dh, 2, device=positions.device, dtype=work) / Dh))
+    angles = positions.to(work)[..., None] * inv_freq  # (P, Dh / 2)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, Dh)
+    return Rope(angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+def apply_rope(x: Tensor, rope: Rope) -> Tensor:
+    """x * cos + rotate_half(x) * sin for x (B, H, N, Dh) (or any (..., N, Dh) the tables broadcast to), where
+    rotate_half(x) = (-x2, x1) for the halves x1, x2 of the last dim."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * rope.cos + rotated * rope.sin
 
 
 class KVCache:
@@ -103,17 +157,21 @@ class Packed(NamedTuple):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (fused q/k/v projection) or cross-attention (separate q and kv)."""
+    """Multi-head self-attention (fused q/k/v projection, with Hkv <= H key/value heads) or cross-attention
+    (separate q and kv)."""
 
     def __init__(self, config: ModelConfig, cross: bool = False):
         super().__init__()
         C = config.d_model
         self.heads, self.head_dim, self.cross = config.num_heads, config.head_dim, cross
+        self.kv_heads = config.num_kv_heads
+        # Mistral's window: query i sees keys i - W < j <= i, i.e. the kernel's window (W - 1, 0) with causal
+        self.window = (config.sliding_window - 1, 0) if config.sliding_window else None
         if cross:
-            self.q = ops.Linear(C, C, bias=config.bias)
-            self.kv = ops.Linear(C, 2 * C, bias=config.bias)
+            self.q = ops.Linear(C, C, bias=config.qkv_bias)
+            self.kv = ops.Linear(C, 2 * C, bias=config.qkv_bias)
         else:
-            self.qkv = ops.Linear(C, 3 * C, bias=config.bias)
+            self.qkv = ops.Linear(C, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=config.qkv_bias)
         self.proj = ops.Linear(C, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -122,6 +180,15 @@ class Attention(nn.Module):
         # (B, N, parts * C) -> (parts, B, H, N, Dh): strided views with unit stride along Dh, which the
         # kernel reads in place.
         return list(x.view(B, N, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4))
+
+    def _split_qkv(self, x: Tensor) -> List[Tensor]:
+        """(B, N, (H + 2 Hkv) Dh) -> q (B, H, N, Dh), k and v (B, Hkv, N, Dh): views, as _split's."""
+        if self.kv_heads == self.heads:
+            return self._split(x, 3)
+        B, N, _ = x.shape
+        heads = x.view(B, N, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, N, Dh)
+        H, Hkv = self.heads, self.kv_heads
+        return [heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:]]
 
     def memory_kv(self, memory: Tensor) -> Tuple[Tensor, Tensor]:
         """Cross-attention keys and values of the encoder output (B, M, C): (B, H, M, Dh) each."""
@@ -138,13 +205,22 @@ class Attention(nn.Module):
         layer: int = 0,
         memory_kv: Optional[Tuple[Tensor, Tensor]] = None,
         packed: Optional[Packed] = None,
+        rope: Optional[Rope] = None,
     ) -> Tensor:
+        window = self.window if causal else None
         if packed is not None:  # x: (T, C) real tokens only
+            qkv = self.qkv(x)  # (T, (H + 2 Hkv) Dh)
+            if rope is not None:  # the packed tokens' own positions: tables (T, Dh)
+                T = qkv.shape[0]
+                heads = qkv.view(T, self.heads + 2 * self.kv_heads, self.head_dim)
+                H, Hkv = self.heads, self.kv_heads
+                r = Rope(rope.cos[:, None], rope.sin[:, None])  # (T, 1, Dh)
+                qkv = torch.cat([apply_rope(heads[:, :H + Hkv], r), heads[:, H + Hkv:]], dim=1).flatten(1)
             # Padded positions are left unfilled: the kernel never reads padded keys nor padded queries
             # (query_padding_mask), forward or backward, and pack drops their output rows.
-            q, k, v = self._split(packed.unpack(self.qkv(x), fill_padding=False), 3)
+            q, k, v = self._split_qkv(packed.unpack(qkv, fill_padding=False))
             out = ops.attention(q, k, v, causal=causal, key_padding_mask=packed.mask,
-                                query_padding_mask=packed.mask)  # (B, H, N, Dh)
+                                query_padding_mask=packed.mask, window=window)  # (B, H, N, Dh)
             out = packed.pack(out.permute(0, 2, 1, 3)).flatten(1)  # (T, H, Dh) -> (T, C)
             return self.dropout(self.proj(out))
         B, N, C = x.shape
@@ -152,24 +228,36 @@ class Attention(nn.Module):
             (q,) = self._split(self.q(x), 1)
             k, v = memory_kv
         else:
-            q, k, v = self._split(self.qkv(x), 3)
+            q, k, v = self._split_qkv(self.qkv(x))
+            if rope is not None:  # tables (N, Dh) broadcast over batch and heads
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
-        out = ops.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)  # (B, H, N, Dh)
+        out = ops.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, window=window)  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.dropout(self.proj(out))
 
 
 class MLP(nn.Module):
+    """act(x W1) W2, or gated (SwiGLU with "silu"): fc computes [gate, up] in one product, (..., 2 d_ff), and
+    act(gate) * up goes into proj."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = ops.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.gated = config.gated_mlp
+        self.fc = ops.Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=config.bias)
         self.proj = ops.Linear(config.d_ff, config.d_model, bias=config.bias)
         self.act = activation_fn(config.activation)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        h = self.fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
@@ -181,11 +269,11 @@ class Block(nn.Module):
         C, eps = config.d_model, config.norm_eps
         self.pre = config.norm_position == "pre"
         self.attn = Attention(config)
-        self.norm1 = nn.LayerNorm(C, eps=eps, bias=config.bias)
+        self.norm1 = make_norm(config)
         self.cross_attn = Attention(config, cross=True) if cross else None
-        self.norm_cross = nn.LayerNorm(C, eps=eps, bias=config.bias) if cross else None
+        self.norm_cross = make_norm(config) if cross else None
         self.mlp = MLP(config)
-        self.norm2 = nn.LayerNorm(C, eps=eps, bias=config.bias)
+        self.norm2 = make_norm(config)
 
     def _residual(self, x: Tensor, norm: nn.LayerNorm, branch) -> Tensor:
         return x + branch(norm(x)) if self.pre else norm(x + branch(x))
@@ -201,9 +289,10 @@ class Block(nn.Module):
         memory_kv: Optional[Tuple[Tensor, Tensor]] = None,
         memory_mask: Optional[Tensor] = None,
         packed: Optional[Packed] = None,
+        rope: Optional[Rope] = None,
     ) -> Tensor:
         x = self._residual(x, self.norm1, lambda h: self.attn(h, causal=causal, key_padding_mask=key_padding_mask,
-                                                               cache=cache, layer=layer, packed=packed))
+                                                               cache=cache, layer=layer, packed=packed, rope=rope))
         if self.cross_attn is not None:
             x = self._residual(x, self.norm_cross,
                                lambda h: self.cross_attn(h, key_padding_mask=memory_mask, memory_kv=memory_kv))
@@ -217,17 +306,19 @@ class Embeddings(nn.Module):
         super().__init__()
         C = config.d_model
         self.tok = nn.Embedding(config.vocab_size, C)
-        self.pos = nn.Embedding(config.max_seq_len, C)
+        # rotary embeddings act on q and k in the attention instead
+        self.pos = nn.Embedding(config.max_seq_len, C) if config.position_embedding == "learned" else None
         self.token_type = nn.Embedding(config.type_vocab_size, C) if config.type_vocab_size else None
-        self.norm = nn.LayerNorm(C, eps=config.norm_eps, bias=config.bias) if config.embedding_norm else None
+        self.norm = make_norm(config) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.dropout)
         self.vocab_size, self.max_seq_len = config.vocab_size, config.max_seq_len
 
     def forward(self, input_ids: Tensor, start: int = 0, token_type_ids: Optional[Tensor] = None) -> Tensor:
         check_input_ids(input_ids, self.vocab_size, self.max_seq_len, start)
         N = input_ids.shape[1]
-        pos = torch.arange(start, start + N, device=input_ids.device)
-        x = self.tok(input_ids) + self.pos(pos)[None]
+        x = self.tok(input_ids)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(start, start + N, device=input_ids.device))[None]
         if self.token_type is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             x = x + self.token_type(types)
