@@ -6,11 +6,13 @@ from minillm.models.config import ModelConfig
 from minillm.models.decoder import DecoderOnlyModel
 from minillm.models.encoder import EncoderOnlyModel, pool
 from minillm.models.encoder_decoder import EncoderDecoderModel
+from minillm.models.gguf_llama import load_gguf, smollm2_path
 from minillm.models.hf_llama import load_hf_llama
 from minillm.models.layers import KVCache
 from minillm.models.pretrained import SentenceEncoder, load_hf_bert, minilm_path
 
 __all__ = [
     "ModelConfig", "PreTrainedModel", "build_model", "from_pretrained", "EncoderOnlyModel", "DecoderOnlyModel",
-    "EncoderDecoderModel", "KVCache", "SentenceEncoder", "load_hf_bert", "load_hf_llama", "minilm_path", "pool",
+    "EncoderDecoderModel", "KVCache", "SentenceEncoder", "load_hf_bert", "load_hf_llama", "load_gguf", "smollm2_path",
+    "minilm_path", "pool",
 ]

@@ -120,9 +120,14 @@ class PreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                         dtype: Optional[torch.dtype] = None) -> "PreTrainedModel":
-        """Loads a model saved by save_pretrained (any model type when called on PreTrainedModel;
-        a Hugging Face BERT folder for the encoder-only model)."""
+        """Loads a model saved by save_pretrained (any model type when called on PreTrainedModel), a Hugging Face
+        BERT or Llama / Qwen2 / Mistral folder, or a llama-architecture .gguf file."""
         directory = Path(directory)
+        if directory.suffix == ".gguf" and directory.is_file():  # a llama.cpp file (minillm.models.gguf_llama)
+            model = auto.FORMATS["gguf"](directory)
+            if cls is not PreTrainedModel and not isinstance(model, cls):
+                raise ValueError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+            return model.to(device=device, dtype=dtype) if (device or dtype) else model
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")

@@ -49,6 +49,27 @@ class PretrainedTokenizer(HFBackedTokenizer):
     def _encode_many(self, texts: List[str], add_special_tokens: bool) -> List[List[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
+    chat_template = None  # a Jinja template of the model's chat format (set by loaders that have one: GGUF)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **extra):
+        """The conversation `messages` ([{"role": ..., "content": ...}, ...]) in the model's chat format, as
+        transformers renders it (a sandboxed Jinja environment, trim_blocks and lstrip_blocks); token ids with
+        tokenize=True. `extra` reaches the template as variables."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError as exc:
+            raise ImportError("chat templates need jinja2: pip install jinja2") from exc
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        specials = {f"{role}_token": token for role, token in self.special_tokens.items()}
+        text = env.from_string(self.chat_template).render(messages=list(messages),
+                                                          add_generation_prompt=add_generation_prompt,
+                                                          **specials, **extra)
+        return self.encode(text) if tokenize else text
+
     def save(self, path) -> None:
         """Writes the Hugging Face tokenizer.json itself, loadable by `tokenizers` and by minillm."""
         from minillm.utils import atomic_write_text
