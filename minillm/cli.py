@@ -2,7 +2,7 @@
 
     minillm quickstart                       train a small GPT on offline text for about a minute, then sample
     minillm train --data_path FILE ...       train a model (the seed's `--mode train` form works too)
-    minillm generate --model_path DIR --prompt TEXT
+    minillm generate --model_path DIR_OR_GGUF --prompt TEXT [--chat]
     minillm continue --model_path DIR --data_path FILE
     minillm extract --model_path DIR --output_path DIR [--dtype bfloat16]
     minillm rag index --docs PATH --store PATH       index .txt/.md/.rst files or folders
@@ -127,20 +127,26 @@ def train(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import torch
-
     from minillm.models import DecoderOnlyModel
     from minillm.training import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model_path, device=args.device)
     if not isinstance(model, DecoderOnlyModel):
         raise ValueError(f"generate needs a decoder-only model; {args.model_path} holds a {type(model).__name__}")
-    ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=model.device)
-    if ids.shape[1] == 0:
+    prompt = args.prompt
+    if args.chat:  # the model's chat format around one user turn; only the reply is printed
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--chat needs a model with a chat template; {args.model_path} has none")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    if not tokenizer.encode(prompt):
         raise ValueError("--prompt is empty after tokenization")
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
-    print(tokenizer.decode(out[0].tolist()))
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    # Streamed: each piece is printed as soon as its tokens are sampled.
+    for piece in model.stream(prompt, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
     return 0
 
 
@@ -364,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bf16", action="store_true", help="bf16 autocast where the CPU supports it")
     p.set_defaults(func=train)
 
-    p = sub.add_parser("generate", help="sample text from a trained decoder")
-    p.add_argument("--model_path", required=True, help="a model or checkpoint folder")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p = sub.add_parser("generate", help="sample text from a decoder (trained here, a Llama-family folder or a .gguf)")
+    p.add_argument("--model_path", required=True, help="a model or checkpoint folder, or a llama .gguf file")
+    p.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template; print the reply")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens")

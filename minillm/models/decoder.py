@@ -10,7 +10,7 @@ from torch import Tensor
 from minillm import ops
 from minillm.models.auto import register
 from minillm.models.base import PreTrainedModel, lm_loss
-from minillm.models.generation import check_sampling, decode
+from minillm.models.generation import check_sampling, decode, decode_steps, stream_text
 from minillm.models.layers import (Block, Embeddings, KVCache, check_input_ids, init_weights, make_norm, padding_mask,
                                    rope_tables)
 
@@ -83,18 +83,40 @@ class DecoderOnlyModel(PreTrainedModel):
         `seed`. Decoding uses a KV cache (each step attends one new query to the cache); greedy output
         is the same with use_cache=False. Prompts in a batch have equal length (no padding).
         """
+        args = self._decode_args(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, use_cache)
+        was_training = self.training
+        self.eval()
+        try:
+            return decode(*args)
+        finally:
+            self.train(was_training)
+
+    def _decode_args(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, use_cache):
         check_input_ids(input_ids, self.config.vocab_size, 1 << 62)
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids must hold at least one prompt token per sequence")
-        was_training = self.training
-        self.eval()
         c = self.config
         capacity = min(c.max_seq_len, input_ids.shape[1] + max_new_tokens)  # no cache memory beyond the need
         new_cache = (lambda: KVCache(c.num_layers, input_ids.shape[0], c.num_kv_heads, capacity, c.head_dim,
                                      self.lm_head.weight.dtype, input_ids.device)) if use_cache else None
+        return (self._last_logits, input_ids, c.max_seq_len, new_cache, max_new_tokens, temperature, top_k, top_p,
+                eos_token_id, seed)
+
+    @torch.no_grad()
+    def stream(self, prompt: str, tokenizer, max_new_tokens: int = 50, temperature: float = 1.0,
+               top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+               seed: Optional[int] = None):
+        """The continuation of `prompt` (text) as an iterator of text pieces, each yielded as soon as its tokens are
+        sampled (generate's sampling; eos_token_id defaults to the tokenizer's). The pieces join to the decoded
+        continuation."""
+        ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=self.device)
+        if eos_token_id is None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        args = self._decode_args(ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, True)
+        was_training = self.training
+        self.eval()
         try:
-            return decode(self._last_logits, input_ids, c.max_seq_len, new_cache, max_new_tokens, temperature,
-                          top_k, top_p, eos_token_id, seed)
+            yield from stream_text(decode_steps(*args), tokenizer, ids.shape[1])
         finally:
             self.train(was_training)

@@ -1,7 +1,7 @@
 """Token sampling and the decoding loop shared by the decoder-only and encoder-decoder models."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -41,7 +41,16 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def decode(
+def decode(*args, **kwargs) -> Tensor:
+    """Appends up to max_new_tokens sampled tokens to idx (B, T) and returns (B, T + n): decode_steps run to the
+    end (see there for the arguments)."""
+    idx = args[1] if len(args) > 1 else kwargs["idx"]
+    for idx in decode_steps(*args, **kwargs):
+        pass
+    return idx
+
+
+def decode_steps(
     step: Callable[[Tensor, Optional[KVCache]], Tensor],
     idx: Tensor,
     capacity: int,
@@ -52,8 +61,8 @@ def decode(
     top_p: Optional[float],
     eos_token_id: Optional[int],
     seed: Optional[int],
-) -> Tensor:
-    """Appends up to max_new_tokens sampled tokens to idx (B, T) and returns (B, T + n).
+) -> Iterator[Tensor]:
+    """Yields idx (B, T + i) after each of up to max_new_tokens sampled tokens is appended to idx (B, T).
 
     step(ids, cache) returns the logits (B, V) after the last of `ids`. With a cache, the first call
     feeds the prompt and later calls one token each. Once the context reaches `capacity` tokens (the
@@ -79,6 +88,23 @@ def decode(
             nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
             finished |= nxt == eos_token_id
         idx = torch.cat([idx, nxt[:, None]], dim=1)
+        yield idx
         if eos_token_id is not None and bool(finished.all()):
             break
-    return idx
+
+
+def stream_text(steps: Iterator[Tensor], tokenizer, prompt_length: int) -> Iterator[str]:
+    """The text of one sequence's new tokens, piece by piece as `steps` (decode_steps for a batch of one) appends
+    them: each piece is what the decoded text grew by, held back while it ends inside a character (byte-level
+    tokens can split one), so that the pieces join to the decoded text."""
+    shown = ""
+    text = ""
+    for idx in steps:
+        text = tokenizer.decode(idx[0, prompt_length:].tolist())
+        if text.endswith("\ufffd"):  # a character still incomplete
+            continue
+        if len(text) > len(shown) and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+    if len(text) > len(shown) and text.startswith(shown):
+        yield text[len(shown):]

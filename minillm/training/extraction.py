@@ -28,8 +28,16 @@ def load_model_and_tokenizer(model_path: PathLike, tokenizer_path: Optional[Path
     """(model in eval mode, tokenizer) from a checkpoint or saved-model folder.
 
     The tokenizer is `tokenizer_path` when given, else the tokenizer.json beside the weights (an
-    error when there is none). Works for all three model types and for Hugging Face BERT folders.
+    error when there is none), or a .gguf file's own. Works for all three model types, Hugging Face BERT and
+    Llama-family folders, and llama-architecture .gguf files.
     """
+    if Path(model_path).suffix == ".gguf" and Path(model_path).is_file():  # llama.cpp's file: both in one
+        from minillm.models.gguf_llama import gguf_tokenizer
+
+        model = from_pretrained(model_path, device=device)
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else gguf_tokenizer(model_path)
+        model.tokenizer = tokenizer
+        return model, tokenizer
     path = _model_dir(model_path)
     model = from_pretrained(path, device=device)
     tok_file = Path(tokenizer_path) if tokenizer_path is not None else path / TOKENIZER_NAME

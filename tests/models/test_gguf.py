@@ -69,3 +69,47 @@ def test_unsupported_gguf_metadata_is_refused():
         gguf_config({**base, "llama.rope.dimension_count": 8}, set())
     with pytest.raises(ValueError, match="rope scaling 'yarn'"):
         gguf_config({**base, "llama.rope.scaling.type": "yarn"}, set())
+
+
+def test_stream_pieces_join_to_the_greedy_continuation(smollm2):
+    path, ours, _, _ = smollm2
+    tok = gguf_tokenizer(path)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+    pieces = list(ours.stream(prompt, tok, max_new_tokens=24, temperature=0))
+    ids = torch.tensor([tok.encode(prompt)])
+    full = ours.generate(ids, max_new_tokens=24, temperature=0, eos_token_id=tok.eos_token_id)
+    assert len(pieces) > 3 and "".join(pieces) == tok.decode(full[0, ids.shape[1]:].tolist())
+
+
+def test_cli_chats_with_the_gguf_file(smollm2, tmp_path):
+    import subprocess
+    import sys
+
+    path = smollm2[0]
+    res = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model_path", str(path), "--prompt",
+                          "What is the capital of France?", "--chat", "--temperature", "0", "--max_new_tokens", "20"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Paris" in res.stdout and "<|im_" not in res.stdout
+
+
+def test_an_imported_model_fine_tunes(smollm2):
+    """A few AdamW steps on one batch of real text: the loss falls (the Trainer takes the imported model as is)."""
+    from torch.utils.data import DataLoader
+
+    from minillm.training import Trainer
+
+    path, ours, _, _ = smollm2
+    tok = gguf_tokenizer(path)
+    model = mm.from_pretrained(path)  # its own copy: the fixture's stays as loaded
+    ids = torch.tensor([tok.encode(TEXT)])
+    batches = [{"input_ids": ids, "labels": ids}] * 4
+    with torch.no_grad():
+        before = model.compute_loss(batches[0]).item()
+    loader = DataLoader(batches, batch_size=1, collate_fn=lambda b: b[0])
+    trainer = Trainer(model, loader, learning_rate=1e-4, checkpoint_dir=None,
+                      warmup_steps=0, lr_schedule="constant", progress=False)
+    trainer.train(1)
+    with torch.no_grad():
+        after = model.compute_loss(batches[0]).item()
+    assert after < before - 0.1, (before, after)
