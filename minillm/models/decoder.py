@@ -11,8 +11,8 @@ from minillm import ops
 from minillm.models.auto import register
 from minillm.models.base import PreTrainedModel, lm_loss
 from minillm.models.generation import check_sampling, decode, decode_steps, stream_text
-from minillm.models.layers import (Block, Embeddings, KVCache, check_input_ids, init_weights, make_norm, padding_mask,
-                                   rope_tables)
+from minillm.models.layers import (Block, Embeddings, KVCache, Rope, check_input_ids, init_weights, make_norm,
+                                   padding_mask, rope_tables)
 
 
 @register("decoder_only")
@@ -34,16 +34,26 @@ class DecoderOnlyModel(PreTrainedModel):
             self.lm_head.weight = self.embed.tok.weight
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                      cache: Optional[KVCache] = None) -> Tensor:
-        """(B, N, C) final hidden states. With a cache, input_ids continue the cached tokens."""
+                      cache: Optional[KVCache] = None, *, key_padding_mask: Optional[Tensor] = None,
+                      position_ids: Optional[Tensor] = None) -> Tensor:
+        """(B, N, C) final hidden states. With a cache, input_ids continue the cached tokens.
+
+        attention_mask (B, N): padding of input_ids (no cache). Generation from left-padded prompts passes instead
+        key_padding_mask (B, T + N) over the cached and new keys and position_ids (B, N), each token's position
+        counted over its own sequence's real tokens."""
         start = cache.length if cache is not None else 0
-        x = self.embed(input_ids, start)
-        kpm = padding_mask(attention_mask, input_ids)
-        if kpm is not None and cache is not None:
-            raise ValueError("attention_mask with a KV cache is not supported; generate from unpadded prompts")
+        x = self.embed(input_ids, start, position_ids=position_ids)
+        kpm = key_padding_mask if key_padding_mask is not None else padding_mask(attention_mask, input_ids)
+        if attention_mask is not None and cache is not None:
+            raise ValueError("attention_mask with a KV cache: pass key_padding_mask over all keys (generate does)")
         rope = None
-        if self.config.position_embedding == "rope":  # (N, Dh) tables for positions start .. start + N - 1
-            rope = rope_tables(self.config, torch.arange(start, start + input_ids.shape[1], device=x.device), x.dtype)
+        if self.config.position_embedding == "rope":
+            if position_ids is not None:  # (B, N, Dh) tables, broadcast over heads as (B, 1, N, Dh)
+                tables = rope_tables(self.config, position_ids, x.dtype)
+                rope = Rope(tables.cos[:, None], tables.sin[:, None])
+            else:  # (N, Dh) tables for positions start .. start + N - 1
+                rope = rope_tables(self.config, torch.arange(start, start + input_ids.shape[1], device=x.device),
+                                   x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, causal=True, key_padding_mask=kpm, cache=cache, layer=i, rope=rope)
         if cache is not None:
@@ -76,14 +86,18 @@ class DecoderOnlyModel(PreTrainedModel):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int = 50, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-                 seed: Optional[int] = None, use_cache: bool = True) -> Tensor:
+                 seed: Optional[int] = None, use_cache: bool = True,
+                 attention_mask: Optional[Tensor] = None) -> Tensor:
         """Continues each prompt of input_ids (B, T) by up to max_new_tokens tokens: (B, T + n).
 
         temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible with
         `seed`. Decoding uses a KV cache (each step attends one new query to the cache); greedy output
-        is the same with use_cache=False. Prompts in a batch have equal length (no padding).
+        is the same with use_cache=False. Prompts of different lengths come left-padded with their
+        attention_mask (B, T) (1 = token): padded keys are never attended to, and each sequence's positions
+        count its own tokens, so a batch decodes as its prompts would one by one.
         """
-        args = self._decode_args(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, use_cache)
+        args = self._decode_args(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, use_cache,
+                                 attention_mask)
         was_training = self.training
         self.eval()
         try:
@@ -91,7 +105,8 @@ class DecoderOnlyModel(PreTrainedModel):
         finally:
             self.train(was_training)
 
-    def _decode_args(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, use_cache):
+    def _decode_args(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, use_cache,
+                     attention_mask=None):
         check_input_ids(input_ids, self.config.vocab_size, 1 << 62)
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if input_ids.shape[1] == 0:
@@ -100,8 +115,37 @@ class DecoderOnlyModel(PreTrainedModel):
         capacity = min(c.max_seq_len, input_ids.shape[1] + max_new_tokens)  # no cache memory beyond the need
         new_cache = (lambda: KVCache(c.num_layers, input_ids.shape[0], c.num_kv_heads, capacity, c.head_dim,
                                      self.lm_head.weight.dtype, input_ids.device)) if use_cache else None
-        return (self._last_logits, input_ids, c.max_seq_len, new_cache, max_new_tokens, temperature, top_k, top_p,
-                eos_token_id, seed)
+        step = self._last_logits
+        mask = padding_mask(attention_mask, input_ids)
+        if mask is not None and not bool(mask.all()):
+            step = self._padded_step(mask, max_new_tokens)
+        return (step, input_ids, c.max_seq_len, new_cache, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                seed)
+
+    def _padded_step(self, mask: Tensor, max_new_tokens: int):
+        """decode_steps' step for left-padded prompts: the key padding of the keys in play and each query's
+        position among its sequence's tokens, from the prompt mask followed by the generated tokens."""
+        if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("generate takes left-padded prompts (padding before each prompt's tokens, "
+                             "padding_side='left'); this attention_mask pads elsewhere")
+        B, T = mask.shape
+        full = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)  # (B, T + n): every token the loop sees
+        calls, base = [0], [0]
+
+        def step(ids: Tensor, cache: Optional[KVCache]) -> Tensor:
+            total, n = T + calls[0], ids.shape[1]  # decode_steps appends one token per call
+            calls[0] += 1
+            if cache is not None:
+                if cache.length == 0:
+                    base[0] = total - n  # the first token the cache holds
+                keys = full[:, base[0]:base[0] + cache.length + n]
+            else:  # a window of the last n tokens, recomputed
+                keys = full[:, total - n:total]
+            positions = (keys.long().cumsum(1) - 1).clamp_min(0)[:, -n:]  # (B, n)
+            h = self.hidden_states(ids, cache=cache, key_padding_mask=keys, position_ids=positions)
+            return self.lm_head(h[:, -1])
+
+        return step
 
     @torch.no_grad()
     def stream(self, prompt: str, tokenizer, max_new_tokens: int = 50, temperature: float = 1.0,

@@ -313,12 +313,17 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.vocab_size, self.max_seq_len = config.vocab_size, config.max_seq_len
 
-    def forward(self, input_ids: Tensor, start: int = 0, token_type_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input_ids: Tensor, start: int = 0, token_type_ids: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> Tensor:
+        """position_ids (B, N): each token's own position (left-padded batches); else start .. start + N - 1."""
         check_input_ids(input_ids, self.vocab_size, self.max_seq_len, start)
         N = input_ids.shape[1]
         x = self.tok(input_ids)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + N, device=input_ids.device))[None]
+            if position_ids is not None:
+                x = x + self.pos(position_ids)
+            else:
+                x = x + self.pos(torch.arange(start, start + N, device=input_ids.device))[None]
         if self.token_type is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             x = x + self.token_type(types)

@@ -145,3 +145,24 @@ def test_unsupported_llama_variants_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_left_padded_batch_generates_as_its_prompts_one_by_one(arch, use_cache):
+    torch.manual_seed(0)
+    config = ModelConfig(**LLAMA) if arch == "llama" else ModelConfig(vocab_size=96, d_model=64, num_heads=4,
+                                                                       num_layers=2, max_seq_len=64, dropout=0.0)
+    model = DecoderOnlyModel(config).eval()
+    prompts = [torch.randint(3, 96, (n,)) for n in (9, 4, 6)]
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    out = model.generate(ids, max_new_tokens=12, temperature=0, attention_mask=mask, use_cache=use_cache)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], max_new_tokens=12, temperature=0)
+        assert torch.equal(out[i, T - len(p):], alone[0]), i
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, max_new_tokens=2, attention_mask=mask.flip(1))
