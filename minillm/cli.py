@@ -144,7 +144,8 @@ def generate(args: argparse.Namespace) -> int:
         print(args.prompt, end="", flush=True)
     # Streamed: each piece is printed as soon as its tokens are sampled.
     for piece in model.stream(prompt, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or (),
+                              repetition_penalty=args.repetition_penalty):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -379,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    p.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
     p.add_argument("--device", default=None, help="cpu, cuda or mps")
     p.set_defaults(func=generate)
 

@@ -87,17 +87,18 @@ class DecoderOnlyModel(PreTrainedModel):
     def generate(self, input_ids: Tensor, max_new_tokens: int = 50, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  seed: Optional[int] = None, use_cache: bool = True,
-                 attention_mask: Optional[Tensor] = None) -> Tensor:
+                 attention_mask: Optional[Tensor] = None, repetition_penalty: float = 1.0) -> Tensor:
         """Continues each prompt of input_ids (B, T) by up to max_new_tokens tokens: (B, T + n).
 
         temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible with
         `seed`. Decoding uses a KV cache (each step attends one new query to the cache); greedy output
         is the same with use_cache=False. Prompts of different lengths come left-padded with their
         attention_mask (B, T) (1 = token): padded keys are never attended to, and each sequence's positions
-        count its own tokens, so a batch decodes as its prompts would one by one.
+        count its own tokens, so a batch decodes as its prompts would one by one. repetition_penalty > 1 lowers
+        the logits of tokens already in the sequence (prompt included), as transformers' does.
         """
         args = self._decode_args(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, use_cache,
-                                 attention_mask)
+                                 attention_mask, repetition_penalty)
         was_training = self.training
         self.eval()
         try:
@@ -106,9 +107,9 @@ class DecoderOnlyModel(PreTrainedModel):
             self.train(was_training)
 
     def _decode_args(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, use_cache,
-                     attention_mask=None):
+                     attention_mask=None, repetition_penalty=1.0):
         check_input_ids(input_ids, self.config.vocab_size, 1 << 62)
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids must hold at least one prompt token per sequence")
         c = self.config
@@ -120,7 +121,7 @@ class DecoderOnlyModel(PreTrainedModel):
         if mask is not None and not bool(mask.all()):
             step = self._padded_step(mask, max_new_tokens)
         return (step, input_ids, c.max_seq_len, new_cache, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                seed)
+                seed, repetition_penalty)
 
     def _padded_step(self, mask: Tensor, max_new_tokens: int):
         """decode_steps' step for left-padded prompts: the key padding of the keys in play and each query's
@@ -150,17 +151,19 @@ class DecoderOnlyModel(PreTrainedModel):
     @torch.no_grad()
     def stream(self, prompt: str, tokenizer, max_new_tokens: int = 50, temperature: float = 1.0,
                top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-               seed: Optional[int] = None):
+               seed: Optional[int] = None, stop=(), repetition_penalty: float = 1.0):
         """The continuation of `prompt` (text) as an iterator of text pieces, each yielded as soon as its tokens are
         sampled (generate's sampling; eos_token_id defaults to the tokenizer's). The pieces join to the decoded
-        continuation."""
+        continuation, which ends before the first of the `stop` strings if one appears."""
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
         ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=self.device)
         if eos_token_id is None:
             eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        args = self._decode_args(ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, True)
+        args = self._decode_args(ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, True, None,
+                                 repetition_penalty)
         was_training = self.training
         self.eval()
         try:
-            yield from stream_text(decode_steps(*args), tokenizer, ids.shape[1])
+            yield from stream_text(decode_steps(*args), tokenizer, ids.shape[1], stop)
         finally:
             self.train(was_training)

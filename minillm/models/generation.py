@@ -9,7 +9,9 @@ from torch import Tensor
 from minillm.models.layers import KVCache
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty: float = 1.0) -> None:
+    if not (repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be > 0 (1 = none), got {repetition_penalty}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not (temperature >= 0):
@@ -18,6 +20,14 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+
+
+def penalize_repetition(logits: Tensor, idx: Tensor, penalty: float) -> Tensor:
+    """The CTRL paper's repetition penalty, as transformers applies it: the logit of every token already in idx
+    (B, T) is divided by `penalty` when positive and multiplied by it when negative. logits: (B, V)."""
+    seen = torch.gather(logits, 1, idx)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, idx, seen)
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -61,6 +71,7 @@ def decode_steps(
     top_p: Optional[float],
     eos_token_id: Optional[int],
     seed: Optional[int],
+    repetition_penalty: float = 1.0,
 ) -> Iterator[Tensor]:
     """Yields idx (B, T + i) after each of up to max_new_tokens sampled tokens is appended to idx (B, T).
 
@@ -83,6 +94,8 @@ def decode_steps(
         else:
             cache = None
             logits = step(idx[:, -capacity:], None)
+        if repetition_penalty != 1.0:
+            logits = penalize_repetition(logits, idx, repetition_penalty)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_token_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
@@ -93,18 +106,26 @@ def decode_steps(
             break
 
 
-def stream_text(steps: Iterator[Tensor], tokenizer, prompt_length: int) -> Iterator[str]:
+def stream_text(steps: Iterator[Tensor], tokenizer, prompt_length: int, stop=()) -> Iterator[str]:
     """The text of one sequence's new tokens, piece by piece as `steps` (decode_steps for a batch of one) appends
     them: each piece is what the decoded text grew by, held back while it ends inside a character (byte-level
-    tokens can split one), so that the pieces join to the decoded text."""
+    tokens can split one) or could be the start of a stop string, so that the pieces join to the decoded text, cut
+    before the first stop string (where generation then ends)."""
     shown = ""
     text = ""
     for idx in steps:
         text = tokenizer.decode(idx[0, prompt_length:].tolist())
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            break
         if text.endswith("\ufffd"):  # a character still incomplete
             continue
-        if len(text) > len(shown) and text.startswith(shown):
-            yield text[len(shown):]
-            shown = text
+        # hold back a tail that a stop string could still complete
+        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        ready = text[:len(text) - hold]
+        if len(ready) > len(shown) and ready.startswith(shown):
+            yield ready[len(shown):]
+            shown = ready
     if len(text) > len(shown) and text.startswith(shown):
         yield text[len(shown):]

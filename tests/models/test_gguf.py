@@ -113,3 +113,18 @@ def test_an_imported_model_fine_tunes(smollm2):
     with torch.no_grad():
         after = model.compute_loss(batches[0]).item()
     assert after < before - 0.1, (before, after)
+
+
+def test_repetition_penalty_and_stop_strings(smollm2):
+    path, ours, ref, tok = smollm2
+    ids = tok("List the days of the week: Monday, Tuesday,", return_tensors="pt").input_ids
+    ga = ref.generate(ids, max_new_tokens=32, do_sample=False, repetition_penalty=1.3)
+    gb = ours.generate(ids, max_new_tokens=32, temperature=0, repetition_penalty=1.3,
+                       eos_token_id=ours.config.eos_token_id)
+    assert torch.equal(ga, gb)
+    mtok = gguf_tokenizer(path)
+    prompt = "The first three planets from the sun are"
+    full = "".join(ours.stream(prompt, mtok, max_new_tokens=40, temperature=0))
+    assert "," in full
+    pieces = list(ours.stream(prompt, mtok, max_new_tokens=40, temperature=0, stop=[","]))
+    assert "".join(pieces) == full[:full.index(",")] and not any("," in p for p in pieces)
