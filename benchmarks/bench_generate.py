@@ -16,32 +16,13 @@ from common import banner, median_time, print_table, try_baseline, write_json
 
 
 def gpt2_to_minillm(hf_model, max_seq_len: int):
-    """A DecoderOnlyModel with the weights of a transformers GPT2LMHeadModel (Conv1D weights transposed)."""
-    import torch
-
+    """A DecoderOnlyModel with the weights of a transformers GPT2LMHeadModel (minillm.models.hf_gpt2's mapping)."""
     from minillm.models import DecoderOnlyModel
+    from minillm.models.hf_gpt2 import gpt2_config, gpt2_weights
 
-    c = hf_model.config
-    model = DecoderOnlyModel({
-        "model_type": "decoder_only", "vocab_size": c.vocab_size, "d_model": c.n_embd, "num_heads": c.n_head,
-        "num_layers": c.n_layer, "d_ff": 4 * c.n_embd, "max_seq_len": max_seq_len, "dropout": 0.0,
-        "activation": "gelu_tanh", "norm_eps": c.layer_norm_epsilon, "bias": True, "tie_embeddings": True,
-    })
+    model = DecoderOnlyModel(gpt2_config(hf_model.config.to_dict(), max_seq_len))
     sd = hf_model.transformer.state_dict()
-    mapping = {"embed.tok.weight": "wte.weight", "embed.pos.weight": "wpe.weight",
-               "norm_f.weight": "ln_f.weight", "norm_f.bias": "ln_f.bias"}
-    for i in range(c.n_layer):
-        for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv", "attn.c_attn"),
-                             ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
-            mapping[f"blocks.{i}.{ours}.weight"] = f"h.{i}.{theirs}.weight"
-            mapping[f"blocks.{i}.{ours}.bias"] = f"h.{i}.{theirs}.bias"
-    target = model.state_dict()
-    with torch.no_grad():
-        for ours, theirs in mapping.items():
-            w = sd[theirs]
-            if w.dim() == 2 and theirs.startswith("h."):  # Conv1D stores (in, out)
-                w = w.T
-            target[ours][: w.shape[0]].copy_(w)
+    model.load_state_dict(gpt2_weights(sd.__getitem__, hf_model.config.n_layer), strict=False)
     return model.eval()
 
 

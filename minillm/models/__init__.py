@@ -7,12 +7,14 @@ from minillm.models.decoder import DecoderOnlyModel
 from minillm.models.encoder import EncoderOnlyModel, pool
 from minillm.models.encoder_decoder import EncoderDecoderModel
 from minillm.models.gguf_llama import load_gguf, smollm2_path
+from minillm.models.hf_gpt2 import load_hf_gpt2
 from minillm.models.hf_llama import load_hf_llama
 from minillm.models.layers import KVCache
 from minillm.models.pretrained import SentenceEncoder, load_hf_bert, minilm_path
 
 __all__ = [
     "ModelConfig", "PreTrainedModel", "build_model", "from_pretrained", "EncoderOnlyModel", "DecoderOnlyModel",
-    "EncoderDecoderModel", "KVCache", "SentenceEncoder", "load_hf_bert", "load_hf_llama", "load_gguf", "smollm2_path",
+    "EncoderDecoderModel", "KVCache", "SentenceEncoder", "load_hf_bert", "load_hf_llama", "load_hf_gpt2", "load_gguf",
+    "smollm2_path",
     "minilm_path", "pool",
 ]

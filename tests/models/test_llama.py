@@ -166,3 +166,19 @@ def test_left_padded_batch_generates_as_its_prompts_one_by_one(arch, use_cache):
         assert torch.equal(out[i, T - len(p):], alone[0]), i
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(ids, max_new_tokens=2, attention_mask=mask.flip(1))
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "relu"])
+def test_hugging_face_gpt2_folders_load_to_the_same_model(tmp_path, act):
+    tf = _hf()
+    config = tf.GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4, activation_function=act)
+    torch.manual_seed(0)
+    ref = tf.GPT2LMHeadModel(config).eval()
+    ref.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        a, b = ref(ids).logits, ours(ids)[0]
+    assert (a - b).abs().max() <= 1e-4
+    ga = ref.generate(ids[:1, :5], max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ga, ours.generate(ids[:1, :5], max_new_tokens=20, temperature=0))
