@@ -266,7 +266,6 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, cross: bool = False):
         super().__init__()
-        C, eps = config.d_model, config.norm_eps
         self.pre = config.norm_position == "pre"
         self.attn = Attention(config)
         self.norm1 = make_norm(config)

@@ -142,7 +142,7 @@ def attention_sdpa(
     gradients (it is given every key, so the softmax stays finite, and its output is then zeroed). No
     data-dependent branch, so torch.compile traces it whole.
     """
-    B, Nq, Nk, D = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
+    Nq, Nk = q.shape[-2], k.shape[-2]
     if Nq == 0 or Nk == 0:
         return q.masked_fill(torch.ones((), dtype=torch.bool, device=q.device), 0)  # zeros, zero gradients
     q, k, v = sdpa_operand(q), sdpa_operand(k), sdpa_operand(v)
