@@ -9,7 +9,7 @@ namespace MINILLM_ISA {
 namespace {
 
 // tanh for soft-capping: (1 - e) / (1 + e) with e = exp(-2|x|), and its odd series below |x| = 1/16, where
-// 1 - e would cancel (next term 17 x^7 / 315: relative error < 2e-10 there).
+// 1 - e would cancel (the first term left out, 17 x^7 / 315, is below 3.3e-9 of tanh there).
 inline vec_t<float> vtanh(vec_t<float> x) {
   typedef vec_t<float> V;
   const V a = x < 0 ? -x : x;

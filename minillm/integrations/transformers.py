@@ -77,12 +77,9 @@ def minillm_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
             if band is not None:
                 mask._minillm_band = band
         return mask
-    kpm = None
-    if padded:
-        padding = torch.nn.functional.pad(attention_mask, (0, max(0, kv_length + kv_offset - attention_mask.shape[-1])))
-        kpm = padding[:, kv_offset:kv_offset + kv_length].to(torch.bool)
-        if bool(kpm.all()):
-            kpm = None
+    kpm = _key_padding(attention_mask, kv_length, kv_offset)
+    if kpm is not None and bool(kpm.all()):
+        kpm = None
     local = kwargs.get("local_size")
     if kpm is None and (q_length == 1 or kv_length == q_length) and (local is None or kv_length < local):
         # sdpa_mask's own shortcut (None: `is_causal` suffices), where top-left and bottom-right alignment agree
@@ -190,44 +187,25 @@ class _Band(NamedTuple):
 
 
 def _band_of(mask, mask_function, attention_mask, q_length, kv_length, q_offset, kv_offset) -> Optional[_Band]:
-    """The band `mask` is, or None: the pattern function evaluated once on the (Nq, Nk) grid (index-based functions
-    only: sdpa_mask's own non-vmap path), its band read off the rows, and band & padding compared with the mask."""
-    from transformers.masking_utils import _non_vmap_expansion_sdpa
-
-    dev = mask.device
+    """The band a dense sdpa_mask `mask` is, or None: the pattern's band (_probe_band) with the key padding, checked
+    against the mask itself."""
     B = mask.shape[0]
-    kpm = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
-            return None
-        padded = torch.nn.functional.pad(attention_mask, (0, max(0, kv_length + kv_offset - attention_mask.shape[-1])))
-        kpm = padded[:, kv_offset:kv_offset + kv_length].to(torch.bool)
-    try:
-        idx = _non_vmap_expansion_sdpa(torch.arange(B, device=dev), torch.arange(1, device=dev),
-                                       torch.arange(q_length, device=dev) + q_offset,
-                                       torch.arange(kv_length, device=dev) + kv_offset)
-        pattern = torch.as_tensor(mask_function(*idx)).expand(B, 1, q_length, kv_length)
-    except Exception:  # a pattern that is not index-based: the dense mask stays the only description
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
         return None
-    vis = pattern[0, 0]  # (Nq, Nk)
-    i = torch.arange(q_length, device=dev)[:, None]
-    j = torch.arange(kv_length, device=dev)[None, :]
-    rows = vis.any(1)
-    first = torch.where(vis, j, kv_length).amin(1)
-    last = torch.where(vis, j, -1).amax(1)
-    ii = i[:, 0]
-    cut_hi, cut_lo = rows & (last < kv_length - 1), rows & (first > 0)
-    hi = int((last - ii)[cut_hi].max()) if bool(cut_hi.any()) else None
-    lo = int((first - ii)[cut_lo].min()) if bool(cut_lo.any()) else None
-    band = torch.ones(q_length, kv_length, dtype=torch.bool, device=dev)
-    if hi is not None:
-        band &= j <= i + hi
-    if lo is not None:
-        band &= j >= i + lo
-    want = band[None, None] if kpm is None else band[None, None] & kpm[:, None, None, :]
-    if not torch.equal(pattern, band[None, None].expand_as(pattern)) or not torch.equal(mask, want.expand_as(mask)):
+    lo_hi = _probe_band(mask_function, B, q_length, kv_length, q_offset, kv_offset, mask.device)
+    if lo_hi is None:
         return None
-    return _Band(lo, hi, kpm, q_length, kv_length)
+    band = _Band(lo_hi[0], lo_hi[1], _key_padding(attention_mask, kv_length, kv_offset), q_length, kv_length)
+    return band if torch.equal(mask, _dense_mask(band, mask.device).expand_as(mask)) else None
+
+
+def _key_padding(attention_mask: Optional[torch.Tensor], kv_length: int, kv_offset: int) -> Optional[torch.Tensor]:
+    """The (B, Nk) keep mask of keys kv_offset .. kv_offset + Nk - 1 from a 2-D attention mask (zero-padded past its
+    end, as sdpa_mask pads it), or None without one."""
+    if attention_mask is None:
+        return None
+    padding = torch.nn.functional.pad(attention_mask, (0, max(0, kv_length + kv_offset - attention_mask.shape[-1])))
+    return padding[:, kv_offset:kv_offset + kv_length].to(torch.bool)
 
 
 _interface_users: dict = {}

@@ -33,7 +33,9 @@ def smollm2_path() -> Path:
     return path
 
 
-def _reader(path: Union[str, Path]):
+def gguf_reader(path: Union[str, Path]):
+    """(the gguf module, a GGUFReader of `path`). Opening one parses every tensor's header (~2.3 s for SmolLM2 here):
+    load_gguf and gguf_tokenizer take an open one so that a model and its tokenizer read the file once."""
     try:
         import gguf
     except ImportError as exc:
@@ -97,11 +99,12 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Union[str, Path], dtype: Optional[torch.dtype] = None) -> DecoderOnlyModel:
+def load_gguf(path: Union[str, Path], dtype: Optional[torch.dtype] = None, reader=None) -> DecoderOnlyModel:
     """DecoderOnlyModel of a llama-architecture GGUF file, every tensor dequantized to float32 (then cast to
-    `dtype` if given). Unsupported architectures or tensor types are errors naming them."""
+    `dtype` if given). Unsupported architectures or tensor types are errors naming them. `reader`: gguf_reader(path),
+    when the caller has it open."""
     path = Path(path)
-    gguf, reader = _reader(path)
+    gguf, reader = reader or gguf_reader(path)
     tensors = {t.name: t for t in reader.tensors}
     config = gguf_config(gguf_metadata(reader), tensors)
     config.check_size()
@@ -163,15 +166,15 @@ register_format("gguf")(load_gguf)
 _PRE_TOKENIZERS = ("default", "gpt2", "smollm")
 
 
-def gguf_tokenizer(path: Union[str, Path]):
+def gguf_tokenizer(path: Union[str, Path], reader=None):
     """The GGUF file's tokenizer (byte-level BPE, llama.cpp's "gpt2" model) as a minillm PretrainedTokenizer over
     a `tokenizers` tokenizer: the vocabulary and merges of the metadata, its control tokens special, and its chat
-    template (``tokenizer.chat_template``) kept for apply_chat_template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    template (``tokenizer.chat_template``) kept for apply_chat_template. `reader`: gguf_reader(path), if open."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     from minillm.tokenizers.pretrained import PretrainedTokenizer
 
-    gguf, reader = _reader(path)
+    gguf, reader = reader or gguf_reader(path)
     fields = reader.fields
 
     def values(key):
@@ -192,8 +195,6 @@ def gguf_tokenizer(path: Union[str, Path]):
                          if pre == "smollm" else byte_level)
     tok.decoder = decoders.ByteLevel()
     control = [t for t, ty in zip(tokens, types) if ty == int(gguf.TokenType.CONTROL)]
-    from tokenizers import AddedToken
-
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     specials = {}
     for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),

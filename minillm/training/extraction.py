@@ -31,11 +31,13 @@ def load_model_and_tokenizer(model_path: PathLike, tokenizer_path: Optional[Path
     error when there is none), or a .gguf file's own. Works for all three model types, Hugging Face BERT and
     Llama-family folders, and llama-architecture .gguf files.
     """
-    if Path(model_path).suffix == ".gguf" and Path(model_path).is_file():  # llama.cpp's file: both in one
-        from minillm.models.gguf_llama import gguf_tokenizer
+    if Path(model_path).suffix == ".gguf" and Path(model_path).is_file():  # llama.cpp's file: both in one, read once
+        from minillm.models.gguf_llama import gguf_reader, gguf_tokenizer, load_gguf
 
-        model = from_pretrained(model_path, device=device)
-        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else gguf_tokenizer(model_path)
+        reader = gguf_reader(model_path)
+        model = load_gguf(model_path, reader=reader).to(device=device)
+        tokenizer = (load_tokenizer(tokenizer_path) if tokenizer_path is not None
+                     else gguf_tokenizer(model_path, reader=reader))
         model.tokenizer = tokenizer
         return model, tokenizer
     path = _model_dir(model_path)
