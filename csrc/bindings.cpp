@@ -125,6 +125,22 @@ struct LinearIn {
   int nthreads = 1;
 };
 
+struct QLinearIn {
+  Buf x, codes, scale, offset, bias, y;
+  int64_t M, K, N, ldx;
+  int bits;
+  int64_t group = 0;
+  int nthreads = 1;
+};
+
+struct DequantizeIn {
+  Buf codes, scale, offset, out;
+  int64_t N, K;
+  int bits;
+  int64_t group = 0;
+  int nthreads = 1;
+};
+
 struct GemmIn {
   Buf a;
   int64_t lda;
@@ -355,7 +371,8 @@ std::array<Field<LinearIn>, 10> linear_small_m_fields = {{
 void linear_small_m(const LinearIn& in) {
   const int64_t M = in.M, K = in.K, N = in.N;
   require(M >= 1 && K >= 1 && N >= 1, "linear_small_m sizes M, K and N must be >= 1");
-  require(in.dtype == minillm::kF32 || in.dtype == minillm::kF64, "linear_small_m dtype must be kF32 or kF64");
+  require(in.dtype == minillm::kF32 || in.dtype == minillm::kF64 || in.dtype == minillm::kBF16,
+          "linear_small_m dtype must be kF32, kF64 or kBF16");
   const int64_t item = minillm::elem_size(in.dtype);
   LinearArgs a{};
   a.x = checked<const void*>(in.x, "x", item, {{M, in.ldx}, {K, 1}});
@@ -371,6 +388,66 @@ void linear_small_m(const LinearIn& in) {
     status = minillm::linear_small_m(a);
   }
   check(status, "linear_small_m");
+}
+
+// A quantized weight's buffers, extent-checked for its layout (csrc/kernels.h: QuantWeight).
+minillm::QuantWeight quant_weight(const Buf& codes, const Buf& scale, const Buf& offset, int64_t N, int64_t K, int bits,
+                                  int64_t group) {
+  require(N >= 1 && K >= 1, "quantized weight sizes N and K must be >= 1");
+  require(bits == 8 || bits == 4, "bits must be 8 or 4");
+  minillm::QuantWeight q{};
+  q.N = N, q.K = K, q.bits = bits, q.group = group;
+  if (bits == 8) {
+    q.codes = checked<const void*>(codes, "codes", 1, {dense({N, K})});
+    q.scale = checked<const float*>(scale, "scale", 4, {{N, 1}});
+  } else {
+    require(group >= 32 && group % 32 == 0 && K % group == 0,
+            "4-bit weights need a group that is a multiple of 32 and divides K");
+    q.codes = checked<const void*>(codes, "codes", 1, {dense({N, K / 2})});
+    q.scale = checked<const float*>(scale, "scale", 4, {dense({N, K / group})});
+    q.offset = checked<const float*>(offset, "offset", 4, {dense({N, K / group})});
+  }
+  return q;
+}
+
+std::array<Field<QLinearIn>, 13> linear_quant_fields = {{
+    MINILLM_FIELD(QLinearIn, x), MINILLM_FIELD(QLinearIn, codes), MINILLM_FIELD(QLinearIn, scale),
+    MINILLM_OPTIONAL(QLinearIn, offset), MINILLM_OPTIONAL(QLinearIn, bias), MINILLM_FIELD(QLinearIn, y),
+    MINILLM_FIELD(QLinearIn, M), MINILLM_FIELD(QLinearIn, K), MINILLM_FIELD(QLinearIn, N),
+    MINILLM_FIELD(QLinearIn, ldx), MINILLM_FIELD(QLinearIn, bits), MINILLM_OPTIONAL(QLinearIn, group),
+    MINILLM_OPTIONAL(QLinearIn, nthreads)}};
+
+void linear_quant(const QLinearIn& in) {
+  const int64_t M = in.M, K = in.K, N = in.N;
+  require(M >= 1, "linear_quant size M must be >= 1");
+  minillm::QLinearArgs a{};
+  a.w = quant_weight(in.codes, in.scale, in.offset, N, K, in.bits, in.group);
+  a.x = checked<const void*>(in.x, "x", 4, {{M, in.ldx}, {K, 1}});
+  a.bias = checked<const float*>(in.bias, "bias", 4, {{N, 1}}, true);
+  a.y = checked<void*>(in.y, "y", 4, {dense({M, N})});
+  a.ldx = in.ldx, a.M = M, a.nthreads = in.nthreads;
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::linear_quant(a);
+  }
+  check(status, "linear_quant");
+}
+
+std::array<Field<DequantizeIn>, 9> dequantize_fields = {{
+    MINILLM_FIELD(DequantizeIn, codes), MINILLM_FIELD(DequantizeIn, scale), MINILLM_OPTIONAL(DequantizeIn, offset),
+    MINILLM_FIELD(DequantizeIn, out), MINILLM_FIELD(DequantizeIn, N), MINILLM_FIELD(DequantizeIn, K),
+    MINILLM_FIELD(DequantizeIn, bits), MINILLM_OPTIONAL(DequantizeIn, group), MINILLM_OPTIONAL(DequantizeIn, nthreads)}};
+
+void dequantize(const DequantizeIn& in) {
+  const minillm::QuantWeight q = quant_weight(in.codes, in.scale, in.offset, in.N, in.K, in.bits, in.group);
+  float* out = checked<float*>(in.out, "out", 4, {dense({in.N, in.K})});
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::dequantize(q, out, in.nthreads);
+  }
+  check(status, "dequantize");
 }
 
 // A GEMM operand of `rows` x `cols` elements, row-major with row stride ld (colmajor: column stride ld).
@@ -461,6 +538,8 @@ MINILLM_ENTRY(attention_fwd, AttnFwdIn)
 MINILLM_ENTRY(attention_bwd, AttnBwdIn)
 MINILLM_ENTRY(topk, TopkIn)
 MINILLM_ENTRY(linear_small_m, LinearIn)
+MINILLM_ENTRY(linear_quant, QLinearIn)
+MINILLM_ENTRY(dequantize, DequantizeIn)
 MINILLM_ENTRY(gemm, GemmIn)
 MINILLM_ENTRY(gemm_pair, GemmPairIn)
 #ifdef MINILLM_WITH_CUDA
@@ -492,6 +571,10 @@ PYBIND11_MODULE(_C, m) {
        "Exact top-k (csrc/kernels.h: TopkArgs); keywords as TopkIn; row_scale/row_norm2 for an int8 corpus."},
       {"linear_small_m", as_cfunction(linear_small_m_entry), kFast,
        "y = x W^T + b for few rows (csrc/kernels.h: LinearArgs); keywords as LinearIn."},
+      {"linear_quant", as_cfunction(linear_quant_entry), kFast,
+       "y = x W^T + b for few rows, W as int8 or 4-bit codes (csrc/kernels.h: QLinearArgs); keywords as QLinearIn."},
+      {"dequantize", as_cfunction(dequantize_entry), kFast,
+       "W (N, K) fp32 from int8 or 4-bit codes (csrc/kernels.h: QuantWeight); keywords as DequantizeIn."},
       {"gemm", as_cfunction(gemm_entry), kFast, "C = A B + bias (csrc/kernels.h: GemmArgs); keywords as GemmIn."},
       {"gemm_pair", as_cfunction(gemm_pair_entry), kFast,
        "Two independent gemm calls (first, second: dicts of gemm's keywords), one per thread."},

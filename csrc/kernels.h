@@ -20,7 +20,7 @@ inline int64_t elem_size(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ?
 constexpr int64_t kI8Pad = 64;
 
 // Status codes returned by kernels (0 = ok).
-enum Status : int { kOk = 0, kOutOfMemory = 1 };
+enum Status : int { kOk = 0, kOutOfMemory = 1, kBadArgs = 2 };  // kBadArgs: a layout the kernel does not take (the bindings check first)
 
 // Score modifiers of an attention call, flash-attention's (a zero-initialised struct, with both window sides
 // -1, changes nothing). With off = causal_offset, key j is visible to query i only inside the window
@@ -113,7 +113,8 @@ struct TopkArgs {
 };
 
 // y (M, N) = x (M, K) W^T + b for few rows M (decoding): W (N, K) row-major as in nn.Linear, read once.
-// x has row stride ldx and unit column stride; y and b are contiguous; b may be null. F32 or F64.
+// x has row stride ldx and unit column stride; y and b are contiguous; b may be null. F32, F64 or BF16 (x, W, b
+// and y all bf16; sums in fp32, y rounded once).
 struct LinearArgs {
   const void* x;
   const void* w;
@@ -121,6 +122,30 @@ struct LinearArgs {
   void* y;
   int64_t M, K, N, ldx;
   int dtype;
+  int nthreads;
+};
+
+// A weight (N, K) stored as codes (csrc/cpu/linear_quant.h has the layouts): bits 8, int8 codes (N, K) and a
+// scale (N) per row; bits 4, K / 2 bytes per row of 4-bit codes with a scale and an offset (N, K / group) per group
+// of `group` (a multiple of 32 dividing K) consecutive columns.
+struct QuantWeight {
+  const void* codes;
+  const float* scale;
+  const float* offset;  // bits 4 only
+  int64_t N, K;
+  int bits;
+  int64_t group;  // bits 4 only
+};
+
+// y (M, N) fp32 = x (M, K) fp32 W^T + bias for few rows M, W given by its codes and streamed once. x has row stride
+// ldx and unit column stride; y and bias (N, may be null) are contiguous.
+struct QLinearArgs {
+  const void* x;
+  int64_t ldx;
+  QuantWeight w;
+  const float* bias;
+  void* y;
+  int64_t M;
   int nthreads;
 };
 
@@ -147,6 +172,8 @@ struct GemmArgs {
   int attention_bwd(const AttnBwdArgs& a);        \
   int topk(const TopkArgs& a);                    \
   int linear_small_m(const LinearArgs& a);        \
+  int linear_quant(const QLinearArgs& a);         \
+  int dequantize(const QuantWeight& q, float* out, int nthreads); \
   int gemm(const GemmArgs& g);                    \
   int gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads); \
   }
@@ -190,6 +217,9 @@ inline int attention_fwd(const AttnFwdArgs& a) { return MINILLM_AT_LEVEL(attenti
 inline int attention_bwd(const AttnBwdArgs& a) { return MINILLM_AT_LEVEL(attention_bwd, a); }
 inline int topk(const TopkArgs& a) { return MINILLM_AT_LEVEL(topk, a); }
 inline int linear_small_m(const LinearArgs& a) { return MINILLM_AT_LEVEL(linear_small_m, a); }
+inline int linear_quant(const QLinearArgs& a) { return MINILLM_AT_LEVEL(linear_quant, a); }
+// W (N, K) fp32 from its codes (row-major into out), as linear_quant widens it.
+inline int dequantize(const QuantWeight& q, float* out, int nthreads) { return MINILLM_AT_LEVEL(dequantize, q, out, nthreads); }
 inline int gemm(const GemmArgs& g) { return MINILLM_AT_LEVEL(gemm, g); }
 // Two independent products, one per thread (a linear layer's dx and dW).
 inline int gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads) {

@@ -61,8 +61,7 @@ int linear_impl(const LinearArgs& a) {
 
 }  // namespace
 
-// The entry point of this SIMD level (csrc/kernels.h).
-int linear_small_m(const LinearArgs& a) { return a.dtype == kF64 ? linear_impl<double>(a) : linear_impl<float>(a); }
+// The entry point, linear_small_m, is in csrc/cpu/linear_quant.h, which adds the bf16 weights' kernel.
 
 }  // namespace MINILLM_ISA
 }  // namespace minillm

@@ -77,12 +77,42 @@ class PreTrainedModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(t.numel() for t in unique_state_dict(self).values() if t.is_floating_point())
 
+    def quantize(self, mode: str = "int8", group_size: int = 32) -> "PreTrainedModel":
+        """Stores the weights of every linear layer (the output head included) as int8 codes with a scale per output
+        channel (mode "int8") or 4-bit codes with a scale and an offset per group of `group_size` (32 or 64) input
+        channels ("int4"); in place, returns the model. Decoding then reads 1 or ~0.6 bytes per weight instead of 4
+        (minillm.ops.quant). Embeddings and norms stay as they are; a layer whose input width the 4-bit groups do not
+        divide keeps int8. Quantized weights are constants: fine-tune before quantizing."""
+        from minillm.ops.linear import Linear
+        from minillm.ops.quant import MODES, QuantizedLinear
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        replaced = {}  # id(Linear) -> its QuantizedLinear: a layer shared by two names is quantized once
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Linear):
+                    if id(child) not in replaced:
+                        layer_mode = mode if mode == "int8" or child.in_features % group_size == 0 else "int8"
+                        if layer_mode != mode:
+                            log.info("quantize: %s has %d input features, not a multiple of group_size %d: int8",
+                                     name, child.in_features, group_size)
+                        replaced[id(child)] = QuantizedLinear.from_linear(child, layer_mode, group_size)
+                    setattr(parent, name, replaced[id(child)])
+        if not replaced:
+            raise ValueError(f"{type(self).__name__} has no linear layers to quantize (already quantized?)")
+        self.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None}
+        return self
+
     def save_pretrained(self, directory: Union[str, os.PathLike], tokenizer=None,
                         dtype: Optional[torch.dtype] = None) -> Path:
         """Writes config.json, model.safetensors and (when given) tokenizer.json into `directory`.
 
         Each file is written atomically. `dtype` casts floating-point weights (e.g. torch.bfloat16).
         """
+        if getattr(self, "quantization", None):
+            raise ValueError("this model was quantized (model.quantize); save the float model and quantize it after "
+                             "loading: from_pretrained(path, quantize=\"int8\")")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -119,9 +149,16 @@ class PreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
-                        dtype: Optional[torch.dtype] = None) -> "PreTrainedModel":
+                        dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
+                        group_size: int = 32) -> "PreTrainedModel":
         """Loads a model saved by save_pretrained (any model type when called on PreTrainedModel), a Hugging Face
-        BERT or Llama / Qwen2 / Mistral folder, or a llama-architecture .gguf file."""
+        BERT, GPT-2 or Llama / Qwen2 / Mistral folder, or a llama-architecture .gguf file. quantize="int8" | "int4"
+        then stores its linear layers' weights as codes (:meth:`quantize`)."""
+        model = cls._load(directory, device, dtype)
+        return model.quantize(quantize, group_size) if quantize else model
+
+    @classmethod
+    def _load(cls, directory, device, dtype) -> "PreTrainedModel":
         directory = Path(directory)
         if directory.suffix == ".gguf" and directory.is_file():  # a llama.cpp file (minillm.models.gguf_llama)
             model = auto.FORMATS["gguf"](directory)
@@ -166,7 +203,8 @@ def build_model(config: Union[ModelConfig, Dict[str, Any]]) -> PreTrainedModel:
 
 
 def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> PreTrainedModel:
-    """Loads any minillm model (or a Hugging Face BERT folder) from `directory`."""
+    """Loads any minillm model, a Hugging Face folder or a .gguf file from `directory` (PreTrainedModel.from_pretrained's
+    keywords: device, dtype, quantize, group_size)."""
     return PreTrainedModel.from_pretrained(directory, **kwargs)
 
 

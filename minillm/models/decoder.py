@@ -115,7 +115,7 @@ class DecoderOnlyModel(PreTrainedModel):
         c = self.config
         capacity = min(c.max_seq_len, input_ids.shape[1] + max_new_tokens)  # no cache memory beyond the need
         new_cache = (lambda: KVCache(c.num_layers, input_ids.shape[0], c.num_kv_heads, capacity, c.head_dim,
-                                     self.lm_head.weight.dtype, input_ids.device)) if use_cache else None
+                                     self.embed.tok.weight.dtype, input_ids.device)) if use_cache else None
         step = self._last_logits
         mask = padding_mask(attention_mask, input_ids)
         if mask is not None and not bool(mask.all()):

@@ -102,7 +102,7 @@ class EncoderDecoderModel(PreTrainedModel):
 
             capacity = min(c.max_seq_len, 1 + max_new_tokens)
             new_cache = (lambda: KVCache(c.num_decoder_layers, src_ids.shape[0], c.num_heads, capacity, c.head_dim,
-                                         self.lm_head.weight.dtype, src_ids.device)) if use_cache else None
+                                         self.dec_embed.tok.weight.dtype, src_ids.device)) if use_cache else None
             start = torch.full((src_ids.shape[0], 1), bos, dtype=torch.long, device=src_ids.device)
             return decode(step, start, c.max_seq_len, new_cache, max_new_tokens, temperature, top_k, top_p,
                           eos_token_id, seed)

@@ -124,7 +124,7 @@ def _check_op_args(op: str, a, b, bias) -> None:
 def _linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     M, K = x.shape
     N = weight.shape[0]
-    if M > SMALL_M or K == 0:
+    if (M > SMALL_M or K == 0) and x.dtype != torch.bfloat16:  # bf16: the streaming kernel only (linear() checks M)
         return _gemm(x, weight.t(), bias)  # weight.t(): (K, N), column-major, packed by the kernel
     x = x if x.stride(-1) == 1 or K == 1 else x.contiguous()
     weight = weight.contiguous()
@@ -268,6 +268,16 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         else:
             y = _linear_cpu(x2, weight, bias)  # nothing to differentiate: no autograd node to build
         return y.reshape(x.shape[:-1] + (weight.shape[0],))
+    if (x.dtype == torch.bfloat16 and weight.dtype == x.dtype and weight.dim() == 2 and x.dim() >= 1 and K > 0
+            and x.shape[-1] == K and x.numel() // K <= SMALL_M and weight.is_contiguous()
+            and (bias is None or (bias.dtype == x.dtype and bias.shape == (weight.shape[0],)))
+            and x.is_cpu and weight.is_cpu and (bias is None or bias.is_cpu) and _backend.native_available()
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
+        # bf16 decoding: the streaming kernel reads the bf16 weight (half fp32's bytes), sums in fp32 and rounds
+        # once, as torch's bf16 GEMM does; measured ahead of F.linear's (benchmarks/bench_llm.py, bf16 rows).
+        _backend.log_path_once("linear_bf16", "cpu", True)
+        return _linear_cpu(x.reshape(-1, K), weight, bias).reshape(x.shape[:-1] + (weight.shape[0],))
     return F.linear(x, weight, bias)
 
 

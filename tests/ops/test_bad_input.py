@@ -118,7 +118,13 @@ RAW_CASES = [
     ("topk metric=9", "topk", lambda p: (p, p, 8, 0, 1, 8, 8, 2, 9, p, p, 1)),
     ("topk int8 without scales", "topk", lambda p: (p, p, 8, 4, 1, 8, 8, 2, 0, p, p, 1)),
     ("linear_small_m K=0", "linear_small_m", lambda p: (p, p, Z, p, 1, 0, 8, 8, 0, 1)),
-    ("linear_small_m dtype=1", "linear_small_m", lambda p: (p, p, Z, p, 1, 8, 8, 8, 1, 1)),
+    ("linear_small_m dtype=2", "linear_small_m", lambda p: (p, p, Z, p, 1, 8, 8, 8, 2, 1)),
+    ("linear_quant bits=5", "linear_quant", lambda p: (p, p, p, p, Z, p, 1, 64, 8, 64, 5, 32, 1)),
+    ("linear_quant M=0", "linear_quant", lambda p: (p, p, p, Z, Z, p, 0, 64, 8, 64, 8, 0, 1)),
+    ("linear_quant 4-bit group=48", "linear_quant", lambda p: (p, p, p, p, Z, p, 1, 96, 8, 96, 4, 48, 1)),
+    ("linear_quant 4-bit K % group", "linear_quant", lambda p: (p, p, p, p, Z, p, 1, 96, 8, 96, 4, 64, 1)),
+    ("dequantize bits=3", "dequantize", lambda p: (p, p, p, p, 8, 64, 3, 32, 1)),
+    ("dequantize N=0", "dequantize", lambda p: (p, p, p, p, 0, 64, 8, 0, 1)),
     ("gemm M=0", "gemm", lambda p: (p, 8, False, p, 8, False, Z, p, 0, 8, 8, 0, 1)),
     ("gemm N=0", "gemm", lambda p: (p, 8, False, p, 8, False, Z, p, 8, 0, 8, 0, 1)),
 ]
@@ -212,7 +218,30 @@ EXTENT_CASES = [
     ("linear_small_m x row stride", lambda: ("linear_small_m", (_backend_buf(_f32(64)), _backend_buf(_f32(64)),
                                                                 (0, 0), _backend_buf(_f32(64)), 8, 8, 8, 9, 0, 1)),
      "x reaches"),
+    ("linear_quant int8 codes short", lambda: _quant(codes=8 * 64 - 1), "codes reaches 512 bytes"),
+    ("linear_quant int8 scale short", lambda: _quant(scale=7), "scale reaches 32 bytes"),
+    ("linear_quant int4 codes short", lambda: _quant(bits=4, codes=8 * 32 - 1), "codes reaches 256 bytes"),
+    ("linear_quant int4 offset short", lambda: _quant(bits=4, offset=15), "offset reaches 64 bytes"),
+    ("linear_quant int4 offset absent", lambda: _quant(bits=4, offset=0), "offset is a null pointer"),
+    ("linear_quant x row stride", lambda: _quant(ldx=65), "x reaches"),
+    ("linear_quant y short", lambda: _quant(y=15), "y reaches 64 bytes"),
+    ("dequantize out short", lambda: ("dequantize", _quant(out=8 * 64 - 1)[1]), "out reaches 2048 bytes"),
 ]
+
+
+def _quant(bits=8, codes=None, scale=None, offset=16, y=16, ldx=64, out=8 * 64):
+    """linear_quant's positional arguments for x (2, 64) and an (8, 64) weight (4-bit: groups of 32), each buffer
+    exactly as large as needed unless a size is given; with `out`, dequantize's arguments instead."""
+    codes = codes if codes is not None else 8 * 64 // (2 if bits == 4 else 1)
+    scale = scale if scale is not None else (8 if bits == 8 else 16)
+    c = _backend_buf(torch.zeros(codes, dtype=torch.int8 if bits == 8 else torch.uint8))
+    sc = _backend_buf(_f32(scale))
+    off = _backend_buf(_f32(offset)) if bits == 4 and offset else (0, 0)
+    group = 32 if bits == 4 else 0
+    if out != 8 * 64 or y == "dequantize":
+        return "dequantize", (c, sc, off, _backend_buf(_f32(out)), 8, 64, bits, group, 1)
+    return "linear_quant", (_backend_buf(_f32(2 * 64)), c, sc, off, (0, 0), _backend_buf(_f32(y)), 2, 64, 8, ldx,
+                            bits, group, 1)
 
 
 @pytest.mark.parametrize("desc,make,words", EXTENT_CASES, ids=[c[0] for c in EXTENT_CASES])
@@ -237,7 +266,8 @@ def test_raw_bindings_run_with_exact_extents():
         pytest.skip("no native extension")
     try:
         for fn, args in (_fwd(), _bwd(dlse=8), _topk(), _topk(corpus=torch.zeros(8 * 64, dtype=torch.int8), stride=64,
-                                                               dtype=4), _gemm(), _gemm(ldb=8, b_col=True)):
+                                                               dtype=4), _gemm(), _gemm(ldb=8, b_col=True),
+                         _quant(), _quant(bits=4), _quant(y="dequantize"), _quant(bits=4, y="dequantize")):
             getattr(_backend._C, fn)(*args)  # every buffer exactly as large as needed: no error
     finally:
         _KEEP.clear()
