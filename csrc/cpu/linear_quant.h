@@ -64,17 +64,6 @@ inline VF widen_bf16(const uint16_t* p) {
 #endif
 }
 
-// 2 kQW bf16 at p as two float vectors: the even elements (p, p + 2, ...) and the odd ones. One load and one
-// instruction per vector, where widening kQW consecutive elements (vpmovzxwd, 2 uops on a Zen 4) ran at
-// 4.4 G weights/s on one thread; the caller orders x to match (bf16_pair_order).
-inline void widen_bf16_pairs(const uint16_t* p, VF& even, VF& odd) {
-  VI v;
-  std::memcpy(&v, p, sizeof v);
-  const VI e = v << 16, o = v & static_cast<int32_t>(0xffff0000u);
-  std::memcpy(&even, &e, sizeof e);
-  std::memcpy(&odd, &o, sizeof o);
-}
-
 // Weight readers: block(j, p, w) widens columns p .. p + 31 of weight row j (p a multiple of 32) to fp32 vectors;
 // elem(j, k) is one weight, for the columns past the last whole block. post(j, dot) finishes a row's dot product
 // (int8 applies its per-row scale there, once, rather than once per element).
@@ -83,7 +72,7 @@ struct BF16Rows {
   int64_t K;
   void block(int64_t j, int64_t p, VF* out) const {
     MINILLM_UNROLL
-    for (int c = 0; c < kQSub / 2; ++c) widen_bf16_pairs(w + j * K + p + 2 * c * kQW, out[2 * c], out[2 * c + 1]);
+    for (int s = 0; s < kQSub; ++s) out[s] = widen_bf16(w + j * K + p + s * kQW);
   }
   float elem(int64_t j, int64_t k) const { return bf16_to_f32(w[j * K + k]); }
   float post(int64_t, float dot) const { return dot; }

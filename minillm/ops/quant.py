@@ -189,8 +189,11 @@ def _quant_setup_context(ctx, inputs, output):
 
 
 def _quant_backward(ctx, dy):
-    # The codes are constants: only x and the bias get gradients, dx = dy W (M, N) @ (N, K)
-    dx = dy @ _dequantize_any(*ctx.weight) if ctx.needs_input_grad[0] else None
+    # The codes are constants: only x and the bias get gradients, dx = dy W (M, N) @ (N, K). The weight comes from
+    # the torch twins (traceable: AOT autograd traces this function, and the native dequantize takes raw pointers).
+    bits, codes, scale, offset, group = ctx.weight
+    w = dequantize_int8(codes, scale) if bits == 8 else dequantize_int4(codes, scale, offset, group)
+    dx = dy @ w if ctx.needs_input_grad[0] else None
     db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[-1] else None
     return (dx, None, None, db) if ctx.weight[0] == 8 else (dx, None, None, None, None, db)
 

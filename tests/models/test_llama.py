@@ -182,3 +182,74 @@ def test_hugging_face_gpt2_folders_load_to_the_same_model(tmp_path, act):
     assert (a - b).abs().max() <= 1e-4
     ga = ref.generate(ids[:1, :5], max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(ga, ours.generate(ids[:1, :5], max_new_tokens=20, temperature=0))
+
+
+def _dequantized_twin(model):
+    """A float copy of a quantized model whose linear layers hold the dequantized weights (the torch twin)."""
+    import copy
+
+    from minillm.ops.linear import Linear
+    from minillm.ops.quant import QuantizedLinear
+
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantizedLinear):
+                lin = Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(child.dequantize())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(parent, name, lin)
+    twin.quantization = None
+    return twin
+
+
+@pytest.mark.parametrize("mode,group", [("int8", 32), ("int4", 32), ("int4", 64)])
+def test_quantized_model_is_its_dequantized_twin(tmp_path, mode, group):
+    import copy
+
+    from minillm.ops.quant import QuantizedLinear
+
+    torch.manual_seed(0)
+    model = DecoderOnlyModel(ModelConfig(**LLAMA)).eval()
+    q = copy.deepcopy(model).quantize(mode, group)
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(layers) == 4 * 2 + 1  # qkv, proj, fc, proj per block + the head
+    assert layers["lm_head"].mode == "int8"  # the output head keeps 8 bits by default
+    # d_ff = 96: the MLP's output projection has 96 inputs, a multiple of 32 but not of 64
+    assert layers["blocks.0.mlp.proj"].mode == (mode if group == 32 else "int8")
+    assert layers["blocks.0.attn.qkv"].mode == mode
+    twin = _dequantized_twin(q)
+    ids = torch.randint(0, 96, (2, 20))
+    torch.testing.assert_close(q(ids)[0], twin(ids)[0], atol=1e-4, rtol=1e-4)
+    assert (q(ids)[0] - model(ids)[0]).abs().max() < (0.05 if mode == "int8" else 0.5)  # close to the float model
+    greedy = q.generate(ids[:, :5], max_new_tokens=12, temperature=0)
+    assert torch.equal(greedy, q.generate(ids[:, :5], max_new_tokens=12, temperature=0, use_cache=False))
+    # left-padded prompts decode as they would one by one
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    batch = q.generate(ids[:, :6], max_new_tokens=6, temperature=0, attention_mask=mask)
+    alone = q.generate(ids[1:, 2:6], max_new_tokens=6, temperature=0)
+    assert torch.equal(batch[1, 2:], alone[0])
+    with pytest.raises(ValueError, match="quantized"):
+        q.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q" / "model.safetensors").exists()
+    model.save_pretrained(tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m", quantize=mode, group_size=group)
+    torch.testing.assert_close(loaded(ids)[0], q(ids)[0])
+    half = copy.deepcopy(q).to(torch.bfloat16)  # the scales stay fp32; activations bf16
+    assert half.lm_head.scale.dtype == torch.float32
+    assert (half(ids)[0].float() - q(ids)[0]).abs().max() < 0.1
+
+
+def test_quantize_refuses_unknown_modes_and_a_4bit_head_is_an_option():
+    model = DecoderOnlyModel(ModelConfig(**LLAMA))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.quantize("int2")
+    with pytest.raises(ValueError, match="head must be one of"):
+        model.quantize("int4", head="fp8")
+    model.quantize("int4", head="int4")
+    assert model.lm_head.mode == "int4"
+    with pytest.raises(ValueError, match="no linear layers"):
+        model.quantize("int8")
