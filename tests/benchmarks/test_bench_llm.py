@@ -23,7 +23,9 @@ def test_tiny_run_checks_tokens_and_times_each_contender(tmp_path):
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     (row,) = result["rows"]
-    for name in ("minillm-fp32", "minillm-bf16", "transformers-fp32"):
+    for name in ("minillm-fp32", "minillm-bf16", "minillm-int8", "minillm-int4", "transformers-fp32"):
         assert row[f"{name} decode tok/s"] > 0 and row[f"{name} prefill tok/s"] > 0
     # llama.cpp: measured, or nan with the reason recorded
     assert (math.isnan(row["llama.cpp-q4_1 decode tok/s"])) == ("llama.cpp-q4_1" in result["info"]["baseline_failures"])
+    summary = {r["contender"]: r for r in result["info"]["vs_llama_cpp"]}
+    assert summary["minillm-int4"]["best decode tok/s (batch 1)"] == row["minillm-int4 decode tok/s"]
