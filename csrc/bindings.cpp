@@ -141,6 +141,60 @@ struct DequantizeIn {
   int nthreads = 1;
 };
 
+// decode_layers: each layer as the tuple (norm1, qkv, proj, norm2, fc, down, k_cache, v_cache), each weight as the
+// tuple (bits, w, scale, offset, group) (bits 32: fp32 w, scale/offset/group unused).
+struct WeightIn {
+  int bits = 0;
+  Buf w, scale, offset;
+  int64_t group = 0;
+};
+struct LayerIn {
+  Buf norm1;
+  WeightIn qkv, proj;
+  Buf norm2;
+  WeightIn fc, down;
+  Buf k_cache, v_cache;
+};
+
+void convert(PyObject* o, WeightIn& out, const char* name) {
+  if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 5)
+    type_error(std::string(name) + " must be a tuple (bits, w, scale, offset, group)");
+  PyObject* const* f = &PyTuple_GET_ITEM(o, 0);
+  convert(f[0], out.bits, name);
+  convert(f[1], out.w, name);
+  convert(f[2], out.scale, name);
+  convert(f[3], out.offset, name);
+  convert(f[4], out.group, name);
+}
+
+void convert(PyObject* o, std::vector<LayerIn>& out, const char* name) {
+  if (!PyList_Check(o)) type_error(std::string(name) + " must be a list of layer tuples");
+  out.assign(PyList_GET_SIZE(o), LayerIn{});
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); ++i) {
+    PyObject* t = PyList_GET_ITEM(o, i);
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 8)
+      type_error(std::string(name) + " items must be (norm1, qkv, proj, norm2, fc, down, k_cache, v_cache)");
+    PyObject* const* f = &PyTuple_GET_ITEM(t, 0);
+    LayerIn& l = out[i];
+    convert(f[0], l.norm1, "layers.norm1");
+    convert(f[1], l.qkv, "layers.qkv");
+    convert(f[2], l.proj, "layers.proj");
+    convert(f[3], l.norm2, "layers.norm2");
+    convert(f[4], l.fc, "layers.fc");
+    convert(f[5], l.down, "layers.down");
+    convert(f[6], l.k_cache, "layers.k_cache");
+    convert(f[7], l.v_cache, "layers.v_cache");
+  }
+}
+
+struct DecodeIn {
+  Buf x, cos, sin, key_padding_mask, scratch;
+  std::vector<LayerIn> layers;
+  int64_t B, C, H, kv_heads, head_dim, d_ff, cache_len, capacity;
+  double eps, scale;
+  int linear_threads = 1, attn_threads = 1;
+};
+
 struct GemmIn {
   Buf a;
   int64_t lda;
@@ -450,6 +504,67 @@ void dequantize(const DequantizeIn& in) {
   check(status, "dequantize");
 }
 
+// ---- a decoding step through every layer ----
+
+std::array<Field<DecodeIn>, 18> decode_layers_fields = {{
+    MINILLM_FIELD(DecodeIn, x), MINILLM_FIELD(DecodeIn, cos), MINILLM_FIELD(DecodeIn, sin),
+    MINILLM_OPTIONAL(DecodeIn, key_padding_mask), MINILLM_FIELD(DecodeIn, scratch), MINILLM_FIELD(DecodeIn, layers),
+    MINILLM_FIELD(DecodeIn, B), MINILLM_FIELD(DecodeIn, C), MINILLM_FIELD(DecodeIn, H), MINILLM_FIELD(DecodeIn, kv_heads),
+    MINILLM_FIELD(DecodeIn, head_dim), MINILLM_FIELD(DecodeIn, d_ff), MINILLM_FIELD(DecodeIn, cache_len),
+    MINILLM_FIELD(DecodeIn, capacity), MINILLM_FIELD(DecodeIn, eps), MINILLM_FIELD(DecodeIn, scale),
+    MINILLM_OPTIONAL(DecodeIn, linear_threads), MINILLM_OPTIONAL(DecodeIn, attn_threads)}};
+
+// A decode_layers weight of N x K, extent-checked for its format.
+minillm::DecodeWeight decode_weight(const WeightIn& in, int64_t N, int64_t K) {
+  minillm::DecodeWeight w{};
+  w.bits = in.bits, w.N = N, w.K = K, w.group = in.group;
+  if (in.bits == 32) {
+    w.w = checked<const void*>(in.w, "layers weight", 4, {dense({N, K})});
+  } else {
+    const minillm::QuantWeight q = quant_weight(in.w, in.scale, in.offset, N, K, in.bits, in.group);
+    w.w = q.codes, w.scale = q.scale, w.offset = q.offset;
+  }
+  return w;
+}
+
+void decode_layers(const DecodeIn& in) {
+  const int64_t B = in.B, C = in.C, H = in.H, Hkv = in.kv_heads, Dh = in.head_dim, F = in.d_ff;
+  require(B >= 1 && C >= 1 && H >= 1 && Hkv >= 1 && Dh >= 2 && F >= 1, "decode_layers sizes must be >= 1");
+  require(H % Hkv == 0 && Dh % 2 == 0, "decode_layers needs H % kv_heads == 0 and an even head_dim");
+  require(in.cache_len >= 0 && in.cache_len < in.capacity, "decode_layers needs 0 <= cache_len < capacity");
+  const int64_t T = in.cache_len + 1, QKV = (H + 2 * Hkv) * Dh;
+  minillm::DecodeArgs a{};
+  a.x = checked<float*>(in.x, "x", 4, {dense({B, C})});
+  a.cos = checked<const float*>(in.cos, "cos", 4, {dense({B, Dh})});
+  a.sin = checked<const float*>(in.sin, "sin", 4, {dense({B, Dh})});
+  a.kpm = checked<const uint8_t*>(in.key_padding_mask, "key_padding_mask", 1, {dense({B, T})}, true);
+  a.scratch = checked<float*>(in.scratch, "scratch", 4, {{minillm::decode_scratch_floats(B, C, H, Hkv, Dh, F), 1}});
+  std::vector<minillm::DecodeLayer> layers(in.layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const LayerIn& l = in.layers[i];
+    minillm::DecodeLayer& d = layers[i];
+    d.norm1 = checked<const float*>(l.norm1, "layers.norm1", 4, {{C, 1}});
+    d.norm2 = checked<const float*>(l.norm2, "layers.norm2", 4, {{C, 1}});
+    d.qkv = decode_weight(l.qkv, QKV, C);
+    d.proj = decode_weight(l.proj, C, H * Dh);
+    d.fc = decode_weight(l.fc, 2 * F, C);
+    d.down = decode_weight(l.down, C, F);
+    d.k_cache = checked<float*>(l.k_cache, "layers.k_cache", 4, {dense({B, Hkv, in.capacity, Dh})});
+    d.v_cache = checked<float*>(l.v_cache, "layers.v_cache", 4, {dense({B, Hkv, in.capacity, Dh})});
+  }
+  a.layers = layers.data();
+  a.L = static_cast<int64_t>(layers.size());
+  a.B = B, a.C = C, a.H = H, a.Hkv = Hkv, a.Dh = Dh, a.F = F, a.cache_len = in.cache_len, a.capacity = in.capacity;
+  a.eps = in.eps, a.scale = in.scale;
+  a.linear_threads = in.linear_threads, a.attn_threads = in.attn_threads;
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::decode_layers(a);
+  }
+  check(status, "decode_layers");
+}
+
 // A GEMM operand of `rows` x `cols` elements, row-major with row stride ld (colmajor: column stride ld).
 const void* operand(const Buf& b, const char* name, int64_t itemsize, int64_t rows, int64_t cols, int64_t ld,
                     bool colmajor) {
@@ -540,6 +655,7 @@ MINILLM_ENTRY(topk, TopkIn)
 MINILLM_ENTRY(linear_small_m, LinearIn)
 MINILLM_ENTRY(linear_quant, QLinearIn)
 MINILLM_ENTRY(dequantize, DequantizeIn)
+MINILLM_ENTRY(decode_layers, DecodeIn)
 MINILLM_ENTRY(gemm, GemmIn)
 MINILLM_ENTRY(gemm_pair, GemmPairIn)
 #ifdef MINILLM_WITH_CUDA
@@ -575,6 +691,9 @@ PYBIND11_MODULE(_C, m) {
        "y = x W^T + b for few rows, W as int8 or 4-bit codes (csrc/kernels.h: QLinearArgs); keywords as QLinearIn."},
       {"dequantize", as_cfunction(dequantize_entry), kFast,
        "W (N, K) fp32 from int8 or 4-bit codes (csrc/kernels.h: QuantWeight); keywords as DequantizeIn."},
+      {"decode_layers", as_cfunction(decode_layers_entry), kFast,
+       "One decoding step through every layer of a Llama-family stack (csrc/kernels.h: DecodeArgs); keywords as "
+       "DecodeIn."},
       {"gemm", as_cfunction(gemm_entry), kFast, "C = A B + bias (csrc/kernels.h: GemmArgs); keywords as GemmIn."},
       {"gemm_pair", as_cfunction(gemm_pair_entry), kFast,
        "Two independent gemm calls (first, second: dicts of gemm's keywords), one per thread."},

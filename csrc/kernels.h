@@ -149,6 +149,43 @@ struct QLinearArgs {
   int nthreads;
 };
 
+// One decoding step through a Llama-family stack (pre-norm RMSNorm, rotary q/k, grouped-query attention over a KV
+// cache, SwiGLU MLP, no biases), every layer in one call: x (B, C) fp32, the new token of each sequence, is updated in
+// place. csrc/decode.cpp runs the layers with the kernels above (linear_small_m, linear_quant, attention_fwd); the
+// Python twin is DecoderOnlyModel's module path (minillm/models/decoder.py).
+struct DecodeWeight {
+  int bits;          // 32: fp32 (N, K) row-major in w; 8 or 4: codes as QuantWeight
+  const void* w;     // fp32 weight or codes
+  const float* scale;
+  const float* offset;
+  int64_t N, K, group;
+};
+struct DecodeLayer {
+  const float* norm1;  // (C)
+  DecodeWeight qkv;    // ((H + 2 Hkv) Dh, C): q heads, then k heads, then v heads
+  DecodeWeight proj;   // (C, H Dh)
+  const float* norm2;  // (C)
+  DecodeWeight fc;     // (2 F, C): gate rows, then up rows
+  DecodeWeight down;   // (C, F)
+  float* k_cache;      // (B, Hkv, capacity, Dh) contiguous: the step writes row cache_len
+  float* v_cache;
+};
+struct DecodeArgs {
+  float* x;                  // (B, C)
+  const float* cos;          // (B, Dh): each sequence's rotary tables at its new position
+  const float* sin;
+  const uint8_t* kpm;        // (B, cache_len + 1) key padding or nullptr
+  const DecodeLayer* layers;
+  float* scratch;            // decode_scratch_floats(...) floats
+  int64_t L, B, C, H, Hkv, Dh, F, cache_len, capacity;
+  double eps, scale;
+  int linear_threads, attn_threads;
+};
+inline int64_t decode_scratch_floats(int64_t B, int64_t C, int64_t H, int64_t Hkv, int64_t Dh, int64_t F) {
+  return B * (C + (H + 2 * Hkv) * Dh + H * Dh + H + 3 * F + C);
+}
+int decode_layers(const DecodeArgs& a);
+
 // C (M, N) = A (M, K) B (K, N) + bias, for linear layers with many rows and their gradients. A is
 // row-major with row stride lda (a_colmajor: column-major, column stride lda), B likewise with ldb;
 // C is contiguous; bias (N) may be null. F32 or F64. K >= 1.

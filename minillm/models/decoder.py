@@ -13,6 +13,7 @@ from minillm.models.base import PreTrainedModel, lm_loss
 from minillm.models.generation import check_sampling, decode, decode_steps, stream_text
 from minillm.models.layers import (Block, Embeddings, KVCache, Rope, check_input_ids, init_weights, make_norm,
                                    padding_mask, rope_tables)
+from minillm.models.native_decode import native_step
 
 
 @register("decoder_only")
@@ -54,8 +55,12 @@ class DecoderOnlyModel(PreTrainedModel):
             else:  # (N, Dh) tables for positions start .. start + N - 1
                 rope = rope_tables(self.config, torch.arange(start, start + input_ids.shape[1], device=x.device),
                                    x.dtype)
-        for i, block in enumerate(self.blocks):
-            x = block(x, causal=True, key_padding_mask=kpm, cache=cache, layer=i, rope=rope)
+        fused = native_step(self, x, cache, kpm, rope) if rope is not None else None  # a decoding step, natively
+        if fused is not None:
+            x = fused
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, causal=True, key_padding_mask=kpm, cache=cache, layer=i, rope=rope)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return self.norm_f(x) if self.norm_f is not None else x

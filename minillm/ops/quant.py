@@ -266,6 +266,14 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         K = self.in_features
+        if (x.dtype == torch.float32 and x.is_cpu and x.shape[-1] == K and x.numel() <= SMALL_M * K and x.numel()
+                and not (x.requires_grad and torch.is_grad_enabled()) and _backend.native_available()
+                and (self.bias is None or not (self.bias.requires_grad and torch.is_grad_enabled()))
+                and not torch.compiler.is_compiling()):
+            # a decoding step's call: the streaming kernel straight away (this layer runs ~120 times a token)
+            y = _linear_quant_cpu(x.reshape(-1, K), self.bits, self.codes, self.scale, self.offset, self.group_size,
+                                  None if self.bias is None else self.bias.float())
+            return y.view(x.shape[:-1] + (self.out_features,))
         if x.shape[-1] != K:
             raise ValueError(f"x's last dim is {x.shape[-1]}, this layer takes {self.in_features}")
         dtype = x.dtype
