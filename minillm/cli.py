@@ -2,7 +2,7 @@
 
     minillm quickstart                       train a small GPT on offline text for about a minute, then sample
     minillm train --data_path FILE ...       train a model (the seed's `--mode train` form works too)
-    minillm generate --model_path DIR_OR_GGUF --prompt TEXT [--chat]
+    minillm generate --model_path DIR_OR_GGUF --prompt TEXT [--chat] [--quantize int8|int4]
     minillm continue --model_path DIR --data_path FILE
     minillm extract --model_path DIR --output_path DIR [--dtype bfloat16]
     minillm rag index --docs PATH --store PATH       index .txt/.md/.rst files or folders
@@ -133,6 +133,8 @@ def generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model_path, device=args.device)
     if not isinstance(model, DecoderOnlyModel):
         raise ValueError(f"generate needs a decoder-only model; {args.model_path} holds a {type(model).__name__}")
+    if args.quantize:  # weights as int8 / 4-bit codes: faster decoding (docs/models.md, "Quantized weights")
+        model.quantize(args.quantize)
     prompt = args.prompt
     if args.chat:  # the model's chat format around one user turn; only the reply is printed
         if not getattr(tokenizer, "chat_template", None):
@@ -382,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
     p.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="store the linear layers' weights as int8 or 4-bit codes (faster CPU decoding)")
     p.add_argument("--device", default=None, help="cpu, cuda or mps")
     p.set_defaults(func=generate)
 

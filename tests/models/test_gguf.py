@@ -81,14 +81,15 @@ def test_stream_pieces_join_to_the_greedy_continuation(smollm2):
     assert len(pieces) > 3 and "".join(pieces) == tok.decode(full[0, ids.shape[1]:].tolist())
 
 
-def test_cli_chats_with_the_gguf_file(smollm2, tmp_path):
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int4"]], ids=["fp32", "int4"])
+def test_cli_chats_with_the_gguf_file(smollm2, tmp_path, quantize):
     import subprocess
     import sys
 
     path = smollm2[0]
     res = subprocess.run([sys.executable, "-m", "minillm", "generate", "--model_path", str(path), "--prompt",
-                          "What is the capital of France?", "--chat", "--temperature", "0", "--max_new_tokens", "20"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          "What is the capital of France?", "--chat", "--temperature", "0", "--max_new_tokens", "20"]
+                         + quantize, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout and "<|im_" not in res.stdout
 
