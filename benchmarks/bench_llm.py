@@ -9,8 +9,10 @@ A prompt of --prompt-len random tokens, --new greedy tokens, batch 1 (and --batc
 equal-length prompts). Prefill tokens/s: the prompt's forward pass alone; decode tokens/s: the new tokens after the
 first, timed as generate(n + 1) - generate(1) (cache and sampling included). Before timing, minillm's fp32 greedy
 tokens are checked against transformers' on the same prompt (the run stops if they differ). Ratio columns compare
-each minillm decode rate with transformers' at the same threads and batch, and int8 / int4 with llama.cpp's best
-decode rate over the thread counts run (batch 1).
+each minillm decode rate with transformers' at the same threads and batch, and the summary each contender's best
+batch-1 decode rate with llama.cpp's best, over the thread counts and OpenMP wait policies run (--wait: idle threads
+sleep, PASSIVE, as the other benchmarks set on a shared machine, or spin, ACTIVE, OpenMP's default; with two
+threads at batch 1 the policy decides more than the kernels do).
 
 --quality adds what the weight formats cost on real text: perplexity over the first --quality-tokens tokens of Tiny
 Shakespeare (windows of 512), the share of positions whose argmax next token equals the fp32 model's, and how many of
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -45,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quality", action="store_true", help="perplexity and agreement of each weight format")
     ap.add_argument("--quality-tokens", type=int, default=4096)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--wait", nargs="+", default=["passive", "active"], choices=["passive", "active"],
+                    help="OMP_WAIT_POLICY of the timed processes (threads > 1): both by default")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one contender, print JSON
     return ap.parse_args(argv)
 
@@ -84,36 +89,47 @@ def main() -> None:
     reasons = {}
     check_tokens(path, args, reasons)  # correctness first
     rates = {}
+    # (wait policy, thread counts): idle OpenMP threads sleep (PASSIVE, what the other benchmarks set on this shared
+    # machine) or spin (ACTIVE, OpenMP's default); with one thread the policy changes nothing
+    plans = [(w, args.threads if w == "passive" else [t for t in args.threads if t > 1]) for w in args.wait]
     for name in args.contenders:
-        cmd = [sys.executable, __file__, "--worker", name, "--threads", *map(str, args.threads), "--batch",
-               *map(str, args.batch), "--prompt-len", str(args.prompt_len), "--new", str(args.new)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-        if res.returncode != 0 or not lines:
-            reasons[name] = f"worker failed ({res.returncode}): {res.stderr.strip().splitlines()[-1:]}"
-            continue
-        out = json.loads(lines[-1])
-        if out.get("error"):
-            reasons[name] = out["error"]
-        for key, value in out.get("notes", {}).items():
-            reasons.setdefault(key, value)
-        rates[name] = {(r["threads"], r["batch"]): (r["prefill"], r["decode"]) for r in out["rows"]}
+        for wait, threads in plans:
+            if not threads:
+                continue
+            cmd = [sys.executable, __file__, "--worker", name, "--threads", *map(str, threads), "--batch",
+                   *map(str, args.batch), "--prompt-len", str(args.prompt_len), "--new", str(args.new)]
+            env = {**os.environ, "OMP_WAIT_POLICY": wait.upper()}
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+            if res.returncode != 0 or not lines:
+                reasons[name] = f"worker failed ({res.returncode}): {res.stderr.strip().splitlines()[-1:]}"
+                continue
+            out = json.loads(lines[-1])
+            if out.get("error"):
+                reasons[name] = out["error"]
+            for key, value in out.get("notes", {}).items():
+                reasons.setdefault(key, value)
+            for r in out["rows"]:
+                key = ("-" if r["threads"] == 1 else wait, r["threads"], r["batch"])
+                rates.setdefault(name, {})[key] = (r["prefill"], r["decode"])
         print(f"{name}: done", flush=True)
 
     rows = []
-    for threads in args.threads:
-        for batch in args.batch:
-            row = {"threads": threads, "batch": batch}
-            for name in args.contenders:
-                pre, dec = rates.get(name, {}).get((threads, batch), (math.nan, math.nan))
-                row[f"{name} prefill tok/s"] = pre
-                row[f"{name} decode tok/s"] = dec
-            base = row.get("transformers-fp32 decode tok/s", math.nan)
-            for name in MINILLM:
-                if f"{name} decode tok/s" in row:
-                    row[f"{name} decode / transformers"] = row[f"{name} decode tok/s"] / base
-            rows.append(row)
-    # int8 / int4 against llama.cpp at its best thread count (batch 1), as the comparison to make
+    keys = sorted({k for r in rates.values() for k in r}, key=lambda k: (k[1], k[0], k[2]))
+    for wait, threads, batch in keys:
+        row = {"wait": wait, "threads": threads, "batch": batch}
+        for name in args.contenders:
+            pre, dec = rates.get(name, {}).get((wait, threads, batch), (math.nan, math.nan))
+            row[f"{name} prefill tok/s"] = pre
+            row[f"{name} decode tok/s"] = dec
+        base = row.get("transformers-fp32 decode tok/s", math.nan)
+        for name in MINILLM:
+            if f"{name} decode tok/s" in row:
+                row[f"{name} decode / transformers"] = row[f"{name} decode tok/s"] / base
+        rows.append(row)
+    if not rows:
+        sys.exit(f"no contender ran: {reasons}")
+    # int8 / int4 against llama.cpp at its best thread count and wait policy (batch 1), as the comparison to make
     summary = []
     best_llama = _best(rows, "llama.cpp-q4_1 decode tok/s")
     for name in ("minillm-int4", "minillm-int8", "minillm-bf16", "minillm-fp32"):
