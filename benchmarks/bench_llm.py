@@ -78,8 +78,6 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         return worker(args)
-    import torch
-
     import minillm.models as mm
 
     path = mm.smollm2_path()
@@ -247,6 +245,7 @@ def quality_rows(path, n_tokens: int, window: int = 512):
     """Perplexity, argmax agreement and identical greedy continuations of each minillm weight format vs fp32."""
     import torch
 
+    from minillm.models import next_token_nll
     from minillm.models.gguf_llama import gguf_tokenizer
 
     if not SHAKESPEARE.is_file():
@@ -259,16 +258,10 @@ def quality_rows(path, n_tokens: int, window: int = 512):
     out, ref = [], None
     for name in MINILLM:
         model = load_minillm(name, path)
-        nll, preds = [], []
-        with torch.no_grad():
-            for s in range(0, ids.numel() - window + 1, window):
-                w = ids[s:s + window][None]
-                logits = model(w)[0][0, :-1].float()
-                nll.append(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="none"))
-                preds.append(logits.argmax(-1))
-            conts = [model.generate(torch.tensor([tok.encode(p[:200])]), max_new_tokens=32, temperature=0)
-                     for p in passages]
-        ppl, preds = math.exp(torch.cat(nll).mean().item()), torch.cat(preds)
+        nll, preds = next_token_nll(model, ids, window)
+        conts = [model.generate(torch.tensor([tok.encode(p[:200])]), max_new_tokens=32, temperature=0)
+                 for p in passages]
+        ppl = math.exp(nll.mean().item())
         if ref is None:
             ref = (ppl, preds, conts)
         out.append({"weights": name, "perplexity": ppl, "vs fp32 %": 100 * (ppl / ref[0] - 1),

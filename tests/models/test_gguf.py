@@ -131,18 +131,6 @@ def test_repetition_penalty_and_stop_strings(smollm2):
     assert "".join(pieces) == full[:full.index(",")] and not any("," in p for p in pieces)
 
 
-def _shakespeare_nll(model, ids, window: int = 512):
-    """(mean next-token NLL, argmax per position) over consecutive windows of `ids`."""
-    nll, preds = [], []
-    with torch.no_grad():
-        for s in range(0, ids.numel() - window + 1, window):
-            w = ids[s:s + window][None]
-            logits = model(w)[0][0, :-1].float()
-            nll.append(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="none"))
-            preds.append(logits.argmax(-1))
-    return torch.cat(nll).mean().item(), torch.cat(preds)
-
-
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_smollm2_keeps_perplexity_and_predictions(smollm2, data_dir, mode):
     """Tiny Shakespeare (1024 tokens): perplexity within 1% of the fp32 model's, and the same argmax next token at
@@ -153,8 +141,9 @@ def test_quantized_smollm2_keeps_perplexity_and_predictions(smollm2, data_dir, m
     path, ours, _, _ = smollm2
     tok = gguf_tokenizer(path)
     ids = torch.tensor(tok.encode((data_dir / "tinyshakespeare" / "input.txt").read_text()[:6000]))[:1024]
-    base_nll, base_pred = _shakespeare_nll(ours, ids)
+    base_nll, base_pred = mm.next_token_nll(ours, ids)
     q = mm.from_pretrained(path, quantize=mode)
-    nll, pred = _shakespeare_nll(q, ids)
-    assert math.exp(nll) <= 1.01 * math.exp(base_nll), (math.exp(nll), math.exp(base_nll))
+    nll, pred = mm.next_token_nll(q, ids)
+    ppl, base_ppl = math.exp(nll.mean().item()), math.exp(base_nll.mean().item())
+    assert ppl <= 1.01 * base_ppl, (ppl, base_ppl)
     assert (pred == base_pred).float().mean() >= 0.9

@@ -253,3 +253,20 @@ def test_quantize_refuses_unknown_modes_and_a_4bit_head_is_an_option():
     assert model.lm_head.mode == "int4"
     with pytest.raises(ValueError, match="no linear layers"):
         model.quantize("int8")
+
+
+def test_next_token_nll_is_the_models_loss_window_by_window():
+    from minillm.models import next_token_nll
+
+    torch.manual_seed(0)
+    model = DecoderOnlyModel(ModelConfig(**LLAMA)).eval()
+    ids = torch.randint(0, 96, (50,))
+    nll, pred = next_token_nll(model, ids, window=16)  # 3 whole windows, the last 2 tokens dropped
+    assert nll.shape == pred.shape == (45,)
+    for w in range(3):
+        chunk = ids[16 * w:16 * (w + 1)][None]
+        logits, loss = model(chunk, labels=chunk)
+        torch.testing.assert_close(nll[15 * w:15 * (w + 1)].mean(), loss)
+        assert torch.equal(pred[15 * w:15 * (w + 1)], logits[0, :-1].argmax(-1))
+    with pytest.raises(ValueError, match="window"):
+        next_token_nll(model, ids[:10], window=16)

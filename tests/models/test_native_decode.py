@@ -1,8 +1,6 @@
 """minillm.models.native_decode (csrc/decode.cpp): a decoding step through every layer in one native call against its
 reference, the module path (MINILLM_NATIVE_DECODE off), for fp32, int8 and int4 weights, grouped-query heads,
 left-padded batches and any cache position; and the steps it must leave to the modules."""
-import copy
-
 import pytest
 import torch
 
