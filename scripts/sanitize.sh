@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the kernels with -fsanitize=address,undefined into a separate virtual environment and runs
-# the ops tests under it. Fails on any sanitizer report.
+# the ops tests and the native decoding step's tests (csrc/decode.cpp) under it. Fails on any sanitizer report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MINILLM_VENV="${MINILLM_ASAN_VENV:-${TMPDIR:-/tmp}/minillm-asan-venv}"
@@ -16,7 +16,8 @@ status=0
 LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libstdc++.so)" \
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  pytest tests/ops -q -p no:cacheprovider -k "not torch_compile" "$@" 2>&1 | tee "$log" || status=$?
+  pytest tests/ops tests/models/test_native_decode.py -q -p no:cacheprovider -k "not torch_compile" "$@" 2>&1 \
+  | tee "$log" || status=$?
 if grep -qE "ERROR: AddressSanitizer|runtime error:|UndefinedBehaviorSanitizer" "$log"; then
   echo "sanitize.sh: sanitizer reports found (see above)" >&2
   exit 1
