@@ -192,6 +192,7 @@ struct DecodeIn {
   std::vector<LayerIn> layers;
   int64_t B, C, H, kv_heads, head_dim, d_ff, cache_len, capacity;
   double eps, scale;
+  int cache_dtype = 0;  // minillm::kF32 or kBF16
   int linear_threads = 1, attn_threads = 1;
 };
 
@@ -506,20 +507,21 @@ void dequantize(const DequantizeIn& in) {
 
 // ---- a decoding step through every layer ----
 
-std::array<Field<DecodeIn>, 18> decode_layers_fields = {{
+std::array<Field<DecodeIn>, 19> decode_layers_fields = {{
     MINILLM_FIELD(DecodeIn, x), MINILLM_FIELD(DecodeIn, cos), MINILLM_FIELD(DecodeIn, sin),
     MINILLM_OPTIONAL(DecodeIn, key_padding_mask), MINILLM_FIELD(DecodeIn, scratch), MINILLM_FIELD(DecodeIn, layers),
     MINILLM_FIELD(DecodeIn, B), MINILLM_FIELD(DecodeIn, C), MINILLM_FIELD(DecodeIn, H), MINILLM_FIELD(DecodeIn, kv_heads),
     MINILLM_FIELD(DecodeIn, head_dim), MINILLM_FIELD(DecodeIn, d_ff), MINILLM_FIELD(DecodeIn, cache_len),
     MINILLM_FIELD(DecodeIn, capacity), MINILLM_FIELD(DecodeIn, eps), MINILLM_FIELD(DecodeIn, scale),
-    MINILLM_OPTIONAL(DecodeIn, linear_threads), MINILLM_OPTIONAL(DecodeIn, attn_threads)}};
+    MINILLM_OPTIONAL(DecodeIn, linear_threads), MINILLM_OPTIONAL(DecodeIn, attn_threads),
+    MINILLM_OPTIONAL(DecodeIn, cache_dtype)}};
 
 // A decode_layers weight of N x K, extent-checked for its format.
 minillm::DecodeWeight decode_weight(const WeightIn& in, int64_t N, int64_t K) {
   minillm::DecodeWeight w{};
   w.bits = in.bits, w.N = N, w.K = K, w.group = in.group;
-  if (in.bits == 32) {
-    w.w = checked<const void*>(in.w, "layers weight", 4, {dense({N, K})});
+  if (in.bits == 32 || in.bits == 16) {
+    w.w = checked<const void*>(in.w, "layers weight", in.bits / 8, {dense({N, K})});
   } else {
     const minillm::QuantWeight q = quant_weight(in.w, in.scale, in.offset, N, K, in.bits, in.group);
     w.w = q.codes, w.scale = q.scale, w.offset = q.offset;
@@ -532,6 +534,9 @@ void decode_layers(const DecodeIn& in) {
   require(B >= 1 && C >= 1 && H >= 1 && Hkv >= 1 && Dh >= 2 && F >= 1, "decode_layers sizes must be >= 1");
   require(H % Hkv == 0 && Dh % 2 == 0, "decode_layers needs H % kv_heads == 0 and an even head_dim");
   require(in.cache_len >= 0 && in.cache_len < in.capacity, "decode_layers needs 0 <= cache_len < capacity");
+  require(in.cache_dtype == minillm::kF32 || in.cache_dtype == minillm::kBF16,
+          "decode_layers cache_dtype must be kF32 or kBF16");
+  const int64_t csize = minillm::elem_size(in.cache_dtype);
   const int64_t T = in.cache_len + 1, QKV = (H + 2 * Hkv) * Dh;
   minillm::DecodeArgs a{};
   a.x = checked<float*>(in.x, "x", 4, {dense({B, C})});
@@ -549,13 +554,13 @@ void decode_layers(const DecodeIn& in) {
     d.proj = decode_weight(l.proj, C, H * Dh);
     d.fc = decode_weight(l.fc, 2 * F, C);
     d.down = decode_weight(l.down, C, F);
-    d.k_cache = checked<float*>(l.k_cache, "layers.k_cache", 4, {dense({B, Hkv, in.capacity, Dh})});
-    d.v_cache = checked<float*>(l.v_cache, "layers.v_cache", 4, {dense({B, Hkv, in.capacity, Dh})});
+    d.k_cache = checked<void*>(l.k_cache, "layers.k_cache", csize, {dense({B, Hkv, in.capacity, Dh})});
+    d.v_cache = checked<void*>(l.v_cache, "layers.v_cache", csize, {dense({B, Hkv, in.capacity, Dh})});
   }
   a.layers = layers.data();
   a.L = static_cast<int64_t>(layers.size());
   a.B = B, a.C = C, a.H = H, a.Hkv = Hkv, a.Dh = Dh, a.F = F, a.cache_len = in.cache_len, a.capacity = in.capacity;
-  a.eps = in.eps, a.scale = in.scale;
+  a.eps = in.eps, a.scale = in.scale, a.cache_dtype = in.cache_dtype;
   a.linear_threads = in.linear_threads, a.attn_threads = in.attn_threads;
   int status;
   {

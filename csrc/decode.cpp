@@ -13,6 +13,21 @@
 namespace minillm {
 namespace {
 
+// bf16 <-> fp32, round to nearest even (as csrc/cpu/convert.h; this file is compiled once, for every SIMD level).
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // y (B, N) = x (B, K) W^T on the weight's own kernel (ldx = K).
 int run_linear(const DecodeWeight& w, const float* x, int64_t B, float* y, int nthreads) {
   if (w.bits == 32) {
@@ -61,6 +76,9 @@ int decode_layers(const DecodeArgs& a) {
   float* gu = lse + B * H;             // (B, 2F): gate and up
   float* act = gu + 2 * B * F;         // (B, F)
   float* y = act + B * F;              // (B, C): a branch's output before the residual add
+  const bool bf16 = a.cache_dtype == kBF16;
+  uint16_t* q16 = reinterpret_cast<uint16_t*>(y + B * C);  // (B, H, Dh) bf16 q, then (B, H, Dh) bf16 out
+  uint16_t* o16 = q16 + B * H * Dh;
   for (int64_t l = 0; l < a.L; ++l) {
     const DecodeLayer& ly = a.layers[l];
     rmsnorm(a.x, ly.norm1, B, C, a.eps, h);
@@ -71,14 +89,27 @@ int decode_layers(const DecodeArgs& a) {
       for (int64_t hd = 0; hd < H + Hkv; ++hd) rope(row + hd * Dh, a.cos + b * Dh, a.sin + b * Dh, Dh);  // q and k
       for (int64_t g = 0; g < Hkv; ++g) {  // the new token's key and value into the cache, row cache_len
         const int64_t at = ((b * Hkv + g) * a.capacity + a.cache_len) * Dh;
-        std::memcpy(ly.k_cache + at, row + (H + g) * Dh, Dh * sizeof(float));
-        std::memcpy(ly.v_cache + at, row + (H + Hkv + g) * Dh, Dh * sizeof(float));
+        const float* kr = row + (H + g) * Dh;
+        const float* vr = row + (H + Hkv + g) * Dh;
+        if (bf16) {
+          uint16_t* kc = static_cast<uint16_t*>(ly.k_cache) + at;
+          uint16_t* vc = static_cast<uint16_t*>(ly.v_cache) + at;
+          for (int64_t d = 0; d < Dh; ++d) kc[d] = to_bf16(kr[d]), vc[d] = to_bf16(vr[d]);
+        } else {
+          std::memcpy(static_cast<float*>(ly.k_cache) + at, kr, Dh * sizeof(float));
+          std::memcpy(static_cast<float*>(ly.v_cache) + at, vr, Dh * sizeof(float));
+        }
       }
+      if (bf16)  // the attention kernel takes one dtype for q, k and v
+        for (int64_t e = 0; e < H * Dh; ++e) q16[b * H * Dh + e] = to_bf16(row[e]);
     }
     AttnFwdArgs at{};
-    at.q = qkv, at.k = ly.k_cache, at.v = ly.v_cache, at.out = att, at.lse = lse, at.kpm = a.kpm, at.qpm = nullptr;
+    at.q = bf16 ? static_cast<const void*>(q16) : qkv;
+    at.k = ly.k_cache, at.v = ly.v_cache, at.lse = lse, at.kpm = a.kpm, at.qpm = nullptr;
+    at.out = bf16 ? static_cast<void*>(o16) : att;
     at.B = B, at.H = H, at.Nq = 1, at.Nk = T, at.D = Dh, at.Hkv = Hkv;
-    at.q_stride[0] = QKV, at.q_stride[1] = Dh, at.q_stride[2] = QKV;  // q (B, H, 1, Dh): heads of a qkv row
+    // q (B, H, 1, Dh): heads of a qkv row (fp32), or the packed bf16 copy
+    at.q_stride[0] = bf16 ? H * Dh : QKV, at.q_stride[1] = Dh, at.q_stride[2] = bf16 ? H * Dh : QKV;
     at.k_stride[0] = at.v_stride[0] = Hkv * a.capacity * Dh;
     at.k_stride[1] = at.v_stride[1] = a.capacity * Dh;
     at.k_stride[2] = at.v_stride[2] = Dh;
@@ -86,8 +117,10 @@ int decode_layers(const DecodeArgs& a) {
     at.causal_offset = 0;
     at.scale = a.scale;
     at.mods.window_left = at.mods.window_right = -1;
-    at.dtype = kF32, at.nthreads = a.attn_threads;
+    at.dtype = bf16 ? kBF16 : kF32, at.nthreads = a.attn_threads;
     if ((st = attention_fwd(at)) != kOk) return st;
+    if (bf16)
+      for (int64_t e = 0; e < B * H * Dh; ++e) att[e] = from_bf16(o16[e]);
     if ((st = run_linear(ly.proj, att, B, y, a.linear_threads)) != kOk) return st;
     for (int64_t e = 0; e < B * C; ++e) a.x[e] += y[e];
     rmsnorm(a.x, ly.norm2, B, C, a.eps, h);

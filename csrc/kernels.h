@@ -125,8 +125,8 @@ struct LinearArgs {
   int nthreads;
 };
 
-// A weight (N, K) stored as codes (csrc/cpu/linear_quant.h has the layouts): bits 8, int8 codes (N, K) and a
-// scale (N) per row; bits 4, K / 2 bytes per row of 4-bit codes with a scale and an offset (N, K / group) per group
+// A weight (N, K) stored as codes (csrc/cpu/linear_quant.h has the layouts): bits 16, bf16 (N, K) (linear_quant
+// only: fp32 x and y); bits 8, int8 codes (N, K) and a scale (N) per row; bits 4, K / 2 bytes per row of 4-bit codes with a scale and an offset (N, K / group) per group
 // of `group` (a multiple of 32 dividing K) consecutive columns.
 struct QuantWeight {
   const void* codes;
@@ -154,7 +154,7 @@ struct QLinearArgs {
 // place. csrc/decode.cpp runs the layers with the kernels above (linear_small_m, linear_quant, attention_fwd); the
 // Python twin is DecoderOnlyModel's module path (minillm/models/decoder.py).
 struct DecodeWeight {
-  int bits;          // 32: fp32 (N, K) row-major in w; 8 or 4: codes as QuantWeight
+  int bits;          // 32: fp32 (N, K) row-major in w; 16: bf16 (N, K); 8 or 4: codes as QuantWeight
   const void* w;     // fp32 weight or codes
   const float* scale;
   const float* offset;
@@ -167,8 +167,8 @@ struct DecodeLayer {
   const float* norm2;  // (C)
   DecodeWeight fc;     // (2 F, C): gate rows, then up rows
   DecodeWeight down;   // (C, F)
-  float* k_cache;      // (B, Hkv, capacity, Dh) contiguous: the step writes row cache_len
-  float* v_cache;
+  void* k_cache;       // (B, Hkv, capacity, Dh) contiguous, fp32 or bf16 (cache_dtype): the step writes row cache_len
+  void* v_cache;
 };
 struct DecodeArgs {
   float* x;                  // (B, C)
@@ -179,10 +179,12 @@ struct DecodeArgs {
   float* scratch;            // decode_scratch_floats(...) floats
   int64_t L, B, C, H, Hkv, Dh, F, cache_len, capacity;
   double eps, scale;
+  int cache_dtype;           // kF32, or kBF16 (a bf16 model: q is rounded to bf16 for the attention call, as the
+                             // cache's keys are; every other activation stays fp32)
   int linear_threads, attn_threads;
 };
 inline int64_t decode_scratch_floats(int64_t B, int64_t C, int64_t H, int64_t Hkv, int64_t Dh, int64_t F) {
-  return B * (C + (H + 2 * Hkv) * Dh + H * Dh + H + 3 * F + C);
+  return B * (C + (H + 2 * Hkv) * Dh + 2 * H * Dh + H + 3 * F + C);  // + B H Dh: bf16 q and out (2 x 2 bytes)
 }
 int decode_layers(const DecodeArgs& a);
 

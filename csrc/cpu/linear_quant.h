@@ -220,6 +220,9 @@ int linear_quant(const QLinearArgs& a) {
   if (q.bits == 8) {
     const Int8Rows r{static_cast<const int8_t*>(q.codes), q.scale, q.K};
     qlinear_run(a.M, q.K, q.N, X, a.ldx, r, a.bias, Y, q.K, q.codes, nt);
+  } else if (q.bits == 16) {  // bf16 weights, fp32 x and y (the native decoding step of a bf16 model)
+    const BF16Rows r{static_cast<const uint16_t*>(q.codes), q.K};
+    qlinear_run(a.M, q.K, q.N, X, a.ldx, r, a.bias, Y, 2 * q.K, q.codes, nt);
   } else {
     if (q.bits != 4 || q.K % q.group != 0 || q.group % kQBlock != 0) return kBadArgs;
     const Int4Rows r{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, q.K, q.group};

@@ -3,8 +3,10 @@
 A decoded token of a Llama-family model otherwise runs ~15 eager torch operations and module calls per layer around
 the linear and attention kernels (~190 us a layer on a Zen 4, against ~300 us of int4 weights streamed): the native
 step runs the same layers (RMSNorm, rotary q/k, the cache write, grouped-query attention, SwiGLU) between the same
-kernels in one call. It applies only where it computes exactly what the module path computes: the module path
-(DecoderOnlyModel.hidden_states through its Blocks) is its reference, and everything else takes it.
+kernels in one call. It applies only where it computes what the module path computes: the module path
+(DecoderOnlyModel.hidden_states through its Blocks) is its reference, and everything else takes it. A bf16 model
+(bf16 weights and KV cache) keeps its activations in fp32 between the kernels, where the modules round each op's
+output to bf16: its logits are closer to the fp32 model's than the modules' are (tests/models/test_native_decode.py).
 MINILLM_NATIVE_DECODE=0 turns it off.
 """
 from __future__ import annotations
@@ -38,18 +40,22 @@ def _weight(layer) -> Optional[tuple]:
         return (layer.bits, dense(layer.codes), dense(layer.scale), dense(layer.offset), layer.group_size)
     if isinstance(layer, Linear) and layer.bias is None:
         w = layer.weight
-        if w.dtype != torch.float32 or not w.is_contiguous() or not w.is_cpu:
+        if w.dtype not in _BITS or not w.is_contiguous() or not w.is_cpu:
             return None
-        return (32, dense(w), (0, 0), (0, 0), 0)
+        return (_BITS[w.dtype], dense(w), (0, 0), (0, 0), 0)
     return None
 
 
-def _layers(model, cache) -> Optional[List[tuple]]:
+_BITS = {torch.float32: 32, torch.bfloat16: 16}
+_BYTES = {32: 4, 16: 2, 8: 1, 4: 0.5}
+
+
+def _layers(model, cache, keep: list) -> Optional[List[tuple]]:
+    """The binding's layer tuples; fp32 copies of bf16 norm weights go into `keep` (alive for the call)."""
     out = []
     for i, block in enumerate(model.blocks):
-        norms = (block.norm1.weight, block.norm2.weight)
-        if any(n.dtype != torch.float32 or not n.is_contiguous() for n in norms):
-            return None
+        norms = tuple(n.float().contiguous() for n in (block.norm1.weight, block.norm2.weight))
+        keep.extend(norms)
         ws = [_weight(m) for m in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)]
         if any(w is None for w in ws):
             return None
@@ -65,32 +71,34 @@ def native_step(model, x: Tensor, cache, key_padding_mask: Optional[Tensor], rop
     c = model.config
     B, N, C = x.shape
     if not (_ENABLED and N == 1 and cache is not None and 0 < cache.length < cache.capacity
-            and x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled()
+            and x.dtype in _BITS and x.is_cpu and not torch.is_grad_enabled()
             and _backend.native_available() and not torch.compiler.is_compiling() and _config_fits(c)
-            and cache.k[0].dtype == torch.float32 and cache.k[0].is_contiguous() and not model.training):
+            and cache.k[0].dtype == x.dtype and cache.k[0].is_contiguous() and not model.training):
         return None
-    keep = (cache.k, cache.v)  # the buffers whose addresses the call reads; alive here
-    layers = _layers(model, cache)
+    keep = [cache.k, cache.v]  # the buffers whose addresses the call reads; alive here
+    layers = _layers(model, cache, keep)
     if layers is None:
         return None
     T = cache.length + 1
     Dh, H, Hkv, F = c.head_dim, c.num_heads, c.num_kv_heads, c.d_ff
-    cos = rope.cos.reshape(-1, Dh).expand(B, Dh).contiguous()  # (B, Dh): (1, Dh) shared or one row per sequence
-    sin = rope.sin.reshape(-1, Dh).expand(B, Dh).contiguous()
+    # (B, Dh) fp32: (1, Dh) shared or one row per sequence (a bf16 model's tables as the modules use them)
+    cos = rope.cos.reshape(-1, Dh).expand(B, Dh).float().contiguous()
+    sin = rope.sin.reshape(-1, Dh).expand(B, Dh).float().contiguous()
     kpm = None
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (B, T):
             return None
         kpm = key_padding_mask.to(torch.uint8).contiguous()
-    out = x.reshape(B, C).clone()  # updated in place by the kernel
-    scratch = torch.empty(B * (C + (H + 2 * Hkv) * Dh + H * Dh + H + 3 * F + C))
+    out = x.reshape(B, C).float().clone()  # updated in place by the kernel
+    scratch = torch.empty(B * (C + (H + 2 * Hkv) * Dh + 2 * H * Dh + H + 3 * F + C))
     dense = _backend.dense_buf
     _backend.log_path_once("decode_layers", "cpu", True)
     _backend._C.decode_layers(
         x=dense(out), cos=dense(cos), sin=dense(sin), key_padding_mask=dense(kpm), scratch=dense(scratch),
         layers=layers, B=B, C=C, H=H, kv_heads=Hkv, head_dim=Dh, d_ff=F, cache_len=cache.length,
         capacity=cache.capacity, eps=float(c.norm_eps), scale=Dh ** -0.5,
-        linear_threads=_backend.threads_for(_small_m_us(B, 2 * F, C, {32: 4, 8: 1, 4: 0.5}[layers[0][4][0]])),
+        cache_dtype=_backend.DTYPE_CODE[x.dtype],
+        linear_threads=_backend.threads_for(_small_m_us(B, 2 * F, C, _BYTES[layers[0][4][0]])),
         attn_threads=_threads(B * H * T * Dh))
     del keep
-    return out.view(B, 1, C)
+    return out.to(x.dtype).view(B, 1, C)

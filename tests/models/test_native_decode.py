@@ -1,6 +1,8 @@
 """minillm.models.native_decode (csrc/decode.cpp): a decoding step through every layer in one native call against its
 reference, the module path (MINILLM_NATIVE_DECODE off), for fp32, int8 and int4 weights, grouped-query heads,
 left-padded batches and any cache position; and the steps it must leave to the modules."""
+import copy
+
 import pytest
 import torch
 
@@ -46,19 +48,20 @@ def _model(mode=None, **over):
     return m.quantize(mode, 32) if mode else m
 
 
-def _steps(model, ids, n, enabled, monkeypatch, mask=None):
-    """Logits of n cached decode steps after the prompt ids (B, T) (greedy tokens fed back), and the cache."""
+def _steps(model, ids, n, enabled, monkeypatch, mask=None, feed=None):
+    """Logits of n cached decode steps after the prompt ids (B, T) (greedy tokens fed back, or the columns of feed
+    (B, n)), and the cache."""
     monkeypatch.setattr(nd, "_ENABLED", enabled)
     step = model._padded_step(mask.bool(), n) if mask is not None else model._last_logits
     c = model.config
-    cache = KVCache(c.num_layers, ids.shape[0], c.num_kv_heads, ids.shape[1] + n, c.head_dim, torch.float32,
-                    ids.device)
+    cache = KVCache(c.num_layers, ids.shape[0], c.num_kv_heads, ids.shape[1] + n, c.head_dim,
+                    model.embed.tok.weight.dtype, ids.device)
     out = []
     with torch.no_grad():
         logits = step(ids, cache)
-        for _ in range(n):
+        for i in range(n):
             out.append(logits)
-            logits = step(logits.argmax(-1, keepdim=True), cache)
+            logits = step(logits.argmax(-1, keepdim=True) if feed is None else feed[:, i:i + 1], cache)
     return torch.stack(out), cache
 
 
@@ -91,7 +94,7 @@ def test_generation_is_unchanged_and_stops_at_the_cache_end(monkeypatch, counter
     assert torch.equal(got, want) and counter.calls > 0
 
 
-@pytest.mark.parametrize("change", ["gpt2", "bias", "window", "bf16", "grad", "training", "layernorm"])
+@pytest.mark.parametrize("change", ["gpt2", "bias", "window", "fp16", "grad", "training", "layernorm"])
 def test_steps_it_does_not_compute_take_the_modules(monkeypatch, counter, change):
     if change == "gpt2":
         model = DecoderOnlyModel(ModelConfig(vocab_size=96, d_model=64, num_heads=4, num_layers=2, max_seq_len=64))
@@ -100,8 +103,8 @@ def test_steps_it_does_not_compute_take_the_modules(monkeypatch, counter, change
                 "layernorm": {"norm_type": "layernorm"}}.get(change, {})
         model = _model(**over)
     model.eval()
-    if change == "bf16":
-        model.to(torch.bfloat16)
+    if change == "fp16":
+        model.to(torch.float16)
     ids = torch.randint(0, 96, (1, 6))
     if change in ("grad", "training"):
         if change == "training":
@@ -120,10 +123,11 @@ def test_the_binding_checks_every_buffer():
     c = model.config
     cache = KVCache(c.num_layers, 2, c.num_kv_heads, 16, c.head_dim, torch.float32, torch.device("cpu"))
     cache.length = 5
-    layers = nd._layers(model, cache)
+    keep = []
+    layers = nd._layers(model, cache, keep)
     B, C, Dh, H, Hkv, F = 2, c.d_model, c.head_dim, c.num_heads, c.num_kv_heads, c.d_ff
     x, cos, sin = torch.zeros(B, C), torch.ones(B, Dh), torch.zeros(B, Dh)
-    scratch = torch.zeros(B * (C + (H + 2 * Hkv) * Dh + H * Dh + H + 3 * F + C))
+    scratch = torch.zeros(B * (C + (H + 2 * Hkv) * Dh + 2 * H * Dh + H + 3 * F + C))
     d = _backend.dense_buf
     kw = dict(x=d(x), cos=d(cos), sin=d(sin), scratch=d(scratch), layers=layers, B=B, C=C, H=H, kv_heads=Hkv,
               head_dim=Dh, d_ff=F, cache_len=5, capacity=16, eps=1e-6, scale=0.125)
@@ -139,9 +143,34 @@ def test_the_binding_checks_every_buffer():
                           (dict(cache_len=16), "cache_len < capacity"), (dict(kv_heads=3), "H % kv_heads"),
                           (dict(layers=[(layers[0][0], (4, q4[1], q4[2], (0, 0), 32)) + layers[0][2:]]),
                            "offset is a null pointer"),
-                          (dict(d_ff=F + 32), "reaches")]:
+                          (dict(d_ff=F + 32), "reaches"), (dict(cache_dtype=2), "cache_dtype must be")]:
         with pytest.raises(ValueError, match="minillm._C") as info:
             _backend._C.decode_layers(**{**kw, **change})
         assert words in str(info.value), (change, info.value)
     with pytest.raises(TypeError, match="layer tuples"):
         _backend._C.decode_layers(**{**kw, "layers": tuple(layers)})
+
+
+def test_bf16_model_steps_natively_and_closer_to_fp32(monkeypatch, counter):
+    """A bf16 model (bf16 weights and cache): the native step keeps activations in fp32 between the kernels, so its
+    logits sit closer to the fp32 model's (same bf16-rounded weights) than the module path's, which rounds every
+    op's output to bf16; the keys and values it caches are the fp32 step's, rounded once."""
+    ref = _model(None, num_kv_heads=2)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.bfloat16().float())  # the fp32 twin holds exactly the bf16 weights
+    half = copy.deepcopy(ref).to(torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    feed = torch.randint(0, 96, (2, 8))  # the same tokens through all three
+    exact, _ = _steps(ref, ids, 8, True, monkeypatch, mask, feed)
+    modules, _ = _steps(half, ids, 8, False, monkeypatch, mask, feed)
+    calls = counter.calls
+    native, cache = _steps(half, ids, 8, True, monkeypatch, mask, feed)
+    assert counter.calls - calls == 8 and cache.k[0].dtype == torch.bfloat16
+    # step 0's logits come from the prompt pass (the modules in both); the native steps are 1 .. 7
+    err_native = (native[1:].float() - exact[1:]).abs().amax(dim=(1, 2))
+    err_modules = (modules[1:].float() - exact[1:]).abs().amax(dim=(1, 2))
+    assert (err_native <= err_modules).all(), (err_native, err_modules)
+    assert err_native.max() < 0.05
