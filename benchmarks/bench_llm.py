@@ -15,8 +15,9 @@ sleep, PASSIVE, as the other benchmarks set on a shared machine, or spin, ACTIVE
 threads at batch 1 the policy decides more than the kernels do).
 
 --quality adds what the weight formats cost on real text: perplexity over the first --quality-tokens tokens of Tiny
-Shakespeare (windows of 512), the share of positions whose argmax next token equals the fp32 model's, and how many of
-20 greedy 32-token continuations of its passages are identical to fp32's.
+Shakespeare (windows of 512), the share of positions whose argmax next token equals the fp32 model's, how many of
+20 greedy 32-token continuations of its passages are identical to fp32's, and how many greedy replies to 20 short
+chat questions (QUESTIONS) are.
 
     python benchmarks/bench_llm.py [--threads 1 2] [--batch 1 8] [--prompt-len 128] [--new 128] [--quality]
                                    [--json out.json]
@@ -254,20 +255,36 @@ def quality_rows(path, n_tokens: int, window: int = 512):
     tok = gguf_tokenizer(path)
     text = SHAKESPEARE.read_text(encoding="utf-8")
     ids = torch.tensor(tok.encode(text[:8 * n_tokens]))[:n_tokens]
-    passages = [p for p in text.split("\n\n") if len(p) > 80][:20]
+    passages = [torch.tensor([tok.encode(p[:200])]) for p in text.split("\n\n") if len(p) > 80][:20]
+    chats = [torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))]) for q in QUESTIONS]
     out, ref = [], None
     for name in MINILLM:
         model = load_minillm(name, path)
         nll, preds = next_token_nll(model, ids, window)
-        conts = [model.generate(torch.tensor([tok.encode(p[:200])]), max_new_tokens=32, temperature=0)
-                 for p in passages]
+        conts = [model.generate(x, max_new_tokens=32, temperature=0) for x in passages]
+        replies = [model.generate(x, max_new_tokens=32, temperature=0, eos_token_id=tok.eos_token_id)[0, x.shape[1]:]
+                   for x in chats]
         ppl = math.exp(nll.mean().item())
         if ref is None:
-            ref = (ppl, preds, conts)
+            ref = (ppl, preds, conts, replies)
         out.append({"weights": name, "perplexity": ppl, "vs fp32 %": 100 * (ppl / ref[0] - 1),
                     "argmax = fp32": (preds == ref[1]).float().mean().item(),
-                    "identical greedy (of 20)": sum(torch.equal(a, b) for a, b in zip(conts, ref[2]))})
+                    "identical greedy (of 20)": sum(torch.equal(a, b) for a, b in zip(conts, ref[2])),
+                    "identical chat replies (of 20)": sum(torch.equal(a, b) for a, b in zip(replies, ref[3]))})
     return out
+
+
+# Short questions for --quality's chat replies (SmolLM2's chat template, up to 32 greedy tokens or end of turn)
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "What is 12 times 7?", "Who wrote Romeo and Juliet?",
+    "Explain what a noun is in one sentence.", "What is the boiling point of water in Celsius?",
+    "Give me a synonym for happy.", "How many days are in a week?", "What is the largest planet in our solar system?",
+    "Translate 'thank you' into Spanish.", "What color is the sky on a clear day?",
+    "Write a short greeting for a birthday card.", "What is photosynthesis?", "List two uses of a computer.",
+    "What is the square root of 81?", "Who painted the Mona Lisa?", "What language is spoken in Brazil?",
+    "Describe a cat in one sentence.", "What is the freezing point of water in Fahrenheit?",
+    "Suggest a name for a pet dog.",
+]
 
 
 def llama_cpp_rates(Llama, path, prompt_ids, new: int, threads: int):
