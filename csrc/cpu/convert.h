@@ -1,26 +1,14 @@
 // Element conversions (bf16, fp16, int8 to and from fp32) and whole-row loads and stores.
 #pragma once
 #include <type_traits>
+#include "bf16.h"
 #include "cpu/vec.h"
 
 namespace minillm {
 namespace MINILLM_ISA {
 namespace {
 
-// ---- dtype conversion (round to nearest even, NaN kept) ----
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+// ---- dtype conversion (round to nearest even, NaN kept); bf16_to_f32 and f32_to_bf16 are csrc/bf16.h's ----
 inline float f16_to_f32(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t e = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;

@@ -112,8 +112,8 @@ struct Int4Rows {
 };
 
 // Y[i][j] (ldy) = post(j, <X_i, W_j>) + bias[j] for MR rows of X and NR weight rows j0 .. j0 + NR - 1.
-// Each of a block's vectors has its own accumulator (summed at the end): one accumulator per (i, j) made a chain of
-// kQSub dependent FMAs per block, and the stream ran at half the fp32 kernel's bytes per second.
+// A one-row tile gives each of a block's vectors its own accumulator (summed at the end), so that its FMAs do not form
+// one dependent chain per block (a standalone run measured no difference either way; the chains cost nothing).
 template <typename Rows, int MR, int NR>
 MINILLM_ALWAYS_INLINE void qdot_tile(int64_t K, const float* X, int64_t ldx, const Rows& r, int64_t j0, const float* bias,
                       float* Y, int64_t ldy) {
@@ -167,8 +167,8 @@ MINILLM_ALWAYS_INLINE void qdot_rows(int64_t M, int64_t K, const float* X, int64
   }
 }
 
-// Each thread streams a contiguous slice of the weight rows once (as linear_impl), `row_bytes` bytes per row
-// including its scales, prefetched 8 KB ahead.
+// Each thread streams a contiguous slice of the weight rows once (as linear_impl), prefetched kQPrefetch bytes ahead;
+// `stream` is the stored rows (codes or bf16), `row_bytes` the stored bytes of one row (scales are not prefetched).
 template <typename Rows>
 void qlinear_run(int64_t M, int64_t K, int64_t N, const float* X, int64_t ldx, const Rows& r, const float* bias,
                  float* Y, int64_t row_bytes, const void* stream, int nthreads) {
@@ -244,10 +244,13 @@ int dequantize(const QuantWeight& q, float* out, int nthreads) {
     float* row = out + j * K;
     for (int64_t p = 0; p < whole; p += kQBlock) {
       VF w[kQSub];
-      if (q.bits == 8) r8.block(j, p, w); else r4.block(j, p, w);
-      if (q.bits == 8)
+      if (q.bits == 8) {
+        r8.block(j, p, w);  // codes; the row's scale applies here (the streaming kernel applies it to the dot)
         MINILLM_UNROLL
         for (int s = 0; s < kQSub; ++s) w[s] *= vbcast(q.scale[j]);
+      } else {
+        r4.block(j, p, w);
+      }
       MINILLM_UNROLL
       for (int s = 0; s < kQSub; ++s) vstore(row + p + s * kQW, w[s]);
     }

@@ -31,6 +31,9 @@ def _config_fits(c) -> bool:
             and c.head_dim % 2 == 0)
 
 
+_BITS = {torch.float32: 32, torch.bfloat16: 16}  # the stored bits of a float weight, as the binding takes them
+
+
 def _weight(layer) -> Optional[tuple]:
     """(bits, w, scale, offset, group) of a linear layer without bias, or None for a layer the step does not take."""
     dense = _backend.dense_buf
@@ -46,13 +49,10 @@ def _weight(layer) -> Optional[tuple]:
     return None
 
 
-_BITS = {torch.float32: 32, torch.bfloat16: 16}
-_BYTES = {32: 4, 16: 2, 8: 1, 4: 0.5}
-
 
 def _layers(model, cache, keep: list) -> Optional[List[tuple]]:
     """The binding's layer tuples; fp32 copies of bf16 norm weights go into `keep` (alive for the call)."""
-    out = []
+    out, dense = [], _backend.dense_buf
     for i, block in enumerate(model.blocks):
         norms = tuple(n.float().contiguous() for n in (block.norm1.weight, block.norm2.weight))
         keep.extend(norms)
@@ -60,7 +60,6 @@ def _layers(model, cache, keep: list) -> Optional[List[tuple]]:
         if any(w is None for w in ws):
             return None
         k, v = cache.k[i], cache.v[i]
-        dense = _backend.dense_buf
         out.append((dense(norms[0]), ws[0], ws[1], dense(norms[1]), ws[2], ws[3], dense(k), dense(v)))
     return out
 
@@ -98,7 +97,7 @@ def native_step(model, x: Tensor, cache, key_padding_mask: Optional[Tensor], rop
         layers=layers, B=B, C=C, H=H, kv_heads=Hkv, head_dim=Dh, d_ff=F, cache_len=cache.length,
         capacity=cache.capacity, eps=float(c.norm_eps), scale=Dh ** -0.5,
         cache_dtype=_backend.DTYPE_CODE[x.dtype],
-        linear_threads=_backend.threads_for(_small_m_us(B, 2 * F, C, _BYTES[layers[0][4][0]])),
+        linear_threads=_backend.threads_for(_small_m_us(B, 2 * F, C, layers[0][4][0] / 8)),
         attn_threads=_threads(B * H * T * Dh))
     del keep
     return out.to(x.dtype).view(B, 1, C)

@@ -114,9 +114,8 @@ def _linear_quant_cpu(x: Tensor, bits: int, codes: Tensor, scale: Tensor, offset
     if M == 0:
         return y
     f = _quant_fields(bits, codes, scale, offset, group_size)
-    bytes_per_weight = 1 if bits == 8 else 0.5
     _backend._C.linear_quant(x=_backend.buf(x), **f, bias=_backend.dense_buf(bias), y=_backend.dense_buf(y), M=M,
-                             ldx=x.stride(0), nthreads=_backend.threads_for(_small_m_us(M, f["N"], K, bytes_per_weight)))
+                             ldx=x.stride(0), nthreads=_backend.threads_for(_small_m_us(M, f["N"], K, bits / 8)))
     return y
 
 
@@ -195,7 +194,7 @@ def _quant_backward(ctx, dy):
     w = dequantize_int8(codes, scale) if bits == 8 else dequantize_int4(codes, scale, offset, group)
     dx = dy @ w if ctx.needs_input_grad[0] else None
     db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[-1] else None
-    return (dx, None, None, db) if ctx.weight[0] == 8 else (dx, None, None, None, None, db)
+    return (dx, None, None, db) if bits == 8 else (dx, None, None, None, None, db)
 
 
 _linear_int8.register_autograd(_quant_backward, setup_context=_quant_setup_context)
@@ -266,14 +265,6 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         K = self.in_features
-        if (x.dtype == torch.float32 and x.is_cpu and x.shape[-1] == K and x.numel() <= SMALL_M * K and x.numel()
-                and not (x.requires_grad and torch.is_grad_enabled()) and _backend.native_available()
-                and (self.bias is None or not (self.bias.requires_grad and torch.is_grad_enabled()))
-                and not torch.compiler.is_compiling()):
-            # a decoding step's call: the streaming kernel straight away (this layer runs ~120 times a token)
-            y = _linear_quant_cpu(x.reshape(-1, K), self.bits, self.codes, self.scale, self.offset, self.group_size,
-                                  None if self.bias is None else self.bias.float())
-            return y.view(x.shape[:-1] + (self.out_features,))
         if x.shape[-1] != K:
             raise ValueError(f"x's last dim is {x.shape[-1]}, this layer takes {self.in_features}")
         dtype = x.dtype
