@@ -316,8 +316,12 @@ class SimpleDocumentStore:
             conds.append(compiled[0])
             params += compiled[1]
         with self._db_lock:
-            matched = [k for k, in self._db.execute(
-                f"SELECT key FROM documents d WHERE {' AND '.join(conds)} ORDER BY key", params)]
+            try:
+                matched = [k for k, in self._db.execute(
+                    f"SELECT key FROM documents d WHERE {' AND '.join(conds)} ORDER BY key", params)]
+            except sqlite3.OperationalError as e:  # NaN / infinity kept by a store saved before they were refused
+                raise ValueError(f"a document's metadata cannot be filtered ({e}): it holds NaN or infinity, which "
+                                 f"JSON does not; re-add those documents with finite values") from None
         return matched if keys is None else sorted(set(matched).intersection(keys))
 
     def _filter_keys(self, filter: Filter) -> Optional[List[int]]:
@@ -490,14 +494,14 @@ class SimpleDocumentStore:
                              f"(this minillm reads versions 1 to {FORMAT_VERSION})")
         rows = db.execute("SELECT key, id, text, metadata, embedded FROM documents ORDER BY key").fetchall()
         has_fts = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lexical'").fetchone() is not None
+        if not has_fts and meta["version"] >= 2:
+            db.close()
+            raise ValueError(f"{p}: {DB_NAME} has no lexical index although its version ({meta['version']}) writes "
+                             f"one: a damaged store; rebuild it")
         with db:
             db.execute("DROP TABLE meta")
             db.execute("UPDATE documents SET embedded = 1")  # in memory pending lives in _pending
             if not has_fts:
-                if meta["version"] >= 2:
-                    db.close()
-                    raise ValueError(f"{p}: {DB_NAME} has no lexical index although its version ({meta['version']}) "
-                                     f"writes one: a damaged store; rebuild it")
                 lexical.check_fts5(db)
                 lexical.add_fts(db)  # a version-1 store: index its documents once
         dim = meta["embedding_dim"]

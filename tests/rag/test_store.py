@@ -306,3 +306,121 @@ def test_searches_racing_writes_on_100k_documents():
         t.join()
     assert not errors, errors[:3]
     assert len(store) == n + 30 * 50 - 30 * 50 and store.index.ntotal == len(store) and store.pending() == 0
+
+
+# ---- lexical and hybrid search ----
+def _fts_ok(store):
+    # FTS5's own check that the index holds exactly the documents' current words (raises otherwise); committed,
+    # since an open transaction on the mirror would hold save()'s backup waiting
+    with store._db:
+        store._db.execute("INSERT INTO lexical(lexical, rank) VALUES ('integrity-check', 1)")
+
+
+def _lexical_scores(store, query):
+    return {h["id"]: round(h["score"], 9) for h in store.search(query, top_k=len(store) or 1, mode="lexical")}
+
+
+def test_lexical_search_ranks_by_bm25_with_stemming(store):
+    hits = store.search("rivers", top_k=3, mode="lexical")
+    assert hits and all(h["text"].endswith("rivers") for h in hits) and hits[0]["score"] > 0
+    assert store.search("river", top_k=1, mode="lexical")[0]["text"].endswith("rivers")  # Porter: river(s) -> river
+    # FTS5's query syntax in a user's question is just words: no error, no operator
+    assert store.search('NOT cats AND "dogs* NEAR(', top_k=2, mode="lexical")
+    assert store.search("!!! ???", top_k=2, mode="lexical") == []
+    assert [h["id"] for h in store.search("python files", 5, mode="lexical", filter={"group": 2})][0] == "d2"
+    with pytest.raises(ValueError, match="must be text"):
+        store.search(store.embedder.encode(["cats"])[0], mode="lexical")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        store.search("cats", mode="bm25")
+
+
+def test_hybrid_is_reciprocal_rank_fusion_of_both_rankings(store):
+    from minillm.rag.store import HYBRID_DEPTH
+
+    for query, weights in (("python files about cats", (1.0, 1.0)), ("reading rivers", (0.3, 2.0))):
+        dense = [h["id"] for h in store.search(query, HYBRID_DEPTH, mode="dense")]
+        lex = [h["id"] for h in store.search(query, HYBRID_DEPTH, mode="lexical")]
+        fused = {}
+        for ranking, w in zip((dense, lex), weights):
+            for rank, doc in enumerate(ranking, 1):
+                fused[doc] = fused.get(doc, 0) + w / (60 + rank)
+        hits = store.search(query, top_k=7, mode="hybrid", weights=weights)
+        assert [round(h["score"], 12) for h in hits] == sorted((round(s, 12) for s in fused.values()), reverse=True)[:7]
+        assert all(abs(fused[h["id"]] - h["score"]) < 1e-12 for h in hits)
+
+
+def test_lexical_index_follows_upserts_deletes_and_saves(store, tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "rivers", "cats"]
+    for step in range(60):
+        doc_id = f"d{rng.integers(0, 50)}"
+        if rng.random() < 0.3:
+            store.delete([doc_id])
+        else:
+            text = " ".join(rng.choice(words, size=rng.integers(1, 6)))
+            store.add_documents([text], metadatas=[{"step": step}], ids=[doc_id])
+    _fts_ok(store)
+    fresh = SimpleDocumentStore(embedding_dim=512, embedder=CountingEmbedder())
+    fresh.add_documents([d["text"] for d in store], metadatas=[d["metadata"] for d in store],
+                        ids=[d["id"] for d in store])
+    for query in ("alpha gamma", "rivers", "cats beta delta"):
+        assert _lexical_scores(store, query) == _lexical_scores(fresh, query)
+    store.save(tmp_path / "s")
+    loaded = SimpleDocumentStore.load(tmp_path / "s", embedder=CountingEmbedder())
+    _fts_ok(loaded)
+    assert _lexical_scores(loaded, "alpha gamma") == _lexical_scores(store, "alpha gamma")
+    assert loaded.get(where={"step": {"$gte": 0}}) == store.get(where={"step": {"$gte": 0}})
+    loaded.add_documents(["omega after load"], ids=["o"])  # the loaded mirror takes writes
+    assert loaded.search("omega", 1, mode="lexical")[0]["id"] == "o"
+
+
+def test_a_version_1_store_loads_with_a_lexical_index(store, tmp_path):
+    path = tmp_path / "v1"
+    store.save(path)
+    db = sqlite3.connect(path / "store.sqlite")  # what version 1 wrote: no FTS table, no triggers
+    for name in ("documents_ai", "documents_ad", "documents_au"):
+        db.execute(f"DROP TRIGGER {name}")
+    db.execute("DROP TABLE lexical")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'version'")
+    db.commit()
+    db.close()
+    loaded = SimpleDocumentStore.load(path, embedder=CountingEmbedder())
+    _fts_ok(loaded)
+    assert _lexical_scores(loaded, "python files") == _lexical_scores(store, "python files")
+    db = sqlite3.connect(path / "store.sqlite")  # a version-2 file without its index is damaged, not old
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'version'")
+    db.commit()
+    db.close()
+    with pytest.raises(ValueError, match="no lexical index"):
+        SimpleDocumentStore.load(path, embedder=CountingEmbedder())
+
+
+def test_crash_during_save_keeps_the_lexical_index(store, tmp_path):
+    path = tmp_path / "document_store"
+    store.save(path)
+    script = tmp_path / "die.py"
+    script.write_text(SAVE_AND_DIE)
+    assert subprocess.run([sys.executable, str(script), str(path)], cwd=tempfile.gettempdir()).returncode < 0
+    loaded = SimpleDocumentStore.load(path, embedder=HashingEmbedder(512))
+    _fts_ok(loaded)
+    assert {h["id"] for h in loaded.search("second save", 3, mode="lexical")} == {"x1", "x2", "x3"}
+
+
+def test_precomputed_embeddings_search_batch_and_iteration(store):
+    vecs = store.embedder.encode(["volcano one", "volcano two"])
+    store.add_documents(["first", "second"], ids=["v1", "v2"], embeddings=vecs)
+    assert store.pending() == 0 and store.search(vecs[1], 1)[0]["id"] == "v2"
+    store.add_documents(["first"], ids=["v1"], embeddings=vecs[1:] * 3)  # replaces the vector, text unchanged
+    assert {h["id"] for h in store.search(vecs[1], 2)} == {"v1", "v2"}
+    with pytest.raises(ValueError, match=r"shape \(1, 512\)"):
+        store.add_documents(["x"], embeddings=vecs)
+    with pytest.raises(ValueError, match="NaN"):
+        store.add_documents(["x"], embeddings=vecs[:1] * np.nan)
+    queries = ["cats", "python files", "reading csv rivers"]
+    for mode in ("dense", "lexical", "hybrid"):
+        assert store.search_batch(queries, 4, mode=mode, where={"group": {"$ne": 1}}) == [
+            store.search(q, 4, mode=mode, where={"group": {"$ne": 1}}) for q in queries]
+    assert store.search_batch(store.embedder.encode(queries), 3) == [store.search(q, 3) for q in queries]
+    assert [d["id"] for d in store][:3] == ["d0", "d1", "d2"] and len(list(store)) == len(store)
+    assert store.get(where={"n": {"$lt": 2}}, limit=1) == [store.get("d0")]
+    assert store.delete(["d0", "d1"], where={"n": 1}) == 1 and store.get("d0") is not None
