@@ -1,23 +1,35 @@
-"""DocumentProcessor: split text into retrieval chunks by paragraph, sentence, size, section or pattern.
+"""DocumentProcessor: split text into retrieval chunks by paragraph, sentence, size, section (Markdown / reST
+structure), pattern, or recursively by a list of separators.
 
 Every method works on spans of the original text, so `split_spans` can return (start, end) offsets
 with ``text[start:end] == chunk``. Lengths are characters, or tokens when a tokenizer (or any
 length_function) is given; no chunk is longer than max_length (longer pieces are cut at word
 boundaries, inside a word only when the word alone is too long); pieces shorter than min_length
-merge with a neighbour.
+merge with a neighbour; `overlap` makes each chunk begin at least that much before the previous one ends.
+
+method="semantic" reads the document's structure: Markdown ATX (#) and setext headings, reStructuredText titles,
+and code (Markdown fences, reST literal blocks after "::", code directives, doctest blocks). Code is never cut
+inside (unless one block alone exceeds max_length; then at its line ends) and a `# comment` in it is never a
+heading. Each chunk carries its heading path (["Guide", "Files", "Opening"]).
 """
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from minillm.text import sentence_spans
 
-METHODS = ("paragraph", "sentence", "chunk", "semantic", "regex")
+METHODS = ("paragraph", "sentence", "chunk", "semantic", "regex", "recursive")
+SEPARATORS = ["\n\n", "\n", ". ", " ", ""]  # the recursive method's default, coarsest first (as LangChain's)
 Span = Tuple[int, int]
 
-_MD_HEADING = re.compile(r"^ {0,3}#{1,6}\s+\S.*$", re.M)
+_MD_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+\S.*$", re.M)
+_FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})")
+# reST directives whose content is code (any other directive's content is prose: note, warning, ...)
+_CODE_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+(?:code-block|code|sourcecode|doctest|testcode|testsetup|testoutput|"
+                             r"literalinclude|highlight)::")
 # reStructuredText: a title line under (and optionally over) a line of one repeated punctuation character.
 _RST_CHARS = r"[=\-~^*+#\"'`:.]"
 _RST_HEADING = re.compile(
@@ -29,7 +41,102 @@ class Chunk:
     text: str  # the chunk as returned by split_text (semantic sub-chunks carry their section heading)
     start: int  # text[start:end] is the chunk's own span of the document
     end: int
-    heading: Optional[str] = None
+    heading: Optional[str] = None  # the innermost heading (method="semantic")
+    headings: Optional[List[str]] = None  # the heading path, outermost first (method="semantic")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def code_regions(text: str) -> List[Span]:
+    """Spans of code in Markdown or reST: fenced blocks (``` or ~~~, to the closing fence or the end), literal
+    blocks (the indented lines after a paragraph ending in "::"), code directives with their indented content,
+    and doctest blocks (">>>" lines to the next blank line)."""
+    lines = text.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    regions, i, n = [], 0, len(lines)
+
+    def indented_block(first: int, base: int) -> int:
+        """Index past the block of blank or more-than-`base`-indented lines from `first` (trailing blanks out)."""
+        j, last = first, first
+        while j < n and (not lines[j].strip() or _indent(lines[j]) > base):
+            if lines[j].strip():
+                last = j + 1
+            j += 1
+        return last
+
+    while i < n:
+        line = lines[i]
+        fence = _FENCE.match(line)
+        if fence:
+            mark = fence.group(2)
+            close = re.compile(rf"^ {{0,3}}{re.escape(mark[0])}{{{len(mark)},}}\s*$")
+            j = i + 1
+            while j < n and not close.match(lines[j]):
+                j += 1
+            end = min(j + 1, n)
+            regions.append((starts[i], starts[end]))
+            i = end
+            continue
+        directive = _CODE_DIRECTIVE.match(line)
+        stripped = line.rstrip()
+        if directive or (stripped.endswith("::") and not stripped.lstrip().startswith("..")):
+            base = _indent(line)
+            j = i + 1
+            while j < n and not lines[j].strip():
+                j += 1
+            if directive or (j > i + 1 and j < n and _indent(lines[j]) > base):  # "::" needs a blank line
+                end = indented_block(i + 1, base)
+                if end > i + 1:
+                    regions.append((starts[i if directive else j], starts[end]))
+                    i = end
+                    continue
+        if line.lstrip().startswith(">>>") and (i == 0 or not lines[i - 1].strip()):
+            j = i
+            while j < n and lines[j].strip():
+                j += 1
+            regions.append((starts[i], starts[j]))
+            i = j
+            continue
+        i += 1
+    # from the first to the last non-space character, as chunks are trimmed
+    return [(a + len(text[a:b]) - len(text[a:b].lstrip()), a + len(text[a:b].rstrip()))
+            for a, b in regions if text[a:b].strip()]
+
+
+def _inside(pos: int, regions: List[Span]) -> bool:
+    k = bisect.bisect_right(regions, (pos, float("inf"))) - 1
+    return k >= 0 and regions[k][0] <= pos < regions[k][1]
+
+
+def headings(text: str, regions: Optional[List[Span]] = None) -> List[Tuple[int, int, str]]:
+    """(start, level, title) of every heading outside code, in order. ATX levels are their # count; underlined
+    (and overlined) titles take levels in the order their adornment style first appears, as reST defines, after
+    any ATX level (Markdown's setext: = then -)."""
+    regions = code_regions(text) if regions is None else regions
+    found = {}
+    for m in _MD_HEADING.finditer(text):
+        if not _inside(m.start(1), regions):  # regions start at their first non-space character
+            found[m.start()] = ("#", len(m.group(1)), m.group().strip().strip("#").strip())
+    styles: List[Tuple[str, bool]] = []
+    for m in _RST_HEADING.finditer(text):
+        if m.start() in found or _inside(m.start(), regions) or _inside(m.start("title"), regions):
+            continue
+        style = (m.group("u"), m.group("o") is not None)
+        if style not in styles:
+            styles.append(style)
+        found[m.start()] = ("rst", style, m.group("title").strip())
+    markdown = any(kind == "#" for kind, _, _ in found.values())
+    out = []
+    for start in sorted(found):
+        kind, level, title = found[start]
+        if kind == "rst":  # Markdown's setext headings: "=" level 1, "-" level 2; reST: order of first use
+            level = (1 if level[0] == "=" else 2) if markdown else styles.index(level) + 1
+        out.append((start, level, title))
+    return out
 
 
 def _trim(text: str, s: int, e: int) -> Optional[Span]:
@@ -66,43 +173,73 @@ class DocumentProcessor:
         return length_function or len
 
     @staticmethod
-    def _base_spans(text: str, method: str, pattern: Optional[str]) -> List[Tuple[Span, Optional[str]]]:
-        """(span, heading) pieces before any length rule."""
+    def _base_spans(text: str, method: str, pattern: Optional[str], regions: List[Span]
+                    ) -> List[Tuple[Span, Optional[str], Optional[List[str]]]]:
+        """(span, section heading, heading path) pieces before any length rule."""
         if method == "paragraph":
             seps = [m.span() for m in re.finditer(r"\n[ \t]*\n\s*", text)]
-            return [(sp, None) for sp in _pieces_between(text, 0, len(text), seps)]
+            return [(sp, None, None) for sp in _pieces_between(text, 0, len(text), seps)]
         if method == "sentence":  # sentences never run across a paragraph break
             paragraphs = _pieces_between(text, 0, len(text), [m.span() for m in re.finditer(r"\n[ \t]*\n\s*", text)])
-            return [((a + s, a + e), None) for a, b in paragraphs for s, e in sentence_spans(text[a:b])]
+            return [((a + s, a + e), None, None) for a, b in paragraphs for s, e in sentence_spans(text[a:b])]
         if method == "regex":
             if not pattern:
                 raise ValueError("method='regex' needs pattern=")
             seps = [m.span() for m in re.finditer(pattern, text) if m.end() > m.start()]
-            return [(sp, None) for sp in _pieces_between(text, 0, len(text), seps)]
-        if method == "chunk":
+            return [(sp, None, None) for sp in _pieces_between(text, 0, len(text), seps)]
+        if method in ("chunk", "recursive"):
             span = _trim(text, 0, len(text))
-            return [(span, None)] if span else []
+            return [(span, None, None)] if span else []
         # semantic: sections from one heading to the next; the heading line stays in its section.
-        heads = sorted({(m.start(), m.group().strip()) for m in _MD_HEADING.finditer(text)}
-                       | {(m.start(), m.group("title").strip()) for m in _RST_HEADING.finditer(text)})
+        heads = headings(text, regions)
         starts = [0] + [h[0] for h in heads if h[0] > 0] + [len(text)]
-        titles = {h[0]: h[1].lstrip("#").strip() for h in heads}
-        out = []
+        at = {h[0]: h for h in heads}
+        out, path = [], []  # path: (level, title) of the headings above and at the current section
         for a, b in zip(starts, starts[1:]):
+            if a in at:
+                _, level, title = at[a]
+                path = [p for p in path if p[0] < level] + [(level, title)]
             span = _trim(text, a, b)
             if span:
-                out.append((span, titles.get(a)))
+                out.append((span, at[a][2] if a in at else None, [t for _, t in path]))
         return out
 
     @staticmethod
-    def _cut(text: str, span: Span, max_length: int, length: Callable[[str], int],
-             overlap: int = 0) -> List[Span]:
-        """Splits a span into pieces of at most max_length at word boundaries; with overlap, each piece
-        starts at a word boundary at least `overlap` (in length units) before the previous one's end."""
+    def _units(text: str, span: Span, max_length: int, length: Callable[[str], int],
+               regions: List[Span]) -> List[Span]:
+        """The span's words, with each code region in it as one unit (its lines when it alone is too long)."""
+        s, e = span
+        units: List[Span] = []
+        for m in re.finditer(r"\S+", text[s:e]):
+            a, b = s + m.start(), s + m.end()
+            k = bisect.bisect_right(regions, (a, float("inf"))) - 1
+            if not (k >= 0 and regions[k][0] <= a < regions[k][1]):
+                units.append((a, b))
+                continue
+            ra, rb = max(regions[k][0], s), min(regions[k][1], e)
+            if units and units[-1][1] > ra:
+                continue  # a later word of a region already added
+            region = _trim(text, ra, rb)
+            if length(text[region[0]:region[1]]) <= max_length:
+                units.append(region)
+                continue
+            pos = region[0]  # too long for one chunk: its lines are the units
+            for line in text[region[0]:region[1]].splitlines(keepends=True):
+                piece = _trim(text, pos, pos + len(line))
+                if piece:
+                    units.append(piece)
+                pos += len(line)
+        return units
+
+    @classmethod
+    def _cut(cls, text: str, span: Span, max_length: int, length: Callable[[str], int],
+             overlap: int = 0, regions: Sequence[Span] = ()) -> List[Span]:
+        """Splits a span into pieces of at most max_length at word boundaries (code regions whole); with overlap,
+        each piece starts at a word boundary at least `overlap` (in length units) before the previous one's end."""
         s, e = span
         if length(text[s:e]) <= max_length and not overlap:
             return [span]
-        words = [(s + m.start(), s + m.end()) for m in re.finditer(r"\S+", text[s:e])]
+        words = cls._units(text, span, max_length, length, list(regions))
         out, i = [], 0
         while i < len(words):
             start = words[i][0]
@@ -130,23 +267,71 @@ class DocumentProcessor:
             i = nxt
         return out
 
-    @staticmethod
-    def _merge_short(text: str, spans: List[Span], min_length: int, max_length: int,
-                     length: Callable[[str], int]) -> List[Span]:
+    @classmethod
+    def _recursive(cls, text: str, span: Span, separators: List[str], max_length: int,
+                   length: Callable[[str], int]) -> List[Span]:
+        """LangChain's recursive splitting, on spans: cut at the first separator the text holds (each piece keeps
+        the separator that ends it), pack neighbouring pieces up to max_length, and split a piece still too long
+        with the next separators; past the last one (or at ""), at words, inside a word only when it alone is
+        too long."""
+        s, e = span
+        if length(text[s:e]) <= max_length:
+            return [span]
+        for i, sep in enumerate(separators):
+            if sep and sep in text[s:e]:
+                break
+        else:
+            return cls._cut(text, span, max_length, length)
+        rest = separators[i + 1:]
         out: List[Span] = []
-        for sp in spans:
-            if out and (length(text[out[-1][0]:out[-1][1]]) < min_length or length(text[sp[0]:sp[1]]) < min_length) \
-                    and length(text[out[-1][0]:sp[1]]) <= max_length:
-                out[-1] = (out[-1][0], sp[1])
+        packable = False  # whether out[-1] may take the next piece (not when it came from a finer split)
+        pos = s
+        while pos < e:
+            idx = text.find(sep, pos, e)
+            end = e if idx < 0 else idx + len(sep)
+            piece = _trim(text, pos, end)
+            pos = end
+            if not piece:
+                continue
+            a, b = piece
+            if length(text[a:b]) > max_length:
+                out.extend(cls._recursive(text, piece, rest, max_length, length))
+                packable = False
+            elif packable and length(text[out[-1][0]:b]) <= max_length:
+                out[-1] = (out[-1][0], b)
             else:
-                out.append(sp)
+                out.append(piece)
+                packable = True
+        return out
+
+    @staticmethod
+    def _extend_back(text: str, pieces: list, overlap: int, max_length: int, length: Callable[[str], int],
+                     regions: List[Span], prefix: Callable[[Optional[str], bool], str]) -> list:
+        """Overlap for the methods that cut at boundaries: each piece after the first starts earlier, at a word
+        start (never inside code), while what it repeats is shorter than `overlap` and the chunk stays within
+        max_length; never before the previous piece's start or its own section's."""
+        starts = sorted({m.start() for m in re.finditer(r"\S+", text) if not _inside(m.start(), regions)}
+                        | {a for a, _ in regions})
+        out = pieces[:1]
+        for sp, heading, cont, path, floor in pieces[1:]:
+            s, e = sp
+            lo = max(out[-1][0][0] + 1, floor)  # past the start of the chunk before (as extended): never all of it
+            k = bisect.bisect_left(starts, s) - 1
+            new = s
+            while k >= 0 and starts[k] >= lo and length(text[new:s]) < overlap:
+                if length(prefix(heading, cont) + text[starts[k]:e]) > max_length:
+                    break
+                new = starts[k]
+                k -= 1
+            out.append(((new, e), heading, cont, path, floor))
         return out
 
     @classmethod
     def split_chunks(cls, text: str, method: str = "paragraph", min_length: int = 0, max_length: int = 1000,
                      overlap: int = 0, pattern: Optional[str] = None,
-                     length_function: Optional[Callable[[str], int]] = None, tokenizer=None) -> List[Chunk]:
-        """Chunks with their spans (and, for method='semantic', their section heading)."""
+                     length_function: Optional[Callable[[str], int]] = None, tokenizer=None,
+                     separators: Optional[Sequence[str]] = None) -> List[Chunk]:
+        """Chunks with their spans (and, for method='semantic', their section heading and heading path)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if method not in METHODS:
@@ -155,34 +340,49 @@ class DocumentProcessor:
             raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
         if not 0 <= min_length <= max_length:
             raise ValueError(f"min_length must be in [0, max_length={max_length}], got {min_length}")
-        if not 0 <= overlap < max_length:
-            raise ValueError(f"overlap must be in [0, max_length={max_length}), got {overlap}")
-        if overlap and method != "chunk":
-            raise ValueError("overlap applies to method='chunk'")
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < max_length:
+            raise ValueError(f"overlap must be an int in [0, max_length={max_length}), got {overlap!r}")
+        if separators is not None:
+            if method != "recursive":
+                raise ValueError("separators= applies to method='recursive'")
+            if isinstance(separators, str) or not all(isinstance(x, str) for x in separators):
+                raise TypeError("separators must be a list of strings, coarsest first, e.g. ['\\n\\n', '\\n', ' ']")
         length = cls._length_fn(length_function, tokenizer)
-        pieces: List[Tuple[Span, Optional[str], bool]] = []  # (span, section heading, continues a section)
-        for span, heading in cls._base_spans(text, method, pattern):
-            budget = max_length
-            if heading and length(text[span[0]:span[1]]) > max_length:
-                budget = max(1, max_length - length(heading + "\n"))  # room for the heading on later pieces
-            for k, sp in enumerate(cls._cut(text, span, budget, length, overlap)):
-                pieces.append((sp, heading, k > 0))
+        regions = code_regions(text) if method == "semantic" else []
+        # Methods that cut at boundaries leave room for the overlap they add afterwards; "chunk" overlaps as it cuts
+        budget_all = max_length if method == "chunk" or not overlap else max_length - overlap
+        # (span, section heading, continues a section, heading path, the section's start)
+        pieces: List[Tuple[Span, Optional[str], bool, Optional[List[str]], int]] = []
+        for span, heading, path in cls._base_spans(text, method, pattern, regions):
+            budget = budget_all
+            if heading and length(text[span[0]:span[1]]) > budget:
+                budget = max(1, budget - length(heading + "\n"))  # room for the heading on later pieces
+            if method == "recursive":
+                seps = list(SEPARATORS if separators is None else separators)
+                cut = cls._recursive(text, span, seps, budget, length)
+            else:
+                cut = cls._cut(text, span, budget, length, overlap if method == "chunk" else 0, regions)
+            for k, sp in enumerate(cut):
+                pieces.append((sp, heading, k > 0, path, span[0] if method == "semantic" else 0))
+
+        def prefix(heading: Optional[str], cont: bool) -> str:
+            return f"{heading}\n" if heading and cont else ""
+
         if method != "chunk" and min_length:
-            merged: List[Tuple[Span, Optional[str], bool]] = []
-            for sp, heading, cont in pieces:
+            merged: List[Tuple[Span, Optional[str], bool, Optional[List[str]], int]] = []
+            for sp, heading, cont, path, floor in pieces:
                 if merged:
-                    (ps, pe), ph, pc = merged[-1]
+                    (ps, pe), ph, pc, pp, pf = merged[-1]
                     short = length(text[ps:pe]) < min_length or length(text[sp[0]:sp[1]]) < min_length
-                    if short and length(text[ps:sp[1]]) + (length(ph + "\n") if pc and ph else 0) <= max_length:
-                        merged[-1] = ((ps, sp[1]), ph, pc)
+                    if short and length(prefix(ph, pc) + text[ps:sp[1]]) <= budget_all:
+                        merged[-1] = ((ps, sp[1]), ph, pc, pp, pf)
                         continue
-                merged.append((sp, heading, cont))
+                merged.append((sp, heading, cont, path, floor))
             pieces = merged
-        chunks = []
-        for (s, e), heading, cont in pieces:
-            body = text[s:e]
-            chunks.append(Chunk(f"{heading}\n{body}" if heading and cont else body, s, e, heading))
-        return chunks
+        if overlap and method != "chunk":
+            pieces = cls._extend_back(text, pieces, overlap, max_length, length, regions, prefix)
+        return [Chunk(prefix(heading, cont) + text[s:e], s, e, heading, path)
+                for (s, e), heading, cont, path, _ in pieces]
 
     @classmethod
     def split_spans(cls, text: str, method: str = "paragraph", min_length: int = 0, max_length: int = 1000,
@@ -193,7 +393,37 @@ class DocumentProcessor:
     @classmethod
     def split_text(cls, text: str, method: str = "paragraph", min_length: int = 0, max_length: int = 1000,
                    overlap: int = 0, pattern: Optional[str] = None,
-                   length_function: Optional[Callable[[str], int]] = None, tokenizer=None) -> List[str]:
+                   length_function: Optional[Callable[[str], int]] = None, tokenizer=None,
+                   separators: Optional[Sequence[str]] = None) -> List[str]:
         """Chunks of `text` as strings (see the module docstring for the rules)."""
         return [c.text for c in cls.split_chunks(text, method, min_length, max_length, overlap, pattern,
-                                                 length_function, tokenizer)]
+                                                 length_function, tokenizer, separators)]
+
+    @classmethod
+    def split_documents(cls, texts: Sequence[str], metadatas: Optional[Sequence[Dict[str, Any]]] = None,
+                        method: str = "paragraph", **kwargs) -> List[Dict[str, Any]]:
+        """Splits each text and keeps its metadata: [{"text", "metadata"}] in order, where each chunk's metadata
+        is its document's plus "start" and "end" (``texts[i][start:end]`` is the chunk's own span), "chunk" (its
+        number within the document) and, for method="semantic", "headings" (the heading path). Ready for
+        ``store.add_documents([c["text"] ...], metadatas=[c["metadata"] ...])``. kwargs: as split_chunks."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not one string (split_text takes one)")
+        texts = list(texts)
+        metadatas = [{} for _ in texts] if metadatas is None else list(metadatas)
+        if len(metadatas) != len(texts):
+            raise ValueError(f"{len(metadatas)} metadatas for {len(texts)} texts")
+        out = []
+        for i, (text, meta) in enumerate(zip(texts, metadatas)):
+            if not isinstance(meta, dict):
+                raise TypeError(f"metadatas[{i}] must be a dict, got {type(meta).__name__}")
+            ours = {"start", "end", "chunk"} | ({"headings"} if method == "semantic" else set())
+            clash = ours & meta.keys()
+            if clash:
+                raise ValueError(f"metadatas[{i}] has {sorted(clash)}, which split_documents sets for each chunk; "
+                                 f"rename them")
+            for k, c in enumerate(cls.split_chunks(text, method, **kwargs)):
+                extra = {"start": c.start, "end": c.end, "chunk": k}
+                if method == "semantic":
+                    extra["headings"] = list(c.headings or [])
+                out.append({"text": c.text, "metadata": {**meta, **extra}})
+        return out
