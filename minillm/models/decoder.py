@@ -157,11 +157,14 @@ class DecoderOnlyModel(PreTrainedModel):
     def stream(self, prompt: str, tokenizer, max_new_tokens: int = 50, temperature: float = 1.0,
                top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                seed: Optional[int] = None, stop=(), repetition_penalty: float = 1.0):
-        """The continuation of `prompt` (text) as an iterator of text pieces, each yielded as soon as its tokens are
-        sampled (generate's sampling; eos_token_id defaults to the tokenizer's). The pieces join to the decoded
-        continuation, which ends before the first of the `stop` strings if one appears."""
+        """The continuation of `prompt` (text, or its token ids) as an iterator of text pieces, each yielded as soon
+        as its tokens are sampled (generate's sampling; eos_token_id defaults to the tokenizer's). The pieces join to
+        the decoded continuation, which ends before the first of the `stop` strings if one appears."""
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=self.device)
+        prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         if eos_token_id is None:
             eos_token_id = getattr(tokenizer, "eos_token_id", None)
         args = self._decode_args(ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, True, None,

@@ -1,6 +1,8 @@
 """RAGModel and the seed's RAG examples (with only the `minillm.` prefix added to the imports)."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from minillm.models import DecoderOnlyModel
 from minillm.rag import RAGModel, SimpleDocumentStore
@@ -39,7 +41,15 @@ def test_prompt_drops_lowest_ranked_passages_to_fit(parts):
     rag = RAGModel(store, model, tok)
     passages = store.search("capital", top_k=4)
     ids, kept = rag.build_prompt("capital?", passages, budget=120)
-    assert len(ids) <= 120 and 0 < len(kept) < 4 and kept == passages[: len(kept)]
+    assert len(ids) <= 120 and 0 < len(kept) < 4
+    assert [p["id"] for p in kept] == [p["id"] for p in passages[:len(kept)]]  # best first, numbered in order
+    assert [p["number"] for p in kept] == list(range(1, len(kept) + 1))
+    for p, orig in zip(kept, passages):
+        if p.get("truncated"):  # the last one may be cut at a token boundary
+            assert p is kept[-1] and orig["text"].startswith(p["text"].removesuffix(" ..."))
+        else:
+            assert p["text"] == orig["text"]
+    assert rag.render("capital?", kept).count("[1] ") == 1  # (this character tokenizer has no "[" to decode)
     # Generation leaves room for its own tokens inside the 160-token window.
     _, used = rag.generate("capital?", top_k=4, max_length=60, temperature=0.0, return_sources=True)
     assert len(used) < 4
@@ -121,3 +131,53 @@ def test_cli_rag_index_and_query(tmp_path):
     (tmp_path / "store" / "store.sqlite").write_bytes(b"this is not a database" * 100)
     r = run("query", "--store", tmp_path / "store", "x")
     assert r.returncode == 2 and "minillm: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(budget=st.integers(1, 200), top_k=st.integers(0, 4), question=st.text("abc ?", max_size=80))
+def test_prompt_never_exceeds_its_budget(parts, budget, top_k, question):
+    store, model, tok = parts
+    rag = RAGModel(store, model, tok)
+    ids, kept = rag.build_prompt(question, store.search("capital", top_k=top_k) if top_k else [], budget)
+    assert len(ids) <= budget and len(kept) <= top_k
+    assert all(len(tok.encode(p["text"])) >= 1 for p in kept)
+
+
+def test_stream_gives_generate_s_text(parts):
+    store, model, tok = parts
+    rag = RAGModel(store, model, tok)
+    want, sources = rag.generate("capital of France?", top_k=2, max_length=15, temperature=0.0, return_sources=True)
+    pieces = list(rag.stream("capital of France?", top_k=2, max_length=15, temperature=0.0))
+    assert "".join(pieces).strip() == want and rag.last_sources == sources
+    closed = rag.generate("capital of France?", top_k=0, max_length=5, temperature=0.0, return_sources=True)
+    assert closed[1] == []
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    from minillm.models import smollm2_path
+    from minillm.training import load_model_and_tokenizer
+
+    try:
+        path = smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return load_model_and_tokenizer(path)
+
+
+def test_chat_model_answers_from_numbered_sources(parts, smollm2):
+    store, _, _ = parts
+    model, tok = smollm2
+    rag = RAGModel(store, model, tok)
+    assert rag.chat
+    ids, kept = rag.build_prompt("What is the capital of France?", store.search("capital of France", top_k=2), 4096)
+    text = rag.render("What is the capital of France?", kept)
+    assert ids == tok.encode(text) and len(kept) == 2
+    assert "<|im_start|>system" in text and "[1] Paris is the capital" in text and "[2] " in text
+    answer, sources = rag.generate("What is the capital of France?", top_k=2, max_length=24, temperature=0.0,
+                                   return_sources=True)
+    assert "Paris" in answer and sources[0]["number"] == 1
+    # a window too small for both passages: the second is cut by tokens, and the prompt still fits
+    ids, kept = rag.build_prompt("What is the capital of France?", store.search("capital of France", top_k=4), 90)
+    assert len(ids) <= 90 and kept and len(kept) < 4
