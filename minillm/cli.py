@@ -5,8 +5,8 @@
     minillm generate --model_path DIR_OR_GGUF --prompt TEXT [--chat] [--quantize int8|int4]
     minillm continue --model_path DIR --data_path FILE
     minillm extract --model_path DIR --output_path DIR [--dtype bfloat16]
-    minillm rag index --docs PATH --store PATH       index .txt/.md/.rst files or folders
-    minillm rag query --store PATH "question" [--top-k K] [--generate --model_path DIR]
+    minillm rag index --docs PATH --store PATH       index .txt/.md/.rst files or folders (adds to the store)
+    minillm rag query --store PATH "question" [--top-k K] [--search_mode hybrid] [--generate [--model_path DIR]]
     minillm demo                             check and time the kernels against torch
 """
 from __future__ import annotations
@@ -157,13 +157,22 @@ def continue_(args: argparse.Namespace) -> int:
     from minillm.tokenizers import load_tokenizer
     from minillm.training import continue_training, create_dataloaders, load_and_split_data
 
+    from minillm.models.base import CONFIG_NAME
+    from minillm.training.extraction import _model_dir
+
     tokenizer = load_tokenizer(Path(args.model_path))
+    # As train does: examples no longer than the model takes (the quick start's model has 128 positions)
+    window = json.loads((_model_dir(args.model_path) / CONFIG_NAME).read_text(encoding="utf-8")).get("max_seq_len")
+    max_length = min(args.max_length, window) if window else args.max_length
+    if max_length < args.max_length:
+        log.info("--max_length %d clamped to the model's max_seq_len %d", args.max_length, max_length)
     train_texts, val_texts, _ = load_and_split_data(args.data_path, args.split_method, args.val_split, 0.0, args.seed)
-    train_loader, val_loader = create_dataloaders(train_texts, val_texts, tokenizer, args.batch_size, args.max_length,
+    train_loader, val_loader = create_dataloaders(train_texts, val_texts, tokenizer, args.batch_size, max_length,
                                                   seed=args.seed)
     results = continue_training(args.model_path, train_loader, val_loader, learning_rate=args.learning_rate,
                                 epochs=args.epochs, checkpoint_dir=args.checkpoint_dir,
-                                early_stopping_patience=args.early_stopping_patience, device=args.device)
+                                early_stopping_patience=args.early_stopping_patience, device=args.device,
+                                early_stopping_min_delta=args.early_stopping_min_delta)
     print(json.dumps({k: v for k, v in results.items() if k != "history"}))
     return 0
 
@@ -253,6 +262,7 @@ def quickstart(args: argparse.Namespace) -> int:
 
 
 DOC_SUFFIXES = (".txt", ".md", ".rst")
+SPLIT_METHODS = ("paragraph", "sentence", "chunk", "semantic", "regex", "recursive")
 
 
 def _doc_files(paths: List[str]) -> List[Path]:
@@ -273,9 +283,13 @@ def rag_index(args: argparse.Namespace) -> int:
     from minillm.utils import progress_bar
 
     from minillm.rag import DocumentProcessor, SimpleDocumentStore
+    from minillm.utils import find_dir
 
-    store = SimpleDocumentStore(embedding_dim=args.embedding_dim)
+    existing = not args.rebuild and find_dir(Path(args.store), "store.sqlite") is not None
+    store = SimpleDocumentStore.load(args.store) if existing else SimpleDocumentStore(embedding_dim=args.embedding_dim)
+    before = len(store)
     files = _doc_files(args.docs)
+    removed = 0
     for f in progress_bar(files, desc="splitting", unit="file"):
         try:
             text = f.read_text(encoding="utf-8")
@@ -283,14 +297,20 @@ def rag_index(args: argparse.Namespace) -> int:
             log.warning("skipping %s: not UTF-8 text", f)
             continue
         chunks = DocumentProcessor.split_chunks(text, method=args.method, min_length=args.min_length,
-                                                max_length=args.max_length)
+                                                max_length=args.max_length, overlap=args.overlap,
+                                                pattern=args.pattern)
+        # Stable ids (path and span): indexing a file again updates its chunks in place, re-embeds only changed
+        # text, and removes the chunks its new version no longer has.
+        ids = [f"{f}:{c.start}-{c.end}" for c in chunks]
+        removed += store.delete([d["id"] for d in store.get(where={"source": str(f)}) if d["id"] not in set(ids)]) \
+            if existing else 0
         store.add_documents([c.text for c in chunks],
-                            metadatas=[{"source": str(f), "start": c.start, "end": c.end, "heading": c.heading}
-                                       for c in chunks],
-                            ids=[f"{f}:{c.start}" for c in chunks])
-    store.compute_embeddings(batch_size=32)
+                            metadatas=[{"source": str(f), "start": c.start, "end": c.end,
+                                        "headings": c.headings or []} for c in chunks], ids=ids)
+    embedded = store.compute_embeddings(batch_size=32)
     store.save(args.store)
-    print(f"indexed {len(store)} chunks from {len(files)} files with {store.embedder.name} -> {args.store}")
+    print(f"{'updated' if existing else 'indexed'} {args.store}: {len(store)} chunks ({len(store) - before:+d}, "
+          f"{embedded} embedded, {removed} removed) from {len(files)} files with {store.embedder.name}")
     return 0
 
 
@@ -298,21 +318,31 @@ def rag_query(args: argparse.Namespace) -> int:
     from minillm.rag import RAGModel, SimpleDocumentStore
 
     store = SimpleDocumentStore.load(args.store)
-    hits = store.search(args.question, top_k=args.top_k)
+    hits = store.search(args.question, top_k=args.top_k, mode=args.search_mode)
     for rank, h in enumerate(hits, 1):
         where = h["metadata"].get("source", h["id"])
         print(f"[{rank}] score {h['score']:.3f}  {where}")
         print("    " + h["text"][:300].replace("\n", "\n    ") + ("..." if len(h["text"]) > 300 else ""))
     if args.generate:
-        if not args.model_path:
-            raise ValueError("--generate needs --model_path (a trained decoder-only model)")
         from minillm.training import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(args.model_path)
-        answer = RAGModel(store, model, tokenizer).generate(args.question, top_k=args.top_k,
-                                                            max_length=args.max_length, temperature=args.temperature,
-                                                            seed=args.seed)
-        print(f"\nanswer: {answer}")
+        model_path = args.model_path
+        if model_path is None:  # the chat model users install for this: SmolLM2-135M-Instruct
+            from minillm.models import smollm2_path
+
+            try:
+                model_path = smollm2_path()
+            except FileNotFoundError as e:
+                raise ValueError(f"--generate needs --model_path, or SmolLM2 installed as the default ({e})") from None
+        model, tokenizer = load_model_and_tokenizer(model_path)
+        rag = RAGModel(store, model, tokenizer, search_mode=args.search_mode)
+        print("\nanswer: ", end="", flush=True)
+        for piece in rag.stream(args.question, top_k=args.top_k, max_length=args.max_length,
+                                temperature=args.temperature, seed=args.seed):
+            print(piece, end="", flush=True)
+        print()
+        for p in rag.last_sources:
+            print(f"  [{p['number']}] {p['metadata'].get('source', p['id'])}{' (cut)' if p.get('truncated') else ''}")
     return 0
 
 
@@ -404,11 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     rag_sub = rag.add_subparsers(dest="rag_command", required=True, metavar="ACTION")
     p = rag_sub.add_parser("index", help="split, embed and store .txt/.md/.rst files")
     p.add_argument("--docs", nargs="+", required=True, help="files or folders")
-    p.add_argument("--store", required=True, help="folder to write the document store to")
+    p.add_argument("--store", required=True,
+                   help="the document store folder: added to (upserts by file and span) unless --rebuild")
+    p.add_argument("--rebuild", action="store_true", help="write a new store instead of adding to the one there")
     p.add_argument("--embedding_dim", type=int, default=384,
                    help="384 = all-MiniLM-L6-v2 when installed (minillm[pretrained]), else hashing (default 384)")
-    p.add_argument("--method", choices=["paragraph", "sentence", "chunk", "semantic"], default="semantic",
-                   help="splitting method (default semantic: Markdown / reST sections)")
+    p.add_argument("--method", choices=list(SPLIT_METHODS), default="semantic",
+                   help="splitting method (default semantic: Markdown / reST sections, code kept whole)")
+    p.add_argument("--pattern", default=None, help="the separator regex of --method regex")
+    p.add_argument("--overlap", type=int, default=0, help="characters each chunk repeats of the one before (default 0)")
     p.add_argument("--min_length", type=int, default=50, help="shortest chunk in characters (default 50)")
     p.add_argument("--max_length", type=int, default=800, help="longest chunk in characters (default 800)")
     p.set_defaults(func=rag_index)
@@ -416,8 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="a folder written by `minillm rag index`")
     p.add_argument("question", help="the question")
     p.add_argument("--top-k", dest="top_k", type=int, default=5, help="passages to show (default 5)")
-    p.add_argument("--generate", action="store_true", help="answer with the model at --model_path")
-    p.add_argument("--model_path", default=None, help="a trained decoder-only model folder")
+    p.add_argument("--search_mode", choices=["dense", "lexical", "hybrid"], default="hybrid",
+                   help="search by meaning, by words, or both fused (default hybrid)")
+    p.add_argument("--generate", action="store_true",
+                   help="answer from the passages (with --model_path, or SmolLM2-Instruct when installed)")
+    p.add_argument("--model_path", default=None, help="a decoder-only model folder or .gguf (default: SmolLM2)")
     p.add_argument("--max_length", type=int, default=100, help="answer tokens (default 100)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

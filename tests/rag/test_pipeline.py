@@ -121,12 +121,28 @@ def test_cli_rag_index_and_query(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("query", "--store", tmp_path / "store", "Which river is in Africa?", "--top-k", "1")
     assert r.returncode == 0 and "Nile" in r.stdout and "a.md" in r.stdout
+    # Indexing again adds to the store: unchanged chunks keep their vectors, a changed file's chunks are updated
+    # and its vanished ones removed; --rebuild starts afresh. Every method, with --pattern and --overlap.
+    (docs / "a.md").write_text("# Rivers\n\nThe Amazon is the largest river in South America by volume.\n")
+    (docs / "c.txt").write_text("Volcanoes erupt molten rock called lava.\n")
+    r = run("index", "--docs", docs, "--store", tmp_path / "store", "--min_length", "10")
+    assert r.returncode == 0 and "updated" in r.stdout and "3 chunks (+1, 2 embedded, 1 removed)" in r.stdout, \
+        r.stdout + r.stderr[-2000:]
+    r = run("query", "--store", tmp_path / "store", "Which river is in Africa?", "--top-k", "3", "--search_mode", "lexical")
+    assert r.returncode == 0 and "Nile" not in r.stdout and "Amazon" in r.stdout
+    r = run("index", "--docs", docs / "c.txt", "--store", tmp_path / "store", "--rebuild", "--method", "recursive",
+            "--overlap", "5", "--min_length", "0", "--max_length", "20")
+    assert r.returncode == 0 and "indexed" in r.stdout and "Amazon" not in run(
+        "query", "--store", tmp_path / "store", "Amazon river").stdout
+    r = run("index", "--docs", docs, "--store", tmp_path / "s2", "--method", "regex", "--pattern", "[.]",
+            "--min_length", "0", "--embedding_dim", "256")
+    assert r.returncode == 0, r.stderr[-2000:]
     r = run("query", "--store", tmp_path / "nowhere", "x")
     assert r.returncode == 2 and "minillm: error:" in r.stderr
     # --store naming a folder of the user's: refused in one line, nothing removed (it was deleted before).
     r = run("index", "--docs", docs, "--store", docs, "--embedding_dim", "256", "--min_length", "10")
     assert r.returncode == 2 and "minillm: error: refusing to replace" in r.stderr and "Traceback" not in r.stderr
-    assert sorted(p.name for p in docs.iterdir()) == ["a.md", "b.rst"]
+    assert sorted(p.name for p in docs.iterdir()) == ["a.md", "b.rst", "c.txt"]
     # A damaged store.sqlite: one line and exit 2, not a traceback.
     (tmp_path / "store" / "store.sqlite").write_bytes(b"this is not a database" * 100)
     r = run("query", "--store", tmp_path / "store", "x")
@@ -181,3 +197,23 @@ def test_chat_model_answers_from_numbered_sources(parts, smollm2):
     # a window too small for both passages: the second is cut by tokens, and the prompt still fits
     ids, kept = rag.build_prompt("What is the capital of France?", store.search("capital of France", top_k=4), 90)
     assert len(ids) <= 90 and kept and len(kept) < 4
+
+
+def test_cli_rag_generate_uses_smollm2_by_default(tmp_path, smollm2):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "facts.md").write_text("# Facts\n\nThe capital of France is Paris.\n\nThe Nile flows through Egypt.\n")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "minillm", "rag", *map(str, a)], capture_output=True,  # noqa: E731
+                                    text=True, cwd=tempfile.gettempdir(), env=env, timeout=600)
+    assert run("index", "--docs", docs, "--store", tmp_path / "s", "--min_length", "0").returncode == 0
+    r = run("query", "--store", tmp_path / "s", "What is the capital of France?", "--generate", "--temperature", "0",
+            "--max_length", "20", "--top-k", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    answer = r.stdout.split("answer:", 1)[1]
+    assert "Paris" in answer and "[1] " in answer and "facts.md" in answer

@@ -23,6 +23,12 @@ def test_train_generate_extract(text_file, tmp_path):
     assert r.returncode == 0 and "the cat" in r.stdout
     r = cli("extract", "--model_path", ck / "last", "--output_path", tmp_path / "inf", "--dtype", "bfloat16")
     assert r.returncode == 0 and (tmp_path / "inf" / "model.safetensors").exists()
+    # continue with the default --max_length (256) on this 64-position model: clamped to 64, as train does;
+    # a min_delta larger than any improvement stops it after the patience's evaluations
+    r = cli("-v", "continue", "--model_path", ck / "best_model", "--data_path", text_file, "--epochs", "4",
+            "--early_stopping_patience", "1", "--early_stopping_min_delta", "100", "--checkpoint_dir", tmp_path / "c2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "clamped to the model's max_seq_len 64" in r.stderr and '"epochs_completed": 2' in r.stdout
 
 
 def test_errors_are_one_line(tmp_path):
