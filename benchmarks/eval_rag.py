@@ -6,7 +6,8 @@ retrieved from all 2,067 dev paragraphs (dense, hybrid), and with the gold parag
 Scores: exact match and token F1 with SQuAD's official normalisation (lower case, no punctuation, no articles,
 single spaces; the best over the question's reference answers), in percent; "gold in prompt" is how often the
 question's own paragraph reached the prompt. Questions: a fixed random sample (--seed) of the 10,570. Every row
-uses the same model, the same greedy decoding and the same instruction (without sources for closed-book).
+uses the same model, the same greedy decoding, the same instruction (without sources for closed-book) and the same
+answer extraction (the reply's first line, a leading "The answer is:" dropped).
 Target: hybrid RAG F1 >= 2x closed-book F1.
 """
 from __future__ import annotations
@@ -53,10 +54,15 @@ def best(metric, prediction: str, truths) -> float:
     return max(metric(prediction, t) for t in truths)
 
 
+_LEAD = re.compile(r"^(?:\[\d+\]\s*)?(?:the\s+)?answer\b(?:\s+to\s+(?:this|the)\s+question)?\s*(?:is)?\s*[:,-]?\s*",
+                   re.IGNORECASE)
+
+
 def first_answer(text: str) -> str:
-    """The reply's first line (a chat model may go on after its answer)."""
+    """The reply's first line (a chat model may go on after its answer) without a leading "The answer is:" or
+    source number, which this small model often writes; the same for every row."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    return _LEAD.sub("", lines[0]).strip() if lines else ""
 
 
 def squad_sample(n: int, seed: int):
