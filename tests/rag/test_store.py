@@ -424,3 +424,32 @@ def test_precomputed_embeddings_search_batch_and_iteration(store):
     assert [d["id"] for d in store][:3] == ["d0", "d1", "d2"] and len(list(store)) == len(store)
     assert store.get(where={"n": {"$lt": 2}}, limit=1) == [store.get("d0")]
     assert store.delete(["d0", "d1"], where={"n": 1}) == 1 and store.get("d0") is not None
+
+
+def test_lexical_and_hybrid_searches_racing_writes(store):
+    # The SQLite mirror is one connection: searches from many threads and a writer must not interleave on it.
+    errors = []
+
+    def reader(q):
+        try:
+            for _ in range(40):
+                for mode in ("lexical", "hybrid"):
+                    hits = store.search(q, 3, mode=mode, where={"group": {"$in": [0, 1, 2, 3]}})
+                    if mode == "lexical" and not all(q.split()[0] in h["text"] for h in hits):
+                        errors.append((q, hits))
+        except Exception as exc:  # a thread's exception must fail the test
+            errors.append(repr(exc))
+
+    def writer():
+        for i in range(30):
+            store.add_documents([f"racing filler {i} about cats"], metadatas=[{"group": i % 4}], ids=[f"r{i}"])
+            store.delete(where={"group": 3, "n": {"$gte": 0}} if i == 15 else {"no": "match"})
+
+    threads = [threading.Thread(target=reader, args=(q,)) for q in ("rivers", "python files", "cats")] + \
+        [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    _fts_ok(store)
