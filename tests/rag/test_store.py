@@ -48,9 +48,16 @@ def test_search_by_text_and_vector(store):
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
-def test_default_embedder_is_hashing_for_256():
-    s = SimpleDocumentStore(embedding_dim=256)
+def test_default_embedder_is_hashing_for_256(caplog, monkeypatch):
+    from minillm.rag import embedders
+
+    monkeypatch.setattr(embedders, "_logged", set())
+    with caplog.at_level("INFO", logger="minillm.rag"):
+        s = SimpleDocumentStore(embedding_dim=256)
+        SimpleDocumentStore(embedding_dim=256)
     assert s.embedder.name == "hashing-256"
+    lines = [r.getMessage() for r in caplog.records if "document store embedder" in r.getMessage()]
+    assert len(lines) == 1 and "hashing-256" in lines[0] and "embedding_dim=384 picks all-MiniLM-L6-v2" in lines[0]
     with pytest.raises(ValueError, match="embedding_dim"):
         SimpleDocumentStore(embedding_dim=128, embedder=HashingEmbedder(512))
 
