@@ -1,7 +1,7 @@
 """End-to-end RAG quality: SQuAD v1.1 dev questions answered by SmolLM2-135M-Instruct closed-book, with passages
 retrieved from all 2,067 dev paragraphs (dense, hybrid), and with the gold paragraph (the upper bound).
 
-    python benchmarks/eval_rag.py [--questions 300] [--top-k 3] [--embedder minilm] [--json out.json]
+    python benchmarks/eval_rag.py [--questions 300] [--top-k 1] [--embedder minilm] [--json out.json]
 
 Scores: exact match and token F1 with SQuAD's official normalisation (lower case, no punctuation, no articles,
 single spaces; the best over the question's reference answers), in percent; "gold in prompt" is how often the
@@ -9,6 +9,11 @@ question's own paragraph reached the prompt. Questions: a fixed random sample (-
 uses the same model, the same greedy decoding, the same instruction (without sources for closed-book) and the same
 answer extraction (the reply's first line, a leading "The answer is:" dropped).
 Target: hybrid RAG F1 >= 2x closed-book F1.
+
+One passage per question by default, chosen on a disjoint sample (--seed 1, 100 questions): this 135M model
+answered better from its best passage alone (hybrid F1 15.6, gold paragraph in the prompt 78%) than from two (10.3,
+85%); with three on the reported sample (--seed 0, 300 questions) hybrid F1 was 9.0 (gold in the prompt 90%). More
+passages bring the answer more often but confuse this model more than they help.
 """
 from __future__ import annotations
 
@@ -81,7 +86,7 @@ def squad_sample(n: int, seed: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=300)
-    ap.add_argument("--top-k", type=int, default=3, help="passages retrieved per question (default 3)")
+    ap.add_argument("--top-k", type=int, default=1, help="passages retrieved per question (default 1)")
     ap.add_argument("--max-new", type=int, default=24, help="new tokens per answer (default 24)")
     ap.add_argument("--embedder", default="minilm", help="minilm or hashing-DIM (the dense half of retrieval)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="model weights")
