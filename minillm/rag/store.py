@@ -213,10 +213,10 @@ class SimpleDocumentStore:
                 if key is not None:
                     doc = self._docs[key]
                     if doc["text"] != text:
+                        changed_text.append((key, doc["text"], text))
                         doc["text"] = text
                         self._pending.add(key)
                         stale.append(key)
-                        changed_text.append((text, key))
                     self._index_meta(key, doc["metadata"], add=False)
                     doc["metadata"] = dict(meta)
                     changed_meta.append((meta_json, key))
@@ -229,10 +229,12 @@ class SimpleDocumentStore:
                     new_rows.append((key, doc_id, text, meta_json))
                 self._index_meta(key, meta, add=True)
                 keys.append(key)
-            with self._db_lock, self._db:  # one transaction; the triggers keep the lexical index in step
+            with self._db_lock, self._db:  # one transaction: the rows and their lexical index change together
+                lexical.unindex_rows(self._db, [(k, old) for k, old, _ in changed_text])
+                self._db.executemany("UPDATE documents SET text = ? WHERE key = ?", [(t, k) for k, _, t in changed_text])
                 self._db.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, 1)", new_rows)
-                self._db.executemany("UPDATE documents SET text = ? WHERE key = ?", changed_text)
                 self._db.executemany("UPDATE documents SET metadata = ? WHERE key = ?", changed_meta)
+                lexical.index_rows(self._db, [(k, t) for k, _, t in changed_text] + [(k, t) for k, _, t, _ in new_rows])
             if vectors is not None:  # every given document gets its vector now, replacing any it had
                 self.index.remove_ids(keys)
                 self.index.add_with_ids(vectors, np.asarray(keys, dtype=np.int64))
@@ -270,12 +272,15 @@ class SimpleDocumentStore:
             else:
                 keys = self._allowed(None, where, where_document)
                 keys = list(self._docs) if keys is None else keys
+            gone = []
             for k in keys:
                 doc = self._docs.pop(k)
                 del self._key_of[doc["id"]]
                 self._index_meta(k, doc["metadata"], add=False)
                 self._pending.discard(k)
+                gone.append((k, doc["text"]))
             with self._db_lock, self._db:
+                lexical.unindex_rows(self._db, gone)
                 self._db.executemany("DELETE FROM documents WHERE key = ?", [(k,) for k in keys])
             self.index.remove_ids(keys)
         return len(keys)
