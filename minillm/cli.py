@@ -252,8 +252,8 @@ def quickstart(args: argparse.Namespace) -> int:
     store.compute_embeddings()
     store.save(out / "document_store")
     question = args.question
-    print(f"question: {question}")
-    for rank, hit in enumerate(store.search(question, top_k=3), 1):
+    print(f"question: {question} (hybrid search: words and meaning, fused by rank)")
+    for rank, hit in enumerate(store.search(question, top_k=3, mode="hybrid"), 1):
         print(f"[{rank}] score {hit['score']:.3f}: " + hit["text"][:240].replace("\n", " ")
               + ("..." if len(hit["text"]) > 240 else ""))
     print(f"document store: {out / 'document_store'} (query it: minillm rag query --store {out / 'document_store'} "
