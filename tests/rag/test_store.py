@@ -458,3 +458,12 @@ def test_lexical_and_hybrid_searches_racing_writes(store):
         t.join()
     assert not errors
     _fts_ok(store)
+
+
+def test_a_python_without_fts5_gets_a_clear_error(monkeypatch):
+    # SQLite without FTS5 fails the probe's CREATE VIRTUAL TABLE; an unknown tokenizer fails it the same way.
+    from minillm.rag import lexical
+
+    monkeypatch.setattr(lexical, "TOKENIZE", "no_such_tokenizer")
+    with pytest.raises(RuntimeError, match="lacks FTS5.*python.org"):
+        SimpleDocumentStore(embedding_dim=64, embedder=HashingEmbedder(64))
