@@ -280,10 +280,8 @@ def _doc_files(paths: List[str]) -> List[Path]:
 
 
 def rag_index(args: argparse.Namespace) -> int:
-    from minillm.utils import progress_bar
-
     from minillm.rag import DocumentProcessor, SimpleDocumentStore
-    from minillm.utils import find_dir
+    from minillm.utils import find_dir, progress_bar
 
     existing = not args.rebuild and find_dir(Path(args.store), "store.sqlite") is not None
     store = SimpleDocumentStore.load(args.store) if existing else SimpleDocumentStore(embedding_dim=args.embedding_dim)
@@ -302,8 +300,9 @@ def rag_index(args: argparse.Namespace) -> int:
         # Stable ids (path and span): indexing a file again updates its chunks in place, re-embeds only changed
         # text, and removes the chunks its new version no longer has.
         ids = [f"{f}:{c.start}-{c.end}" for c in chunks]
-        removed += store.delete([d["id"] for d in store.get(where={"source": str(f)}) if d["id"] not in set(ids)]) \
-            if existing else 0
+        if existing:
+            keep = set(ids)
+            removed += store.delete([d["id"] for d in store.get(where={"source": str(f)}) if d["id"] not in keep])
         store.add_documents([c.text for c in chunks],
                             metadatas=[{"source": str(f), "start": c.start, "end": c.end,
                                         "headings": c.headings or []} for c in chunks], ids=ids)

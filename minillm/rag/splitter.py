@@ -107,9 +107,14 @@ def code_regions(text: str) -> List[Span]:
             for a, b in regions if text[a:b].strip()]
 
 
-def _inside(pos: int, regions: List[Span]) -> bool:
+def _region_at(pos: int, regions: List[Span]) -> Optional[Span]:
+    """The region (sorted, disjoint) holding `pos`, or None."""
     k = bisect.bisect_right(regions, (pos, float("inf"))) - 1
-    return k >= 0 and regions[k][0] <= pos < regions[k][1]
+    return regions[k] if k >= 0 and regions[k][0] <= pos < regions[k][1] else None
+
+
+def _inside(pos: int, regions: List[Span]) -> bool:
+    return _region_at(pos, regions) is not None
 
 
 def headings(text: str, regions: Optional[List[Span]] = None) -> List[Tuple[int, int, str]]:
@@ -212,11 +217,11 @@ class DocumentProcessor:
         units: List[Span] = []
         for m in re.finditer(r"\S+", text[s:e]):
             a, b = s + m.start(), s + m.end()
-            k = bisect.bisect_right(regions, (a, float("inf"))) - 1
-            if not (k >= 0 and regions[k][0] <= a < regions[k][1]):
+            region = _region_at(a, regions)
+            if region is None:
                 units.append((a, b))
                 continue
-            ra, rb = max(regions[k][0], s), min(regions[k][1], e)
+            ra, rb = max(region[0], s), min(region[1], e)
             if units and units[-1][1] > ra:
                 continue  # a later word of a region already added
             region = _trim(text, ra, rb)

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
-from minillm.index import FlatIndex, _RWLock
+from minillm.index import FlatIndex, _as_numpy, _RWLock
 from minillm.rag import lexical
 from minillm.rag.embedders import default_embedder, embedder_by_name
 from minillm.rag.where import compile_where, compile_where_document
@@ -34,6 +35,11 @@ MODES = ("dense", "lexical", "hybrid")
 HYBRID_DEPTH = 100  # candidates each ranking contributes to a hybrid search (at least top_k)
 DB_NAME = "store.sqlite"
 Filter = Union[Dict[str, Any], Callable[[Dict[str, Any]], bool], None]
+
+
+def _array(x: Any, name: str) -> np.ndarray:
+    """x as a numpy array: tensors through the index's own conversion (bf16 included), anything else np.asarray."""
+    return _as_numpy(x, name) if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _check_metadata(meta: Any, where: str = "metadata") -> None:
@@ -244,7 +250,7 @@ class SimpleDocumentStore:
         return ids
 
     def _check_embeddings(self, embeddings, n: int) -> np.ndarray:
-        vectors = np.asarray(embeddings.detach().cpu() if hasattr(embeddings, "detach") else embeddings)
+        vectors = _array(embeddings, "embeddings")
         if vectors.shape != (n, self.embedding_dim):
             raise ValueError(f"embeddings must have shape ({n}, {self.embedding_dim}) (one {self.embedding_dim}-d "
                              f"vector per text), got {vectors.shape}")
@@ -369,8 +375,8 @@ class SimpleDocumentStore:
         embedding call and one scan of the vectors for all of them; a list of result lists."""
         if isinstance(queries, str):
             raise TypeError("search_batch takes a list of queries; search() takes one")
-        if isinstance(queries, np.ndarray) or hasattr(queries, "detach"):
-            queries = np.asarray(queries.detach().cpu() if hasattr(queries, "detach") else queries, np.float32)
+        if isinstance(queries, (np.ndarray, torch.Tensor)):
+            queries = _array(queries, "queries").astype(np.float32, copy=False)
             if queries.ndim != 2:
                 raise ValueError(f"query vectors must be (n, {self.embedding_dim}), got shape {queries.shape}")
             queries = list(queries)
@@ -422,7 +428,7 @@ class SimpleDocumentStore:
             if isinstance(q, str):
                 out[i] = next(embedded)
             else:
-                vec = np.asarray(q.detach().cpu() if hasattr(q, "detach") else q, dtype=np.float32).reshape(-1)
+                vec = _array(q, "query").astype(np.float32, copy=False).reshape(-1)
                 if vec.shape != (self.embedding_dim,):
                     raise ValueError(f"query vector must have shape ({self.embedding_dim},), got {vec.shape}")
                 out[i] = vec

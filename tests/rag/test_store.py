@@ -426,6 +426,11 @@ def test_precomputed_embeddings_search_batch_and_iteration(store):
         assert store.search_batch(queries, 4, mode=mode, where={"group": {"$ne": 1}}) == [
             store.search(q, 4, mode=mode, where={"group": {"$ne": 1}}) for q in queries]
     assert store.search_batch(store.embedder.encode(queries), 3) == [store.search(q, 3) for q in queries]
+    import torch  # tensors too, bf16 included (numpy has no bf16: converted through float32)
+
+    assert store.search_batch(torch.from_numpy(store.embedder.encode(queries)), 3) == store.search_batch(queries, 3)
+    store.add_documents(["bf16 row"], ids=["b16"], embeddings=torch.from_numpy(vecs[:1]).bfloat16())
+    assert store.pending() == 0 and store.search(torch.from_numpy(vecs[0]), 3)[0]["id"] == "b16"
     assert [d["id"] for d in store][:3] == ["d0", "d1", "d2"] and len(list(store)) == len(store)
     assert store.get(where={"n": {"$lt": 2}}, limit=1) == [store.get("d0")]
     assert store.delete(["d0", "d1"], where={"n": 1}) == 1 and store.get("d0") is not None
