@@ -5,7 +5,10 @@
 //   emu_runner attention DIR   forward then backward; DIR/args.txt + q,k,v,dout[,mask,qmask,dlse].bin in,
 //                              out,lse,dq,dk,dv.bin out
 //   emu_runner topk DIR        DIR/args.txt + queries,corpus.bin in, scores,idx.bin out
-//   emu_runner selftest        the emulator's own checks: barriers, shuffles, atomics, block indices
+//   emu_runner fragments DIR   tensor-core fragments: DIR/args.txt + a (16x16), b (16x8), c (16x8 fp32),
+//                              afrag (32x4), bfrag (32x2) in; ldmatrix.bin, d_frag.bin, d_smem.bin out
+//   emu_runner selftest        the emulator's own checks: barriers, shuffles, atomics, block indices,
+//                              cp.async groups
 //   emu_runner divergent       a thread leaves before __syncthreads(): must abort with a message
 //   emu_runner race|norace     a shared-memory read without (with) the __syncthreads() it needs; under
 //                              ThreadSanitizer `race` must be reported and `norace` must not
@@ -14,6 +17,7 @@
 #include "simt_emu.h"
 // clang-format off: the emulator must come before the kernels
 #include "attention.cuh"
+#include "mma.cuh"
 #include "topk.cuh"
 // clang-format on
 
@@ -143,6 +147,104 @@ int run_topk(const std::string& dir) {
   return 0;
 }
 
+
+// ---- tensor-core fragments ----
+
+// ldmatrix of every kind over four 8 x 8 matrices of 16-bit ids (element (m, r, c) = 64 m + 8 r + c), rows
+// 48 bytes apart; out: per lane the registers of x1, x1.trans, x2, x2.trans, x4, x4.trans (1+1+2+2+4+4).
+__global__ void ldmatrix_kernel(uint32_t* out) {
+  MINILLM_SHARED_FLOATS(smem);
+  auto* base = reinterpret_cast<uint16_t*>(smem);
+  constexpr int kPitch = 24;  // halves per row
+  const int lane = int(threadIdx.x);
+  for (int e = lane; e < 32 * kPitch; e += 32) base[e] = 0xdead;
+  __syncwarp();
+  for (int e = lane; e < 4 * 64; e += 32) base[(e / 8) * kPitch + e % 8] = uint16_t(e);
+  __syncwarp();
+  const uint16_t* row = base + lane * kPitch;  // lane l: row l % 8 of matrix l / 8
+  uint32_t r[14];
+  cuda::ldmatrix<1, false>(r + 0, row);
+  cuda::ldmatrix<1, true>(r + 1, row);
+  cuda::ldmatrix<2, false>(r + 2, row);
+  cuda::ldmatrix<2, true>(r + 4, row);
+  cuda::ldmatrix<4, false>(r + 6, row);
+  cuda::ldmatrix<4, true>(r + 10, row);
+  for (int i = 0; i < 14; ++i) out[lane * 14 + i] = r[i];
+}
+
+// D = A B + C from fragments given per lane (the caller computed them from the ISA's layout).
+template <typename T>
+__global__ void mma_frag_kernel(const uint32_t* afrag, const uint32_t* bfrag, const float* c, float* dfrag) {
+  const int lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
+  const float cf[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+  float d[4];
+  cuda::mma_m16n8k16<T>(d, afrag + 4 * lane, bfrag + 2 * lane, cf);
+  for (int i = 0; i < 4; ++i) dfrag[4 * lane + i] = d[i];
+}
+
+// D = A B through shared memory as the attention kernels load operands: A (16 x 16 row-major) by ldmatrix.x4,
+// B once n-major (B^T's rows, as K) by ldmatrix.x2 and once k-major (B's rows, as V) by ldmatrix.x2.trans,
+// both copied in by cp.async. d: (2, 16, 8), the two products, written from the C layout.
+template <typename T>
+__global__ void mma_smem_kernel(const uint16_t* a, const uint16_t* bt, const uint16_t* b, float* d) {
+  MINILLM_SHARED_FLOATS(smem);
+  auto* As = reinterpret_cast<uint16_t*>(smem);  // (16, 16)
+  uint16_t* Bts = As + 256;                       // (8, 16)
+  uint16_t* Bs = Bts + 128;                       // (16, 8)
+  const int lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
+  for (int e = lane; e < 32 + 16 + 16; e += 32) {  // 16-byte chunks: A 32, B^T 16, B 16
+    if (e < 32) cuda::cp_async_16(As + 8 * e, a + 8 * e, true);
+    else if (e < 48) cuda::cp_async_16(Bts + 8 * (e - 32), bt + 8 * (e - 32), true);
+    else cuda::cp_async_16(Bs + 8 * (e - 48), b + 8 * (e - 48), true);
+  }
+  cuda::cp_async_commit();
+  cuda::cp_async_wait<0>();
+  __syncwarp();
+  uint32_t af[4], bf[2], bft[2];
+  cuda::ldmatrix<4, false>(af, As + (lane % 16) * 16 + (lane / 16) * 8);
+  cuda::ldmatrix<2, false>(bf, Bts + (lane % 8) * 16 + ((lane / 8) % 2) * 8);
+  cuda::ldmatrix<2, true>(bft, Bs + (lane % 16) * 8);
+  const float zero[4] = {0, 0, 0, 0};
+  float d0[4], d1[4];
+  cuda::mma_m16n8k16<T>(d0, af, bf, zero);
+  cuda::mma_m16n8k16<T>(d1, af, bft, zero);
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    d[row * 8 + col] = d0[i];
+    d[128 + row * 8 + col] = d1[i];
+  }
+}
+
+int run_fragments(const std::string& dir) {
+  const auto m = read_args(dir);
+  const bool is_bf16 = geti(m, "dtype") == kBF16;
+  auto a = read_file(dir + "/a.bin"), bt = read_file(dir + "/bt.bin"), b = read_file(dir + "/b.bin");
+  auto c = read_file(dir + "/c.bin"), afrag = read_file(dir + "/afrag.bin"), bfrag = read_file(dir + "/bfrag.bin");
+  std::vector<uint32_t> ld(32 * 14);
+  std::vector<float> dfrag(32 * 4), dsmem(2 * 128);
+  uint32_t* ldp = ld.data();
+  MINILLM_LAUNCH(ldmatrix_kernel, dim3(1), dim3(32), 32 * 24 * 2, nullptr, ldp);
+  const auto* af = reinterpret_cast<const uint32_t*>(afrag.data());
+  const auto* bf = reinterpret_cast<const uint32_t*>(bfrag.data());
+  const auto* cf = reinterpret_cast<const float*>(c.data());
+  const auto* a16 = reinterpret_cast<const uint16_t*>(a.data());
+  const auto* bt16 = reinterpret_cast<const uint16_t*>(bt.data());
+  const auto* b16 = reinterpret_cast<const uint16_t*>(b.data());
+  float* dfp = dfrag.data();
+  float* dsp = dsmem.data();
+  if (is_bf16) {
+    MINILLM_LAUNCH(mma_frag_kernel<cuda::bf16>, dim3(1), dim3(32), 0, nullptr, af, bf, cf, dfp);
+    MINILLM_LAUNCH(mma_smem_kernel<cuda::bf16>, dim3(1), dim3(32), 1024, nullptr, a16, bt16, b16, dsp);
+  } else {
+    MINILLM_LAUNCH(mma_frag_kernel<cuda::f16>, dim3(1), dim3(32), 0, nullptr, af, bf, cf, dfp);
+    MINILLM_LAUNCH(mma_smem_kernel<cuda::f16>, dim3(1), dim3(32), 1024, nullptr, a16, bt16, b16, dsp);
+  }
+  write_file(dir + "/ldmatrix.bin", ld.data(), ld.size() * 4);
+  write_file(dir + "/d_frag.bin", dfrag.data(), dfrag.size() * 4);
+  write_file(dir + "/d_smem.bin", dsmem.data(), dsmem.size() * 4);
+  return 0;
+}
+
 // ---- the emulator's own checks ----
 
 __global__ void neighbours_kernel(int* out) {
@@ -173,6 +275,27 @@ __global__ void atomic_kernel(int* counter, float* fsum) {
 __global__ void poison_kernel(float* out) {
   MINILLM_SHARED_FLOATS(smem);
   out[threadIdx.x] = smem[threadIdx.x];  // never written: must read as NaN
+}
+
+
+// cp.async: the destination reads NaN until a wait releases its group; wait<1> leaves the newest group in
+// flight; invalid sources write zeros. out: (32, 4) per lane: before wait, after wait<1> (group 0, group 1),
+// after wait<0> (group 1).
+__global__ void cp_async_kernel(const float* src, float* out) {
+  MINILLM_SHARED_FLOATS(smem);
+  const int lane = int(threadIdx.x);
+  float* g0 = smem + 4 * lane;          // 16 bytes per lane, group 0
+  float* g1 = smem + 128 + 4 * lane;    // group 1: a zero fill
+  cuda::cp_async_16(g0, src + 4 * lane, true);
+  cuda::cp_async_commit();
+  cuda::cp_async_16(g1, src, false);
+  cuda::cp_async_commit();
+  out[lane * 4 + 0] = g0[1];  // in flight
+  cuda::cp_async_wait<1>();
+  out[lane * 4 + 1] = g0[1];
+  out[lane * 4 + 2] = g1[2];  // still in flight
+  cuda::cp_async_wait<0>();
+  out[lane * 4 + 3] = g1[2];
 }
 
 int expect(bool ok, const char* what) {
@@ -226,6 +349,21 @@ int selftest() {
     for (float x : out) ok = ok && x != x;
     fails += expect(ok, "unwritten shared memory reads as NaN");
   }
+  {
+    std::vector<float> src(128), out(128, -1.0f);
+    for (int i = 0; i < 128; ++i) src[size_t(i)] = float(i);
+    const float* s = src.data();
+    float* o = out.data();
+    MINILLM_LAUNCH(cp_async_kernel, dim3(1), dim3(32), 256 * sizeof(float), nullptr, s, o);
+    bool ok = true;
+    for (int l = 0; l < 32; ++l) {
+      ok = ok && out[size_t(l * 4)] != out[size_t(l * 4)];             // NaN before the wait
+      ok = ok && out[size_t(l * 4 + 1)] == float(4 * l + 1);          // group 0 released by wait<1>
+      ok = ok && out[size_t(l * 4 + 2)] != out[size_t(l * 4 + 2)];    // group 1 still in flight
+      ok = ok && out[size_t(l * 4 + 3)] == 0.0f;                      // zero fill released by wait<0>
+    }
+    fails += expect(ok, "cp.async: NaN while in flight, wait_group releases the oldest groups, zero fill");
+  }
   if (fails == 0) std::printf("selftest ok\n");
   return fails;
 }
@@ -258,6 +396,7 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "attention" && argc == 3) return run_attention(argv[2]);
     if (cmd == "topk" && argc == 3) return run_topk(argv[2]);
+    if (cmd == "fragments" && argc == 3) return run_fragments(argv[2]);
     if (cmd == "selftest") return selftest();
     std::vector<float> out(64, 0.0f);
     float* o = out.data();

@@ -13,9 +13,18 @@
 // under -fsanitize=thread a shared-memory access that no barrier orders against another thread's
 // write is reported as a data race, as a missing __syncthreads() would be on a GPU.
 //
+// Tensor cores and asynchronous copies (cuda/mma.cuh) are modelled at the level of their results:
+// mma.sync m16n8k16 (bf16, f16; fp32 accumulation) and ldmatrix (.x1/.x2/.x4, .trans) are warp-collective
+// operations that rebuild each operand from every lane's register fragment with the PTX ISA's layouts;
+// ldmatrix checks that its row addresses are 16-byte aligned and inside the block's shared memory.
+// cp.async poisons its destination (NaN bytes) when issued and writes the data only when a
+// cp.async.wait_group releases its group, so a read before the wait sees NaN, and the poisoning write
+// makes ThreadSanitizer report a copy issued into a buffer other threads may still be reading; copies
+// still pending when a block ends abort.
+//
 // Kernels must keep to what this can check: full-warp shuffles (mask 0xffffffff) reached by all 32
 // lanes, no reliance on warp-lockstep execution without __syncwarp(), blocks whose size is a multiple
-// of 32, no tensor-core or asynchronous-copy instructions.
+// of 32, no wgmma or TMA.
 #pragma once
 
 #include <atomic>
@@ -59,7 +68,7 @@ inline int timeout_seconds() {
 }
 
 // Kinds of barrier arrival; all threads meeting at one barrier must agree on the kind.
-enum Kind : int { kSyncThreads = 1, kBlockStart = 2, kBlockEnd = 3, kShuffle = 4, kSyncWarp = 5 };
+enum Kind : int { kSyncThreads = 1, kBlockStart = 2, kBlockEnd = 3, kShuffle = 4, kSyncWarp = 5, kMma = 6, kLdmatrix = 7 };
 
 inline const char* kind_name(int kind) {
   switch (kind) {
@@ -68,6 +77,8 @@ inline const char* kind_name(int kind) {
     case kBlockEnd: return "the end of the kernel";
     case kShuffle: return "a warp shuffle";
     case kSyncWarp: return "__syncwarp()";
+    case kMma: return "mma.sync";
+    case kLdmatrix: return "ldmatrix";
   }
   return "?";
 }
@@ -110,9 +121,10 @@ class Barrier {
 
 struct Warp {
   Barrier barrier;
-  // Two slot sets used alternately: a lane can be at most one shuffle ahead of the slowest lane
-  // (the barrier of the shuffle in between holds it), so it never overwrites a slot still being read.
-  uint64_t slots[2][kWarpSize];
+  // Two slot sets used alternately: a lane can be at most one collective operation ahead of the slowest
+  // lane (the barrier of the operation in between holds it), so it never overwrites a slot still being read.
+  // Four words per lane: a shuffle's value, an mma's A and B fragments, an ldmatrix row address.
+  uint64_t slots[2][kWarpSize][4];
 };
 
 struct Block {
@@ -128,21 +140,152 @@ inline thread_local unsigned tl_parity = 0;
 
 inline void* dynamic_smem() { return tl_block->smem.data(); }
 
+// This lane's slots for the next warp-collective operation (alternating sets, see Warp::slots).
+inline uint64_t* next_slots(unsigned* buf) {
+  *buf = tl_parity;
+  tl_parity ^= 1u;
+  return tl_block->warps[tl_warp].slots[*buf][tl_lane];
+}
+inline const uint64_t* lane_slots(unsigned buf, int lane) { return tl_block->warps[tl_warp].slots[buf][lane]; }
+
 template <typename T>
 T shuffle(T v, int src_lane) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "shuffle of a 1-8 byte value");
-  Warp& w = tl_block->warps[tl_warp];
-  const unsigned buf = tl_parity;
-  tl_parity ^= 1u;
-  std::memcpy(&w.slots[buf][tl_lane], &v, sizeof(T));
-  w.barrier.arrive_and_wait(kShuffle);
+  unsigned buf;
+  std::memcpy(next_slots(&buf), &v, sizeof(T));
+  tl_block->warps[tl_warp].barrier.arrive_and_wait(kShuffle);
   T out;
-  std::memcpy(&out, &w.slots[buf][src_lane & (kWarpSize - 1)], sizeof(T));
+  std::memcpy(&out, lane_slots(buf, src_lane & (kWarpSize - 1)), sizeof(T));
   return out;
 }
 
 inline void check_full_mask(unsigned mask) {
   if (mask != 0xffffffffu) fail("only full-warp masks (0xffffffff) are emulated");
+}
+
+// ---- tensor cores (cuda/mma.cuh) ----
+
+inline float half_bits_to_float(uint16_t h, bool is_bf16) {
+  if (is_bf16) {
+    const uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  _Float16 x;
+  std::memcpy(&x, &h, 2);
+  return float(x);
+}
+
+// Element e (0 or 1) of a register holding two 16-bit values: the lower half first.
+inline uint16_t half_of(uint32_t r, int e) { return uint16_t(e == 0 ? r & 0xffffu : r >> 16); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: every lane gives its fragments of A and B,
+// the operands are rebuilt with the ISA's layouts (cuda/mma.cuh), and each lane gets its fragment of D = A B + C.
+// The products of two 16-bit values are exact in fp32; they are summed in fp32 in k order (tensor cores
+// sum in an unspecified order, so results may differ from a GPU's in the last bits).
+inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c, bool is_bf16) {
+  unsigned buf;
+  uint64_t* mine = next_slots(&buf);
+  mine[0] = uint64_t(a[0]) | (uint64_t(a[1]) << 32);
+  mine[1] = uint64_t(a[2]) | (uint64_t(a[3]) << 32);
+  mine[2] = uint64_t(b[0]) | (uint64_t(b[1]) << 32);
+  tl_block->warps[tl_warp].barrier.arrive_and_wait(kMma);
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    const uint64_t* s = lane_slots(buf, lane);
+    const uint32_t ar[4] = {uint32_t(s[0]), uint32_t(s[0] >> 32), uint32_t(s[1]), uint32_t(s[1] >> 32)};
+    const uint32_t br[2] = {uint32_t(s[2]), uint32_t(s[2] >> 32)};
+    const int g = lane / 4, t = lane % 4;
+    for (int r = 0; r < 4; ++r)
+      for (int e = 0; e < 2; ++e)
+        A[g + 8 * (r & 1)][2 * t + e + 8 * (r >> 1)] = half_bits_to_float(half_of(ar[r], e), is_bf16);
+    for (int r = 0; r < 2; ++r)
+      for (int e = 0; e < 2; ++e) B[2 * t + e + 8 * r][g] = half_bits_to_float(half_of(br[r], e), is_bf16);
+  }
+  const int g = tl_lane / 4, t = tl_lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    out[i] = acc;
+  }
+  std::memcpy(d, out, sizeof out);  // d may alias c
+}
+
+inline void check_shared(const void* p, size_t bytes, const char* what) {
+  const unsigned char* base = tl_block->smem.data();
+  const unsigned char* q = static_cast<const unsigned char*>(p);
+  if (q < base || q + bytes > base + tl_block->smem.size() - 16) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "%s: address outside the block's dynamic shared memory", what);
+    fail(msg);
+  }
+  if (reinterpret_cast<uintptr_t>(q) % 16 != 0) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "%s: shared-memory address not 16-byte aligned", what);
+    fail(msg);
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16: lanes 8m .. 8m+7 give matrix m's row addresses.
+inline void ldmatrix(uint32_t* r, const void* p, int x, bool trans) {
+  unsigned buf;
+  uint64_t* mine = next_slots(&buf);
+  mine[0] = uint64_t(reinterpret_cast<uintptr_t>(p));
+  tl_block->warps[tl_warp].barrier.arrive_and_wait(kLdmatrix);
+  const int l = tl_lane;
+  for (int m = 0; m < x; ++m) {
+    uint16_t e[2];
+    for (int k = 0; k < 2; ++k) {
+      // not transposed: row l/4, column 2(l%4)+k; transposed: row 2(l%4)+k, column l/4
+      const int row = trans ? 2 * (l % 4) + k : l / 4, col = trans ? l / 4 : 2 * (l % 4) + k;
+      const auto* rowp = reinterpret_cast<const unsigned char*>(uintptr_t(lane_slots(buf, 8 * m + row)[0]));
+      check_shared(rowp, 16, "ldmatrix");
+      std::memcpy(&e[k], rowp + 2 * col, 2);
+    }
+    r[m] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
+  }
+}
+
+// ---- asynchronous copies: per-thread groups, performed when a wait releases them ----
+
+struct AsyncCopy {
+  void* dst;
+  const void* src;  // nullptr: zero fill
+};
+
+inline thread_local std::vector<AsyncCopy> tl_cp_open;                  // issued, not yet committed
+inline thread_local std::vector<std::vector<AsyncCopy>> tl_cp_groups;   // committed, oldest first
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  check_shared(dst, 16, "cp.async destination");
+  if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: global source not 16-byte aligned");
+  std::memset(dst, 0xff, 16);  // in flight: NaN until a wait releases it
+  tl_cp_open.push_back({dst, valid ? src : nullptr});
+}
+
+inline void cp_async_commit() {
+  tl_cp_groups.push_back(std::move(tl_cp_open));
+  tl_cp_open.clear();
+}
+
+inline void cp_async_wait(int n) {
+  while (int(tl_cp_groups.size()) > n) {
+    for (const AsyncCopy& c : tl_cp_groups.front()) {
+      if (c.src) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
+    }
+    tl_cp_groups.erase(tl_cp_groups.begin());
+  }
+}
+
+inline void check_no_pending_copies() {
+  bool pending = !tl_cp_open.empty();
+  for (const auto& g : tl_cp_groups) pending = pending || !g.empty();
+  if (pending) fail("a block ended with cp.async copies that no cp.async.wait_group released");
+  tl_cp_groups.clear();
 }
 
 // Runs body() as the kernel over grid x block threads; returns after the last block.
@@ -176,6 +319,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& body) {
         blk.barrier.arrive_and_wait(kBlockStart);
         tl_blockIdx = dim3(unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (long(grid.x) * grid.y)));
         body();
+        check_no_pending_copies();
         blk.barrier.arrive_and_wait(kBlockEnd);
       }
     });
