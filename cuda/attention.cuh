@@ -418,10 +418,18 @@ int attention_bwd_launch_t(const AttnBwdArgs& a, float* delta, cudaStream_t stre
   return kLaunchOk;
 }
 
+// What the SIMT kernels compute: one key/value head per query head and no score modifier.
+template <typename Args>
+MINILLM_HD bool simt_supports(const Args& a) {
+  const AttnMods& m = a.mods;
+  return (a.Hkv == 0 || a.Hkv == a.H) && m.window_left < 0 && m.window_right < 0 && m.softcap == 0 && !m.alibi &&
+         !m.bias && !m.sinks && !m.dbias;
+}
+
 // Head dims up to 256, by columns per lane: 2 (D <= 64), 4 (D <= 128) or 8 (D <= 256).
-inline int attention_fwd_launch(const AttnFwdArgs& a, cudaStream_t stream, size_t max_smem) {
+inline int attention_fwd_launch_simt(const AttnFwdArgs& a, cudaStream_t stream, size_t max_smem) {
   const int64_t D = a.D;
-  if (D < 1 || D > 256) return kUnsupportedShape;
+  if (D < 1 || D > 256 || !simt_supports(a)) return kUnsupportedShape;
 #define MINILLM_FWD_CASE(T)                                                         \
   if (D <= 64) return attention_fwd_launch_t<T, 2>(a, stream, max_smem);           \
   if (D <= 128) return attention_fwd_launch_t<T, 4>(a, stream, max_smem);          \
@@ -436,9 +444,9 @@ inline int attention_fwd_launch(const AttnFwdArgs& a, cudaStream_t stream, size_
 }
 
 // `delta` is scratch for B * H * Nq floats on the device.
-inline int attention_bwd_launch(const AttnBwdArgs& a, float* delta, cudaStream_t stream, size_t max_smem) {
+inline int attention_bwd_launch_simt(const AttnBwdArgs& a, float* delta, cudaStream_t stream, size_t max_smem) {
   const int64_t D = a.D;
-  if (D < 1 || D > 256) return kUnsupportedShape;
+  if (D < 1 || D > 256 || !simt_supports(a)) return kUnsupportedShape;
 #define MINILLM_BWD_CASE(T)                                                            \
   if (D <= 64) return attention_bwd_launch_t<T, 2>(a, delta, stream, max_smem);       \
   if (D <= 128) return attention_bwd_launch_t<T, 4>(a, delta, stream, max_smem);      \

@@ -2,8 +2,9 @@
 // Driven by tests/cuda/test_emulated_kernels.py, which writes the inputs and checks the outputs
 // against minillm.ops.reference:
 //
-//   emu_runner attention DIR   forward then backward; DIR/args.txt + q,k,v,dout[,mask,qmask,dlse].bin in,
-//                              out,lse,dq,dk,dv.bin out
+//   emu_runner attention DIR   forward then backward; DIR/args.txt + q,k,v,dout[,mask,qmask,dlse,alibi,
+//                              sinks].bin in, out,lse,dq,dk,dv.bin out; args choose the device's compute
+//                              capability (sm) and simt_only, which the launchers use to pick a kernel
 //   emu_runner topk DIR        DIR/args.txt + queries,corpus.bin in, scores,idx.bin out
 //   emu_runner fragments DIR   tensor-core fragments: DIR/args.txt + a (16x16), b (16x8), c (16x8 fp32),
 //                              afrag (32x4), bfrag (32x2) in; ldmatrix.bin, d_frag.bin, d_smem.bin out
@@ -16,7 +17,7 @@
 // Tensors are raw little-endian files holding a strided tensor's storage from its first element.
 #include "simt_emu.h"
 // clang-format off: the emulator must come before the kernels
-#include "attention.cuh"
+#include "flash_launch.cuh"
 #include "mma.cuh"
 #include "topk.cuh"
 // clang-format on
@@ -77,24 +78,35 @@ int run_attention(const std::string& dir) {
   f.causal_offset = geti(m, "causal_offset");
   f.scale = getf(m, "scale");
   f.dtype = int(geti(m, "dtype"));
+  f.Hkv = geti(m, "Hkv");
+  f.mods.window_left = geti(m, "window_left");
+  f.mods.window_right = geti(m, "window_right");
+  f.mods.softcap = getf(m, "softcap");
+  const int sm = int(geti(m, "sm"));
+  const bool simt_only = geti(m, "simt_only") != 0;
   const size_t es = elem_size(f.dtype);
   const size_t max_smem = size_t(geti(m, "max_smem"));
   auto q = read_file(dir + "/q.bin"), k = read_file(dir + "/k.bin"), v = read_file(dir + "/v.bin");
   auto dout = read_file(dir + "/dout.bin");
-  std::vector<unsigned char> mask, qmask, dlse;
+  std::vector<unsigned char> mask, qmask, dlse, alibi, sinks;
+  if (exists(dir + "/alibi.bin")) alibi = read_file(dir + "/alibi.bin");
+  if (exists(dir + "/sinks.bin")) sinks = read_file(dir + "/sinks.bin");
+  f.mods.alibi = alibi.empty() ? nullptr : alibi.data();
+  f.mods.sinks = sinks.empty() ? nullptr : sinks.data();
   if (exists(dir + "/mask.bin")) mask = read_file(dir + "/mask.bin");
   if (exists(dir + "/qmask.bin")) qmask = read_file(dir + "/qmask.bin");
   if (exists(dir + "/dlse.bin")) dlse = read_file(dir + "/dlse.bin");
   strides3(m, "q", f.q_stride);
   strides3(m, "k", f.k_stride);
   strides3(m, "v", f.v_stride);
-  const size_t nq = size_t(f.B * f.H * f.Nq), nk = size_t(f.B * f.H * f.Nk);
+  const int64_t Hkv = f.Hkv > 0 ? f.Hkv : f.H;
+  const size_t nq = size_t(f.B * f.H * f.Nq), nk = size_t(f.B * Hkv * f.Nk);
   std::vector<unsigned char> out(nq * f.D * es), dq(nq * f.D * es), dk(nk * f.D * es), dv(nk * f.D * es);
   std::vector<float> lse(nq), delta(nq);
   f.q = q.data(), f.k = k.data(), f.v = v.data(), f.out = out.data(), f.lse = lse.data();
   f.kpm = mask.empty() ? nullptr : mask.data();
   f.qpm = qmask.empty() ? nullptr : qmask.data();
-  int status = cuda::attention_fwd_launch(f, nullptr, max_smem);
+  int status = cuda::attention_fwd_launch(f, nullptr, max_smem, sm, simt_only);
   if (status != cuda::kLaunchOk) return status;
 
   AttnBwdArgs b{};
@@ -110,7 +122,10 @@ int run_attention(const std::string& dir) {
   }
   b.o_stride[0] = f.H * f.Nq * f.D, b.o_stride[1] = f.Nq * f.D, b.o_stride[2] = f.D;  // out is contiguous
   b.causal = f.causal, b.causal_offset = f.causal_offset, b.scale = f.scale, b.dtype = f.dtype;
-  status = cuda::attention_bwd_launch(b, delta.data(), nullptr, max_smem);
+  b.Hkv = f.Hkv;
+  b.mods = f.mods;
+  b.mods.sinks = nullptr;  // the backward reads sinks through lse
+  status = cuda::attention_bwd_launch(b, delta.data(), nullptr, max_smem, sm, simt_only);
   if (status != cuda::kLaunchOk) return status;
 
   write_file(dir + "/out.bin", out.data(), out.size());

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minillm.ops.reference import attention_reference, topk_search_reference
+from minillm.ops.reference import attention_reference, attention_sdpa, topk_search_reference
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 METRIC_CODE = {"ip": 0, "cosine": 1, "l2": 2}
@@ -62,12 +62,20 @@ def reference_grads(q, k, v, mask, causal, scale, dout, dlse, qmask=None):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
-def run_attention(emu, tmp_path, q, k, v, mask=None, causal=False, scale=None, dout=None, dlse=None, qmask=None):
+def run_attention(emu, tmp_path, q, k, v, mask=None, causal=False, scale=None, dout=None, dlse=None, qmask=None,
+                  window=(-1, -1), softcap=0.0, alibi=None, sinks=None, simt_only=False, sm=80, check=True):
+    """Forward then backward through the launchers, which pick the tensor-core kernels for 16-bit inputs they
+    take (on sm >= 80, unless simt_only) and the SIMT kernels otherwise. check=False returns the exit code."""
     B, H, Nq, D = q.shape
-    Nk = k.shape[2]
+    Hkv, Nk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     args = dict(B=B, H=H, Nq=Nq, Nk=Nk, D=D, causal=causal, causal_offset=Nk - Nq, scale=repr(scale),
-                dtype=DTYPE_CODE[q.dtype], max_smem=MAX_SMEM)
+                dtype=DTYPE_CODE[q.dtype], max_smem=MAX_SMEM, Hkv=Hkv, window_left=window[0],
+                window_right=window[1], softcap=repr(float(softcap)), sm=sm, simt_only=int(simt_only))
+    if alibi is not None:
+        write_tensor(tmp_path / "alibi.bin", alibi.float().contiguous())
+    if sinks is not None:
+        write_tensor(tmp_path / "sinks.bin", sinks.float().contiguous())
     for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
         write_tensor(tmp_path / f"{name}.bin", t)
         args.update({f"{name}_s{i}": t.stride(i) for i in range(3)})
@@ -78,8 +86,10 @@ def run_attention(emu, tmp_path, q, k, v, mask=None, causal=False, scale=None, d
     if dlse is not None:
         write_tensor(tmp_path / "dlse.bin", dlse.float().contiguous())
     write_args(tmp_path / "args.txt", **args)
-    emu.run("attention", tmp_path)
-    shape_q, shape_k = (B, H, Nq, D), (B, H, Nk, D)
+    res = emu.run("attention", tmp_path, check=check)
+    if not check:
+        return res.returncode
+    shape_q, shape_k = (B, H, Nq, D), (B, Hkv, Nk, D)
     return (read_tensor(tmp_path / "out.bin", q.dtype, shape_q), read_tensor(tmp_path / "lse.bin", torch.float32, (B, H, Nq)),
             read_tensor(tmp_path / "dq.bin", q.dtype, shape_q), read_tensor(tmp_path / "dk.bin", q.dtype, shape_k),
             read_tensor(tmp_path / "dv.bin", q.dtype, shape_k))
@@ -169,13 +179,14 @@ def test_attention_strided_inputs_custom_scale_and_lse_gradient(emu, tmp_path):
         torch.testing.assert_close(g, w.float(), atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("simt_only", [True, False], ids=["simt", "tensor-core"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_attention_half_precision_within_2x_torch_error(emu, tmp_path, dtype):
+def test_attention_half_precision_within_2x_torch_error(emu, tmp_path, dtype, simt_only):
     B, H, Nq, Nk, D = 1, 2, 45, 45, 64
     q, k, v = (torch.randn(B, H, n, D).to(dtype) for n in (Nq, Nk, Nk))
     mask = padding_mask(B, Nk)
     dout = torch.randn(B, H, Nq, D).to(dtype)
-    got = run_attention(emu, tmp_path, q, k, v, mask, True, dout=dout)
+    got = run_attention(emu, tmp_path, q, k, v, mask, True, dout=dout, simt_only=simt_only)
     want = reference_grads(q, k, v, mask, True, 1 / math.sqrt(D), dout, None)
     # torch's own error at this precision: the reference run in `dtype`
     qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -188,6 +199,188 @@ def test_attention_half_precision_within_2x_torch_error(emu, tmp_path, dtype):
         err = (g.double() - w).abs().max().item()
         torch_err = (t.double() - w).abs().max().item()
         assert err <= 2 * torch_err + 1e-6, f"{name}: error {err:.3g} vs torch's {torch_err:.3g}"
+
+
+# ---- tensor-core kernels (cuda/flash_*.cuh) ----
+
+
+def reference_all(q, k, v, dout, *, mask=None, qmask=None, causal=False, scale=None, window=None, softcap=None,
+                  alibi=None, sinks=None):
+    """fp64 out, lse and (dq, dk, dv) of (out . dout) through attention_reference, with every modifier.
+
+    lse: log(sum_j exp(z_ij) + exp(sink)) over visible keys; +inf for a padded query or a row with nothing in
+    its denominator (the kernels' convention)."""
+    D = q.shape[-1]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    kw = dict(causal=causal, key_padding_mask=mask, query_padding_mask=qmask, scale=scale, window=window,
+              softcap=softcap, alibi_slopes=None if alibi is None else alibi.double(),
+              sinks=None if sinks is None else sinks.double())
+    out = attention_reference(q64, k64, v64, **kw)
+    (out * dout.double()).sum().backward()
+    # lse from the same scores: the reference with v = identity columns is not enough, so rebuild them
+    B, H, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    kk = k.double().repeat_interleave(H // Hkv, dim=1)
+    s = (q.double() @ kk.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    off = Nk - Nq
+    i, j = torch.arange(Nq)[:, None], torch.arange(Nk)[None, :]
+    if alibi is not None:
+        s = s - alibi.double()[:, :, None, None] * (i + off - j).abs()
+    vis = torch.ones(B, H, Nq, Nk, dtype=torch.bool)
+    left, right = (-1, -1) if window is None else window
+    if causal:
+        right = 0
+    if right >= 0:
+        vis &= j <= i + off + right
+    if left >= 0:
+        vis &= j >= i + off - left
+    if mask is not None:
+        vis &= mask[:, None, None, :]
+    s = s.masked_fill(~vis, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double()[None, :, None, None].expand(B, H, Nq, 1)], dim=-1)
+    lse = torch.logsumexp(s, dim=-1)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    if qmask is not None:
+        lse = lse.masked_fill(~qmask[:, None, :], float("inf"))
+    return out.detach(), lse, q64.grad, k64.grad, v64.grad
+
+
+def torch_own(q, k, v, dout, **kw):
+    """torch's own results at q's precision: F.scaled_dot_product_attention on the 16-bit tensors (through
+    attention_sdpa, which takes masks but no score modifier) and attention_reference on them (fp32 inside,
+    rounded once at the end), autograd for the grads: a list of (out, dq, dk, dv)."""
+    kw = dict(kw)
+    kw["key_padding_mask"] = kw.pop("mask", None)
+    kw["query_padding_mask"] = kw.pop("qmask", None)
+    kw["alibi_slopes"] = kw.pop("alibi", None)
+    plain = (kw.get("window") in (None, (-1, -1)) and not kw.get("softcap") and kw.get("alibi_slopes") is None
+             and kw.get("sinks") is None)
+    fns = [lambda *t: attention_reference(*t, **kw)]
+    if plain and q.shape[1] == k.shape[1]:  # attention_sdpa takes one key/value head per query head
+        sdpa_kw = {n: kw[n] for n in ("causal", "key_padding_mask", "query_padding_mask", "scale") if n in kw}
+        fns.append(lambda *t: attention_sdpa(*t, **sdpa_kw))
+    results = []
+    for fn in fns:
+        qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = fn(qt, kt, vt)
+        out.backward(dout)
+        results.append((out.detach(), qt.grad, kt.grad, vt.grad))
+    return results
+
+
+def check_half(got, want, own, names=("out", "dq", "dk", "dv")):
+    """Each 16-bit result's max error against fp64 within 2x torch's own 16-bit error (the larger of SDPA's and
+    the reference's at that precision; + a floor for results torch rounds exactly)."""
+    for n, (name, g, w) in enumerate(zip(names, got, want)):
+        err = (g.double() - w).abs().max().item()
+        torch_err = max((r[n].double() - w).abs().max().item() for r in own)
+        floor = 2 ** -10 * (1 + w.abs().max().item())
+        assert err <= 2 * torch_err + floor, f"{name}: error {err:.3g} vs torch's {torch_err:.3g}"
+
+
+FLASH_CASES = [
+    # B, H, Hkv, Nq, Nk, D, causal, key padding, query padding
+    (1, 2, 2, 64, 64, 64, False, False, False),     # one tile
+    (2, 2, 2, 150, 150, 64, True, True, False),     # 3 query blocks x 3 key tiles, causal diagonal, padding
+    (1, 2, 1, 70, 130, 128, True, False, True),     # grouped (2 query heads per key/value head), Nq < Nk
+    (1, 4, 2, 90, 33, 40, False, True, True),       # D padded to 64, Nq > Nk, a partial tile
+    (1, 1, 1, 20, 100, 96, True, True, False),      # D padded to 128
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Hkv,Nq,Nk,D,causal,padded,qpadded", FLASH_CASES)
+def test_flash_attention_forward_backward(emu, tmp_path, dtype, B, H, Hkv, Nq, Nk, D, causal, padded, qpadded):
+    torch.manual_seed(Nq * 7 + D)
+    q = torch.randn(B, H, Nq, D).to(dtype)
+    k, v = (torch.randn(B, Hkv, Nk, D).to(dtype) for _ in range(2))
+    dout = torch.randn(B, H, Nq, D).to(dtype)
+    mask = padding_mask(B, Nk, fully_padded_row=B > 1) if padded else None
+    qmask = (torch.rand(B, Nq) > 0.2) if qpadded else None
+    got = run_attention(emu, tmp_path, q, k, v, mask, causal, dout=dout, qmask=qmask)
+    kw = dict(mask=mask, qmask=qmask, causal=causal)
+    out, lse, dq, dk, dv = reference_all(q, k, v, dout, **kw)
+    check_half((got[0], got[2], got[3], got[4]), (out, dq, dk, dv), torch_own(q, k, v, dout, **kw))
+    finite = torch.isfinite(lse)
+    assert torch.equal(torch.isinf(got[1]), ~finite)
+    torch.testing.assert_close(got[1][finite].double(), lse[finite], atol=2e-2, rtol=1e-2)
+
+
+MOD_CASES = [
+    # window, softcap, alibi, sinks, causal
+    ((16, -1), 0.0, False, False, True),     # sliding window (Mistral-style): 16 keys back, causal
+    ((20, 10), 0.0, False, False, False),    # a two-sided band
+    ((-1, -1), 5.0, False, False, True),     # Gemma 2's softcap
+    ((-1, -1), 0.0, True, False, True),      # ALiBi
+    ((-1, -1), 0.0, False, True, True),      # sinks (gpt-oss)
+    ((8, -1), 3.0, True, True, True),        # all at once
+]
+
+
+@pytest.mark.parametrize("window,softcap,alibi,sinks,causal", MOD_CASES)
+def test_flash_attention_score_modifiers(emu, tmp_path, window, softcap, alibi, sinks, causal):
+    dtype = torch.bfloat16
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 80, 100, 64
+    torch.manual_seed(3)
+    q = (torch.randn(B, H, Nq, D) * 2).to(dtype)
+    k, v = (torch.randn(B, Hkv, Nk, D).to(dtype) for _ in range(2))
+    dout = torch.randn(B, H, Nq, D).to(dtype)
+    mask = padding_mask(B, Nk)
+    slopes = torch.rand(B, H) * 0.2 if alibi else None
+    sink = torch.randn(H) if sinks else None
+    got = run_attention(emu, tmp_path, q, k, v, mask, causal, dout=dout, window=window, softcap=softcap,
+                        alibi=slopes, sinks=sink)
+    kw = dict(mask=mask, causal=causal, window=window, softcap=softcap or None, alibi=slopes, sinks=sink)
+    out, lse, dq, dk, dv = reference_all(q, k, v, dout, **kw)
+    check_half((got[0], got[2], got[3], got[4]), (out, dq, dk, dv), torch_own(q, k, v, dout, **kw))
+    finite = torch.isfinite(lse)
+    assert torch.equal(torch.isinf(got[1]), ~finite)
+    torch.testing.assert_close(got[1][finite].double(), lse[finite], atol=2e-2, rtol=1e-2)
+
+
+def test_flash_attention_never_reads_padded_keys_or_queries(emu, tmp_path):
+    dtype = torch.float16
+    B, H, N, D = 1, 2, 70, 64
+    q, k, v, dout = (torch.randn(B, H, N, D).to(dtype) for _ in range(4))
+    mask, qmask = padding_mask(B, N), torch.rand(B, N) > 0.3
+    k_in, v_in = k.clone(), v.clone()
+    k_in[:, :, ~mask[0]] = float("nan")
+    v_in[:, :, ~mask[0]] = float("nan")
+    q_in, dout_in = q.clone(), dout.clone()
+    q_in[:, :, ~qmask[0]] = float("nan")
+    dout_in[:, :, ~qmask[0]] = float("nan")
+    got = run_attention(emu, tmp_path, q_in, k_in, v_in, mask, True, dout=dout_in, qmask=qmask)
+    kw = dict(mask=mask, qmask=qmask, causal=True)
+    want = reference_all(q, k, v, dout, **kw)
+    for g in got:
+        assert not torch.isnan(g).any()
+    check_half((got[0], got[2], got[3], got[4]), (want[0], want[2], want[3], want[4]), torch_own(q, k, v, dout, **kw))
+
+
+def test_flash_attention_strided_rows_and_the_simt_fallback(emu, tmp_path):
+    """Views of a fused projection (aligned rows) take the tensor-core kernels; a view whose rows are not 16-byte
+    aligned (a row stride that is not a multiple of 8 elements) falls back to the SIMT kernels for plain attention and is refused (exit code 11) with a modifier."""
+    dtype = torch.bfloat16
+    B, H, N, D = 2, 2, 40, 64
+    qkv = torch.randn(B, N, 3, H, D).to(dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    dout = torch.randn(B, N, H, D).to(dtype).transpose(1, 2)
+    got = run_attention(emu, tmp_path, q, k, v, None, True, dout=dout)
+    kw = dict(causal=True)
+    want = reference_all(q, k, v, dout, **kw)
+    check_half((got[0], got[2], got[3], got[4]), (want[0], want[2], want[3], want[4]), torch_own(q, k, v, dout, **kw))
+    q_odd = torch.randn(B, H, N, D + 1).to(dtype)[..., :D]  # row stride 65 elements: rows not on 16 bytes
+    got = run_attention(emu, tmp_path, q_odd, k, v, None, True, dout=dout)
+    want = reference_all(q_odd, k, v, dout, **kw)
+    check_half((got[0], got[2], got[3], got[4]), (want[0], want[2], want[3], want[4]),
+               torch_own(q_odd, k, v, dout, **kw))
+    assert run_attention(emu, tmp_path, q_odd, k, v, None, True, dout=dout, softcap=5.0, check=False) == 11
+    # below sm_80 a modifier has no kernel either
+    assert run_attention(emu, tmp_path, q, k, v, None, True, dout=dout, softcap=5.0, sm=75, check=False) == 11
 
 
 # ---- top-k ----
