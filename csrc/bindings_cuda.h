@@ -20,15 +20,15 @@ std::array<Field<AttnFwdIn>, 17> cuda_attention_fwd_fields = {{MINILLM_ATTN_FWD_
                                                                 MINILLM_FIELD(AttnFwdIn, device),
                                                                 MINILLM_FIELD(AttnFwdIn, stream)}};
 
-// The CUDA kernels compute plain attention: one key/value head per query head and no score modifier.
-bool plain(const minillm::AttnMods& m) {
-  return m.window_left < 0 && m.window_right < 0 && m.softcap == 0 && !m.alibi && !m.bias && !m.sinks && !m.dbias;
+// No CUDA kernel takes an additive bias; grouped-query heads and the other modifiers run on the tensor-core
+// kernels, and the launchers refuse (with a message) what neither kernel takes.
+void require_no_bias(const minillm::AttnMods& m) {
+  require(!m.bias && !m.dbias, "the CUDA attention kernels take no mods.bias or mods.dbias");
 }
 
 void cuda_attention_fwd(const AttnFwdIn& in) {
   const AttnFwdArgs a = fwd_args(in);
-  require(a.Hkv == a.H && plain(a.mods),
-          "the CUDA attention kernel takes one key/value head per query head and no window, softcap, alibi, bias or sinks");
+  require_no_bias(a.mods);
   run_cuda([&](std::string* e) { return minillm::cuda_api::attention_fwd(a, in.device, in.stream, e); });
 }
 
@@ -39,8 +39,7 @@ std::array<Field<AttnBwdIn>, 25> cuda_attention_bwd_fields = {{MINILLM_ATTN_BWD_
 
 void cuda_attention_bwd(const AttnBwdIn& in) {
   const AttnBwdArgs a = bwd_args(in);
-  require(a.Hkv == a.H && plain(a.mods),
-          "the CUDA attention kernel takes one key/value head per query head and no window, softcap, alibi, bias or sinks");
+  require_no_bias(a.mods);
   float* scratch = checked<float*>(in.delta, "delta", 4, {dense({in.sizes[0], in.sizes[1], in.sizes[2]})});
   run_cuda([&](std::string* e) { return minillm::cuda_api::attention_bwd(a, scratch, in.device, in.stream, e); });
 }

@@ -23,6 +23,8 @@
   float* name = reinterpret_cast<float*>(minillm_smem_)
 #define MINILLM_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+// Fragment arrays stay in registers only when every loop indexing them is unrolled.
+#define MINILLM_UNROLL _Pragma("unroll")
 // Lets a kernel use more than the default 48 KB of dynamic shared memory; a failure surfaces in the
 // launcher's cudaGetLastError().
 #define MINILLM_ALLOW_SMEM(kernel, bytes)                                                               \
@@ -37,6 +39,7 @@
 #define MINILLM_HD inline
 #define MINILLM_SHARED_FLOATS(name) float* name = static_cast<float*>(::simt::dynamic_smem())
 #define MINILLM_LAUNCH MINILLM_EMULATED_LAUNCH
+#define MINILLM_UNROLL
 #define MINILLM_ALLOW_SMEM(kernel, bytes) ((void)(bytes))
 #endif
 

@@ -67,7 +67,9 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dkdv_kern
   cp_async_commit();
 
   float dk[kOB][4], dv[kOB][4];
+  MINILLM_UNROLL
   for (int ob = 0; ob < kOB; ++ob)
+    MINILLM_UNROLL
     for (int e = 0; e < 4; ++e) dk[ob][e] = dv[ob][e] = 0.0f;
   const int64_t key_j[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};  // this lane's rows of S^T
 
@@ -86,12 +88,16 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dkdv_kern
 
     // S^T = K Q^T and dP^T = V dO^T: (16 keys, BM queries) per warp
     float s[kNB][4], dp[kNB][4];
+    MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb)
+      MINILLM_UNROLL
       for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.0f;
+    MINILLM_UNROLL
     for (int ks = 0; ks < kKS; ++ks) {
       uint32_t kf[4], vf[4];
       load_a_frag<kD>(kf, Ks, warp * 16, ks);
       load_a_frag<kD>(vf, Vs, warp * 16, ks);
+      MINILLM_UNROLL
       for (int nb = 0; nb < kNB; nb += 2) {
         uint32_t qf[4], df[4];
         load_b_frag_nmajor<kD>(qf, Qc, nb * 8, ks);
@@ -103,7 +109,9 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dkdv_kern
       }
     }
     // P^T into s, dS^T into dp
+    MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb)
+      MINILLM_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int il = nb * 8 + 2 * t + (e & 1);
         const int64_t i = i0 + il, j = key_j[e >> 1];
@@ -119,10 +127,12 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dkdv_kern
         dp[nb][e] = ds;
       }
     // dV += P^T dO, dK += dS^T Q: k runs over the tile's queries, dO and Q rows k-major
+    MINILLM_UNROLL
     for (int kk = 0; kk < BM / 16; ++kk) {
       uint32_t pa[4], da[4];
       c_to_a_frag<T>(pa, s[2 * kk], s[2 * kk + 1]);
       c_to_a_frag<T>(da, dp[2 * kk], dp[2 * kk + 1]);
+      MINILLM_UNROLL
       for (int ob = 0; ob < kOB; ob += 2) {
         uint32_t df[4], qf[4];
         load_b_frag_kmajor<kD>(df, dOc, kk * 16, ob);
@@ -140,11 +150,14 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dkdv_kern
   T* dK = static_cast<T*>(a.dk);
   T* dV = static_cast<T*>(a.dv);
   const float scale = float(a.scale);
+  MINILLM_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int64_t j = key_j[r];
     if (j >= a.Nk) continue;
     const int64_t row = (b * Hkv + hk) * a.Nk + j;  // dk, dv are contiguous (B, Hkv, Nk, D)
+    MINILLM_UNROLL
     for (int ob = 0; ob < kOB; ++ob)
+      MINILLM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int d = ob * 8 + 2 * t + e;
         if (d < D) {
@@ -196,13 +209,16 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel
   const float* lse = static_cast<const float*>(a.lse);
   const int64_t row_i[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   float L[2], Dl[2];
+  MINILLM_UNROLL
   for (int r = 0; r < 2; ++r) {
     const bool in = row_i[r] < a.Nq;
     L[r] = in ? lse[bh * a.Nq + row_i[r]] : INFINITY;
     Dl[r] = in ? delta[bh * a.Nq + row_i[r]] : 0.0f;
   }
   float dq[kOB][4];
+  MINILLM_UNROLL
   for (int ob = 0; ob < kOB; ++ob)
+    MINILLM_UNROLL
     for (int e = 0; e < 4; ++e) dq[ob][e] = 0.0f;
 
   for (int n = 0; n < n_tiles; ++n) {
@@ -220,12 +236,16 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel
 
     // S = Q K^T, dP = dO V^T: (16, BN) per warp
     float s[kNB][4], dp[kNB][4];
+    MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb)
+      MINILLM_UNROLL
       for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.0f;
+    MINILLM_UNROLL
     for (int ks = 0; ks < kKS; ++ks) {
       uint32_t qf[4], df[4];
       load_a_frag<kD>(qf, Qs, warp * 16, ks);
       load_a_frag<kD>(df, dOs, warp * 16, ks);
+      MINILLM_UNROLL
       for (int nb = 0; nb < kNB; nb += 2) {
         uint32_t kf[4], vf[4];
         load_b_frag_nmajor<kD>(kf, Kc, nb * 8, ks);
@@ -236,7 +256,9 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel
         mma_m16n8k16<T>(dp[nb + 1], df, vf + 2, dp[nb + 1]);
       }
     }
+    MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb)
+      MINILLM_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         const int64_t i = row_i[r], j = j0 + nb * 8 + 2 * t + (e & 1);
@@ -249,9 +271,11 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel
         dp[nb][e] = ds;
       }
     // dQ += dS K: K's rows k-major
+    MINILLM_UNROLL
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t da[4];
       c_to_a_frag<T>(da, dp[2 * kk], dp[2 * kk + 1]);
+      MINILLM_UNROLL
       for (int ob = 0; ob < kOB; ob += 2) {
         uint32_t kf[4];
         load_b_frag_kmajor<kD>(kf, Kc, kk * 16, ob);
@@ -265,11 +289,14 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel
 
   T* dQ = static_cast<T*>(a.dq);
   const float scale = float(a.scale);
+  MINILLM_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int64_t i = row_i[r];
     if (i >= a.Nq) continue;
     const int64_t row = bh * a.Nq + i;  // dq is contiguous (B, H, Nq, D)
+    MINILLM_UNROLL
     for (int ob = 0; ob < kOB; ++ob)
+      MINILLM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int d = ob * 8 + 2 * t + e;
         if (d < D) dQ[row * D + d] = from_float<T>(dq[ob][2 * r + e] * scale);

@@ -62,7 +62,9 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_fwd_kernel(At
   const float sink = a.mods.sinks ? static_cast<const float*>(a.mods.sinks)[h] : -INFINITY;
   float m[2] = {sink, sink}, l[2], o[kOB][4];
   l[0] = l[1] = sink == -INFINITY ? 0.0f : 1.0f;  // a sink is a first score with no value row
+  MINILLM_UNROLL
   for (int ob = 0; ob < kOB; ++ob)
+    MINILLM_UNROLL
     for (int e = 0; e < 4; ++e) o[ob][e] = 0.0f;
   uint32_t qf[kKS][4];
   const int64_t row_i[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
@@ -79,23 +81,31 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_fwd_kernel(At
     cp_async_commit();
     cp_async_wait<1>();  // every group but the newest has landed: Q and this tile
     __syncthreads();
-    if (n == 0)
+    if (n == 0) {
+      MINILLM_UNROLL
       for (int ks = 0; ks < kKS; ++ks) load_a_frag<kD>(qf[ks], Qs, warp * 16, ks);
+    }
     const uint16_t* Kc = Ks + stage * BN * kD;
     const uint16_t* Vc = Vs + stage * BN * kD;
 
     // S = Q K^T: (16, BN) per warp as kNB fragments of 8 keys
     float s[kNB][4];
+    MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb)
+      MINILLM_UNROLL
       for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+    MINILLM_UNROLL
     for (int ks = 0; ks < kKS; ++ks)
+      MINILLM_UNROLL
       for (int nb = 0; nb < kNB; nb += 2) {
         uint32_t kf[4];
         load_b_frag_nmajor<kD>(kf, Kc, nb * 8, ks);
         mma_m16n8k16<T>(s[nb], qf[ks], kf, s[nb]);
         mma_m16n8k16<T>(s[nb + 1], qf[ks], kf + 2, s[nb + 1]);
       }
+    MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb)
+      MINILLM_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int64_t i = row_i[e >> 1], j = j0 + nb * 8 + 2 * t + (e & 1);
         const bool visible = i < a.Nq && j < j_end && (kpm == nullptr || kpm[j] != 0) &&
@@ -106,9 +116,11 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_fwd_kernel(At
     online_softmax_tile<kNB, kOB>(s, m, l, o);
 
     // O += P V: P's fragments as A, V's rows (k-major) by ldmatrix .trans
+    MINILLM_UNROLL
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t pa[4];
       c_to_a_frag<T>(pa, s[2 * kk], s[2 * kk + 1]);
+      MINILLM_UNROLL
       for (int ob = 0; ob < kOB; ob += 2) {
         uint32_t vf[4];
         load_b_frag_kmajor<kD>(vf, Vc, kk * 16, ob);
@@ -122,13 +134,16 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_fwd_kernel(At
 
   T* out = static_cast<T*>(a.out);
   float* lse = static_cast<float*>(a.lse);
+  MINILLM_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int64_t i = row_i[r];
     if (i >= a.Nq) continue;
     const int64_t row = bh * a.Nq + i;  // out is contiguous (B, H, Nq, D)
     const bool empty = l[r] == 0.0f || (qpm != nullptr && qpm[i] == 0);
     const float inv_l = empty ? 0.0f : 1.0f / l[r];
+    MINILLM_UNROLL
     for (int ob = 0; ob < kOB; ++ob)
+      MINILLM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int d = ob * 8 + 2 * t + e;
         if (d < D) out[row * D + d] = from_float<T>(empty ? 0.0f : o[ob][2 * r + e] * inv_l);

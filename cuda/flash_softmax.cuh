@@ -23,14 +23,18 @@ MINILLM_DEVICE float group4_sum(float v) {
 // rescaled by exp(m_old - m_new). NaN scores propagate (nan_max), as in the CPU kernels.
 template <int kNB, int kOB>
 MINILLM_DEVICE void online_softmax_tile(float (*s)[4], float* m, float* l, float (*o)[4]) {
+  MINILLM_UNROLL
   for (int r = 0; r < 2; ++r) {
     float mx = -INFINITY;
+    MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb) mx = nan_max(mx, nan_max(s[nb][2 * r], s[nb][2 * r + 1]));
     const float m_new = nan_max(m[r], group4_max(mx));
     const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no visible key yet: every p is exp(-inf) = 0
     const float alpha = expf(m[r] - m_use);
     float sum = 0.0f;
+    MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb)
+      MINILLM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const float p = expf(s[nb][2 * r + e] - m_use);
         s[nb][2 * r + e] = p;
@@ -38,6 +42,7 @@ MINILLM_DEVICE void online_softmax_tile(float (*s)[4], float* m, float* l, float
       }
     l[r] = l[r] * alpha + group4_sum(sum);
     m[r] = m_new;
+    MINILLM_UNROLL
     for (int ob = 0; ob < kOB; ++ob) {
       o[ob][2 * r] *= alpha;
       o[ob][2 * r + 1] *= alpha;

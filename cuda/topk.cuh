@@ -32,6 +32,7 @@ struct TopkPlan {
   int64_t rows_per_part;   // multiple of kRowTile
   size_t smem;             // dynamic shared memory per block (scan kernel)
   size_t merge_smem;       // dynamic shared memory per block (merge kernel)
+  bool mma = false;        // the tensor-core scan of topk_mma.cuh
 };
 
 MINILLM_HD size_t topk_smem(int cap, int qb) {
@@ -276,41 +277,6 @@ __global__ void __launch_bounds__(kTopkThreads)
   }
   sort_keep(c, p.cap, a.k);
   write_out(c, a.k, a.metric, true, a.out_scores + q * a.k, a.out_idx + q * a.k);
-}
-
-// Launches the scan (and the merge when the corpus is split). `workspace` holds
-// topk_workspace_bytes(plan, Q, k) bytes of device memory (may be null when that is 0).
-inline int topk_launch(const TopkArgs& a, const TopkPlan& p, void* workspace, cudaStream_t stream) {
-  const int64_t grid = ceil_div(a.Q, p.qb) * p.parts;
-  if (grid > kMaxGrid || a.Q > kMaxGrid) return kUnsupportedShape;
-  float* part_keys = nullptr;
-  int64_t* part_ids = nullptr;
-  if (p.parts > 1) {
-    part_ids = static_cast<int64_t*>(workspace);
-    part_keys = reinterpret_cast<float*>(part_ids + a.Q * p.parts * a.k);
-  }
-#define MINILLM_SCAN(T)                                                                             \
-  {                                                                                                 \
-    auto kernel = topk_scan_kernel<T>;                                                              \
-    MINILLM_ALLOW_SMEM(kernel, p.smem);                                                        \
-    MINILLM_LAUNCH(kernel, dim3(unsigned(grid)), dim3(kTopkThreads), p.smem, stream, a, p, part_keys, part_ids); \
-    break;                                                                                          \
-  }
-  switch (a.dtype) {
-    case kF32: MINILLM_SCAN(float)
-    case kBF16: MINILLM_SCAN(bf16)
-    case kF16: MINILLM_SCAN(f16)
-    default: return kUnsupportedShape;
-  }
-#undef MINILLM_SCAN
-  if (p.parts > 1) {
-    auto merge = topk_merge_kernel;
-    const float* pk = part_keys;
-    const int64_t* pi = part_ids;
-    MINILLM_ALLOW_SMEM(merge, p.merge_smem);
-    MINILLM_LAUNCH(merge, dim3(unsigned(a.Q)), dim3(kTopkThreads), p.merge_smem, stream, a, p, pk, pi);
-  }
-  return kLaunchOk;
 }
 
 }  // namespace cuda

@@ -72,7 +72,7 @@ def _mods_arg(window_left, window_right, softcap, alibi, bias, sinks, dbias, sha
 # One preparation per direction for every device: kernel-ready inputs (unit stride along D, contiguous lse and
 # masks), fresh contiguous outputs, the empty-shape answers, then the binding of the same name (csrc/bindings.cpp:
 # keywords as its AttnFwdIn / AttnBwdIn). `cuda`: the CUDA binding's device index and stream, else the CPU kernel.
-# `mods`: the score modifiers (window_left, window_right, softcap, alibi, bias, sinks), on the CPU kernels only, or
+# `mods`: the score modifiers (window_left, window_right, softcap, alibi, bias, sinks; no bias on CUDA), or
 # nothing for plain attention (which then costs no more than it did before they existed).
 def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods, cuda=None):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -99,11 +99,13 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
             scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], nthreads=_threads(B * H * Nq * Nk * D),
             kv_heads=k.shape[1], mods=mods)
     else:
+        mods, keep = _mods_arg(*mods, None, (B, H, Nq, Nk), acc) if mods else (None, None)
         _backend._C.cuda_attention_fwd(
             q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
             query_padding_mask=dense(qpm), sizes=(B, H, Nq, Nk, D), q_strides=q.stride()[:3],
             k_strides=k.stride()[:3], v_strides=v.stride()[:3], causal=causal, causal_offset=causal_offset,
-            scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], device=cuda[0], stream=cuda[1])
+            scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], device=cuda[0], stream=cuda[1], kv_heads=k.shape[1],
+            mods=mods)
     return out, lse
 
 
@@ -112,12 +114,12 @@ def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mas
     """(dq, dk, dv, dbias). mods: nothing, or (window_left, window_right, softcap, alibi, bias, bias_grad); dbias is
     dL/ds (B, H, Nq, Nk) in the accumulation dtype when bias_grad, else None."""
     H, Hkv = q.shape[1], k.shape[1]
-    # Grouped-query attention with K/V repeated per query head: the CUDA kernels take one key/value head per query
-    # head, and the CPU kernel's work items are (b, key/value head), so with fewer of them than threads a copy
-    # keeps every thread busy (B1 H8 Hkv1 N1024 D64 causal backward: 27.0 ms in place, 14.1 ms repeated; B2 Hkv1
-    # N512: 6.9 against 8.3, B1 Hkv2 N1024: 13.6 against 14.4, 2 threads).
-    if Hkv != H and (cuda is not None or
-                     k.shape[0] * Hkv < _threads(3 * q.shape[0] * H * q.shape[2] * k.shape[2] * q.shape[3])):
+    # Grouped-query attention with K/V repeated per query head: the CPU kernel's work items are (b, key/value
+    # head), so with fewer of them than threads a copy keeps every thread busy (B1 H8 Hkv1 N1024 D64 causal
+    # backward: 27.0 ms in place, 14.1 ms repeated; B2 Hkv1 N512: 6.9 against 8.3, B1 Hkv2 N1024: 13.6 against
+    # 14.4, 2 threads). The CUDA tensor-core kernels sum over the group in place; the SIMT ones take Hkv = H only.
+    if Hkv != H and ((cuda is not None and not _cuda_tensor_cores(q, k, v)) or (cuda is None and
+                     k.shape[0] * Hkv < _threads(3 * q.shape[0] * H * q.shape[2] * k.shape[2] * q.shape[3]))):
         G = H // Hkv
         dq, dk, dv, dbias = _backward(dout, q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), out,
                                       lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
@@ -150,6 +152,10 @@ def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mas
             causal_offset=causal_offset, scale=scale, dtype=_backend.DTYPE_CODE[q.dtype],
             nthreads=_threads(3 * B * H * Nq * Nk * D), kv_heads=Hkv, mods=mods)
     else:
+        if (mods or Hkv != H) and not _cuda_rows_aligned(dout):
+            dout = dout.contiguous()  # the tensor-core kernels copy rows by 16 bytes (D % 8 == 0 holds)
+        mods, keep = (_mods_arg(*mods[:5], None, None, (B, H, Nq, Nk), _acc_dtype(q.dtype)) if mods
+                      else (None, None))
         delta = torch.empty(B * H * Nq, dtype=torch.float32, device=q.device)  # scratch
         _backend._C.cuda_attention_bwd(
             dout=buf(dout), q=buf(q), k=buf(k), v=buf(v), out=buf(out), lse=dense(lse), dlse=dense(dlse),
@@ -157,7 +163,7 @@ def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mas
             sizes=(B, H, Nq, Nk, D), dout_strides=dout.stride()[:3], q_strides=q.stride()[:3],
             k_strides=k.stride()[:3], v_strides=v.stride()[:3], out_strides=out.stride()[:3], causal=causal,
             causal_offset=causal_offset, scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], delta=dense(delta),
-            device=cuda[0], stream=cuda[1])
+            device=cuda[0], stream=cuda[1], kv_heads=Hkv, mods=mods)
     return dq, dk, dv, dbias
 
 
@@ -261,12 +267,39 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_mask, query_p
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
-# CUDA kernels (cuda/attention.cuh): fp32/bf16/fp16 with fp32 accumulation, head dims up to 256, plain attention.
+# CUDA kernels: the tensor-core kernels (cuda/flash_*.cuh) for bf16/fp16 with D a multiple of 8 up to 128, rows
+# on 16 bytes and a GPU of compute capability 8.0 or newer, with grouped-query heads and every modifier but an
+# additive bias; the SIMT kernels (cuda/attention.cuh) for fp32/bf16/fp16 plain attention with D up to 256.
 _CUDA_MAX_D = 256
+_CUDA_TC_MAX_D = 128
 
 
-def _cuda_fits(q: Tensor, k: Optional[Tensor] = None) -> bool:
-    return q.dtype != torch.float64 and q.shape[-1] <= _CUDA_MAX_D and (k is None or k.shape[1] == q.shape[1])
+def _cuda_rows_aligned(t: Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]) and t.stride(-1) == 1
+
+
+def _cuda_tensor_cores(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    D = q.shape[-1]
+    return (q.dtype in (torch.bfloat16, torch.float16) and D % 8 == 0 and D <= _CUDA_TC_MAX_D
+            and _backend.cuda_arch(q.device) >= (8, 0) and all(_cuda_rows_aligned(t) for t in (q, k, v)))
+
+
+def _cuda_fits(q: Tensor, k: Tensor, v: Tensor, mods: tuple = ()) -> bool:
+    """Whether a CUDA kernel computes this call: plain attention with one key/value head per query head on either
+    kernel, grouped-query heads and modifiers (but an additive bias) on the tensor-core kernels only."""
+    if q.dtype == torch.float64 or q.shape[-1] > _CUDA_MAX_D:
+        return False
+    if mods and mods[4] is not None:  # bias: no CUDA kernel
+        return False
+    if k.shape[1] == q.shape[1] and (not mods or _plain(*mods)):
+        return True
+    return _cuda_tensor_cores(q, k, v)
+
+
+_CUDA_NO_KERNEL = ("no CUDA kernel takes these arguments: float32/bfloat16/float16 with D <= 256 for plain "
+                   "attention; grouped-query heads and window/softcap/alibi/sinks need bfloat16/float16, D a multiple "
+                   "of 8 up to 128, rows on 16 bytes (unit stride along D, other strides multiples of 8) and a GPU "
+                   "of compute capability 8.0+; an additive bias has no CUDA kernel")
 
 
 def _plain(window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, sinks=None) -> bool:
@@ -276,11 +309,11 @@ def _plain(window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, 
 @_attention_fwd.register_kernel("cuda")
 def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods):
     _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale, *mods)
-    if not _cuda_fits(q, k) or not _plain(*mods):
-        raise ValueError(f"minillm::attention_fwd on CUDA takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D}, "
-                         f"one key/value head per query head and no window, softcap, alibi, bias or sinks, got "
-                         f"{q.dtype} D={q.shape[-1]}, H={q.shape[1]}, Hkv={k.shape[1]}")
-    return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
+    mods = () if _plain(*mods) else tuple(mods) + _MOD_DEFAULTS[len(mods):]
+    if not _cuda_fits(_unit_last(q), _unit_last(k), _unit_last(v), mods):
+        raise ValueError(f"minillm::attention_fwd on CUDA: {_CUDA_NO_KERNEL}; got {q.dtype} D={q.shape[-1]}, "
+                         f"H={q.shape[1]}, Hkv={k.shape[1]}")
+    return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods,
                     cuda=(q.device.index, _backend.cuda_stream(q)))
 
 
@@ -289,10 +322,12 @@ def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_p
                         scale, window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, bias_grad=False):
     _check_bwd_args(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, scale, window_left,
                     window_right, softcap, alibi, bias)
-    if not _plain(window_left, window_right, softcap, alibi, bias, None) or bias_grad:
-        raise ValueError("minillm::attention_bwd on CUDA takes no window, softcap, alibi or bias")
+    mods = (window_left, window_right, softcap, alibi, bias, None)
+    mods = () if _plain(*mods) else mods
+    if bias_grad or not _cuda_fits(_unit_last(q), _unit_last(k), _unit_last(v), mods):
+        raise ValueError(f"minillm::attention_bwd on CUDA: {_CUDA_NO_KERNEL}")
     dq, dk, dv, _ = _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
-                              causal_offset, scale, cuda=(q.device.index, _backend.cuda_stream(q)))
+                              causal_offset, scale, *mods, cuda=(q.device.index, _backend.cuda_stream(q)))
     return dq, dk, dv, _no_dbias(q)
 
 
@@ -450,25 +485,25 @@ def _device_type(q: Tensor) -> str:
     return "cpu" if q.is_cpu else q.device.type
 
 
-def _cuda_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool) -> Tuple[bool, str]:
+def _cuda_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool, mods: tuple = ()) -> Tuple[bool, str]:
     """(take the CUDA kernel?, why): only for arguments it supports and cases the dispatch table has
     measured faster than torch (see minillm.ops._backend.CUDA_KERNEL_TABLE and MINILLM_CUDA_KERNELS)."""
-    if not _cuda_fits(q, k):
-        return False, f"the CUDA kernel takes float32/bfloat16/float16 with D <= {_CUDA_MAX_D}, no grouped-query heads"
+    if not _cuda_fits(_unit_last(q), _unit_last(k), _unit_last(v), mods):
+        return False, _CUDA_NO_KERNEL
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     case = _backend.KernelCase("attention", str(q.dtype).replace("torch.", ""), q.shape[-1], k.shape[2],
                                q.shape[2], "fwd+bwd" if grad else "fwd", causal, padded)
     return _backend.cuda_kernel_choice(case, q.device)
 
 
-def _choose(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool) -> Tuple[bool, str]:
+def _choose(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool, mods: tuple = ()) -> Tuple[bool, str]:
     """(native kernel?, why) for this call: the C++ kernels take every CPU call, the CUDA kernels what
     _cuda_choice allows, other devices run torch."""
     dev = _device_type(q)
     if dev == "cpu":
         return _backend.native_available(), ""
     if dev == "cuda":
-        return _cuda_choice(q, k, v, causal, padded)
+        return _cuda_choice(q, k, v, causal, padded, mods)
     return False, ""
 
 
@@ -513,9 +548,7 @@ def _run(q, k, v, key_padding_mask, causal: bool, causal_offset: int, scale: flo
         native, why = _backend.native_available(), ""
         _backend.log_path_once("attention", "cpu", native, why)
     else:
-        native, why = _choose(q, k, v, causal, key_padding_mask is not None or query_padding_mask is not None)
-        if native and mods:
-            native, why = False, "the CUDA kernel takes no window, softcap, alibi, bias or sinks"
+        native, why = _choose(q, k, v, causal, key_padding_mask is not None or query_padding_mask is not None, mods)
         _backend.log_path_once("attention", q.device, native, why)
     if native:
         args = (q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale) + mods

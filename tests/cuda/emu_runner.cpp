@@ -19,7 +19,7 @@
 // clang-format off: the emulator must come before the kernels
 #include "flash_launch.cuh"
 #include "mma.cuh"
-#include "topk.cuh"
+#include "topk_launch.cuh"
 // clang-format on
 
 #include <fstream>
@@ -147,18 +147,26 @@ int run_topk(const std::string& dir) {
   std::vector<float> scores(size_t(a.Q * a.k));
   std::vector<int64_t> idx(size_t(a.Q * a.k));
   a.queries = reinterpret_cast<const float*>(queries.data());
-  a.corpus = corpus.data();
   a.out_scores = scores.data();
   a.out_idx = idx.data();
+  // The corpus at an offset of `corpus_offset` bytes from a 16-byte boundary (cp.async needs 0).
+  const int64_t offset = geti(m, "corpus_offset");
+  std::vector<unsigned char> shifted(corpus.size() + 16);
+  unsigned char* base = shifted.data() + (16 - reinterpret_cast<uintptr_t>(shifted.data()) % 16) % 16 + offset;
+  if (base + corpus.size() > shifted.data() + shifted.size()) throw std::runtime_error("corpus_offset too large");
+  std::memcpy(base, corpus.data(), corpus.size());
+  a.corpus = base;
   cuda::TopkPlan plan;
-  int status = cuda::topk_make_plan(a.Q, a.N, a.k, size_t(geti(m, "max_smem")), geti(m, "target_blocks"), &plan);
+  int status = cuda::topk_plan_for(a, size_t(geti(m, "max_smem")), geti(m, "target_blocks"), int(geti(m, "sm")), &plan,
+                                   geti(m, "simt_only") != 0);
   if (status != cuda::kLaunchOk) return status;
   std::vector<unsigned char> workspace(cuda::topk_workspace_bytes(plan, a.Q, a.k));
   status = cuda::topk_launch(a, plan, workspace.data(), nullptr);
   if (status != cuda::kLaunchOk) return status;
   write_file(dir + "/scores.bin", scores.data(), scores.size() * 4);
   write_file(dir + "/idx.bin", idx.data(), idx.size() * 8);
-  std::printf("parts %lld queries_per_block %d cap %d\n", static_cast<long long>(plan.parts), plan.qb, plan.cap);
+  std::printf("parts %lld queries_per_block %d cap %d mma %d\n", static_cast<long long>(plan.parts), plan.qb, plan.cap,
+              int(plan.mma));
   return 0;
 }
 

@@ -115,6 +115,44 @@ def test_cuda_glue_passes_consistent_arguments(monkeypatch, dtype):
     assert all(c[2] == 1234 for c in shim.calls)
 
 
+@needs_ext
+def test_cuda_glue_carries_grouped_heads_and_modifiers(monkeypatch):
+    """bf16 with grouped-query heads, a window, softcap, ALiBi and sinks reach the CUDA binding in one call (the
+    tensor-core kernels take them), as the CPU op computes them; what no CUDA kernel takes is refused by name."""
+    shim = CpuShim(_backend._C)
+    monkeypatch.setattr(_backend, "_C", shim)
+    monkeypatch.setattr(_backend, "cuda_stream", lambda t: 1234)
+    monkeypatch.setattr(_backend, "cuda_arch", lambda device: (9, 0))
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 9, 13, 16
+    dtype = torch.bfloat16
+    q = torch.randn(B, H, Nq, D, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, Nk, D, dtype=dtype) for _ in range(2))
+    mask = torch.rand(B, Nk) > 0.3
+    mask[:, -1] = True
+    mods = (4, -1, 5.0, torch.rand(H) * 0.3, None, torch.randn(H))
+    out, lse = attention_mod._attention_fwd_cuda(q, k, v, mask, None, True, Nk - Nq, 0.25, *mods)
+    want_out, want_lse = attention_mod._attention_fwd(q, k, v, mask, None, True, Nk - Nq, 0.25, *mods)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    dout = torch.randn(B, H, Nq, D, dtype=dtype)
+    grads = attention_mod._attention_bwd_cuda(dout, q, k, v, out, lse, None, mask, None, True, Nk - Nq, 0.25, *mods[:5])
+    want = attention_mod._attention_bwd(dout, q, k, v, out, lse, None, mask, None, True, Nk - Nq, 0.25, *mods[:5])
+    for g, w in zip(grads[:3], want[:3]):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g.float(), w.float(), atol=1e-2, rtol=1e-2)
+    assert [c[0] for c in shim.calls] == ["fwd", "bwd"]  # no repeat_interleave: one call each, grouped in place
+    with pytest.raises(ValueError, match="no CUDA kernel takes these arguments"):  # fp32 with modifiers
+        attention_mod._attention_fwd_cuda(q.float(), k.float(), v.float(), mask, None, True, Nk - Nq, 0.25, *mods)
+    with pytest.raises(ValueError, match="no CUDA kernel takes these arguments"):  # an additive bias
+        attention_mod._attention_fwd_cuda(q, k, v, mask, None, True, Nk - Nq, 0.25, -1, -1, 0.0, None,
+                                          torch.zeros(Nq, Nk), None)
+    q_odd = torch.randn(B, H, Nq, D + 1, dtype=dtype)[..., :D]  # rows not on 16 bytes
+    with pytest.raises(ValueError, match="no CUDA kernel takes these arguments"):
+        attention_mod._attention_fwd_cuda(q_odd, k, v, mask, None, True, Nk - Nq, 0.25, *mods)
+    monkeypatch.setattr(_backend, "cuda_arch", lambda device: (7, 5))  # no tensor cores of this kind
+    with pytest.raises(ValueError, match="no CUDA kernel takes these arguments"):
+        attention_mod._attention_fwd_cuda(q, k, v, mask, None, True, Nk - Nq, 0.25, *mods)
+
+
 @pytest.mark.skipif(has_gpu, reason="checks the refusal without a GPU")
 @pytest.mark.parametrize("script", ["bench_attention.py", "bench_topk.py"])
 def test_benchmarks_refuse_device_cuda_cleanly_without_a_gpu(script):
@@ -261,3 +299,28 @@ def test_backend_info_and_log_line_say_which_path_and_why(fake_gpu, monkeypatch,
         _backend.log_path_once("attention", torch.device("cuda"), False, "no row covers this")
         _backend.log_path_once("attention", torch.device("cuda"), False, "no row covers this")
     assert [r.getMessage() for r in caplog.records] == ["minillm.ops.attention on cuda: plain torch (no row covers this)"]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_modifiers_route_to_the_kernel_where_the_tensor_cores_take_them(cpu_as_cuda, monkeypatch, dtype):
+    monkeypatch.setattr(_backend, "_cuda_mode", "on")
+    real_reference = attention_mod.attention_reference  # the torch path of calls with modifiers
+
+    def spy(*args, **kwargs):
+        cpu_as_cuda.append("torch")
+        return real_reference(*args, **kwargs)
+
+    monkeypatch.setattr(attention_mod, "attention_reference", spy)
+    q = torch.randn(1, 4, 20, 32, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, 2, 20, 32, dtype=dtype, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(4, requires_grad=True)
+    out = attention(q, k, v, causal=True, window=(5, -1), softcap=4.0, sinks=sinks)
+    out.float().sum().backward()
+    assert cpu_as_cuda == ["kernel" if dtype == torch.bfloat16 else "torch"]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    want = attention_reference(*ref[:3], causal=True, window=(5, -1), softcap=4.0, sinks=ref[3])
+    want.sum().backward()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for g, w in zip((out, q.grad, k.grad, v.grad, sinks.grad), (want, *(t.grad for t in ref))):
+        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol)

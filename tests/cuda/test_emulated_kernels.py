@@ -386,16 +386,22 @@ def test_flash_attention_strided_rows_and_the_simt_fallback(emu, tmp_path):
 # ---- top-k ----
 
 
-def run_topk(emu, tmp_path, q, c, k, metric, target_blocks=8):
+def run_topk(emu, tmp_path, q, c, k, metric, target_blocks=8, sm=80, simt_only=False, corpus_offset=0,
+             with_path=False):
+    """The launcher's plan picks the tensor-core scan for 16-bit corpora it can copy by cp.async (16-byte aligned
+    rows, d % 8 == 0) with >= 16 queries on sm >= 80, else the SIMT scan; corpus_offset misaligns the corpus."""
     Q, d = q.shape
     write_tensor(tmp_path / "queries.bin", q.float().contiguous())
     write_tensor(tmp_path / "corpus.bin", c)
     write_args(tmp_path / "args.txt", Q=Q, N=c.shape[0], d=d, k=k, metric=METRIC_CODE[metric],
-               dtype=DTYPE_CODE[c.dtype], corpus_stride=c.stride(0), target_blocks=target_blocks, max_smem=MAX_SMEM)
+               dtype=DTYPE_CODE[c.dtype], corpus_stride=c.stride(0), target_blocks=target_blocks, max_smem=MAX_SMEM,
+               sm=sm, simt_only=int(simt_only), corpus_offset=corpus_offset)
     res = emu.run("topk", tmp_path)
-    parts = int(res.stdout.split()[1])
-    return (read_tensor(tmp_path / "scores.bin", torch.float32, (Q, k)),
-            read_tensor(tmp_path / "idx.bin", torch.int64, (Q, k)), parts)
+    fields = res.stdout.split()
+    parts, mma = int(fields[1]), int(fields[7])
+    out = (read_tensor(tmp_path / "scores.bin", torch.float32, (Q, k)),
+           read_tensor(tmp_path / "idx.bin", torch.int64, (Q, k)), parts)
+    return out + (bool(mma),) if with_path else out
 
 
 def check_topk(q, c, k, metric, scores, idx, tol=1e-4):
@@ -471,3 +477,67 @@ def test_topk_strided_corpus_and_nan_rows_rank_last(emu, tmp_path):
     finite[[5, 100, 599]] = False
     kept = c[finite]
     check_topk(q, kept, 597, "ip", scores[:, :-3], torch.searchsorted(finite.nonzero().flatten(), idx[:, :-3].contiguous()))
+
+
+# ---- the tensor-core top-k scan (cuda/topk_mma.cuh) ----
+
+MMA_TOPK_CASES = [
+    # Q, N, d, k, metric, corpus dtype
+    (20, 600, 64, 10, "ip", torch.bfloat16),      # a full block of 16 queries and a partial one
+    (16, 1500, 40, 25, "l2", torch.float16),      # d padded to 64 by zero-filled copies; parts merged
+    (33, 300, 136, 100, "cosine", torch.bfloat16),  # three column stages per tile, k = 100 (256-slot buffers)
+    (17, 400, 64, 7, "cosine", torch.float16),
+    (16, 400, 32, 12, "l2", torch.bfloat16),
+    (18, 300, 48, 5, "ip", torch.float16),
+]
+
+
+@pytest.mark.parametrize("Q,N,d,k,metric,dtype", MMA_TOPK_CASES)
+def test_topk_tensor_cores_against_brute_force(emu, tmp_path, Q, N, d, k, metric, dtype):
+    torch.manual_seed(N + d)
+    q, c = torch.randn(Q, d), torch.randn(N, d).to(dtype)
+    scores, idx, parts, mma = run_topk(emu, tmp_path, q, c, k, metric, with_path=True)
+    assert mma, "this case is meant for the tensor-core scan"
+    check_topk(q, c.float(), k, metric, scores, idx)
+    if N >= 1500:
+        assert parts > 1
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_topk_tensor_cores_ties_go_to_the_lower_index(emu, tmp_path, metric):
+    base = torch.randn(50, 16).to(torch.bfloat16)
+    c = base.repeat(20, 1)  # every row 20 times: equal rows score equally in any lane and tile
+    q = torch.randn(17, 16)
+    scores, idx, parts, mma = run_topk(emu, tmp_path, q, c, 45, metric, with_path=True)
+    assert mma and parts > 1
+    _, want = topk_search_reference(q, c.float(), 45, metric)
+    assert torch.equal(idx, want)
+
+
+def test_topk_tensor_cores_strided_corpus_and_nan_rows(emu, tmp_path):
+    wide = torch.randn(400, 48).to(torch.float16)
+    c = wide[:, :32]  # row stride 48 elements (96 bytes): rows on 16 bytes
+    c[[5, 100, 399]] = float("nan")
+    q = torch.randn(16, 32)
+    k = 200
+    scores, idx, _, mma = run_topk(emu, tmp_path, q, c, k, "ip", with_path=True)
+    assert mma
+    assert not set(idx.flatten().tolist()) & {5, 100, 399}  # NaN rows rank after every number
+    finite = torch.ones(400, dtype=torch.bool)
+    finite[[5, 100, 399]] = False
+    kept = c[finite].float()
+    check_topk(q, kept, k, "ip", scores, torch.searchsorted(finite.nonzero().flatten(), idx.contiguous()))
+
+
+def test_topk_tensor_cores_only_where_they_apply(emu, tmp_path):
+    """The SIMT scan takes what the tensor-core scan cannot: few queries, fp32 corpora, rows not on 16 bytes,
+    d not a multiple of 8, GPUs before sm_80; both give the same top-k."""
+    q, c = torch.randn(16, 24), torch.randn(200, 24).to(torch.bfloat16)
+    cases = [dict(), dict(simt_only=True), dict(sm=75), dict(corpus_offset=2)]
+    results = [run_topk(emu, tmp_path, q, c, 9, "cosine", with_path=True, **kw) for kw in cases]
+    assert [r[3] for r in results] == [True, False, False, False]
+    for scores, idx, _, _ in results:
+        check_topk(q, c.float(), 9, "cosine", scores, idx)
+    assert not run_topk(emu, tmp_path, q[:15], c, 9, "ip", with_path=True)[3]  # one query short of a tile
+    assert not run_topk(emu, tmp_path, q, c.float(), 9, "ip", with_path=True)[3]  # fp32 corpus
+    assert not run_topk(emu, tmp_path, q[:, :20], c[:, :20], 9, "ip", with_path=True)[3]  # d % 8 != 0
