@@ -112,7 +112,7 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" OMP_WAIT_POLICY=PASSIVE PYT
 in_site=(bash -c 'cd "$0" && exec "$@"' "$SITE")
 
 # 2. The real-GPU tests: every kernel (forced on) and the default path against the fp64 reference.
-run "tests/cuda on the GPU" 150 "${in_site[@]}" "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 \
+run "tests/cuda on the GPU" 200 "${in_site[@]}" "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 \
   "$REPO/tests/cuda/test_gpu.py" "$REPO/tests/cuda/test_dispatch.py"
 
 # 3. Benchmarks. "minillm" is timed with MINILLM_CUDA_KERNELS=off, so it is the torch path minillm takes

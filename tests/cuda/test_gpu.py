@@ -90,6 +90,51 @@ def test_topk_ties_and_half_corpora(mode, dtype):
                 assert j - 3000 in row[:pos], f"duplicate {j} came before (or without) its twin {j - 3000}"
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 40])
+@pytest.mark.parametrize("mods", [dict(), dict(window=(64, -1)), dict(softcap=20.0), dict(alibi=True), dict(sinks=True),
+                                  dict(window=(32, -1), softcap=10.0, alibi=True, sinks=True)],
+                         ids=["plain", "window", "softcap", "alibi", "sinks", "all"])
+def test_attention_grouped_heads_and_modifiers(mode, dtype, D, mods):
+    # The tensor-core kernels (cuda/flash_*.cuh) take grouped-query heads in place and every modifier but a bias.
+    dev = torch.device("cuda")
+    B, H, Hkv, Nq, Nk = 2, 4, 2, 200, 300
+    q = torch.randn(B, H, Nq, D, device=dev, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, Nk, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+    mask = torch.rand(B, Nk, device=dev) > 0.2
+    mask[:, -1] = True
+    kw = dict(window=mods.get("window"), softcap=mods.get("softcap"),
+              alibi_slopes=torch.rand(H, device=dev) * 0.1 if mods.get("alibi") else None,
+              sinks=torch.randn(H, device=dev, requires_grad=True) if mods.get("sinks") else None)
+    with _backend.cuda_kernels(mode):
+        out = attention(q, k, v, causal=True, key_padding_mask=mask, **kw)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    rkw = dict(kw, alibi_slopes=None if kw["alibi_slopes"] is None else kw["alibi_slopes"].double(),
+               sinks=None if kw["sinks"] is None else kw["sinks"].detach().double())
+    want = attention_reference(*ref, causal=True, key_padding_mask=mask, **rkw)
+    want.backward(grad.double())
+    for g, w in zip((out, q.grad, k.grad, v.grad), (want, *(t.grad for t in ref))):
+        torch.testing.assert_close(g.double(), w, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("k", [10, 100])
+def test_topk_many_queries_on_tensor_cores(mode, dtype, metric, k):
+    # >= 16 queries over a 16-bit corpus: the tensor-core scan (cuda/topk_mma.cuh).
+    dev = torch.device("cuda")
+    corpus, queries = torch.randn(30000, 96, device=dev).to(dtype), torch.randn(300, 96, device=dev)
+    with _backend.cuda_kernels(mode):
+        scores, idx = topk_search(queries, corpus, k, metric)
+    want_scores, _ = topk_search_reference(queries.double(), corpus.double(), k, metric)
+    torch.testing.assert_close(scores.double(), want_scores, atol=1e-3, rtol=1e-4)
+    assert all(len(set(r.tolist())) == k for r in idx.cpu())
+
+
 @gpu
 def test_default_cuda_path_follows_the_dispatch_table():
     # With no row for this GPU, CUDA calls take torch; backend_info says so.
