@@ -172,10 +172,10 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel(AttnBwdArgs a, const float* delta) {
   using Tr = FlashTraits<kD>;
   constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, kNB = BN / 8, kOB = kD / 8, kKS = kD / 16;
-  const int64_t nqb = ceil_div(a.Nq, BM);
-  const int64_t bh = blockIdx.x / nqb;
-  const int64_t qb = nqb - 1 - int64_t(blockIdx.x) % nqb;
-  const int64_t b = bh / a.H, h = bh % a.H, hk = flash_kv_head(a, h), q0 = qb * BM;
+  const QueryBlock<AttnBwdArgs, BM, BN> blk(a);
+  const int64_t bh = blk.bh, h = blk.h, q0 = blk.q0, j_first = blk.j_first, j_end = blk.j_end;
+  const int n_tiles = blk.n_tiles;
+  const uint8_t* kpm = blk.kpm;
   const int lane = int(threadIdx.x) % kWarp, warp = int(threadIdx.x) / kWarp, g = lane / 4, t = lane % 4;
   const int D = int(a.D);
 
@@ -184,25 +184,13 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel
   uint16_t* dOs = Qs + BM * kD;                        // (BM, kD)
   uint16_t* Ks = dOs + BM * kD;                        // (2, BN, kD)
   uint16_t* Vs = Ks + 2 * BN * kD;                     // (2, BN, kD)
+  const auto* dobase = static_cast<const uint16_t*>(a.dout) + blk.b * a.do_stride[0] + h * a.do_stride[1];
 
-  const uint8_t* kpm = a.kpm ? a.kpm + b * a.Nk : nullptr;
-  const uint8_t* qpm = a.qpm ? a.qpm + b * a.Nq : nullptr;
-  const FlashBand band(a);
-  const FlashScore score(a, b, h);
-  const auto* qbase = static_cast<const uint16_t*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1];
-  const auto* dobase = static_cast<const uint16_t*>(a.dout) + b * a.do_stride[0] + h * a.do_stride[1];
-  const auto* kbase = static_cast<const uint16_t*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
-  const auto* vbase = static_cast<const uint16_t*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
-
-  const int64_t q_last = min64(a.Nq, q0 + BM) - 1;
-  const int64_t j_first = band.first(q0) / BN * BN, j_end = band.end(q_last, a.Nk);
-  const int n_tiles = j_end > j_first ? int(ceil_div(j_end - j_first, BN)) : 0;
-
-  load_tile_async<kD, BM, Tr::kThreads>(Qs, qbase, a.q_stride[2], q0, a.Nq, D, qpm);
-  load_tile_async<kD, BM, Tr::kThreads>(dOs, dobase, a.do_stride[2], q0, a.Nq, D, qpm);
+  load_tile_async<kD, BM, Tr::kThreads>(Qs, blk.q, a.q_stride[2], q0, a.Nq, D, blk.qpm);
+  load_tile_async<kD, BM, Tr::kThreads>(dOs, dobase, a.do_stride[2], q0, a.Nq, D, blk.qpm);
   if (n_tiles > 0) {
-    load_tile_async<kD, BN, Tr::kThreads>(Ks, kbase, a.k_stride[2], j_first, j_end, D, kpm);
-    load_tile_async<kD, BN, Tr::kThreads>(Vs, vbase, a.v_stride[2], j_first, j_end, D, kpm);
+    load_tile_async<kD, BN, Tr::kThreads>(Ks, blk.k, a.k_stride[2], j_first, j_end, D, kpm);
+    load_tile_async<kD, BN, Tr::kThreads>(Vs, blk.v, a.v_stride[2], j_first, j_end, D, kpm);
   }
   cp_async_commit();
 
@@ -225,8 +213,8 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel
     const int stage = n & 1;
     const int64_t j0 = j_first + int64_t(n) * BN;
     if (n + 1 < n_tiles) {
-      load_tile_async<kD, BN, Tr::kThreads>(Ks + (stage ^ 1) * BN * kD, kbase, a.k_stride[2], j0 + BN, j_end, D, kpm);
-      load_tile_async<kD, BN, Tr::kThreads>(Vs + (stage ^ 1) * BN * kD, vbase, a.v_stride[2], j0 + BN, j_end, D, kpm);
+      load_tile_async<kD, BN, Tr::kThreads>(Ks + (stage ^ 1) * BN * kD, blk.k, a.k_stride[2], j0 + BN, j_end, D, kpm);
+      load_tile_async<kD, BN, Tr::kThreads>(Vs + (stage ^ 1) * BN * kD, blk.v, a.v_stride[2], j0 + BN, j_end, D, kpm);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -263,9 +251,9 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel
         const int r = e >> 1;
         const int64_t i = row_i[r], j = j0 + nb * 8 + 2 * t + (e & 1);
         float ds = 0.0f;
-        if (L[r] != INFINITY && j < j_end && (kpm == nullptr || kpm[j] != 0) && band.sees(i, j)) {
+        if (L[r] != INFINITY && j < j_end && (kpm == nullptr || kpm[j] != 0) && blk.band.sees(i, j)) {
           float dz_ds;
-          const float z = score.apply(s[nb][e], i, j, &dz_ds);
+          const float z = blk.score.apply(s[nb][e], i, j, &dz_ds);
           ds = expf(z - L[r]) * (dp[nb][e] - Dl[r]) * dz_ds;
         }
         dp[nb][e] = ds;

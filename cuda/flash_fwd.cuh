@@ -23,14 +23,50 @@ MINILLM_DEVICE int64_t flash_kv_head(const Args& a, int64_t h) {
   return a.Hkv > 0 && a.Hkv != a.H ? h / (a.H / a.Hkv) : h;
 }
 
+// The block of BM query rows a forward or dQ block owns (blockIdx.x over (b, h, query block), the longest causal
+// rows first, the short ones fill in): its masks, score modifiers, operand rows, and the key tiles its rows see,
+// [j_first, j_end) in whole tiles of BN from a multiple of BN.
+template <typename Args, int BM, int BN>
+struct QueryBlock {
+  int64_t bh, b, h, hk, q0;
+  const uint8_t* kpm;
+  const uint8_t* qpm;
+  FlashBand band;
+  FlashScore score;
+  const uint16_t* q;  // row 0 of (b, h), and of (b, hk) for k, v
+  const uint16_t* k;
+  const uint16_t* v;
+  int64_t j_first, j_end;
+  int n_tiles;
+
+  MINILLM_DEVICE static int64_t bh_of(const Args& a) { return blockIdx.x / ceil_div(a.Nq, BM); }
+  MINILLM_DEVICE explicit QueryBlock(const Args& a)
+      : bh(bh_of(a)),
+        b(bh / a.H),
+        h(bh % a.H),
+        hk(flash_kv_head(a, h)),
+        q0((ceil_div(a.Nq, BM) - 1 - int64_t(blockIdx.x) % ceil_div(a.Nq, BM)) * BM),
+        kpm(a.kpm ? a.kpm + b * a.Nk : nullptr),
+        qpm(a.qpm ? a.qpm + b * a.Nq : nullptr),
+        band(a),
+        score(a, b, h),
+        q(static_cast<const uint16_t*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1]),
+        k(static_cast<const uint16_t*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1]),
+        v(static_cast<const uint16_t*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1]) {
+    j_first = band.first(q0) / BN * BN;
+    j_end = band.end(min64(a.Nq, q0 + BM) - 1, a.Nk);
+    n_tiles = j_end > j_first ? int(ceil_div(j_end - j_first, BN)) : 0;
+  }
+};
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_fwd_kernel(AttnFwdArgs a) {
   using Tr = FlashTraits<kD>;
   constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, kNB = BN / 8, kOB = kD / 8, kKS = kD / 16;
-  const int64_t nqb = ceil_div(a.Nq, BM);
-  const int64_t bh = blockIdx.x / nqb;
-  const int64_t qb = nqb - 1 - int64_t(blockIdx.x) % nqb;  // longest causal rows first
-  const int64_t b = bh / a.H, h = bh % a.H, hk = flash_kv_head(a, h), q0 = qb * BM;
+  const QueryBlock<AttnFwdArgs, BM, BN> blk(a);
+  const int64_t bh = blk.bh, h = blk.h, q0 = blk.q0, j_first = blk.j_first, j_end = blk.j_end;
+  const int n_tiles = blk.n_tiles;
+  const uint8_t *kpm = blk.kpm, *qpm = blk.qpm;
   const int lane = int(threadIdx.x) % kWarp, warp = int(threadIdx.x) / kWarp, g = lane / 4, t = lane % 4;
   const int D = int(a.D);
 
@@ -39,23 +75,10 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_fwd_kernel(At
   uint16_t* Ks = Qs + BM * kD;                          // (2, BN, kD)
   uint16_t* Vs = Ks + 2 * BN * kD;                      // (2, BN, kD)
 
-  const uint8_t* kpm = a.kpm ? a.kpm + b * a.Nk : nullptr;
-  const uint8_t* qpm = a.qpm ? a.qpm + b * a.Nq : nullptr;
-  const FlashBand band(a);
-  const FlashScore score(a, b, h);
-  const auto* qbase = static_cast<const uint16_t*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1];
-  const auto* kbase = static_cast<const uint16_t*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[1];
-  const auto* vbase = static_cast<const uint16_t*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[1];
-
-  // Keys any row of the block sees: [j_first, j_end), in whole tiles from a multiple of BN.
-  const int64_t q_last = min64(a.Nq, q0 + BM) - 1;
-  const int64_t j_first = band.first(q0) / BN * BN, j_end = band.end(q_last, a.Nk);
-  const int n_tiles = j_end > j_first ? int(ceil_div(j_end - j_first, BN)) : 0;
-
-  load_tile_async<kD, BM, Tr::kThreads>(Qs, qbase, a.q_stride[2], q0, a.Nq, D, qpm);
+  load_tile_async<kD, BM, Tr::kThreads>(Qs, blk.q, a.q_stride[2], q0, a.Nq, D, qpm);
   if (n_tiles > 0) {
-    load_tile_async<kD, BN, Tr::kThreads>(Ks, kbase, a.k_stride[2], j_first, j_end, D, kpm);
-    load_tile_async<kD, BN, Tr::kThreads>(Vs, vbase, a.v_stride[2], j_first, j_end, D, kpm);
+    load_tile_async<kD, BN, Tr::kThreads>(Ks, blk.k, a.k_stride[2], j_first, j_end, D, kpm);
+    load_tile_async<kD, BN, Tr::kThreads>(Vs, blk.v, a.v_stride[2], j_first, j_end, D, kpm);
   }
   cp_async_commit();
 
@@ -75,8 +98,8 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_fwd_kernel(At
     if (n + 1 < n_tiles) {  // the next tile's copy overlaps this tile's products
       uint16_t* Kn = Ks + (stage ^ 1) * BN * kD;
       uint16_t* Vn = Vs + (stage ^ 1) * BN * kD;
-      load_tile_async<kD, BN, Tr::kThreads>(Kn, kbase, a.k_stride[2], j0 + BN, j_end, D, kpm);
-      load_tile_async<kD, BN, Tr::kThreads>(Vn, vbase, a.v_stride[2], j0 + BN, j_end, D, kpm);
+      load_tile_async<kD, BN, Tr::kThreads>(Kn, blk.k, a.k_stride[2], j0 + BN, j_end, D, kpm);
+      load_tile_async<kD, BN, Tr::kThreads>(Vn, blk.v, a.v_stride[2], j0 + BN, j_end, D, kpm);
     }
     cp_async_commit();
     cp_async_wait<1>();  // every group but the newest has landed: Q and this tile
@@ -109,9 +132,9 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_fwd_kernel(At
       for (int e = 0; e < 4; ++e) {
         const int64_t i = row_i[e >> 1], j = j0 + nb * 8 + 2 * t + (e & 1);
         const bool visible = i < a.Nq && j < j_end && (kpm == nullptr || kpm[j] != 0) &&
-                             (qpm == nullptr || qpm[i] != 0) && band.sees(i, j);
+                             (qpm == nullptr || qpm[i] != 0) && blk.band.sees(i, j);
         float unused;
-        s[nb][e] = visible ? score.apply(s[nb][e], i, j, &unused) : -INFINITY;
+        s[nb][e] = visible ? blk.score.apply(s[nb][e], i, j, &unused) : -INFINITY;
       }
     online_softmax_tile<kNB, kOB>(s, m, l, o);
 

@@ -151,10 +151,31 @@ MINILLM_DEVICE void write_out(const Cands& c, int64_t k, int metric, bool final,
   }
 }
 
+// Block-wide: the squared norms of queries q0 .. q0 + nq - 1 (fp32, one warp a query; 0 for slots past nq) and
+// QB empty candidate buffers (count 0, a bar that accepts anything).
+MINILLM_DEVICE void init_queries(const TopkArgs& a, int64_t q0, int nq, int QB, float* qnorm2, float* counts,
+                                 float* bar_keys, int64_t* bar_ids) {
+  const int tid = int(threadIdx.x), lane = tid % kWarp, warp = tid / kWarp;
+  for (int qq = warp; qq < QB; qq += kTopkThreads / kWarp) {
+    float acc = 0.0f;
+    for (int64_t c = lane; c < a.d && qq < nq; c += kWarp) {
+      const float x = a.queries[(q0 + qq) * a.d + c];
+      acc += x * x;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) qnorm2[qq] = acc;
+  }
+  if (tid < QB) {
+    *reinterpret_cast<int*>(counts + tid) = 0;
+    bar_keys[tid] = NAN;
+    bar_ids[tid] = kNoIndex;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kTopkThreads)
     topk_scan_kernel(TopkArgs a, TopkPlan p, float* part_keys, int64_t* part_ids) {
-  const int tid = int(threadIdx.x), lane = tid % kWarp, warp = tid / kWarp;
+  const int tid = int(threadIdx.x);
   const int cap = p.cap, QB = p.qb;
   const int64_t part = int64_t(blockIdx.x) % p.parts, q0 = int64_t(blockIdx.x) / p.parts * QB;
   const int nq = int(min64(QB, a.Q - q0));
@@ -174,20 +195,7 @@ __global__ void __launch_bounds__(kTopkThreads)
     return Cands{keys + size_t(qq) * cap, ids + size_t(qq) * cap, counts + qq, bar_keys + qq, bar_ids + qq};
   };
 
-  for (int qq = warp; qq < nq; qq += kTopkThreads / kWarp) {
-    float acc = 0.0f;
-    for (int64_t c = lane; c < a.d; c += kWarp) {
-      const float x = a.queries[(q0 + qq) * a.d + c];
-      acc += x * x;
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) qnorm2[qq] = acc;
-  }
-  if (tid < QB) {
-    *reinterpret_cast<int*>(counts + tid) = 0;
-    bar_keys[tid] = NAN;
-    bar_ids[tid] = kNoIndex;
-  }
+  init_queries(a, q0, nq, QB, qnorm2, counts, bar_keys, bar_ids);
 
   const T* corpus = static_cast<const T*>(a.corpus);
   for (int64_t t0 = r_begin; t0 < r_end; t0 += kRowTile) {

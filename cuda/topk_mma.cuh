@@ -111,20 +111,7 @@ __global__ void __launch_bounds__(kTopkThreads)
     Qhi[qat(qq, c)] = hi.bits;
     Qlo[qat(qq, c)] = from_float<T>(x - to_float(hi)).bits;
   }
-  for (int qq = warp; qq < kMmaQB; qq += kTopkThreads / kWarp) {
-    float acc = 0.0f;
-    for (int64_t c = lane; c < a.d && qq < nq; c += kWarp) {
-      const float x = a.queries[(q0 + qq) * a.d + c];
-      acc += x * x;
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) qnorm2[qq] = acc;
-  }
-  if (tid < kMmaQB) {
-    *reinterpret_cast<int*>(counts + tid) = 0;
-    bar_keys[tid] = NAN;
-    bar_ids[tid] = kNoIndex;
-  }
+  init_queries(a, q0, nq, kMmaQB, qnorm2, counts, bar_keys, bar_ids);
   __syncthreads();  // counts and bars set before any offer (and before the final sort of an empty part)
 
   float acc[4][4];
