@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--plain-full-run", action="store_true",
                     help="also train the plain-PyTorch model for --iters iterations and report its val loss")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--streaming", action="store_true",
+                    help="tokenize once into token files (minillm.training.TokenDataset) and read every batch from "
+                         "their memory maps, as nanoGPT's train.bin (same batches, so the same losses)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -100,18 +103,31 @@ def main() -> None:
     data = np.array(tok.encode(text), dtype=np.int64)
     n = int(0.9 * len(data))
     train_data, val_data = data[:n], data[n:]
+    if args.streaming:  # the same split, from token files read through np.memmap
+        import tempfile
+
+        from minillm.training import TokenDataset
+
+        token_dir = tempfile.mkdtemp(prefix="minillm-shakespeare-")
+        # one character per token: the split by position is a split of the text at the same index
+        train_data = TokenDataset.build([text[:n]], tok, os.path.join(token_dir, "train.bin"), block_size=65,
+                                        append_eos=False).tokens()
+        val_data = TokenDataset.build([text[n:]], tok, os.path.join(token_dir, "val.bin"), block_size=65,
+                                      append_eos=False).tokens()
+        assert np.array_equal(train_data, data[:n]) and np.array_equal(val_data, data[n:])
+    del data
     block, batch, n_layer, n_head, n_embd = 64, 12, 4, 4, 128
     info = banner("train_shakespeare_char: nanoGPT baby GPT, minillm vs plain PyTorch",
                   data=f"{args.data}: {len(text)} characters, vocab {tok.vocab_size}, {len(train_data)} train / "
-                       f"{len(val_data)} val tokens",
+                       f"{len(val_data)} val tokens" + (" (token files, memory-mapped)" if args.streaming else ""),
                   config=f"n_layer {n_layer}, n_head {n_head}, n_embd {n_embd}, block {block}, batch {batch}, "
                          f"{args.iters} iters")
 
     def get_batch(split, gen):
         d = train_data if split == "train" else val_data
         ix = torch.randint(len(d) - block, (batch,), generator=gen)
-        x = torch.stack([torch.from_numpy(d[i:i + block]) for i in ix.tolist()])
-        y = torch.stack([torch.from_numpy(d[i + 1:i + 1 + block]) for i in ix.tolist()])
+        x = torch.stack([torch.from_numpy(d[i:i + block].astype(np.int64)) for i in ix.tolist()])
+        y = torch.stack([torch.from_numpy(d[i + 1:i + 1 + block].astype(np.int64)) for i in ix.tolist()])
         return x, y
 
     def lr_at(it):

@@ -131,6 +131,8 @@ def create_dataloaders(
     shuffle: bool = True,
     seed: int = 0,
     num_workers: int = 0,
+    streaming: bool = False,
+    token_dir: Union[str, os.PathLike, None] = None,
 ) -> Tuple[DataLoader, Optional[DataLoader]]:
     """(train_loader, val_loader) of padded batches for a task.
 
@@ -139,6 +141,13 @@ def create_dataloaders(
     labels -100 elsewhere; seq2seq: {"src_ids", "src_mask", "tgt_ids", "tgt_mask", "labels"}.
     "auto" lets the Trainer pick clm or mlm from the model it trains. Training batches are shuffled
     with a generator seeded by `seed`, so a run (and a resumed run) sees the same order.
+
+    streaming=True tokenizes the texts (strings, or paths of text files of any size) once into token files
+    under `token_dir` (train.bin, val.bin; default: a new temporary directory) and serves windows of them
+    (minillm.training.tokens.TokenDataset): random windows drawn per item from (seed, item) for training, the
+    consecutive windows for validation; nothing is held in memory but the batches. Windows are max_length
+    tokens for clm and max_length - 2 for mlm and auto (room for an encoder's two special tokens, as without
+    streaming). Not for seq2seq.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -147,10 +156,27 @@ def create_dataloaders(
     if not train_texts:
         raise ValueError("train_texts is empty")
 
+    if streaming and task == "seq2seq":
+        raise ValueError("streaming=True serves token windows for clm or mlm; seq2seq needs (source, target) pairs")
+    if streaming:
+        from minillm.training.tokens import TokenDataset
+
+        if token_dir is None:
+            import tempfile
+
+            token_dir = tempfile.mkdtemp(prefix="minillm-tokens-")
+        window = max_length if task == "clm" else max_length - 2
+
     def make(texts, is_train):
         if texts is None or len(texts) == 0:
             return None
-        ds = Pairs(texts, tokenizer, max_length) if task == "seq2seq" else TokenChunks(texts, tokenizer, max_length)
+        if streaming:
+            ds = TokenDataset.build(texts, tokenizer, os.path.join(token_dir, "train.bin" if is_train else "val.bin"),
+                                    block_size=window, seed=seed, random_windows=is_train)
+        elif task == "seq2seq":
+            ds = Pairs(texts, tokenizer, max_length)
+        else:
+            ds = TokenChunks(texts, tokenizer, max_length)
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and is_train, generator=gen,
                           collate_fn=Collator(tokenizer, task, mlm_probability), num_workers=num_workers)
