@@ -88,9 +88,10 @@ class TokenDataset(Dataset):
     """block_size windows of a token file, for causal (or masked) LM training without holding the corpus in RAM.
 
     Items are lists of block_size token ids. With ``random_windows=True`` (training) item i starts at an offset
-    drawn from a generator seeded by (seed, i): any window can come up, the same i always gives the same window
-    (so the Trainer's seeded order and its exact resume hold), and len() = n_tokens // block_size items make an
-    epoch, one corpus's worth of tokens, as nanoGPT's iterations do. With ``random_windows=False`` (validation)
+    drawn from a generator seeded by (seed, epoch, i): any window can come up, the same (epoch, i) always gives
+    the same window (so the Trainer's seeded order and its exact resume hold), each epoch draws new windows
+    (the Trainer calls ``set_epoch`` as DistributedSampler's users do), and len() = n_tokens // block_size items
+    make an epoch, one corpus's worth of tokens, as nanoGPT's iterations do. With ``random_windows=False`` (validation)
     the items are the consecutive non-overlapping windows. Rank sharding under torchrun is the Trainer's (each
     rank takes every world_size-th batch), and the file is opened read-only by every rank and DataLoader worker
     (a np.memmap re-opened lazily in each process).
@@ -107,6 +108,7 @@ class TokenDataset(Dataset):
             raise ValueError(f"{self.path} holds {self.n_tokens} tokens, fewer than block_size={block_size}: "
                              f"use a smaller block_size or more text")
         self.block_size, self.seed, self.random_windows = block_size, seed, random_windows
+        self.epoch = 0
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self._tokens: Optional[np.memmap] = None
         self._pid = -1
@@ -211,14 +213,18 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return self.n_tokens // self.block_size
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the random windows of this epoch (the Trainer calls it before each epoch)."""
+        self.epoch = int(epoch)
+
     def offset(self, i: int) -> int:
         """Where item i starts."""
         if not 0 <= i < len(self):
             raise IndexError(f"item {i} of a TokenDataset of {len(self)}")
         if not self.random_windows:
             return i * self.block_size
-        # SeedSequence mixes (seed, i) into independent streams: neighbouring i give unrelated offsets.
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, i])))
+        # SeedSequence mixes (seed, epoch, i) into independent streams: neighbouring i give unrelated offsets.
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch, i])))
         return int(rng.integers(0, self.n_tokens - self.block_size + 1))
 
     def __getitem__(self, i: int) -> List[int]:

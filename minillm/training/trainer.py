@@ -246,6 +246,9 @@ class Trainer:
         gen = getattr(getattr(sampler, "sampler", None), "generator", None)
         if gen is not None:
             gen.manual_seed(self.seed + epoch)  # the same order in a resumed run
+        set_epoch = getattr(self.train_loader.dataset, "set_epoch", None)
+        if callable(set_epoch):  # datasets that draw per epoch (TokenDataset's random windows)
+            set_epoch(epoch)
         batches = [list(b) for b in sampler]
         if self.world > 1 and batches and len(batches) % self.world:
             # Pad with the epoch's first batches so every rank runs ceil(n / world) steps: a rank with one

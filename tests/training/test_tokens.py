@@ -60,6 +60,10 @@ def test_windows_are_reproducible_random_and_in_range(texts, tmp_path):
     whole = ds.tokens()
     for i in (0, 7, len(ds) - 1):
         assert ds[i] == whole[offsets[i]:offsets[i] + 24].tolist()
+    ds.set_epoch(1)  # each epoch its own windows; back to epoch 0, the same ones again
+    assert [ds.offset(i) for i in range(len(ds))] != offsets
+    ds.set_epoch(0)
+    assert [ds.offset(i) for i in range(len(ds))] == offsets
     seq = TokenDataset(path, 24, random_windows=False)
     assert [seq.offset(i) for i in range(3)] == [0, 24, 48]
     assert sum((seq[i] for i in range(len(seq))), []) == whole[:len(seq) * 24].tolist()
@@ -129,9 +133,13 @@ def test_streaming_loaders_train_a_decoder(texts, tmp_path):
     torch.manual_seed(0)
     model = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": tok.vocab_size, "d_model": 32,
                               "num_heads": 2, "num_layers": 2, "max_seq_len": 32, "dropout": 0.0})
+    epochs = []
+    real_set_epoch = train.dataset.set_epoch
+    train.dataset.set_epoch = lambda e: (epochs.append(e), real_set_epoch(e))
     res = Trainer(model, train, val, learning_rate=3e-3, checkpoint_dir=tmp_path / "ck", progress=False).train(epochs=3)
     vals = [h["val_loss"] for h in res["history"]]
     assert vals[-1] < vals[0]
+    assert epochs == [0, 1, 2]  # new windows every epoch
     with pytest.raises(ValueError, match="seq2seq"):
         create_dataloaders(["a\tb"], None, tok, task="seq2seq", streaming=True)
 
