@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--read-batches", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="then train a small GPT (4 layers, d 128) this many steps with the Trainer on the token file")
     ap.add_argument("--keep", action="store_true", help="keep the generated corpus and token file")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -84,6 +86,23 @@ def main() -> None:
                "build tokens/s": ds.n_tokens / build_s, "build peak MB": build_peak,
                "read tokens/s": n / read_s, "read peak MB": read_peak,
                "int64 tensor MB (baseline)": ds.n_tokens * 8 / 1e6}
+        if args.train_steps > 0:
+            from minillm.models import DecoderOnlyModel
+            from minillm.training import Trainer
+
+            torch.manual_seed(0)
+            model = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": tok.vocab_size, "d_model": 128,
+                                      "num_heads": 4, "num_layers": 4, "max_seq_len": args.block_size,
+                                      "dropout": 0.0})
+            trainer = Trainer(model, loader, None, learning_rate=1e-3, checkpoint_dir=None, max_steps=args.train_steps,
+                              eval_interval=args.train_steps, progress=False)
+            base = peak_mb()
+            t0 = time.perf_counter()
+            res = trainer.train(epochs=1)
+            train_s = time.perf_counter() - t0
+            row["train tokens/s"] = res["steps"] * args.batch_size * args.block_size / train_s
+            row["train peak MB"] = peak_mb() - base
+            print(f"train: {res['steps']} steps in {train_s:.1f} s, peak memory +{row['train peak MB']:.0f} MB")
         print_table([row], list(row), floatfmt=".4g")
         write_json(args.json, info, [row])
     finally:
