@@ -179,6 +179,26 @@ def atomic_dir(path: PathLike, kind: str, names: Collection[str] = ()) -> Iterat
             shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_dir(path: PathLike, kind: str) -> bool:
+    """Removes a complete folder minillm saved as `kind` (its marker says so); anything else is left alone and
+    False returned. Under the path's save lock, the folder is first renamed to a hidden .NAME.del-* name (which
+    no load or save reads), so a crash mid-removal never leaves a half-deleted folder under its own name."""
+    path = Path(path)
+    with _path_lock(path):
+        marker = _read_marker(path) if path.is_dir() and not path.is_symlink() else None
+        if not marker or marker.get("kind") != kind or not marker.get("complete"):
+            return False
+        doomed = Path(tempfile.mkdtemp(prefix=f".{path.name}.del-", dir=path.parent))
+        os.replace(path, doomed)
+        _fsync_dir(path.parent)
+        shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        (path.parent / f".{path.name}.lock").unlink()
+    except OSError:
+        pass
+    return True
+
+
 def find_dir(path: PathLike, marker: str) -> Optional[Path]:
     """The folder a load should read: `path` if it holds `marker` (a file every save of that kind writes), else
     what a crash between atomic_dir's two renames left beside it: the complete new folder, then the previous

@@ -20,7 +20,7 @@ from minillm.models.decoder import DecoderOnlyModel
 from minillm.models.encoder import EncoderOnlyModel
 from minillm.training import checkpoint as ckpt
 from minillm.training.collate import Collator
-from minillm.utils import atomic_write_text, progress_bar
+from minillm.utils import atomic_write_text, progress_bar, remove_dir
 
 log = logging.getLogger("minillm.training")
 
@@ -102,8 +102,9 @@ class Trainer:
       evaluation when there is no validation loader. Evaluations happen every `eval_interval`
       optimizer steps, or at the end of each epoch when it is None. Patience counts evaluations; an
       improvement is a decrease by more than `min_delta`; NaN never improves.
-    * `checkpoint_dir/last/` (every evaluation and the end) and `checkpoint_dir/best_model/` (each
-      improvement) hold model.safetensors, config.json, tokenizer.json, the optimizer, scheduler and
+    * `checkpoint_dir/last/` (every evaluation and the end), `checkpoint_dir/best_model/` (each
+      improvement) and, with `save_total_limit=N`, `checkpoint_dir/checkpoint-STEP/` at every evaluation (the
+      newest N kept) hold model.safetensors, config.json, tokenizer.json, the optimizer, scheduler and
       RNG states and the loop position; each is replaced atomically. ``train(epochs, resume=True)``
       continues from `last/` exactly: the same per-step losses as an uninterrupted run.
     * Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel (gloo on CPU, nccl on
@@ -146,6 +147,7 @@ class Trainer:
         metrics_file: Union[str, os.PathLike, None] = None,
         plot_path: Union[str, os.PathLike, None, bool] = None,
         progress: Optional[bool] = None,
+        save_total_limit: Optional[int] = None,
     ):
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"model must be a minillm model, got {type(model).__name__}")
@@ -157,6 +159,9 @@ class Trainer:
             raise ValueError(f"early_stopping_patience must be >= 1 or None, got {early_stopping_patience}")
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        if save_total_limit is not None and (isinstance(save_total_limit, bool) or not isinstance(save_total_limit, int)
+                                             or save_total_limit < 1):
+            raise ValueError(f"save_total_limit must be an int >= 1 or None, got {save_total_limit!r}")
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -180,6 +185,7 @@ class Trainer:
         self.eval_interval, self.eval_batches = eval_interval, eval_batches
         self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
         self.restore_best_weights, self.seed, self.progress = restore_best_weights, seed, progress
+        self.save_total_limit = save_total_limit
         self.bf16 = cpu_has_bf16() if bf16 == "auto" and self.device.type == "cpu" else bool(bf16)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.metrics_file = Path(metrics_file) if metrics_file else (
@@ -340,6 +346,20 @@ class Trainer:
         log.info("step %d epoch %d: train %.4f val %s%s", st["step"], st["epoch"], train_loss,
                  "n/a" if val_loss is None else f"{val_loss:.4f}", " (best)" if improved else "")
         self._save("last")
+        if self.save_total_limit is not None:
+            self._save(f"checkpoint-{st['step']}")
+            self._rotate_checkpoints()
+
+    def _rotate_checkpoints(self) -> None:
+        """Keeps the newest save_total_limit step checkpoints (checkpoint-STEP/); best_model/ and last/ are not
+        counted. Only folders minillm saved as checkpoints are removed: a user's folder of the same name stays."""
+        if self.checkpoint_dir is None or not self.is_main:
+            return
+        steps = sorted(int(p.name[len("checkpoint-"):]) for p in self.checkpoint_dir.glob("checkpoint-*")
+                       if p.is_dir() and p.name[len("checkpoint-"):].isdigit())
+        for step in steps[:-self.save_total_limit]:
+            if not remove_dir(self.checkpoint_dir / f"checkpoint-{step}", "checkpoint"):
+                log.warning("left %s in place: not a checkpoint minillm saved", self.checkpoint_dir / f"checkpoint-{step}")
 
     def _save(self, name: str) -> None:
         if self.checkpoint_dir is not None and self.is_main:
@@ -348,13 +368,19 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    def _resume(self) -> bool:
-        path = ckpt.find_checkpoint(self.checkpoint_dir / "last") if self.checkpoint_dir else None
+    def _resume(self, resume_from: Union[str, os.PathLike, None] = None) -> bool:
+        if resume_from is not None:
+            path = ckpt.find_checkpoint(Path(resume_from))
+            if path is None:
+                raise FileNotFoundError(f"resume_from={resume_from}: no complete minillm checkpoint there (a "
+                                        f"checkpoint folder holds {ckpt.STATE_NAME} and {ckpt.WEIGHTS_NAME})")
+        else:
+            path = ckpt.find_checkpoint(self.checkpoint_dir / "last") if self.checkpoint_dir else None
         if path is None:
             log.info("no checkpoint to resume from in %s; starting fresh", self.checkpoint_dir)
             return False
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        if self.state.get("best") is not None:
+        if self.state.get("best") is not None and self.checkpoint_dir is not None:
             best = ckpt.find_checkpoint(self.checkpoint_dir / "best_model")
             if best is not None:
                 self._best_weights = ckpt.load_weights_dict(best)
@@ -370,8 +396,13 @@ class Trainer:
 
     # ---- the loop ----
 
-    def train(self, epochs: int = 1, resume: bool = False) -> Dict[str, Any]:
+    def train(self, epochs: int = 1, resume: bool = False,
+              resume_from: Union[str, os.PathLike, None] = None) -> Dict[str, Any]:
         """Trains for `epochs` epochs (or until max_steps, or early stopping).
+
+        resume=True continues from checkpoint_dir/last/; resume_from=PATH from any checkpoint folder (last/,
+        best_model/, a step checkpoint-N/, another run's), exactly: the steps after it repeat an uninterrupted
+        run's losses.
 
         Returns {"early_stopped", "epochs_completed", "best_val_loss", "best_epoch", "best_step",
         "steps", "history"}; best_val_loss is the best monitored metric (training loss without a
@@ -381,7 +412,9 @@ class Trainer:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
         total = self._total_steps(epochs)
         self._make_scheduler(total)
-        if resume:
+        if resume_from is not None:
+            self._resume(resume_from)
+        elif resume:
             self._resume()
         st = self.state
         self.model.train()
