@@ -16,10 +16,38 @@
 namespace minillm {
 namespace cuda {
 
+// Warp-wide, the backward's two score-shaped products for the warp's 16 rows: s = A1 B1^T and dp = A2 B2^T, each
+// (16, 8 kNB), with A1/A2 rows a_row0 .. a_row0 + 15 of their tiles and B1/B2's rows n-major. The dQ kernel runs
+// it as S = Q K^T, dP = dO V^T; the dK/dV kernel as S^T = K Q^T, dP^T = V dO^T.
+template <typename T, int kD, int kNB>
+MINILLM_DEVICE void two_products(float (*s)[4], float (*dp)[4], const uint16_t* A1, const uint16_t* A2, int a_row0,
+                                 const uint16_t* B1, const uint16_t* B2) {
+  MINILLM_UNROLL
+  for (int nb = 0; nb < kNB; ++nb)
+    MINILLM_UNROLL
+    for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.0f;
+  MINILLM_UNROLL
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    uint32_t a1[4], a2[4];
+    load_a_frag<kD>(a1, A1, a_row0, ks);
+    load_a_frag<kD>(a2, A2, a_row0, ks);
+    MINILLM_UNROLL
+    for (int nb = 0; nb < kNB; nb += 2) {
+      uint32_t b1[4], b2[4];
+      load_b_frag_nmajor<kD>(b1, B1, nb * 8, ks);
+      load_b_frag_nmajor<kD>(b2, B2, nb * 8, ks);
+      mma_m16n8k16<T>(s[nb], a1, b1, s[nb]);
+      mma_m16n8k16<T>(s[nb + 1], a1, b1 + 2, s[nb + 1]);
+      mma_m16n8k16<T>(dp[nb], a2, b2, dp[nb]);
+      mma_m16n8k16<T>(dp[nb + 1], a2, b2 + 2, dp[nb + 1]);
+    }
+  }
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dkdv_kernel(AttnBwdArgs a, const float* delta) {
   using Tr = FlashTraits<kD>;
-  constexpr int BN = Tr::kBlockN, BM = Tr::kBwdTileM, kNB = BM / 8, kOB = kD / 8, kKS = kD / 16;
+  constexpr int BN = Tr::kBlockN, BM = Tr::kBwdTileM, kNB = BM / 8, kOB = kD / 8;
   const int64_t Hkv = a.Hkv > 0 ? a.Hkv : a.H, group = a.H / Hkv;
   const int64_t nkb = ceil_div(a.Nk, BN);
   const int64_t bhk = blockIdx.x / nkb, k0 = (int64_t(blockIdx.x) % nkb) * BN;
@@ -88,26 +116,7 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dkdv_kern
 
     // S^T = K Q^T and dP^T = V dO^T: (16 keys, BM queries) per warp
     float s[kNB][4], dp[kNB][4];
-    MINILLM_UNROLL
-    for (int nb = 0; nb < kNB; ++nb)
-      MINILLM_UNROLL
-      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.0f;
-    MINILLM_UNROLL
-    for (int ks = 0; ks < kKS; ++ks) {
-      uint32_t kf[4], vf[4];
-      load_a_frag<kD>(kf, Ks, warp * 16, ks);
-      load_a_frag<kD>(vf, Vs, warp * 16, ks);
-      MINILLM_UNROLL
-      for (int nb = 0; nb < kNB; nb += 2) {
-        uint32_t qf[4], df[4];
-        load_b_frag_nmajor<kD>(qf, Qc, nb * 8, ks);
-        load_b_frag_nmajor<kD>(df, dOc, nb * 8, ks);
-        mma_m16n8k16<T>(s[nb], kf, qf, s[nb]);
-        mma_m16n8k16<T>(s[nb + 1], kf, qf + 2, s[nb + 1]);
-        mma_m16n8k16<T>(dp[nb], vf, df, dp[nb]);
-        mma_m16n8k16<T>(dp[nb + 1], vf, df + 2, dp[nb + 1]);
-      }
-    }
+    two_products<T, kD, kNB>(s, dp, Ks, Vs, warp * 16, Qc, dOc);
     // P^T into s, dS^T into dp
     MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb)
@@ -171,7 +180,7 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dkdv_kern
 template <typename T, int kD>
 __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel(AttnBwdArgs a, const float* delta) {
   using Tr = FlashTraits<kD>;
-  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, kNB = BN / 8, kOB = kD / 8, kKS = kD / 16;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, kNB = BN / 8, kOB = kD / 8;
   const QueryBlock<AttnBwdArgs, BM, BN> blk(a);
   const int64_t bh = blk.bh, h = blk.h, q0 = blk.q0, j_first = blk.j_first, j_end = blk.j_end;
   const int n_tiles = blk.n_tiles;
@@ -224,26 +233,7 @@ __global__ void __launch_bounds__(FlashTraits<kD>::kThreads) flash_bwd_dq_kernel
 
     // S = Q K^T, dP = dO V^T: (16, BN) per warp
     float s[kNB][4], dp[kNB][4];
-    MINILLM_UNROLL
-    for (int nb = 0; nb < kNB; ++nb)
-      MINILLM_UNROLL
-      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.0f;
-    MINILLM_UNROLL
-    for (int ks = 0; ks < kKS; ++ks) {
-      uint32_t qf[4], df[4];
-      load_a_frag<kD>(qf, Qs, warp * 16, ks);
-      load_a_frag<kD>(df, dOs, warp * 16, ks);
-      MINILLM_UNROLL
-      for (int nb = 0; nb < kNB; nb += 2) {
-        uint32_t kf[4], vf[4];
-        load_b_frag_nmajor<kD>(kf, Kc, nb * 8, ks);
-        load_b_frag_nmajor<kD>(vf, Vc, nb * 8, ks);
-        mma_m16n8k16<T>(s[nb], qf, kf, s[nb]);
-        mma_m16n8k16<T>(s[nb + 1], qf, kf + 2, s[nb + 1]);
-        mma_m16n8k16<T>(dp[nb], df, vf, dp[nb]);
-        mma_m16n8k16<T>(dp[nb + 1], df, vf + 2, dp[nb + 1]);
-      }
-    }
+    two_products<T, kD, kNB>(s, dp, Qs, dOs, warp * 16, Kc, Vc);
     MINILLM_UNROLL
     for (int nb = 0; nb < kNB; ++nb)
       MINILLM_UNROLL

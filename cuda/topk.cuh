@@ -44,6 +44,16 @@ MINILLM_HD size_t topk_smem(int cap, int qb) {
 
 MINILLM_HD size_t topk_merge_smem(int cap) { return sizeof(int64_t) * (size_t(cap) + 1) + sizeof(float) * (size_t(cap) + 2); }
 
+// The corpus split of a plan: with too few query blocks (of qb queries) to keep target_blocks busy, the corpus is
+// cut into parts of whole tiles (of `rows` rows), at least 4 tiles each.
+inline void split_corpus(int64_t Q, int64_t N, int qb, int rows, int64_t target_blocks, TopkPlan* plan) {
+  const int64_t nqb = ceil_div(Q, qb), ntiles = ceil_div(N, rows);
+  int64_t parts = max64(1, min64(ceil_div(target_blocks, nqb), ntiles / 4));
+  const int64_t tiles_per_part = ceil_div(ntiles, parts);
+  plan->parts = ceil_div(ntiles, tiles_per_part);
+  plan->rows_per_part = tiles_per_part * rows;
+}
+
 // Returns kLaunchOk and fills `plan`, or kTooMuchSharedMemory when one query's buffer does not fit.
 // `target_blocks` is how many blocks keep the device busy (a few per multiprocessor).
 inline int topk_make_plan(int64_t Q, int64_t N, int64_t k, size_t max_smem, int64_t target_blocks, TopkPlan* plan) {
@@ -53,16 +63,9 @@ inline int topk_make_plan(int64_t Q, int64_t N, int64_t k, size_t max_smem, int6
   int qb = 1;
   // More queries per block reuse each staged corpus tile; stay within the default 48 KB.
   while (qb < kMaxQB && qb < Q && topk_smem(int(cap), qb + 1) <= (max_smem < kDefaultSmem ? max_smem : kDefaultSmem)) ++qb;
-  const int64_t nqb = ceil_div(Q, qb);
-  const int64_t ntiles = ceil_div(N, kRowTile);
-  // Split the corpus when there are too few query blocks, keeping >= 4 tiles per part.
-  int64_t parts = max64(1, min64(ceil_div(target_blocks, nqb), ntiles / 4));
-  const int64_t tiles_per_part = ceil_div(ntiles, parts);
-  parts = ceil_div(ntiles, tiles_per_part);
   plan->cap = int(cap);
   plan->qb = qb;
-  plan->parts = parts;
-  plan->rows_per_part = tiles_per_part * kRowTile;
+  split_corpus(Q, N, qb, kRowTile, target_blocks, plan);
   plan->smem = topk_smem(int(cap), qb);
   plan->merge_smem = topk_merge_smem(int(cap));
   return kLaunchOk;

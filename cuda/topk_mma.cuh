@@ -37,14 +37,9 @@ inline int topk_make_plan_mma(int64_t Q, int64_t N, int64_t k, int64_t d, size_t
   int64_t cap = 1;
   while (cap < k + kMmaRows) cap *= 2;
   if (cap > (int64_t(1) << 24) || topk_mma_smem(int(cap), d) > max_smem) return kTooMuchSharedMemory;
-  const int64_t nqb = ceil_div(Q, kMmaQB), ntiles = ceil_div(N, kMmaRows);
-  int64_t parts = max64(1, min64(ceil_div(target_blocks, nqb), ntiles / 4));
-  const int64_t tiles_per_part = ceil_div(ntiles, parts);
-  parts = ceil_div(ntiles, tiles_per_part);
   plan->cap = int(cap);
   plan->qb = kMmaQB;
-  plan->parts = parts;
-  plan->rows_per_part = tiles_per_part * kMmaRows;
+  split_corpus(Q, N, kMmaQB, kMmaRows, target_blocks, plan);
   plan->smem = topk_mma_smem(int(cap), d);
   plan->merge_smem = topk_merge_smem(int(cap));
   plan->mma = true;
