@@ -111,6 +111,25 @@ class PreTrainedModel(nn.Module):
         self.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None, "head": head}
         return self
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Trade compute for memory in training: every transformer block recomputes its activations in the
+        backward instead of keeping them (torch.utils.checkpoint, non-reentrant; dropout replays its random
+        state, so losses and gradients are those of the plain model). Inference and KV-cache decoding are
+        unaffected."""
+        self._set_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._set_checkpointing(False)
+
+    def _set_checkpointing(self, on: bool) -> None:
+        found = False
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing") and m is not self:
+                m.gradient_checkpointing = on
+                found = True
+        if not found:
+            raise NotImplementedError(f"{type(self).__name__} has no blocks that support gradient checkpointing")
+
     def save_pretrained(self, directory: Union[str, os.PathLike], tokenizer=None,
                         dtype: Optional[torch.dtype] = None) -> Path:
         """Writes config.json, model.safetensors and (when given) tokenizer.json into `directory`.

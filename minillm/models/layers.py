@@ -10,6 +10,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from minillm import ops
@@ -281,6 +282,9 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, cross: bool = False):
         super().__init__()
         self.pre = config.norm_position == "pre"
+        # Recompute this block's activations in the backward instead of keeping them (training only; see
+        # PreTrainedModel.gradient_checkpointing_enable).
+        self.gradient_checkpointing = False
         self.attn = Attention(config)
         self.norm1 = make_norm(config)
         self.cross_attn = Attention(config, cross=True) if cross else None
@@ -304,6 +308,18 @@ class Block(nn.Module):
         packed: Optional[Packed] = None,
         rope: Optional[Rope] = None,
     ) -> Tensor:
+        if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: keyword arguments pass through, dropout's RNG state is replayed, and
+            # only x (and the inputs below) are kept for the backward.
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, use_reentrant=False, causal=causal, key_padding_mask=key_padding_mask, cache=None,
+                layer=layer, memory_kv=memory_kv, memory_mask=memory_mask, packed=packed, rope=rope)
+        return self._forward(x, causal=causal, key_padding_mask=key_padding_mask, cache=cache, layer=layer,
+                             memory_kv=memory_kv, memory_mask=memory_mask, packed=packed, rope=rope)
+
+    def _forward(self, x: Tensor, *, causal: bool, key_padding_mask: Optional[Tensor], cache: Optional[KVCache],
+                 layer: int, memory_kv: Optional[Tuple[Tensor, Tensor]], memory_mask: Optional[Tensor],
+                 packed: Optional[Packed], rope: Optional[Rope]) -> Tensor:
         if self.pre and self.cross_attn is None:  # decoder-only and pre-norm: no closures (a decoded token's path)
             x = x + self.attn(self.norm1(x), causal=causal, key_padding_mask=key_padding_mask, cache=cache,
                               layer=layer, packed=packed, rope=rope)

@@ -148,6 +148,7 @@ class Trainer:
         plot_path: Union[str, os.PathLike, None, bool] = None,
         progress: Optional[bool] = None,
         save_total_limit: Optional[int] = None,
+        gradient_checkpointing: bool = False,
     ):
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"model must be a minillm model, got {type(model).__name__}")
@@ -174,6 +175,8 @@ class Trainer:
                 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        if gradient_checkpointing:  # each block recomputes its activations in the backward
+            self.model.gradient_checkpointing_enable()
         self.train_loader, self.val_loader = train_dataloader, val_dataloader
         self.tokenizer = tokenizer or getattr(train_dataloader.collate_fn, "tokenizer", None)
         self._set_task(train_dataloader)

@@ -167,3 +167,18 @@ def test_the_user_dataloaders_workers_load_the_batches(texts, tmp_path):
         for f in marks:
             os.remove(f)
     assert len(losses[0]) == 6 and losses[0] == losses[2]
+
+
+def test_gradient_checkpointing_trains_with_the_same_losses(texts, tmp_path):
+    runs = []
+    for ck in (False, True):
+        model, tok, train, val = setup(texts)
+        trainer = Trainer(model, train, val, learning_rate=3e-3, checkpoint_dir=tmp_path / str(ck), progress=False,
+                          max_steps=8, gradient_checkpointing=ck)
+        assert all(b.gradient_checkpointing == ck for b in model.blocks)
+        trainer.train(epochs=1)
+        lines = (tmp_path / str(ck) / "metrics.jsonl").read_text().splitlines()
+        runs.append([json.loads(line)["loss"] for line in lines if '"loss"' in line])
+    assert len(runs[0]) == 8
+    for a, b in zip(*runs):
+        assert a == pytest.approx(b, rel=1e-5)
