@@ -8,7 +8,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,7 @@ from minillm.models.base import PreTrainedModel
 from minillm.models.decoder import DecoderOnlyModel
 from minillm.models.encoder import EncoderOnlyModel
 from minillm.training import checkpoint as ckpt
+from minillm.training.callbacks import Callback, EarlyStopping
 from minillm.training.collate import Collator
 from minillm.utils import atomic_write_text, progress_bar, remove_dir
 
@@ -149,6 +150,7 @@ class Trainer:
         progress: Optional[bool] = None,
         save_total_limit: Optional[int] = None,
         gradient_checkpointing: bool = False,
+        callbacks: Sequence[Callback] = (),
     ):
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"model must be a minillm model, got {type(model).__name__}")
@@ -187,6 +189,12 @@ class Trainer:
         self.grad_clip, self.accum, self.max_steps = grad_clip, grad_accum_steps, max_steps
         self.eval_interval, self.eval_batches = eval_interval, eval_batches
         self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be minillm.training.Callback instances, got {type(cb).__name__}")
+        # early_stopping_patience is the EarlyStopping callback, first in line
+        self.callbacks: List[Callback] = ([EarlyStopping(early_stopping_patience)] if early_stopping_patience
+                                          else []) + list(callbacks)
         self.restore_best_weights, self.seed, self.progress = restore_best_weights, seed, progress
         self.save_total_limit = save_total_limit
         self.bf16 = cpu_has_bf16() if bf16 == "auto" and self.device.type == "cpu" else bool(bf16)
@@ -344,8 +352,8 @@ class Trainer:
             self._save("best_model")
         else:
             st["bad_evals"] += 1
-            if self.patience is not None and st["bad_evals"] >= self.patience:
-                st["early_stopped"] = True
+        if self._ask(lambda cb: cb.on_evaluate(self, record)):  # before `last` is saved: a resume stays stopped
+            st["early_stopped"] = True
         log.info("step %d epoch %d: train %.4f val %s%s", st["step"], st["epoch"], train_loss,
                  "n/a" if val_loss is None else f"{val_loss:.4f}", " (best)" if improved else "")
         self._save("last")
@@ -364,10 +372,21 @@ class Trainer:
             if not remove_dir(self.checkpoint_dir / f"checkpoint-{step}", "checkpoint"):
                 log.warning("left %s in place: not a checkpoint minillm saved", self.checkpoint_dir / f"checkpoint-{step}")
 
+    def _ask(self, hook) -> bool:
+        """Runs hook(callback) for every callback: True when any asks to stop, on any rank."""
+        stop = any([hook(cb) is True for cb in self.callbacks])
+        if self.world > 1:
+            t = torch.tensor([float(stop)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            stop = bool(t[0] > 0)
+        return stop
+
     def _save(self, name: str) -> None:
         if self.checkpoint_dir is not None and self.is_main:
-            ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, self.tokenizer, self.optimizer,
-                                 self.scheduler, self.state)
+            path = ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, self.tokenizer, self.optimizer,
+                                        self.scheduler, self.state)
+            for cb in self.callbacks:
+                cb.on_save(self, path)
         if self.world > 1:
             dist.barrier()
 
@@ -420,6 +439,8 @@ class Trainer:
         elif resume:
             self._resume()
         st = self.state
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
         self.model.train()
         bar = None
         if self.is_main:  # on a terminal unless progress=True / False says otherwise (utils.progress_bar)
@@ -468,8 +489,8 @@ class Trainer:
             self.model.load_state_dict(self._best_weights)
         self._plot()
         if st["early_stopped"]:
-            log.info("early stopping after %d evaluations without improvement", st["bad_evals"])
-        return {
+            log.info("stopped early (a callback asked; %d evaluations without improvement)", st["bad_evals"])
+        results = {
             "early_stopped": st["early_stopped"],
             "epochs_completed": st["epoch"],
             "best_val_loss": st["best"],
@@ -478,6 +499,9 @@ class Trainer:
             "steps": st["step"],
             "history": list(st["history"]),
         }
+        for cb in self.callbacks:
+            cb.on_train_end(self, results)
+        return results
 
     def _optimizer_step(self, loss_value: float) -> None:
         st = self.state
@@ -494,6 +518,9 @@ class Trainer:
         st["train_loss_sum"] += loss_value
         st["train_loss_n"] += 1
         self._metric({"step": st["step"], "loss": loss_value, "lr": self.optimizer.param_groups[0]["lr"]})
+        if any(type(cb).on_step is not Callback.on_step for cb in self.callbacks):  # no collective otherwise
+            if self._ask(lambda cb: cb.on_step(self, st["step"], loss_value)):
+                st["early_stopped"] = True
 
     def _plot(self) -> None:
         if not (self.is_main and self.plot_path and self.state["history"]):
