@@ -154,6 +154,16 @@ MINILLM_DEVICE void write_out(const Cands& c, int64_t k, int metric, bool final,
   }
 }
 
+// Block-wide: query q's final sort, then its k best to the output (one part) or to the part's slots.
+MINILLM_DEVICE void finish_query(const TopkArgs& a, const TopkPlan& p, const Cands& c, int64_t q, int64_t part,
+                                 float* part_keys, int64_t* part_ids) {
+  sort_keep(c, p.cap, a.k);
+  if (p.parts == 1)
+    write_out(c, a.k, a.metric, true, a.out_scores + q * a.k, a.out_idx + q * a.k);
+  else
+    write_out(c, a.k, a.metric, false, part_keys + (q * p.parts + part) * a.k, part_ids + (q * p.parts + part) * a.k);
+}
+
 // Block-wide: the squared norms of queries q0 .. q0 + nq - 1 (fp32, one warp a query; 0 for slots past nq) and
 // QB empty candidate buffers (count 0, a bar that accepts anything).
 MINILLM_DEVICE void init_queries(const TopkArgs& a, int64_t q0, int nq, int QB, float* qnorm2, float* counts,
@@ -183,7 +193,6 @@ __global__ void __launch_bounds__(kTopkThreads)
   const int64_t part = int64_t(blockIdx.x) % p.parts, q0 = int64_t(blockIdx.x) / p.parts * QB;
   const int nq = int(min64(QB, a.Q - q0));
   const int64_t r_begin = part * p.rows_per_part, r_end = min64(a.N, r_begin + p.rows_per_part);
-  const bool final = p.parts == 1;
 
   MINILLM_SHARED_FLOATS(smem);
   int64_t* ids = reinterpret_cast<int64_t*>(smem);   // (QB, cap)
@@ -246,15 +255,7 @@ __global__ void __launch_bounds__(kTopkThreads)
       if (*reinterpret_cast<const int*>(counts + qq) > cap - kRowTile) sort_keep(cands(qq), cap, a.k);
   }
 
-  for (int qq = 0; qq < nq; ++qq) {
-    sort_keep(cands(qq), cap, a.k);
-    const int64_t q = q0 + qq;
-    if (final)
-      write_out(cands(qq), a.k, a.metric, true, a.out_scores + q * a.k, a.out_idx + q * a.k);
-    else
-      write_out(cands(qq), a.k, a.metric, false, part_keys + (q * p.parts + part) * a.k,
-                part_ids + (q * p.parts + part) * a.k);
-  }
+  for (int qq = 0; qq < nq; ++qq) finish_query(a, p, cands(qq), q0 + qq, part, part_keys, part_ids);
 }
 
 // One block per query: merges its parts' k candidates each.

@@ -62,7 +62,6 @@ __global__ void __launch_bounds__(kTopkThreads)
   const int64_t part = int64_t(blockIdx.x) % p.parts, q0 = int64_t(blockIdx.x) / p.parts * kMmaQB;
   const int nq = int(min64(kMmaQB, a.Q - q0));
   const int64_t r_begin = part * p.rows_per_part, r_end = min64(a.N, r_begin + p.rows_per_part);
-  const bool final = p.parts == 1;
   const int dP = int(topk_mma_dim(a.d)), nchunks = dP / kMmaCols;
 
   MINILLM_SHARED_FLOATS(smem);
@@ -175,15 +174,7 @@ __global__ void __launch_bounds__(kTopkThreads)
   }
   cp_async_wait<0>();
 
-  for (int qq = 0; qq < nq; ++qq) {
-    sort_keep(cands(qq), cap, a.k);
-    const int64_t q = q0 + qq;
-    if (final)
-      write_out(cands(qq), a.k, a.metric, true, a.out_scores + q * a.k, a.out_idx + q * a.k);
-    else
-      write_out(cands(qq), a.k, a.metric, false, part_keys + (q * p.parts + part) * a.k,
-                part_ids + (q * p.parts + part) * a.k);
-  }
+  for (int qq = 0; qq < nq; ++qq) finish_query(a, p, cands(qq), q0 + qq, part, part_keys, part_ids);
 }
 
 }  // namespace cuda

@@ -1,21 +1,7 @@
 """Trainer callbacks: every hook with what it is given, a callback stopping the run, early stopping as one."""
 import pytest
-import torch
 
-from minillm.models import DecoderOnlyModel
-from minillm.tokenizers import CharTokenizer
-from minillm.training import Callback, EarlyStopping, Trainer, create_dataloaders
-
-CFG = {"model_type": "decoder_only", "d_model": 32, "num_heads": 2, "num_layers": 2, "max_seq_len": 48,
-       "dropout": 0.0}
-
-
-def trainer_for(texts, out, **kw):
-    tok = CharTokenizer.from_texts(texts)
-    train, val = create_dataloaders(texts[:200], texts[200:], tok, batch_size=16, max_length=48, seed=2)
-    torch.manual_seed(0)
-    model = DecoderOnlyModel({**CFG, "vocab_size": tok.vocab_size})
-    return Trainer(model, train, val, learning_rate=3e-3, checkpoint_dir=out, progress=False, seed=1, **kw)
+from minillm.training import Callback, EarlyStopping
 
 
 class Recorder(Callback):
@@ -39,9 +25,9 @@ class Recorder(Callback):
         self.events.append(("end", results["steps"]))
 
 
-def test_every_hook_sees_the_run(texts, tmp_path):
+def test_every_hook_sees_the_run(small_trainer, tmp_path):
     rec = Recorder()
-    res = trainer_for(texts, tmp_path, eval_interval=5, max_steps=10, callbacks=[rec]).train(epochs=2)
+    res = small_trainer(tmp_path, eval_interval=5, max_steps=10, callbacks=[rec]).train(epochs=2)
     kinds = [e[0] for e in rec.events]
     assert kinds[0] == "begin" and kinds[-1] == "end" and rec.events[-1] == ("end", 10)
     assert [e[1] for e in rec.events if e[0] == "step"] == list(range(1, 11))
@@ -54,18 +40,18 @@ def test_every_hook_sees_the_run(texts, tmp_path):
     assert all(isinstance(x, float) for x in logged)
 
 
-def test_a_callback_can_stop_the_run(texts, tmp_path):
+def test_a_callback_can_stop_the_run(small_trainer, tmp_path):
     rec = Recorder(stop_at=7)
-    res = trainer_for(texts, tmp_path, eval_interval=5, max_steps=40, callbacks=[rec]).train(epochs=5)
+    res = small_trainer(tmp_path, eval_interval=5, max_steps=40, callbacks=[rec]).train(epochs=5)
     assert res["steps"] == 7 and res["early_stopped"]
     assert [e[1] for e in rec.events if e[0] == "evaluate"] == [5, 7]  # the final evaluation still happens
     assert (tmp_path / "last").is_dir()
 
 
-def test_early_stopping_is_a_callback(texts, tmp_path):
-    by_arg = trainer_for(texts, tmp_path / "a", eval_interval=2, early_stopping_patience=2,
+def test_early_stopping_is_a_callback(small_trainer, tmp_path):
+    by_arg = small_trainer(tmp_path / "a", eval_interval=2, early_stopping_patience=2,
                          early_stopping_min_delta=10.0).train(epochs=5)
-    by_cb = trainer_for(texts, tmp_path / "b", eval_interval=2, early_stopping_min_delta=10.0,
+    by_cb = small_trainer(tmp_path / "b", eval_interval=2, early_stopping_min_delta=10.0,
                         callbacks=[EarlyStopping(2)]).train(epochs=5)
     assert by_arg["early_stopped"] and by_cb["early_stopped"]
     assert by_arg["steps"] == by_cb["steps"] == 6  # the first evaluation sets the best; two more without improving
@@ -73,4 +59,4 @@ def test_early_stopping_is_a_callback(texts, tmp_path):
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(0)
     with pytest.raises(TypeError, match="Callback"):
-        trainer_for(texts, tmp_path / "c", callbacks=[object()])
+        small_trainer(tmp_path / "c", callbacks=[object()])

@@ -2,37 +2,21 @@
 import json
 
 import pytest
-import torch
 
-from minillm.models import DecoderOnlyModel
-from minillm.tokenizers import CharTokenizer
-from minillm.training import Trainer, create_dataloaders
 from minillm.utils import remove_dir
-
-CFG = {"model_type": "decoder_only", "d_model": 32, "num_heads": 2, "num_layers": 2, "max_seq_len": 48,
-       "dropout": 0.0}
-
-
-def make(texts, out, **kw):
-    tok = CharTokenizer.from_texts(texts)
-    train, val = create_dataloaders(texts[:200], texts[200:], tok, batch_size=16, max_length=48, seed=2)
-    torch.manual_seed(0)
-    model = DecoderOnlyModel({**CFG, "vocab_size": tok.vocab_size})
-    return Trainer(model, train, val, learning_rate=3e-3, checkpoint_dir=out, eval_interval=4, progress=False,
-                   seed=1, **kw)
 
 
 def losses(path):
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
 
 
-def test_save_total_limit_keeps_the_newest_step_checkpoints_and_never_a_users_folder(texts, tmp_path):
+def test_save_total_limit_keeps_the_newest_step_checkpoints_and_never_a_users_folder(small_trainer, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     theirs = out / "checkpoint-2"  # a folder minillm did not write, named like a step checkpoint
     theirs.mkdir()
     (theirs / "notes.txt").write_text("mine")
-    res = make(texts, out, save_total_limit=2, max_steps=20).train(epochs=3)
+    res = small_trainer(out, eval_interval=4, save_total_limit=2, max_steps=20).train(epochs=3)
     assert res["steps"] == 20
     steps = sorted(p.name for p in out.glob("checkpoint-*"))
     assert steps == ["checkpoint-16", "checkpoint-2", "checkpoint-20"]
@@ -43,20 +27,20 @@ def test_save_total_limit_keeps_the_newest_step_checkpoints_and_never_a_users_fo
     assert state["step"] == 16
     assert remove_dir(theirs, "checkpoint") is False and theirs.is_dir()
     with pytest.raises(ValueError, match="save_total_limit"):
-        make(texts, tmp_path / "x", save_total_limit=0)
+        small_trainer(tmp_path / "x", save_total_limit=0)
 
 
-def test_resume_from_any_step_checkpoint_repeats_the_uninterrupted_run(texts, tmp_path):
+def test_resume_from_any_step_checkpoint_repeats_the_uninterrupted_run(small_trainer, tmp_path):
     full = tmp_path / "full"
-    make(texts, full, save_total_limit=10, max_steps=20).train(epochs=3)
+    small_trainer(full, eval_interval=4, save_total_limit=10, max_steps=20).train(epochs=3)
     want = losses(full / "metrics.jsonl")
     assert sorted(want) == list(range(1, 21))
     again = tmp_path / "again"
-    res = make(texts, again, max_steps=20).train(epochs=3, resume_from=full / "checkpoint-8")
+    res = small_trainer(again, eval_interval=4, max_steps=20).train(epochs=3, resume_from=full / "checkpoint-8")
     got = losses(again / "metrics.jsonl")
     assert sorted(got) == list(range(9, 21))  # the steps after checkpoint-8, none before
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
     assert res["steps"] == 20
     with pytest.raises(FileNotFoundError, match="no complete minillm checkpoint"):
-        make(texts, tmp_path / "y").train(epochs=1, resume_from=tmp_path / "nothing-here")
+        small_trainer(tmp_path / "y").train(epochs=1, resume_from=tmp_path / "nothing-here")
