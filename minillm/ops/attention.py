@@ -275,7 +275,11 @@ _CUDA_TC_MAX_D = 128
 
 
 def _cuda_rows_aligned(t: Tensor) -> bool:
-    return t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]) and t.stride(-1) == 1
+    """Rows on 16 bytes as the kernel will see them: a tensor without unit stride along D reaches it as
+    _unit_last's fresh contiguous copy (aligned when D % 8 == 0)."""
+    if t.stride(-1) != 1 and t.size(-1) != 1:
+        return True
+    return t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3])
 
 
 def _cuda_tensor_cores(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -310,7 +314,7 @@ def _plain(window_left=-1, window_right=-1, softcap=0.0, alibi=None, bias=None, 
 def _attention_fwd_cuda(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods):
     _check_op_args(q, k, v, key_padding_mask, query_padding_mask, scale, *mods)
     mods = () if _plain(*mods) else tuple(mods) + _MOD_DEFAULTS[len(mods):]
-    if not _cuda_fits(_unit_last(q), _unit_last(k), _unit_last(v), mods):
+    if not _cuda_fits(q, k, v, mods):
         raise ValueError(f"minillm::attention_fwd on CUDA: {_CUDA_NO_KERNEL}; got {q.dtype} D={q.shape[-1]}, "
                          f"H={q.shape[1]}, Hkv={k.shape[1]}")
     return _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods,
@@ -324,7 +328,7 @@ def _attention_bwd_cuda(dout, q, k, v, out, lse, dlse, key_padding_mask, query_p
                     window_right, softcap, alibi, bias)
     mods = (window_left, window_right, softcap, alibi, bias, None)
     mods = () if _plain(*mods) else mods
-    if bias_grad or not _cuda_fits(_unit_last(q), _unit_last(k), _unit_last(v), mods):
+    if bias_grad or not _cuda_fits(q, k, v, mods):
         raise ValueError(f"minillm::attention_bwd on CUDA: {_CUDA_NO_KERNEL}")
     dq, dk, dv, _ = _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal,
                               causal_offset, scale, *mods, cuda=(q.device.index, _backend.cuda_stream(q)))
@@ -488,7 +492,7 @@ def _device_type(q: Tensor) -> str:
 def _cuda_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool, padded: bool, mods: tuple = ()) -> Tuple[bool, str]:
     """(take the CUDA kernel?, why): only for arguments it supports and cases the dispatch table has
     measured faster than torch (see minillm.ops._backend.CUDA_KERNEL_TABLE and MINILLM_CUDA_KERNELS)."""
-    if not _cuda_fits(_unit_last(q), _unit_last(k), _unit_last(v), mods):
+    if not _cuda_fits(q, k, v, mods):
         return False, _CUDA_NO_KERNEL
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     case = _backend.KernelCase("attention", str(q.dtype).replace("torch.", ""), q.shape[-1], k.shape[2],

@@ -6,5 +6,6 @@ from minillm.training.extraction import continue_training, extract_model_for_inf
 from minillm.training.tokens import TokenDataset
 from minillm.training.trainer import Trainer
 
-__all__ = ["load_and_split_data", "create_dataloaders", "split_text", "Collator", "mask_tokens", "Trainer", "TokenDataset", "Callback", "EarlyStopping",
-           "load_model_and_tokenizer", "continue_training", "extract_model_for_inference"]
+__all__ = ["load_and_split_data", "create_dataloaders", "split_text", "Collator", "mask_tokens", "Trainer",
+           "TokenDataset", "Callback", "EarlyStopping", "load_model_and_tokenizer", "continue_training",
+           "extract_model_for_inference"]

@@ -144,7 +144,7 @@ def create_dataloaders(
 
     streaming=True tokenizes the texts (strings, or paths of text files of any size) once into token files
     under `token_dir` (train.bin, val.bin; default: a new temporary directory) and serves windows of them
-    (minillm.training.tokens.TokenDataset): random windows drawn per item from (seed, item) for training, the
+    (minillm.training.tokens.TokenDataset): random windows drawn from (seed, epoch, item) for training, the
     consecutive windows for validation; nothing is held in memory but the batches. Windows are max_length
     tokens for clm and max_length - 2 for mlm and auto (room for an encoder's two special tokens, as without
     streaming). Not for seq2seq.

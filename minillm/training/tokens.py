@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from minillm.utils import _fsync_dir, atomic_write_text, progress_bar
+from minillm.utils import atomic_write, atomic_write_text, progress_bar
 
 log = logging.getLogger("minillm.training")
 
@@ -152,7 +151,7 @@ class TokenDataset(Dataset):
               random_windows: bool = True) -> "TokenDataset":
         """Tokenizes `sources` (a text file, a list of files, or an iterable of strings) into the token file
         `path` and returns its dataset. Text is read and tokenized in batches of about `batch_chars` characters
-        (the tokenizer's encode_batch runs each batch on all cores) and appended to the file, so neither the text
+        (one encode_batch call per batch) and appended to the file, so neither the text
         nor the tokens are ever held whole. Each document (a string, or a blank-line-separated block of a file)
         ends with EOS when `append_eos` and the tokenizer has one; a document longer than batch_chars is
         tokenized in pieces cut at line ends. A progress bar shows on a terminal."""
@@ -160,12 +159,12 @@ class TokenDataset(Dataset):
         vocab = tokenizer.vocab_size
         dtype = np.dtype("<u2") if vocab <= 1 << 16 else np.dtype("<u4")
         eos = tokenizer.eos_token_id if append_eos else None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
         n_tokens = 0
         bar = progress_bar(enabled=progress, desc=f"tokenizing into {path.name}", unit="tok", unit_scale=True)
-        try:
-            with os.fdopen(fd, "wb") as out:
+
+        def write(tmp: str) -> None:  # appends each batch's ids; atomic_write fsyncs and renames it into place
+            nonlocal n_tokens
+            with open(tmp, "wb") as out:
                 for pieces in _pieces(sources, batch_chars):
                     ids = tokenizer.encode_batch([t for t, _ in pieces], padding=False, truncation=False,
                                                  return_tensors=None)
@@ -183,14 +182,9 @@ class TokenDataset(Dataset):
                     n_tokens += int(arr.size)
                     if bar is not None:
                         bar.update(int(arr.size))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        try:
+            atomic_write(path, write)
         finally:
             if bar is not None:
                 bar.close()

@@ -188,7 +188,7 @@ class Trainer:
         self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
         self.grad_clip, self.accum, self.max_steps = grad_clip, grad_accum_steps, max_steps
         self.eval_interval, self.eval_batches = eval_interval, eval_batches
-        self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
+        self.min_delta = early_stopping_min_delta
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be minillm.training.Callback instances, got {type(cb).__name__}")
