@@ -85,6 +85,12 @@ class DecoderOnlyModel(PreTrainedModel):
         """Training entry point shared by all models: the loss of a collated batch."""
         return self(batch["input_ids"], labels=batch.get("labels"), attention_mask=batch.get("attention_mask"))[1]
 
+    def loss_logits_targets(self, batch: dict) -> Tuple[Tensor, Tensor, Tensor]:
+        """(loss, logits (B, N-1, V), targets (B, N-1)) of a collated batch: position t's logits next to the token
+        it predicts, labels[t + 1] (-100 = not scored). Evaluation metrics (the Trainer's compute_metrics) use it."""
+        logits, loss = self(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"))
+        return loss, logits[:, :-1], batch["labels"][:, 1:]
+
     def _last_logits(self, ids: Tensor, cache: Optional[KVCache]) -> Tensor:
         return self.lm_head(self.hidden_states(ids, cache=cache)[:, -1])  # (B, V)
 

@@ -104,6 +104,12 @@ class EncoderOnlyModel(PreTrainedModel):
         return self(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"),
                     labels=batch["labels"])[1]
 
+    def loss_logits_targets(self, batch: dict) -> Tuple[Tensor, Tensor, Tensor]:
+        """(loss, MLM logits (B, N, V), labels (B, N)): -100 marks the positions not scored (the unmasked ones)."""
+        logits, loss = self(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"),
+                            labels=batch["labels"])
+        return loss, logits, batch["labels"]
+
     def sentence_embeddings(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                             pooling: str = "mean", normalize: bool = True) -> Tensor:
         """(B, d_model) pooled sentence vectors, L2-normalised by default."""

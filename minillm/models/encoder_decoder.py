@@ -77,6 +77,12 @@ class EncoderDecoderModel(PreTrainedModel):
         return self(batch["src_ids"], batch["tgt_ids"], batch.get("src_mask"), batch.get("tgt_mask"),
                     labels=batch["labels"])[1]
 
+    def loss_logits_targets(self, batch: dict) -> Tuple[Tensor, Tensor, Tensor]:
+        """(loss, logits (B, Nt, V), labels (B, Nt)): each decoder position's logits beside the token it predicts."""
+        logits, loss = self(batch["src_ids"], batch["tgt_ids"], batch.get("src_mask"), batch.get("tgt_mask"),
+                            labels=batch["labels"])
+        return loss, logits, batch["labels"]
+
     @torch.no_grad()
     def generate(self, src_ids: Tensor, max_new_tokens: int = 50, src_mask: Optional[Tensor] = None,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,

@@ -22,7 +22,8 @@ class Callback:
         return None
 
     def on_evaluate(self, trainer, record: Dict[str, Any]) -> Optional[bool]:
-        """After an evaluation: record has step, epoch, train_loss, val_loss, lr, time; trainer.state has the best
+        """After an evaluation: record has step, epoch, train_loss, val_loss, each of compute_metrics, lr, time;
+        trainer.state has the best
         metric so far ("best", "best_step") and the evaluations since it improved ("bad_evals")."""
         return None
 
@@ -35,7 +36,8 @@ class Callback:
 
 class EarlyStopping(Callback):
     """Stops after `patience` evaluations in a row without improvement of the monitored metric (an improvement
-    is a decrease by more than the Trainer's early_stopping_min_delta; NaN never improves). The count lives in
+    is a change in the metric's good direction, greater_is_better, by more than the Trainer's
+    early_stopping_min_delta; NaN never improves). The count lives in
     trainer.state, so a resumed run stops exactly where an uninterrupted one would."""
 
     def __init__(self, patience: int):

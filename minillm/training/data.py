@@ -147,7 +147,9 @@ def create_dataloaders(
     (minillm.training.tokens.TokenDataset): random windows drawn from (seed, epoch, item) for training, the
     consecutive windows for validation; nothing is held in memory but the batches. Windows are max_length
     tokens for clm and max_length - 2 for mlm and auto (room for an encoder's two special tokens, as without
-    streaming). Not for seq2seq.
+    streaming). Not for seq2seq. Under torchrun (WORLD_SIZE > 1) token_dir is required: one process a node
+    (LOCAL_RANK 0) writes the files, the others wait for it and read them; nodes sharing token_dir write the
+    same bytes under unique temporary names, so the last rename leaves a whole file either way.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -159,9 +161,13 @@ def create_dataloaders(
     if streaming and task == "seq2seq":
         raise ValueError("streaming=True serves token windows for clm or mlm; seq2seq needs (source, target) pairs")
     if streaming:
+        from minillm.training import distributed
         from minillm.training.tokens import TokenDataset
 
         if token_dir is None:
+            if distributed.world_size() > 1:
+                raise ValueError("streaming=True under torchrun needs token_dir=: a folder every process of a node "
+                                 "sees (one process a node writes the token files there, the others read them)")
             import tempfile
 
             token_dir = tempfile.mkdtemp(prefix="minillm-tokens-")
@@ -171,8 +177,18 @@ def create_dataloaders(
         if texts is None or len(texts) == 0:
             return None
         if streaming:
-            ds = TokenDataset.build(texts, tokenizer, os.path.join(token_dir, "train.bin" if is_train else "val.bin"),
-                                    block_size=window, seed=seed, random_windows=is_train)
+            path = os.path.join(token_dir, "train.bin" if is_train else "val.bin")
+            # Under torchrun, local rank 0 of each node tokenizes and the others wait, then open its file. A build
+            # that fails still reaches the barrier (finally), so the others fail on the missing file, not hang.
+            builder = distributed.local_rank() == 0
+            try:
+                if builder:
+                    ds = TokenDataset.build(texts, tokenizer, path, block_size=window, seed=seed,
+                                            random_windows=is_train)
+            finally:
+                distributed.barrier()
+            if not builder:
+                ds = TokenDataset(path, window, seed=seed, random_windows=is_train, tokenizer=tokenizer)
         elif task == "seq2seq":
             ds = Pairs(texts, tokenizer, max_length)
         else:

@@ -19,6 +19,8 @@ from minillm.models.base import PreTrainedModel
 from minillm.models.decoder import DecoderOnlyModel
 from minillm.models.encoder import EncoderOnlyModel
 from minillm.training import checkpoint as ckpt
+from minillm.training import distributed
+from minillm.training import metrics as metrics_lib
 from minillm.training.callbacks import Callback, EarlyStopping
 from minillm.training.collate import Collator
 from minillm.utils import atomic_write_text, progress_bar, remove_dir
@@ -99,10 +101,14 @@ class Trainer:
     The seed's arguments come first (model, loaders, learning_rate, checkpoint_dir, device,
     early_stopping_patience, early_stopping_min_delta); the rest are keyword-only.
 
-    * The monitored metric is the validation loss, or the mean training loss since the last
-      evaluation when there is no validation loader. Evaluations happen every `eval_interval`
-      optimizer steps, or at the end of each epoch when it is None. Patience counts evaluations; an
-      improvement is a decrease by more than `min_delta`; NaN never improves.
+    * The monitored metric (`metric_for_best_model`) is the validation loss by default, or the mean training
+      loss since the last evaluation when there is no validation loader; or one of `compute_metrics`: built-in
+      "perplexity" (exp of the validation loss) and "accuracy" (argmax = target over scored tokens: next-token
+      for a decoder, masked tokens for an encoder), or your fn(logits, targets) -> float (the mean over
+      batches), each in the metrics log and history. `greater_is_better` defaults to False for losses and
+      perplexity, True otherwise (as Hugging Face's). Evaluations happen every `eval_interval` optimizer steps,
+      or at the end of each epoch when it is None. Patience counts evaluations; an improvement is a change in
+      the good direction by more than `min_delta`; NaN never improves.
     * `checkpoint_dir/last/` (every evaluation and the end), `checkpoint_dir/best_model/` (each
       improvement) and, with `save_total_limit=N`, `checkpoint_dir/checkpoint-STEP/` at every evaluation (the
       newest N kept) hold model.safetensors, config.json, tokenizer.json, the optimizer, scheduler and
@@ -151,6 +157,9 @@ class Trainer:
         save_total_limit: Optional[int] = None,
         gradient_checkpointing: bool = False,
         callbacks: Sequence[Callback] = (),
+        compute_metrics=None,
+        metric_for_best_model: str = "loss",
+        greater_is_better: Optional[bool] = None,
     ):
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"model must be a minillm model, got {type(model).__name__}")
@@ -167,14 +176,18 @@ class Trainer:
             raise ValueError(f"save_total_limit must be an int >= 1 or None, got {save_total_limit!r}")
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.metrics = metrics_lib.resolve(compute_metrics)
+        if self.metrics and val_dataloader is None:
+            raise ValueError("compute_metrics needs a val_dataloader: the metrics are computed on validation batches")
+        self.monitor = metrics_lib.monitored_name(metric_for_best_model, list(self.metrics))
+        self.greater = (metrics_lib.greater_is_better_default(self.monitor) if greater_is_better is None
+                        else bool(greater_is_better))
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        distributed.init()
         if device is None:
             device = default_device()
             if device.type == "cuda" and self.world > 1:
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                device = torch.device("cuda", distributed.local_rank())
         self.device = torch.device(device)
         self.model = model.to(self.device)
         if gradient_checkpointing:  # each block recomputes its activations in the backward
@@ -218,6 +231,7 @@ class Trainer:
         self.state: Dict[str, Any] = {
             "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "best_epoch": None,
             "bad_evals": 0, "early_stopped": False, "history": [], "train_loss_sum": 0.0, "train_loss_n": 0,
+            "monitor": self.monitor, "greater_is_better": self.greater,
         }
         self._best_weights: Optional[Dict[str, torch.Tensor]] = None
 
@@ -298,27 +312,40 @@ class Trainer:
 
     # ---- evaluation and bookkeeping ----
 
-    @torch.no_grad()
     def evaluate(self, loader: Optional[DataLoader] = None) -> float:
         """Mean loss over the validation loader (the first eval_batches batches), on every rank."""
+        return self.evaluate_metrics(loader)["loss"]
+
+    @torch.no_grad()
+    def evaluate_metrics(self, loader: Optional[DataLoader] = None) -> Dict[str, float]:
+        """{"loss": mean batch loss, and each of compute_metrics} over the validation loader (the first
+        eval_batches batches), the same on every rank (batches split over ranks, sums all-reduced)."""
         loader = loader or self.val_loader
         self.model.eval()
         total, count = 0.0, 0
+        acc = metrics_lib.Accumulator(self.metrics)
         for i, batch in enumerate(loader):
             if self.eval_batches is not None and i >= self.eval_batches:
                 break
             if i % self.world != self.rank:
                 continue
+            batch = self._to_device(batch)
             with self._autocast():
-                loss = self.model.compute_loss(self._to_device(batch))
+                if acc.sums:  # metrics that read the logits
+                    loss, logits, targets = self.model.loss_logits_targets(batch)
+                    acc.add(logits, targets)
+                else:
+                    loss = self.model.compute_loss(batch)
             total += float(loss)
             count += 1
+        flat = [total, count] + acc.flat()
         if self.world > 1:
-            t = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+            t = torch.tensor(flat, dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
-            total, count = float(t[0]), int(t[1])
+            flat = t.tolist()
         self.model.train()
-        return total / count if count else math.nan
+        loss = flat[0] / flat[1] if flat[1] else math.nan
+        return {"loss": loss, **acc.results(flat[2:], loss)}
 
     def _metric(self, record: Dict[str, Any]) -> None:
         if self.is_main and self.metrics_file is not None:
@@ -339,13 +366,14 @@ class Trainer:
         st = self.state
         train_loss = st["train_loss_sum"] / st["train_loss_n"] if st["train_loss_n"] else math.nan
         st["train_loss_sum"], st["train_loss_n"] = 0.0, 0
-        val_loss = self.evaluate() if self.val_loader is not None else None
-        metric = val_loss if val_loss is not None else train_loss
+        scores = self.evaluate_metrics() if self.val_loader is not None else {}
+        val_loss = scores.pop("loss", None)
+        metric = scores[self.monitor] if self.monitor != "loss" else (val_loss if val_loss is not None else train_loss)
         record = {"step": st["step"], "epoch": st["epoch"], "train_loss": train_loss, "val_loss": val_loss,
-                  "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+                  **scores, "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
         st["history"].append(record)
         self._metric({"eval": True, **record})
-        improved = not math.isnan(metric) and (st["best"] is None or metric < st["best"] - self.min_delta)
+        improved = metrics_lib.better(metric, st["best"], self.greater, self.min_delta)
         if improved:
             st["best"], st["best_step"], st["best_epoch"], st["bad_evals"] = metric, st["step"], st["epoch"], 0
             self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -354,8 +382,9 @@ class Trainer:
             st["bad_evals"] += 1
         if self._ask(lambda cb: cb.on_evaluate(self, record)):  # before `last` is saved: a resume stays stopped
             st["early_stopped"] = True
-        log.info("step %d epoch %d: train %.4f val %s%s", st["step"], st["epoch"], train_loss,
-                 "n/a" if val_loss is None else f"{val_loss:.4f}", " (best)" if improved else "")
+        log.info("step %d epoch %d: train %.4f val %s%s%s", st["step"], st["epoch"], train_loss,
+                 "n/a" if val_loss is None else f"{val_loss:.4f}", "".join(f" {k} {v:.4f}" for k, v in scores.items()),
+                 " (best)" if improved else "")
         self._save("last")
         if self.save_total_limit is not None:
             self._save(f"checkpoint-{st['step']}")
@@ -401,7 +430,15 @@ class Trainer:
         if path is None:
             log.info("no checkpoint to resume from in %s; starting fresh", self.checkpoint_dir)
             return False
-        self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        was = (state.get("monitor", "loss"), state.get("greater_is_better", False))
+        if state.get("best") is not None and was != (self.monitor, self.greater):
+            raise ValueError(f"{path} was trained monitoring {was[0]!r} (greater_is_better={was[1]}); this Trainer "
+                             f"monitors {self.monitor!r} (greater_is_better={self.greater}): resume with the same "
+                             f"metric_for_best_model, or start a new run")
+        state.setdefault("monitor", self.monitor)
+        state.setdefault("greater_is_better", self.greater)
+        self.state = state
         if self.state.get("best") is not None and self.checkpoint_dir is not None:
             best = ckpt.find_checkpoint(self.checkpoint_dir / "best_model")
             if best is not None:
@@ -493,7 +530,9 @@ class Trainer:
         results = {
             "early_stopped": st["early_stopped"],
             "epochs_completed": st["epoch"],
-            "best_val_loss": st["best"],
+            "best_val_loss": self._best_val_loss(),
+            "best_metric": st["best"],
+            "metric_for_best_model": self.monitor,
             "best_epoch": st["best_epoch"],
             "best_step": st["best_step"],
             "steps": st["step"],
@@ -502,6 +541,14 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self, results)
         return results
+
+    def _best_val_loss(self) -> Optional[float]:
+        """The monitored loss at its best; with another metric monitored, the validation loss of the best
+        evaluation."""
+        st = self.state
+        if self.monitor == "loss" or st["best_step"] is None:
+            return st["best"] if self.monitor == "loss" else None
+        return next((h["val_loss"] for h in st["history"] if h["step"] == st["best_step"]), None)
 
     def _optimizer_step(self, loss_value: float) -> None:
         st = self.state

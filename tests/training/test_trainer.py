@@ -53,7 +53,7 @@ def test_nan_is_never_an_improvement(texts, monkeypatch):
     model, tok, train, val = setup(texts)
     trainer = Trainer(model, train, val, checkpoint_dir=None, early_stopping_patience=2, progress=False)
     seq = iter([1.0, math.nan, math.nan, 0.5])
-    monkeypatch.setattr(trainer, "evaluate", lambda loader=None: next(seq))
+    monkeypatch.setattr(trainer, "evaluate_metrics", lambda loader=None: {"loss": next(seq)})
     res = trainer.train(epochs=4)
     assert res["early_stopped"] and res["best_val_loss"] == 1.0 and res["epochs_completed"] == 3
 
