@@ -23,8 +23,8 @@ class Callback:
 
     def on_evaluate(self, trainer, record: Dict[str, Any]) -> Optional[bool]:
         """After an evaluation: record has step, epoch, train_loss, val_loss, each of compute_metrics, lr, time;
-        trainer.state has the best
-        metric so far ("best", "best_step") and the evaluations since it improved ("bad_evals")."""
+        trainer.state has the best metric so far ("best", "best_step") and the evaluations since it improved
+        ("bad_evals")."""
         return None
 
     def on_save(self, trainer, path: Path) -> None:
