@@ -110,7 +110,7 @@ def train(args: argparse.Namespace) -> int:
     tokenizer = _make_tokenizer(args.tokenizer, args.vocab_size, train_texts)
     max_length = min(args.max_length, args.max_seq_len)
     train_loader, val_loader = create_dataloaders(train_texts, val_texts, tokenizer, args.batch_size, max_length,
-                                                  seed=args.seed)
+                                                  seed=args.seed, streaming=args.streaming, token_dir=args.token_dir)
     model = build_model(_model_config(args, tokenizer.vocab_size))
     log.info("%s with %.2fM parameters, %s tokenizer (%d tokens)", type(model).__name__,
              model.num_parameters() / 1e6, args.tokenizer, tokenizer.vocab_size)
@@ -119,10 +119,13 @@ def train(args: argparse.Namespace) -> int:
                       early_stopping_patience=args.early_stopping_patience,
                       early_stopping_min_delta=args.early_stopping_min_delta, tokenizer=tokenizer,
                       eval_interval=args.eval_interval, max_steps=args.max_steps, seed=args.seed,
-                      bf16="auto" if args.bf16 else False)
-    results = trainer.train(args.epochs, resume=args.resume)
-    print(json.dumps({k: v for k, v in results.items() if k != "history"}))
-    print(f"best model: {Path(args.checkpoint_dir) / 'best_model'}")
+                      bf16="auto" if args.bf16 else False, save_total_limit=args.save_total_limit,
+                      gradient_checkpointing=args.gradient_checkpointing, compute_metrics=args.compute_metrics,
+                      metric_for_best_model=args.metric_for_best_model)
+    results = trainer.train(args.epochs, resume=args.resume, resume_from=args.resume_from)
+    if trainer.is_main:  # under torchrun, one process speaks
+        print(json.dumps({k: v for k, v in results.items() if k != "history"}))
+        print(f"best model: {Path(args.checkpoint_dir) / 'best_model'}")
     return 0
 
 
@@ -399,7 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval_interval", type=int, default=None, help="evaluate every N steps (default: each epoch)")
     t.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps")
     t.add_argument("--resume", action="store_true", help="continue from checkpoint_dir/last")
+    t.add_argument("--resume_from", default=None, help="continue from this checkpoint folder (e.g. checkpoint-500)")
+    t.add_argument("--save_total_limit", type=int, default=None,
+                   help="also save checkpoint-STEP/ at each evaluation, keeping the newest N")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast where the CPU supports it")
+    t.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward (less memory, ~1/3 more compute)")
+    t.add_argument("--compute_metrics", nargs="+", choices=["perplexity", "accuracy"], default=None,
+                   help="metrics computed at each evaluation besides the loss")
+    t.add_argument("--metric_for_best_model", default="loss",
+                   help="what best_model/ and early stopping follow: loss (default) or a --compute_metrics name")
+    t.add_argument("--streaming", action="store_true",
+                   help="tokenize once into token files (--token_dir) and train on windows read from disk")
+    t.add_argument("--token_dir", default=None,
+                   help="where --streaming writes train.bin / val.bin (required under torchrun: one writer a node)")
     p.set_defaults(func=train)
 
     p = sub.add_parser("generate", help="sample text from a decoder (trained here, a Llama-family folder or a .gguf)")

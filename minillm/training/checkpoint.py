@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -47,6 +48,23 @@ def save_checkpoint(path: Path, model: PreTrainedModel, tokenizer, optimizer, sc
                       "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
         atomic_write_text(new / STATE_NAME, json.dumps(full_state) + "\n")
     return Path(path)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """Copies the checkpoint folder src to dst (replacing dst atomically, as a save does)."""
+    with atomic_dir(dst, "checkpoint", CHECKPOINT_NAMES) as new:
+        for name in CHECKPOINT_NAMES:
+            if (Path(src) / name).is_file():
+                shutil.copyfile(Path(src) / name, new / name)
+    return Path(dst)
+
+
+def saved_step(path: Path) -> Optional[int]:
+    """The optimizer step a checkpoint folder was saved at (None when it holds no readable state)."""
+    try:
+        return json.loads((Path(path) / STATE_NAME).read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _jsonable(x):

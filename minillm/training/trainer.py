@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from minillm.models.base import PreTrainedModel
+from minillm.models.base import PreTrainedModel, unique_state_dict
 from minillm.models.decoder import DecoderOnlyModel
 from minillm.models.encoder import EncoderOnlyModel
 from minillm.training import checkpoint as ckpt
@@ -221,7 +221,12 @@ class Trainer:
         self.runner: nn.Module = _Loss(self.model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.runner = nn.parallel.DistributedDataParallel(self.runner, device_ids=ids)
+            # On CPU, find_unused_parameters also keeps DDP from rebuilding its gradient buckets after the first
+            # step: a rebuilt layout changes where each gradient falls in gloo's ring all-reduce and so its
+            # summation order, and a resumed run (whose first step is on the initial layout) would drift from
+            # the uninterrupted one by rounding. With it, resuming under torchrun repeats the run bit for bit.
+            self.runner = nn.parallel.DistributedDataParallel(self.runner, device_ids=ids,
+                                                              find_unused_parameters=self.device.type == "cpu")
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -439,10 +444,8 @@ class Trainer:
         state.setdefault("monitor", self.monitor)
         state.setdefault("greater_is_better", self.greater)
         self.state = state
-        if self.state.get("best") is not None and self.checkpoint_dir is not None:
-            best = ckpt.find_checkpoint(self.checkpoint_dir / "best_model")
-            if best is not None:
-                self._best_weights = ckpt.load_weights_dict(best)
+        if self.state.get("best") is not None:
+            self._resume_best(path)
         if self.is_main and self.metrics_file is not None and self.metrics_file.exists():
             # Steps logged after the checkpoint will run again: drop them so the log stays one run. Lines a
             # crash tore (full disk, power loss) are dropped too, and said once; the file is rewritten atomically.
@@ -452,6 +455,25 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state["step"], self.state["epoch"],
                  self.state["batch_in_epoch"])
         return True
+
+    def _resume_best(self, path: Path) -> None:
+        """Finds the best weights of the run being resumed: the best_model/ (saved at the state's best_step) in
+        checkpoint_dir or beside the checkpoint resumed from (another run's folder). One found elsewhere is copied
+        into checkpoint_dir/best_model/, so this run's folder holds its best model even if nothing improves."""
+        here = self.checkpoint_dir / "best_model" if self.checkpoint_dir is not None else None
+        for candidate in dict.fromkeys(p for p in (here, Path(path).parent / "best_model") if p is not None):
+            best = ckpt.find_checkpoint(candidate)
+            if best is not None and ckpt.saved_step(best) == self.state.get("best_step"):
+                self._best_weights = ckpt.load_weights_dict(best)
+                if here is not None and candidate != here and self.is_main:
+                    ckpt.copy_checkpoint(best, here)
+                break
+        else:
+            log.warning("resuming from %s: no best_model/ saved at step %s found (in %s or beside the checkpoint); "
+                        "the best weights restored at the end will be this run's best", path,
+                        self.state.get("best_step"), self.checkpoint_dir)
+        if self.world > 1:
+            dist.barrier()
 
     # ---- the loop ----
 
@@ -523,7 +545,10 @@ class Trainer:
         if st["train_loss_n"]:
             self._evaluate_and_checkpoint()
         if self.restore_best_weights and self._best_weights is not None:
-            self.model.load_state_dict(self._best_weights)
+            # by the unique names: a best_model/ read back from disk holds tied weights once (no lm_head.weight)
+            with torch.no_grad():
+                for name, t in unique_state_dict(self.model).items():
+                    t.copy_(self._best_weights[name])
         self._plot()
         if st["early_stopped"]:
             log.info("stopped early (a callback asked; %d evaluations without improvement)", st["bad_evals"])

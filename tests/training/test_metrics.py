@@ -136,3 +136,30 @@ def test_refusals(small_trainer, tmp_path):
     trainer = small_trainer(tmp_path)
     with pytest.raises(ValueError, match="needs a val_dataloader"):
         T(trainer.model, trainer.train_loader, None, compute_metrics="perplexity", checkpoint_dir=None)
+
+
+def test_resume_from_another_runs_checkpoint_brings_its_best_model(small_trainer, tmp_path):
+    """Best at step 8, nothing better after: a run resumed from another folder's checkpoint-8 ends with the step-8
+    weights (restore_best_weights) and its own best_model/ copy of them."""
+    from minillm.training import Callback
+    from minillm.models.base import unique_state_dict
+    from minillm.training.checkpoint import load_weights_dict, saved_step
+
+    score, box = scripted({4: 0.5, 8: 0.9, 12: 0.1, 16: 0.2})
+
+    class Step(Callback):
+        def on_step(self, trainer, step, loss):
+            box["step"] = step
+
+    def make(out):
+        return small_trainer(out, compute_metrics={"score": score}, metric_for_best_model="score", eval_interval=4,
+                             max_steps=16, save_total_limit=4, callbacks=[Step()])
+
+    full = make(tmp_path / "full")
+    full.train(epochs=3)
+    again = make(tmp_path / "again")
+    res = again.train(epochs=3, resume_from=tmp_path / "full" / "checkpoint-8")
+    assert res["best_step"] == 8 and saved_step(tmp_path / "again" / "best_model") == 8
+    want = load_weights_dict(tmp_path / "full" / "best_model")
+    for name, value in unique_state_dict(again.model).items():
+        assert torch.equal(value, want[name]), name
