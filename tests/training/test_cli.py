@@ -1,4 +1,4 @@
-"""The command line: the seed's `--mode train` form, generate, extract, and one-line errors."""
+"""The command line: the seed's `--mode train` form, generate, extract, one-line errors, and train under torchrun."""
 import os
 import subprocess
 import sys
@@ -80,3 +80,33 @@ def test_damaged_model_files_give_one_line_errors(tmp_path):
         r = cli("generate", "--model_path", d, "--prompt", "the", "--max_new_tokens", "2")
         assert r.returncode == 2 and r.stderr.startswith("minillm: error:"), (name, r.stderr[-1500:])
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+
+
+def test_train_under_torchrun_streams_rotates_and_monitors_a_metric(text_file, tmp_path):
+    """`torchrun -m minillm train`: the same command on 2 processes, token files written once, one process
+    printing, step checkpoints rotated, best_model/ following --metric_for_best_model."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ck = tmp_path / "ck"
+    args = ["--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "minillm", "train",
+            "--data_path", text_file, "--tokenizer", "char", "--d_model", "32", "--num_layers", "1", "--num_heads", "2",
+            "--max_seq_len", "32", "--max_length", "32", "--batch_size", "4", "--max_steps", "4", "--eval_interval",
+            "2", "--save_total_limit", "1", "--compute_metrics", "accuracy", "perplexity", "--metric_for_best_model",
+            "accuracy", "--streaming", "--token_dir", tmp_path / "tokens", "--checkpoint_dir", ck]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", *map(str, args)], capture_output=True,
+                       text=True, cwd=tempfile.gettempdir(), timeout=300,
+                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and printed[0]["steps"] == 4 and printed[0]["metric_for_best_model"] == "accuracy"
+    assert sorted(os.listdir(tmp_path / "tokens")) == ["train.bin", "train.bin.json", "val.bin", "val.bin.json"]
+    names = set(os.listdir(ck))
+    assert {"checkpoint-4", "best_model", "last"} <= names and "checkpoint-2" not in names
+    evals = [json.loads(line) for line in (ck / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in evals] == [2, 4] and all(0 <= e["accuracy"] <= 1 for e in evals)
+    best = max(evals, key=lambda e: e["accuracy"])
+    assert printed[0]["best_step"] == best["step"] and printed[0]["best_metric"] == best["accuracy"]
