@@ -236,7 +236,7 @@ class Trainer:
         self.state: Dict[str, Any] = {
             "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "best_epoch": None,
             "bad_evals": 0, "early_stopped": False, "history": [], "train_loss_sum": 0.0, "train_loss_n": 0,
-            "monitor": self.monitor, "greater_is_better": self.greater,
+            "monitor": self.monitor, "greater_is_better": self.greater, "world_size": self.world,
         }
         self._best_weights: Optional[Dict[str, torch.Tensor]] = None
 
@@ -441,6 +441,11 @@ class Trainer:
             raise ValueError(f"{path} was trained monitoring {was[0]!r} (greater_is_better={was[1]}); this Trainer "
                              f"monitors {self.monitor!r} (greater_is_better={self.greater}): resume with the same "
                              f"metric_for_best_model, or start a new run")
+        if state.get("world_size", self.world) != self.world:
+            log.warning("%s was saved by a run of %d processes, this one has %d: the epoch's batches are split "
+                        "differently, so the run continues but does not repeat an uninterrupted one", path,
+                        state["world_size"], self.world)
+        state["world_size"] = self.world
         state.setdefault("monitor", self.monitor)
         state.setdefault("greater_is_better", self.greater)
         self.state = state

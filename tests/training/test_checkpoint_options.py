@@ -44,3 +44,14 @@ def test_resume_from_any_step_checkpoint_repeats_the_uninterrupted_run(small_tra
     assert res["steps"] == 20
     with pytest.raises(FileNotFoundError, match="no complete minillm checkpoint"):
         small_trainer(tmp_path / "y").train(epochs=1, resume_from=tmp_path / "nothing-here")
+
+
+def test_resume_with_another_world_size_says_so(small_trainer, tmp_path, caplog):
+    small_trainer(tmp_path, eval_interval=4, max_steps=4).train(epochs=1)
+    state_file = tmp_path / "last" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["world_size"] == 1
+    state_file.write_text(json.dumps({**state, "world_size": 4}))  # as if saved by a 4-process torchrun
+    with caplog.at_level("WARNING", logger="minillm.training"):
+        res = small_trainer(tmp_path, eval_interval=4, max_steps=8).train(epochs=1, resume=True)
+    assert res["steps"] == 8 and "saved by a run of 4 processes, this one has 1" in caplog.text
