@@ -2,18 +2,19 @@
 atomic checkpoints that resume exactly, and DistributedDataParallel under torchrun."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from minillm.models.base import PreTrainedModel, unique_state_dict
 from minillm.models.decoder import DecoderOnlyModel
@@ -124,6 +125,12 @@ class Trainer:
       multiprocessing_context are honoured. Workers start anew each epoch (persistent_workers does not apply).
       A batch's random masking depends on (seed, epoch, batch) alone, so results are the same for any
       num_workers and resumes stay exact.
+    * A train DataLoader over an IterableDataset is iterated as built (its collate, workers, pin_memory); one
+      pass is an epoch (set_epoch(epoch) is called when the dataset has it), and a stream without __len__ needs
+      max_steps. Under torchrun every rank reads the same stream and takes every world_size-th batch (a last
+      incomplete group is dropped). Its randomness draws from a generator seeded by (seed, epoch), apart from the
+      model's, and a resume reads the epoch again and skips what was trained on: exact when the stream gives the
+      same batches each time an epoch is read.
     """
 
     def __init__(
@@ -258,7 +265,17 @@ class Trainer:
         return self.rank == 0
 
     def _total_steps(self, epochs: int) -> int:
-        per_epoch = math.ceil(math.ceil(len(self.train_loader.batch_sampler) / self.world) / self.accum)
+        if self._streamed:
+            try:
+                batches = len(self.train_loader) // self.world  # incomplete groups are dropped
+            except TypeError:  # a stream without a length: max_steps is the schedule's length
+                if self.max_steps is None:
+                    raise ValueError("a train DataLoader over an IterableDataset without __len__ needs max_steps= "
+                                     "(the learning-rate schedule's length)") from None
+                return self.max_steps
+        else:
+            batches = math.ceil(len(self.train_loader.batch_sampler) / self.world)
+        per_epoch = math.ceil(batches / self.accum)
         total = per_epoch * epochs
         return min(total, self.max_steps) if self.max_steps else total
 
@@ -295,6 +312,50 @@ class Trainer:
         # global batch g's masks: one seed per (run seed, epoch, g), whichever rank or worker collates it
         seeds = [((self.seed * 1_000_003 + epoch) * 1_000_003 + g) % 2 ** 63 for g in mine]
         return [batches[g] for g in mine], seeds
+
+    @property
+    def _streamed(self) -> bool:
+        return isinstance(self.train_loader.dataset, IterableDataset)
+
+    def _epoch_stream(self, epoch: int, skip: int) -> Iterator[Tuple[int, Dict[str, Any], bool]]:
+        """(i, batch, last in epoch) for this rank's batches i = skip, skip + 1, ... of `epoch`."""
+        if self._streamed:
+            yield from self._iterable_batches(epoch, skip)
+            return
+        batches, seeds = self._epoch_batches(epoch)
+        for i, batch in enumerate(self._batch_loader(batches, seeds, skip), start=skip):
+            yield i, batch, i == len(batches) - 1
+
+    def _iterable_batches(self, epoch: int, skip: int) -> Iterator[Tuple[int, Dict[str, Any], bool]]:
+        """An IterableDataset's DataLoader, iterated as the user built it (its collate, workers, pin_memory).
+        Every rank reads the same stream and takes every world_size-th batch; the batches are taken in groups of
+        world_size and a last, incomplete group is dropped, so ranks stay in step. The stream's randomness (MLM
+        masks, the workers' seeds) draws from a generator seeded by (seed, epoch), kept apart from the model's
+        dropout stream, so a resume (which reads the epoch again from its start and skips `skip` groups) sees
+        the same batches. The stream must give the same batches in the same order on every rank and each time
+        an epoch is read (seeded by set_epoch, if it has one)."""
+        set_epoch = getattr(self.train_loader.dataset, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + 7) % 2 ** 63)
+            it = iter(self.train_loader)
+            data_rng = torch.get_rng_state()
+
+        def group():
+            nonlocal data_rng
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(data_rng)
+                got = list(itertools.islice(it, self.world))
+                data_rng = torch.get_rng_state()
+            return got if len(got) == self.world else None
+
+        current, i = group(), 0
+        while current is not None:
+            following = group()  # one group ahead: the last batch of an epoch flushes gradient accumulation
+            if i >= skip:
+                yield i, current[self.rank], following is None
+            current, i = following, i + 1
 
     def _batch_loader(self, batches: List[List[int]], seeds: List[int], start: int):
         """Batches [start, len) of this rank's epoch, collated as the user's DataLoader would load them."""
@@ -512,22 +573,17 @@ class Trainer:
                                dynamic_ncols=True)
         done = st["early_stopped"] or (self.max_steps is not None and st["step"] >= self.max_steps)
         while not done and st["epoch"] < epochs:
-            batches, seeds = self._epoch_batches(st["epoch"])
             # Resuming mid-epoch skips the batches already trained on; the RNG state restored from the
             # checkpoint is the one that followed them.
-            skip = st["batch_in_epoch"]
-            if skip >= len(batches):
-                st["epoch"], st["batch_in_epoch"] = st["epoch"] + 1, 0
-                continue
-            micro, acc_loss = 0, 0.0
-            for bi, batch in enumerate(self._batch_loader(batches, seeds, skip), start=skip):
+            micro, acc_loss, any_batch = 0, 0.0, False
+            for bi, batch, last_in_epoch in self._epoch_stream(st["epoch"], st["batch_in_epoch"]):
+                any_batch = True
                 batch = self._to_device(batch)
                 with self._autocast():
                     loss = self.runner(batch)
                 (loss / self.accum).backward()
                 acc_loss += float(loss.detach()) / self.accum
                 micro += 1
-                last_in_epoch = bi == len(batches) - 1
                 if micro == self.accum or last_in_epoch:
                     self._optimizer_step(acc_loss * self.accum / micro)
                     micro, acc_loss = 0, 0.0
@@ -545,6 +601,8 @@ class Trainer:
                     if st["early_stopped"] or at_limit:
                         done = True
                         break
+            if not any_batch:  # nothing (left) in this epoch: a resume at its end, or an empty stream
+                st["epoch"], st["batch_in_epoch"] = st["epoch"] + 1, 0
         if bar is not None:
             bar.close()
         if st["train_loss_n"]:
