@@ -245,8 +245,12 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     x: (..., K), weight: (N, K), bias: (N,) -> (..., N). float32/float64 CPU tensors run the native
     kernels (few rows: the streaming kernel at every SIMD level; more rows: the GEMM, see
     :func:`gemm_native`), as the custom op `minillm::linear` in code torch.compile traces; everything
-    else calls F.linear.
+    else calls F.linear, and so does every call under torch.autocast (which then runs it in its dtype).
     """
+    if torch.is_autocast_enabled(x.device.type):
+        # Under autocast F.linear runs in autocast's dtype (bf16/fp16), as nn.Linear would; the native kernels
+        # would keep fp32 inputs in fp32, and autocast never sees a custom op.
+        return F.linear(x, weight, bias)
     K = weight.shape[-1] if weight.dim() == 2 else -1
     if (
         weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == K and K > 0

@@ -33,11 +33,13 @@ CHECKPOINT_NAMES = (WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME, OPTIMIZER_NAME, S
 
 
 def save_checkpoint(path: Path, model: PreTrainedModel, tokenizer, optimizer, scheduler,
-                    state: Dict[str, Any]) -> Path:
+                    state: Dict[str, Any], scaler=None) -> Path:
     with atomic_dir(path, "checkpoint", CHECKPOINT_NAMES) as new:
         model.save_pretrained(new, tokenizer=tokenizer)
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    # fp16's loss scale and its growth count (an empty dict when the scaler is off)
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "torch_rng": torch.get_rng_state(),
                     # every GPU's generator too (dropout on CUDA draws from it), so a resumed run repeats; a
                     # process that never used CUDA still has them at their initial state, as a new one will
@@ -85,8 +87,10 @@ def load_weights_dict(path: Path) -> Dict[str, torch.Tensor]:
     return load_file(str(Path(path) / WEIGHTS_NAME))
 
 
-def load_checkpoint(path: Path, model: PreTrainedModel, optimizer=None, scheduler=None) -> Dict[str, Any]:
-    """Restores model weights, optimizer, scheduler and RNG states; returns the trainer state."""
+def load_checkpoint(path: Path, model: PreTrainedModel, optimizer=None, scheduler=None,
+                    scaler=None) -> Dict[str, Any]:
+    """Restores model weights, optimizer, scheduler, the fp16 loss scaler and RNG states; returns the trainer
+    state."""
     path = Path(path)
     model.load_weights(path / WEIGHTS_NAME)
     state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
@@ -97,6 +101,8 @@ def load_checkpoint(path: Path, model: PreTrainedModel, optimizer=None, schedule
             optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None and saved.get("scheduler") is not None:
             scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["torch_rng"])
         cuda_rng = saved.get("cuda_rng")
         if cuda_rng is not None and torch.cuda.is_available():

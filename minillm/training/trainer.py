@@ -153,6 +153,7 @@ class Trainer:
         grad_clip: Optional[float] = 1.0,
         grad_accum_steps: int = 1,
         bf16: Union[bool, str] = False,
+        fp16: bool = False,
         eval_interval: Optional[int] = None,
         eval_batches: Optional[int] = None,
         max_steps: Optional[int] = None,
@@ -218,6 +219,12 @@ class Trainer:
         self.restore_best_weights, self.seed, self.progress = restore_best_weights, seed, progress
         self.save_total_limit = save_total_limit
         self.bf16 = cpu_has_bf16() if bf16 == "auto" and self.device.type == "cpu" else bool(bf16)
+        self.fp16 = bool(fp16)
+        if self.fp16 and self.bf16:
+            raise ValueError("bf16 and fp16 are both set: choose one autocast dtype")
+        # fp16's narrow range: losses are scaled up before the backward and gradients unscaled before the step,
+        # and a step whose gradients overflowed is skipped with the scale halved (GradScaler)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.fp16)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.metrics_file = Path(metrics_file) if metrics_file else (
             self.checkpoint_dir / "metrics.jsonl" if self.checkpoint_dir else None)
@@ -374,7 +381,8 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.fp16 else torch.bfloat16,
+                              enabled=self.bf16 or self.fp16)
 
     # ---- evaluation and bookkeeping ----
 
@@ -479,7 +487,7 @@ class Trainer:
     def _save(self, name: str) -> None:
         if self.checkpoint_dir is not None and self.is_main:
             path = ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, self.tokenizer, self.optimizer,
-                                        self.scheduler, self.state)
+                                        self.scheduler, self.state, scaler=self.scaler)
             for cb in self.callbacks:
                 cb.on_save(self, path)
         if self.world > 1:
@@ -496,7 +504,7 @@ class Trainer:
         if path is None:
             log.info("no checkpoint to resume from in %s; starting fresh", self.checkpoint_dir)
             return False
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, scaler=self.scaler)
         was = (state.get("monitor", "loss"), state.get("greater_is_better", False))
         if state.get("best") is not None and was != (self.monitor, self.greater):
             raise ValueError(f"{path} was trained monitoring {was[0]!r} (greater_is_better={was[1]}); this Trainer "
@@ -581,7 +589,7 @@ class Trainer:
                 batch = self._to_device(batch)
                 with self._autocast():
                     loss = self.runner(batch)
-                (loss / self.accum).backward()
+                self.scaler.scale(loss / self.accum).backward()
                 acc_loss += float(loss.detach()) / self.accum
                 micro += 1
                 if micro == self.accum or last_in_epoch:
@@ -641,9 +649,13 @@ class Trainer:
     def _optimizer_step(self, loss_value: float) -> None:
         st = self.state
         if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        scale = self.scaler.get_scale() if self.fp16 else None
+        self.scaler.step(self.optimizer)  # skipped when an fp16 gradient overflowed
+        self.scaler.update()
+        if scale is None or self.scaler.get_scale() >= scale:  # the schedule advances with the weights
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:
             t = torch.tensor([loss_value], dtype=torch.float64, device=self.device)

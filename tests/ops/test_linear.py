@@ -191,3 +191,24 @@ def test_expanded_and_overlapping_operands(M):
             want_grads = torch.autograd.grad(want, (base, w, b), g)
             for gg, ww in zip(grads, want_grads):
                 torch.testing.assert_close(gg, ww, atol=1e-3, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [2, 300])  # the few-row kernel's and the GEMM's sizes
+def test_autocast_runs_in_its_dtype_as_nn_linear(dtype, M):
+    """Under torch.autocast the layer computes in autocast's dtype with gradients in the parameters' dtype, as
+    nn.Linear does (the native fp32 kernels would silently keep it in fp32)."""
+    torch.manual_seed(0)
+    ours, ref = Linear(64, 48), torch.nn.Linear(64, 48)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(M, 64, requires_grad=True)
+    outs = []
+    for layer in (ours, ref):
+        with torch.autocast("cpu", dtype=dtype):
+            y = layer(x)
+        y.float().square().sum().backward()
+        outs.append((y, x.grad.clone(), layer.weight.grad.clone()))
+        x.grad = None
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = outs
+    assert y.dtype == y_ref.dtype == dtype and dw.dtype == torch.float32
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref) and torch.equal(dw, dw_ref)
