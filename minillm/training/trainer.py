@@ -154,6 +154,7 @@ class Trainer:
         grad_accum_steps: int = 1,
         bf16: Union[bool, str] = False,
         fp16: bool = False,
+        torch_compile: bool = False,
         eval_interval: Optional[int] = None,
         eval_batches: Optional[int] = None,
         max_steps: Optional[int] = None,
@@ -241,6 +242,8 @@ class Trainer:
             # the uninterrupted one by rounding. With it, resuming under torchrun repeats the run bit for bit.
             self.runner = nn.parallel.DistributedDataParallel(self.runner, device_ids=ids,
                                                               find_unused_parameters=self.device.type == "cpu")
+        if torch_compile:  # the training forward and loss compiled; under DDP around it (its optimizer splits graphs per bucket)
+            self.runner = torch.compile(self.runner)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},

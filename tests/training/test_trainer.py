@@ -182,3 +182,12 @@ def test_gradient_checkpointing_trains_with_the_same_losses(texts, tmp_path):
     assert len(runs[0]) == 8
     for a, b in zip(*runs):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_torch_compile_option_trains_as_eager(small_trainer, tmp_path):
+    eager = small_trainer(tmp_path / "eager", max_steps=3, eval_interval=3)
+    compiled = small_trainer(tmp_path / "compiled", max_steps=3, eval_interval=3, torch_compile=True)
+    assert compiled.runner is not compiled.model and hasattr(compiled.runner, "_orig_mod")
+    a, b = eager.train(epochs=1), compiled.train(epochs=1)
+    assert b["history"][0]["train_loss"] == pytest.approx(a["history"][0]["train_loss"], rel=1e-5)
+    assert b["best_val_loss"] == pytest.approx(a["best_val_loss"], rel=1e-5)
