@@ -3,9 +3,10 @@
 Configuration as nanoGPT's shakespeare_char CPU example: 90/10 split by position, n_layer 4, n_head 4,
 n_embd 128, block 64, batch 12, 2000 iterations, lr 1e-3 -> 1e-4 cosine with 100 warmup, AdamW betas
 (0.9, 0.99), weight decay 0.1, grad clip 1.0, dropout 0, no biases. Both runs draw the same batches
-from the same seed. Reports minillm's validation loss after --iters iterations (mean over --eval-iters batches;
---plain-full-run trains the plain model as long for its loss too) and ms per iteration of both, measured side
-by side in alternating rounds.
+from the same seed; minillm's model trains with minillm's optimizer (the Trainer's make_adamw: fused), the
+plain one with torch's AdamW as nanoGPT runs it on a CPU. Reports minillm's validation loss after --iters
+iterations (mean over --eval-iters batches; --plain-full-run trains the plain model as long for its loss too)
+and ms per iteration of both, measured side by side in alternating rounds.
 
     python benchmarks/train_shakespeare_char.py --data ../shared/data/tinyshakespeare/input.txt
 """
@@ -95,6 +96,7 @@ def main() -> None:
 
     from minillm.models import DecoderOnlyModel
     from minillm.tokenizers import CharTokenizer
+    from minillm.training.trainer import make_adamw
 
     if not os.path.isfile(args.data):
         sys.exit(f"no data at {args.data}")
@@ -140,12 +142,16 @@ def main() -> None:
     class Run:
         """One model's training loop (nanoGPT's: AdamW, no decay on norms, cosine lr, clipping), steppable."""
 
-        def __init__(self, model, forward):
+        def __init__(self, model, forward, minillm_optimizer):
             self.model, self.forward, self.it, self.times = model, forward, 0, []
-            decay = [p for p in model.parameters() if p.dim() >= 2]
-            no_decay = [p for p in model.parameters() if p.dim() < 2]
-            self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                          {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+            if minillm_optimizer:  # as minillm's Trainer trains: its AdamW (fused) and clipping
+                self.opt, self.foreach = make_adamw(model, 1e-3, 0.1, (0.9, 0.99)), True
+            else:  # as nanoGPT's loop on a CPU: torch's AdamW as it runs there by default (not fused)
+                decay = [p for p in model.parameters() if p.dim() >= 2]
+                no_decay = [p for p in model.parameters() if p.dim() < 2]
+                self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                              {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+                self.foreach = None
             self.gen = torch.Generator().manual_seed(args.seed)
 
         def steps(self, n):
@@ -157,7 +163,7 @@ def main() -> None:
                 loss = self.forward(self.model, x, y)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=self.foreach)
                 self.opt.step()
                 self.times.append(time.perf_counter() - t0)
                 self.it += 1
@@ -205,14 +211,14 @@ def main() -> None:
         return m(x, y)[1]
 
     t0 = time.perf_counter()
-    full = Run(ours, forward_ours)
+    full = Run(ours, forward_ours, True)
     full.steps(args.iters)
     val_ours = full.val_loss()
     print(f"minillm: {args.iters} iters, val loss {val_ours:.4f}, {full.ms_per_iter(20):.2f} ms/iter "
           f"({time.perf_counter() - t0:.0f} s)")
     val_plain = math.nan
     if args.plain_full_run:
-        plain_full = Run(build_plain_gpt(tok.vocab_size, n_layer, n_head, n_embd, block), forward_plain)
+        plain_full = Run(build_plain_gpt(tok.vocab_size, n_layer, n_head, n_embd, block), forward_plain, False)
         plain_full.steps(args.iters)
         val_plain = plain_full.val_loss()
         print(f"plain PyTorch: {args.iters} iters, val loss {val_plain:.4f}")
@@ -220,9 +226,9 @@ def main() -> None:
     # Speed, side by side: fresh models train in alternating rounds of 20 iterations (after 20 warm-up
     # iterations each), so that both see the same phases of a shared machine's load.
     torch.manual_seed(args.seed)
-    a = Run(DecoderOnlyModel(ours.config), forward_ours)
+    a = Run(DecoderOnlyModel(ours.config), forward_ours, True)
     torch.manual_seed(args.seed)
-    b = Run(plain, forward_plain)
+    b = Run(plain, forward_plain, False)
     a.steps(20)
     b.steps(20)
     rounds = max(1, args.timing_iters // 20)
