@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--streaming", action="store_true",
                     help="tokenize once into token files (minillm.training.TokenDataset) and read every batch from "
                          "their memory maps, as nanoGPT's train.bin (same batches, so the same losses)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="train minillm's model under bf16 autocast (Trainer(bf16=True)); the plain model is timed "
+                         "both in fp32 (nanoGPT on a CPU) and under bf16 autocast, the ratio against its faster")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -142,8 +145,9 @@ def main() -> None:
     class Run:
         """One model's training loop (nanoGPT's: AdamW, no decay on norms, cosine lr, clipping), steppable."""
 
-        def __init__(self, model, forward, minillm_optimizer):
+        def __init__(self, model, forward, minillm_optimizer, bf16=False):
             self.model, self.forward, self.it, self.times = model, forward, 0, []
+            self.bf16 = bf16  # bf16 autocast (fp32 weights and optimizer), as Trainer(bf16=True)
             if minillm_optimizer:  # as minillm's Trainer trains: its AdamW (fused) and clipping
                 self.opt, self.foreach = make_adamw(model, 1e-3, 0.1, (0.9, 0.99)), True
             else:  # as nanoGPT's loop on a CPU: torch's AdamW as it runs there by default (not fused)
@@ -160,7 +164,8 @@ def main() -> None:
                     g["lr"] = lr_at(self.it)
                 x, y = get_batch("train", self.gen)
                 t0 = time.perf_counter()
-                loss = self.forward(self.model, x, y)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                    loss = self.forward(self.model, x, y)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=self.foreach)
@@ -171,7 +176,7 @@ def main() -> None:
         def val_loss(self):
             self.model.eval()
             vgen = torch.Generator().manual_seed(args.seed + 1)
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 val = float(np.mean([self.forward(self.model, *get_batch("val", vgen)).item()
                                      for _ in range(args.eval_iters)]))
             self.model.train()
@@ -211,10 +216,10 @@ def main() -> None:
         return m(x, y)[1]
 
     t0 = time.perf_counter()
-    full = Run(ours, forward_ours, True)
+    full = Run(ours, forward_ours, True, args.bf16)
     full.steps(args.iters)
     val_ours = full.val_loss()
-    print(f"minillm: {args.iters} iters, val loss {val_ours:.4f}, {full.ms_per_iter(20):.2f} ms/iter "
+    print(f"minillm{' (bf16 autocast)' if args.bf16 else ''}: {args.iters} iters, val loss {val_ours:.4f}, {full.ms_per_iter(20):.2f} ms/iter "
           f"({time.perf_counter() - t0:.0f} s)")
     val_plain = math.nan
     if args.plain_full_run:
@@ -225,22 +230,26 @@ def main() -> None:
 
     # Speed, side by side: fresh models train in alternating rounds of 20 iterations (after 20 warm-up
     # iterations each), so that both see the same phases of a shared machine's load.
+    # With --bf16 the plain model is also timed under bf16 autocast, and the ratio is against its faster form.
     torch.manual_seed(args.seed)
-    a = Run(DecoderOnlyModel(ours.config), forward_ours, True)
-    torch.manual_seed(args.seed)
-    b = Run(plain, forward_plain, False)
-    a.steps(20)
-    b.steps(20)
+    runs = {"minillm": Run(DecoderOnlyModel(ours.config), forward_ours, True, args.bf16)}
+    runs["plain PyTorch"] = Run(plain, forward_plain, False)
+    if args.bf16:
+        runs["plain PyTorch bf16"] = Run(build_plain_gpt(tok.vocab_size, n_layer, n_head, n_embd, block),
+                                         forward_plain, False, True)
+    for r in runs.values():
+        r.steps(20)
     rounds = max(1, args.timing_iters // 20)
     for _ in range(rounds):
-        a.steps(20)
-        b.steps(20)
-    ms_ours, ms_plain = a.ms_per_iter(20), b.ms_per_iter(20)
-    print(f"side by side, {rounds} rounds of 20 iterations each: minillm {ms_ours:.2f} ms/iter, "
-          f"plain PyTorch {ms_plain:.2f} ms/iter")
-    row = {"iters": args.iters, "minillm val loss": val_ours, "nanoGPT reference val loss": 1.886,
-           "plain val loss": val_plain, "minillm ms/iter": ms_ours, "plain PyTorch ms/iter": ms_plain,
-           "speed ratio": ms_plain / ms_ours}
+        for r in runs.values():
+            r.steps(20)
+    ms = {name: r.ms_per_iter(20) for name, r in runs.items()}
+    print(f"side by side, {rounds} rounds of 20 iterations each: "
+          + ", ".join(f"{name} {v:.2f} ms/iter" for name, v in ms.items()))
+    ms_ours, ms_plain = ms["minillm"], min(v for name, v in ms.items() if name != "minillm")
+    row = {"iters": args.iters, "precision": "bf16 autocast" if args.bf16 else "fp32",
+           "minillm val loss": val_ours, "nanoGPT reference val loss": 1.886, "plain val loss": val_plain,
+           **{f"{name} ms/iter": v for name, v in ms.items()}, "speed ratio": ms_plain / ms_ours}
     print_table([row], list(row), floatfmt=".4g")
     write_json(args.json, info, [row])
 

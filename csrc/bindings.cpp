@@ -125,6 +125,27 @@ struct LinearIn {
   int nthreads = 1;
 };
 
+struct LayerNormFwdIn {
+  Buf x;
+  int64_t ldx;
+  Buf weight, bias, y, mean, rstd;
+  int64_t M, C;
+  double eps;
+  int dtype;
+  int nthreads = 1;
+};
+
+struct LayerNormBwdIn {
+  Buf dy;
+  int64_t lddy;
+  Buf x;
+  int64_t ldx;
+  Buf weight, mean, rstd, dx, dweight, dbias;
+  int64_t M, C;
+  int dtype;
+  int nthreads = 1;
+};
+
 struct QLinearIn {
   Buf x, codes, scale, offset, bias, y;
   int64_t M, K, N, ldx;
@@ -445,6 +466,73 @@ void linear_small_m(const LinearIn& in) {
   check(status, "linear_small_m");
 }
 
+// ---- layer norm ----
+
+std::array<Field<LayerNormFwdIn>, 12> layer_norm_fwd_fields = {{
+    MINILLM_FIELD(LayerNormFwdIn, x), MINILLM_FIELD(LayerNormFwdIn, ldx), MINILLM_FIELD(LayerNormFwdIn, weight),
+    MINILLM_OPTIONAL(LayerNormFwdIn, bias), MINILLM_FIELD(LayerNormFwdIn, y), MINILLM_FIELD(LayerNormFwdIn, mean),
+    MINILLM_FIELD(LayerNormFwdIn, rstd), MINILLM_FIELD(LayerNormFwdIn, M), MINILLM_FIELD(LayerNormFwdIn, C),
+    MINILLM_FIELD(LayerNormFwdIn, eps), MINILLM_FIELD(LayerNormFwdIn, dtype), MINILLM_OPTIONAL(LayerNormFwdIn, nthreads)}};
+
+void require_layer_norm_sizes(int64_t M, int64_t C, int dtype) {
+  require(M >= 1 && C >= 1, "layer_norm sizes M and C must be >= 1");
+  require(dtype == minillm::kF32 || dtype == minillm::kF64, "layer_norm dtype must be kF32 or kF64");
+}
+
+void layer_norm_fwd(const LayerNormFwdIn& in) {
+  const int64_t M = in.M, C = in.C;
+  require_layer_norm_sizes(M, C, in.dtype);
+  require(in.ldx >= C, "layer_norm_fwd ldx must be >= C (rows may not overlap)");
+  const int64_t item = minillm::elem_size(in.dtype);
+  minillm::LayerNormFwdArgs a{};
+  a.x = checked<const void*>(in.x, "x", item, {{M, in.ldx}, {C, 1}});
+  a.ldx = in.ldx;
+  a.weight = checked<const void*>(in.weight, "weight", item, {{C, 1}});
+  a.bias = checked<const void*>(in.bias, "bias", item, {{C, 1}}, true);
+  a.y = checked<void*>(in.y, "y", item, {dense({M, C})});
+  a.mean = checked<void*>(in.mean, "mean", item, {{M, 1}});
+  a.rstd = checked<void*>(in.rstd, "rstd", item, {{M, 1}});
+  a.M = M, a.C = C, a.eps = in.eps, a.dtype = in.dtype, a.nthreads = in.nthreads;
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::layer_norm_fwd(a);
+  }
+  check(status, "layer_norm_fwd");
+}
+
+std::array<Field<LayerNormBwdIn>, 14> layer_norm_bwd_fields = {{
+    MINILLM_FIELD(LayerNormBwdIn, dy), MINILLM_FIELD(LayerNormBwdIn, lddy), MINILLM_FIELD(LayerNormBwdIn, x),
+    MINILLM_FIELD(LayerNormBwdIn, ldx), MINILLM_FIELD(LayerNormBwdIn, weight), MINILLM_FIELD(LayerNormBwdIn, mean),
+    MINILLM_FIELD(LayerNormBwdIn, rstd), MINILLM_OPTIONAL(LayerNormBwdIn, dx), MINILLM_OPTIONAL(LayerNormBwdIn, dweight),
+    MINILLM_OPTIONAL(LayerNormBwdIn, dbias), MINILLM_FIELD(LayerNormBwdIn, M), MINILLM_FIELD(LayerNormBwdIn, C),
+    MINILLM_FIELD(LayerNormBwdIn, dtype), MINILLM_OPTIONAL(LayerNormBwdIn, nthreads)}};
+
+void layer_norm_bwd(const LayerNormBwdIn& in) {
+  const int64_t M = in.M, C = in.C;
+  require_layer_norm_sizes(M, C, in.dtype);
+  require(in.ldx >= C && in.lddy >= C, "layer_norm_bwd ldx and lddy must be >= C (rows may not overlap)");
+  const int64_t item = minillm::elem_size(in.dtype);
+  minillm::LayerNormBwdArgs a{};
+  a.dy = checked<const void*>(in.dy, "dy", item, {{M, in.lddy}, {C, 1}});
+  a.lddy = in.lddy;
+  a.x = checked<const void*>(in.x, "x", item, {{M, in.ldx}, {C, 1}});
+  a.ldx = in.ldx;
+  a.weight = checked<const void*>(in.weight, "weight", item, {{C, 1}});
+  a.mean = checked<const void*>(in.mean, "mean", item, {{M, 1}});
+  a.rstd = checked<const void*>(in.rstd, "rstd", item, {{M, 1}});
+  a.dx = checked<void*>(in.dx, "dx", item, {dense({M, C})}, true);
+  a.dweight = checked<void*>(in.dweight, "dweight", item, {{C, 1}}, true);
+  a.dbias = checked<void*>(in.dbias, "dbias", item, {{C, 1}}, true);
+  a.M = M, a.C = C, a.dtype = in.dtype, a.nthreads = in.nthreads;
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    status = minillm::layer_norm_bwd(a);
+  }
+  check(status, "layer_norm_bwd");
+}
+
 // A quantized weight's buffers, extent-checked for its layout (csrc/kernels.h: QuantWeight).
 minillm::QuantWeight quant_weight(const Buf& codes, const Buf& scale, const Buf& offset, int64_t N, int64_t K, int bits,
                                   int64_t group) {
@@ -663,6 +751,8 @@ MINILLM_ENTRY(dequantize, DequantizeIn)
 MINILLM_ENTRY(decode_layers, DecodeIn)
 MINILLM_ENTRY(gemm, GemmIn)
 MINILLM_ENTRY(gemm_pair, GemmPairIn)
+MINILLM_ENTRY(layer_norm_fwd, LayerNormFwdIn)
+MINILLM_ENTRY(layer_norm_bwd, LayerNormBwdIn)
 #ifdef MINILLM_WITH_CUDA
 MINILLM_ENTRY(cuda_attention_fwd, AttnFwdIn)
 MINILLM_ENTRY(cuda_attention_bwd, AttnBwdIn)
@@ -699,6 +789,10 @@ PYBIND11_MODULE(_C, m) {
       {"decode_layers", as_cfunction(decode_layers_entry), kFast,
        "One decoding step through every layer of a Llama-family stack (csrc/kernels.h: DecodeArgs); keywords as "
        "DecodeIn."},
+      {"layer_norm_fwd", as_cfunction(layer_norm_fwd_entry), kFast,
+       "LayerNorm over the last dimension (csrc/kernels.h: LayerNormFwdArgs); keywords as LayerNormFwdIn."},
+      {"layer_norm_bwd", as_cfunction(layer_norm_bwd_entry), kFast,
+       "LayerNorm backward (csrc/kernels.h: LayerNormBwdArgs); keywords as LayerNormBwdIn."},
       {"gemm", as_cfunction(gemm_entry), kFast, "C = A B + bias (csrc/kernels.h: GemmArgs); keywords as GemmIn."},
       {"gemm_pair", as_cfunction(gemm_pair_entry), kFast,
        "Two independent gemm calls (first, second: dicts of gemm's keywords), one per thread."},

@@ -205,6 +205,40 @@ struct GemmArgs {
   int nthreads;
 };
 
+// LayerNorm over the last dimension (csrc/cpu/layer_norm.h). x: M rows of C values, unit stride along C and row
+// stride ldx; y: contiguous (M, C); mean, rstd: (M) of the element type, saved for the backward; weight (C) and
+// bias (C, or nullptr) contiguous. F32 or F64.
+struct LayerNormFwdArgs {
+  const void* x;
+  int64_t ldx;
+  const void* weight;
+  const void* bias;
+  void* y;
+  void* mean;
+  void* rstd;
+  int64_t M, C;
+  double eps;
+  int dtype;
+  int nthreads;
+};
+// Its backward: dy with row stride lddy (unit stride along C), x as in the forward, mean/rstd from it; dx: contiguous
+// (M, C), dweight / dbias: (C); each output may be nullptr (not wanted).
+struct LayerNormBwdArgs {
+  const void* dy;
+  int64_t lddy;
+  const void* x;
+  int64_t ldx;
+  const void* weight;
+  const void* mean;
+  const void* rstd;
+  void* dx;
+  void* dweight;
+  void* dbias;
+  int64_t M, C;
+  int dtype;
+  int nthreads;
+};
+
 #define MINILLM_DECLARE_ISA(ns)                   \
   namespace ns {                                  \
   int attention_fwd(const AttnFwdArgs& a);        \
@@ -215,6 +249,8 @@ struct GemmArgs {
   int dequantize(const QuantWeight& q, float* out, int nthreads); \
   int gemm(const GemmArgs& g);                    \
   int gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads); \
+  int layer_norm_fwd(const LayerNormFwdArgs& a); \
+  int layer_norm_bwd(const LayerNormBwdArgs& a); \
   }
 
 MINILLM_DECLARE_ISA(scalar)
@@ -264,6 +300,8 @@ inline int gemm(const GemmArgs& g) { return MINILLM_AT_LEVEL(gemm, g); }
 inline int gemm_pair(const GemmArgs& g1, const GemmArgs& g2, int nthreads) {
   return MINILLM_AT_LEVEL(gemm_pair, g1, g2, nthreads);
 }
+inline int layer_norm_fwd(const LayerNormFwdArgs& a) { return MINILLM_AT_LEVEL(layer_norm_fwd, a); }
+inline int layer_norm_bwd(const LayerNormBwdArgs& a) { return MINILLM_AT_LEVEL(layer_norm_bwd, a); }
 #undef MINILLM_AT_LEVEL
 
 }  // namespace minillm

@@ -6,5 +6,6 @@
 #include "cpu/attention_bwd.h"
 #include "cpu/attention_fwd.h"
 #include "cpu/gemm.h"
+#include "cpu/layer_norm.h"
 #include "cpu/linear_quant.h"
 #include "cpu/topk.h"

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from minillm import ops
 from minillm.models.auto import register
 from minillm.models.base import PreTrainedModel, lm_loss
 from minillm.models.layers import Block, Embeddings, Packed, activation_fn, init_weights, make_norm, padding_mask
@@ -33,7 +34,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.d_model, config.d_model)
         self.act = activation_fn(config.activation)
-        self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        self.norm = ops.LayerNorm(config.d_model, eps=config.norm_eps)
         self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 

@@ -55,7 +55,7 @@ def make_norm(config: ModelConfig, dim: Optional[int] = None) -> nn.Module:
     dim = dim or config.d_model
     if config.norm_type == "rmsnorm":
         return RMSNorm(dim, eps=config.norm_eps)
-    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+    return ops.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 class RMSNorm(nn.Module):

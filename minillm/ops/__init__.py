@@ -5,6 +5,7 @@ the plain-torch twins in :mod:`minillm.ops.reference`. :func:`backend_info` says
 """
 from minillm.ops._backend import backend_info, force_torch, set_simd_level, simd_level, simd_levels
 from minillm.ops.attention import attention, scaled_dot_product_attention
+from minillm.ops.layer_norm import LayerNorm, layer_norm
 from minillm.ops.linear import Linear, linear
 from minillm.ops.topk import Int8Corpus, topk_search
 
@@ -15,6 +16,8 @@ __all__ = [
     "Int8Corpus",
     "linear",
     "Linear",
+    "layer_norm",
+    "LayerNorm",
     "backend_info",
     "force_torch",
     "simd_level",

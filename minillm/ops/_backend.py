@@ -360,5 +360,6 @@ def backend_info() -> dict:
         "cuda_dispatch_table": [dict(vars(r)) for r in CUDA_KERNEL_TABLE],
         "threads": torch.get_num_threads(),
         "ops": {"attention": dict(paths), "topk_search": dict(paths),
-                "linear": {**paths, "cpu": _linear_cpu_path(native_cpu), "cuda": "torch (F.linear)"}},
+                "linear": {**paths, "cpu": _linear_cpu_path(native_cpu), "cuda": "torch (F.linear)"},
+                "layer_norm": {**paths, "cuda": "torch (F.layer_norm)"}},
     }

@@ -23,7 +23,7 @@ def run_python(code, **env):
 
 def test_backend_info_describes_every_op_and_device():
     info = backend_info()
-    assert set(info["ops"]) == {"attention", "topk_search", "linear"}
+    assert set(info["ops"]) == {"attention", "topk_search", "linear", "layer_norm"}
     for paths in info["ops"].values():
         assert set(paths) == {"cpu", "cuda", "mps", "other"}
         assert paths["mps"] == "torch"

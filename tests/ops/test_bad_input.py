@@ -183,6 +183,17 @@ def _gemm_kw(**kw):
     return dict(zip(names, _gemm(**kw)[1][:-1]))
 
 
+def _ln_fwd(x=64, ldx=8, weight=8, y=64, mean=8, rstd=8):
+    """layer_norm_fwd's positional arguments for (8, 8) rows, each buffer exactly as large as needed unless given."""
+    b = lambda n: _backend_buf(_f32(n))
+    return "layer_norm_fwd", (b(x), ldx, b(weight), b(8), b(y), b(mean), b(rstd), 8, 8, 1e-5, 0, 1)
+
+
+def _ln_bwd(dy=64, lddy=8, x=64, dx=64, dweight=8, rstd=8):
+    b = lambda n: _backend_buf(_f32(n))
+    return "layer_norm_bwd", (b(dy), lddy, b(x), 8, b(8), b(8), b(rstd), b(dx), b(dweight), b(8), 8, 8, 0, 1)
+
+
 def _backend_buf(t):
     from minillm.ops import _backend
 
@@ -226,6 +237,16 @@ EXTENT_CASES = [
     ("linear_quant x row stride", lambda: _quant(ldx=65), "x reaches"),
     ("linear_quant y short", lambda: _quant(y=15), "y reaches 64 bytes"),
     ("dequantize out short", lambda: ("dequantize", _quant(out=8 * 64 - 1)[1]), "out reaches 2048 bytes"),
+    ("layer_norm x short", lambda: _ln_fwd(x=63), "x reaches 256 bytes"),
+    ("layer_norm x row stride past the end", lambda: _ln_fwd(ldx=9), "x reaches"),
+    ("layer_norm rows overlap", lambda: _ln_fwd(ldx=7), "ldx must be >= C"),
+    ("layer_norm weight short", lambda: _ln_fwd(weight=7), "weight reaches 32 bytes"),
+    ("layer_norm y short", lambda: _ln_fwd(y=60), "y reaches"),
+    ("layer_norm rstd short", lambda: _ln_fwd(rstd=4), "rstd reaches"),
+    ("layer_norm bwd dy row stride", lambda: _ln_bwd(lddy=9), "dy reaches"),
+    ("layer_norm bwd dx short", lambda: _ln_bwd(dx=63), "dx reaches"),
+    ("layer_norm bwd dweight short", lambda: _ln_bwd(dweight=7), "dweight reaches"),
+    ("layer_norm bwd rstd short", lambda: _ln_bwd(rstd=7), "rstd reaches"),
 ]
 
 
@@ -267,7 +288,8 @@ def test_raw_bindings_run_with_exact_extents():
     try:
         for fn, args in (_fwd(), _bwd(dlse=8), _topk(), _topk(corpus=torch.zeros(8 * 64, dtype=torch.int8), stride=64,
                                                                dtype=4), _gemm(), _gemm(ldb=8, b_col=True),
-                         _quant(), _quant(bits=4), _quant(y="dequantize"), _quant(bits=4, y="dequantize")):
+                         _quant(), _quant(bits=4), _quant(y="dequantize"), _quant(bits=4, y="dequantize"),
+                         _ln_fwd(), _ln_bwd()):
             getattr(_backend._C, fn)(*args)  # every buffer exactly as large as needed: no error
     finally:
         _KEEP.clear()
