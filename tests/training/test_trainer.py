@@ -217,3 +217,37 @@ def test_adamw_is_fused_on_cpu_and_decays_matrices_only():
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # Adam divides by sqrt(v): near-zero gradients
         # turn rounding into differences of a small fraction of lr (1e-2)
+
+
+def test_epoch_plan_from_the_permutation_equals_iterating_the_sampler():
+    """The Trainer builds an epoch's batches for torch's standard samplers from the permutation (8 bytes an index,
+    no Python ints); they must be the batches iterating the sampler gives, for every rank, with padding."""
+    import itertools
+
+    from torch.utils.data import DataLoader, Dataset
+
+    class Items(Dataset):
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return [i]
+
+    model = DecoderOnlyModel({"model_type": "decoder_only", "vocab_size": 10, "d_model": 8, "num_heads": 2,
+                              "num_layers": 1, "max_seq_len": 8})
+    for n, bs, drop, shuffle, world in itertools.product([1, 7, 64, 1001], [1, 3, 32], [False, True], [True, False],
+                                                         [1, 3]):
+        for rank in range(world):
+            loader = DataLoader(Items(n), batch_size=bs, shuffle=shuffle, drop_last=drop,
+                                generator=torch.Generator().manual_seed(0), collate_fn=lambda x: x)
+            trainer = Trainer(model, loader, None, checkpoint_dir=None, progress=False)
+            trainer.world, trainer.rank = world, rank
+            fast = trainer._epoch_batches(3)
+            assert trainer._standard_plan(loader.batch_sampler, 3) is not None
+            trainer._standard_plan = lambda *args: None  # the general path: iterate the batch sampler
+            slow = trainer._epoch_batches(3)
+            assert [fast[i] for i in range(len(fast))] == [slow[i] for i in range(len(slow))], (n, bs, drop, world)
+            assert [fast.seed(i) for i in range(len(fast))] == [slow.seed(i) for i in range(len(slow))]
