@@ -151,6 +151,9 @@ class Trainer:
       newest N kept) hold model.safetensors, config.json, tokenizer.json, the optimizer, scheduler and
       RNG states and the loop position; each is replaced atomically. ``train(epochs, resume=True)``
       continues from `last/` exactly: the same per-step losses as an uninterrupted run.
+    * bf16=True / "auto" runs the forward under bf16 autocast; fp16=True under fp16 autocast with a GradScaler
+      (overflowing steps skipped, the scale checkpointed); torch_compile=True compiles the training forward (off by
+      default: slower on CPU as measured). The optimizer is AdamW, fused where torch has the kernel (make_adamw).
     * Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel (gloo on CPU, nccl on
       CUDA), each rank takes every world_size-th batch, and rank 0 alone logs and writes checkpoints. Every
       rank runs the same number of steps per epoch: when the batch count does not divide by the world size,
