@@ -9,9 +9,12 @@ tokenizer it is given.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
@@ -75,6 +78,53 @@ def _pieces(sources, batch_chars: int) -> Iterator[List[Tuple[str, bool]]]:
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def _encode(tokenizer, pieces: List[Tuple[str, bool]], eos: Optional[int], dtype: np.dtype) -> np.ndarray:
+    """One batch of pieces as token ids of `dtype`, EOS after each piece that ends a document."""
+    ids = tokenizer.encode_batch([t for t, _ in pieces], padding=False, truncation=False, return_tensors=None)
+    parts = []
+    for seq, (_, ends) in zip(ids["input_ids"], pieces):
+        parts.append(np.asarray(seq, dtype=np.int64))
+        if ends and eos is not None:
+            parts.append(np.asarray([eos], dtype=np.int64))
+    arr = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    vocab = tokenizer.vocab_size
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+        raise ValueError(f"the tokenizer produced ids outside [0, {vocab})")
+    return arr.astype(dtype)
+
+
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process a worker already; no nested thread pools
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _worker_encode(pieces, eos, dtype) -> np.ndarray:
+    return _encode(_WORKER_TOKENIZER, pieces, eos, dtype)
+
+
+def _encoded_batches(sources, tokenizer, batch_chars: int, eos, dtype, workers: int) -> Iterator[np.ndarray]:
+    """Each batch of _pieces encoded, in order: in this process, or on `workers` processes with at most 2 batches
+    a worker in flight (the text is read only as fast as it is tokenized, so memory stays bounded). The pool starts
+    at the third batch: a small corpus never pays for starting processes."""
+    batches = _pieces(sources, batch_chars)
+    for pieces in itertools.islice(batches, 2 if workers > 1 else None):
+        yield _encode(tokenizer, pieces, eos, dtype)
+    if workers <= 1:
+        return
+    pending: deque = deque()
+    with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(tokenizer,)) as pool:
+        for pieces in batches:
+            pending.append(pool.submit(_worker_encode, pieces, eos, dtype))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _is_path(src) -> bool:
@@ -148,13 +198,15 @@ class TokenDataset(Dataset):
     @classmethod
     def build(cls, sources, tokenizer, path: PathLike, *, block_size: int = 1024, batch_chars: int = 1 << 20,
               append_eos: bool = True, progress: Optional[bool] = None, seed: int = 0,
-              random_windows: bool = True) -> "TokenDataset":
+              random_windows: bool = True, num_workers: Optional[int] = None) -> "TokenDataset":
         """Tokenizes `sources` (a text file, a list of files, or an iterable of strings) into the token file
         `path` and returns its dataset. Text is read and tokenized in batches of about `batch_chars` characters
         (one encode_batch call per batch) and appended to the file, so neither the text
         nor the tokens are ever held whole. Each document (a string, or a blank-line-separated block of a file)
         ends with EOS when `append_eos` and the tokenizer has one; a document longer than batch_chars is
-        tokenized in pieces cut at line ends. A progress bar shows on a terminal."""
+        tokenized in pieces cut at line ends. Batches are tokenized in parallel on `num_workers` processes (default:
+        the CPUs this process may use, up to 8; 0 or 1: in this process) and written in order, so the file is the
+        same for any count. A progress bar shows on a terminal."""
         path = Path(path)
         vocab = tokenizer.vocab_size
         dtype = np.dtype("<u2") if vocab <= 1 << 16 else np.dtype("<u4")
@@ -162,23 +214,14 @@ class TokenDataset(Dataset):
         n_tokens = 0
         bar = progress_bar(enabled=progress, desc=f"tokenizing into {path.name}", unit="tok", unit_scale=True)
 
+        if num_workers is None:
+            num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
         def write(tmp: str) -> None:  # appends each batch's ids; atomic_write fsyncs and renames it into place
             nonlocal n_tokens
             with open(tmp, "wb") as out:
-                for pieces in _pieces(sources, batch_chars):
-                    ids = tokenizer.encode_batch([t for t, _ in pieces], padding=False, truncation=False,
-                                                 return_tensors=None)
-                    parts = []
-                    for seq, (_, ends) in zip(ids["input_ids"], pieces):
-                        parts.append(np.asarray(seq, dtype=np.int64))
-                        if ends and eos is not None:
-                            parts.append(np.asarray([eos], dtype=np.int64))
-                    if not parts:
-                        continue
-                    arr = np.concatenate(parts)
-                    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
-                        raise ValueError(f"the tokenizer produced ids outside [0, {vocab})")
-                    arr.astype(dtype).tofile(out)
+                for arr in _encoded_batches(sources, tokenizer, batch_chars, eos, dtype, num_workers):
+                    arr.tofile(out)
                     n_tokens += int(arr.size)
                     if bar is not None:
                         bar.update(int(arr.size))

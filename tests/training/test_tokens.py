@@ -47,6 +47,17 @@ def test_build_from_files_cuts_documents_at_blank_lines_and_long_ones_at_line_en
     assert ds.tokens().tolist() == expected_tokens(tok, want_docs)
 
 
+def test_parallel_build_writes_the_same_file_as_one_process(texts, tmp_path):
+    tok = CharTokenizer.from_texts(texts)
+    one = TokenDataset.build(texts * 3, tok, tmp_path / "one.bin", block_size=8, batch_chars=400, progress=False,
+                             num_workers=0)
+    three = TokenDataset.build(texts * 3, tok, tmp_path / "three.bin", block_size=8, batch_chars=400, progress=False,
+                               num_workers=3)  # 3 worker processes, batches in flight out of order
+    assert one.n_tokens == three.n_tokens > 0
+    assert (tmp_path / "one.bin").read_bytes() == (tmp_path / "three.bin").read_bytes()
+    assert one.tokens().tolist() == expected_tokens(tok, texts * 3)
+
+
 def test_windows_are_reproducible_random_and_in_range(texts, tmp_path):
     tok = CharTokenizer.from_texts(texts)
     path = tmp_path / "train.bin"
