@@ -32,7 +32,9 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--read-batches", type=int, default=2000)
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the read phase")
+    ap.add_argument("--build-workers", type=int, default=None,
+                    help="TokenDataset.build's tokenizing processes (default: its own, the CPUs up to 8; 0: in-process)")
     ap.add_argument("--train-steps", type=int, default=0,
                     help="then train a small GPT (4 layers, d 128) this many steps with the Trainer on the token file")
     ap.add_argument("--keep", action="store_true", help="keep the generated corpus and token file")
@@ -65,7 +67,8 @@ def main() -> None:
 
         base = peak_mb()
         t0 = time.perf_counter()
-        ds = TokenDataset.build(corpus, tok, os.path.join(work, "train.bin"), block_size=args.block_size)
+        ds = TokenDataset.build(corpus, tok, os.path.join(work, "train.bin"), block_size=args.block_size,
+                                num_workers=args.build_workers)
         build_s = time.perf_counter() - t0
         build_peak = peak_mb() - base
         print(f"build: {ds.n_tokens:,} tokens in {build_s:.1f} s, peak memory +{build_peak:.0f} MB")
