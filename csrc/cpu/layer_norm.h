@@ -111,6 +111,10 @@ void layer_norm_bwd_rows(const LayerNormBwdArgs& a, int64_t r0, int64_t r1, T* d
     }
     if (!a.dx) continue;
     T* dx = static_cast<T*>(a.dx) + r * C;
+    if (C == 1) {  // the output is the constant b: exactly no gradient (the formula below would return
+      dx[0] = 0;   // rstd = 1/sqrt(eps) times the rounding of dy w, which FMA contraction leaves in g - mean(g))
+      continue;
+    }
     const T mg = sum_g * inv_c, mgx = sum_gx * inv_c;
     const vec_t<T> vmg = vbcast(mg), vmgx = vbcast(mgx);
     c = 0;

@@ -55,17 +55,21 @@ def test_matches_f_layer_norm_for_any_layout(lead, C, layout, bias, dtype, seed)
     w = torch.randn(C, dtype=dtype, generator=gen)
     b = torch.randn(C, dtype=dtype, generator=gen) if bias else None
     dy = torch.randn(x.shape, dtype=dtype, generator=gen)
-    # against F.layer_norm in float64 (fp32 within explicit tolerances; the weight's and bias's gradients sum
-    # over rows, so their error grows with the row count)
-    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    # Against F.layer_norm in float64. fp32 within explicit tolerances, scaled by what no fp32 layer norm escapes:
+    # x - mean loses log2(|mean| / std) bits (a row of near-equal values far from zero: C = 2 rows often are),
+    # and the weight's and bias's gradients sum over rows, so their error grows with the row count.
     d = torch.float64
     got = grads(ours, x, w, b, dy)
     want = grads(ref, x.to(d), w.to(d), b.to(d) if b is not None else None, dy.to(d))
     assert got[0].shape == want[0].shape and got[0].dtype == dtype
-    rows = x.numel() // C
+    rows = x.reshape(-1, C).to(d)
+    cond = (rows.mean(-1).abs() / (rows.var(-1, unbiased=False) + 1e-5).sqrt()).max().item()
     for g, r in zip(got, want):
-        scale = rows ** 0.5 if g.dim() == 1 else 1
-        torch.testing.assert_close(g, r.to(dtype), atol=tol["atol"] * scale, rtol=tol["rtol"])
+        if dtype == torch.float64:
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
+            continue
+        scale = max(1.0, cond / 4) * (rows.shape[0] ** 0.5 if g.dim() == 1 else 1)
+        torch.testing.assert_close(g, r.to(dtype), atol=2e-5 * scale, rtol=1e-4)
 
 
 def test_every_simd_level(simd_level):
