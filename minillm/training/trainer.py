@@ -111,6 +111,11 @@ class _EpochBatches(torch.utils.data.Dataset):
             return self.collate([self.dataset[j] for j in self.batches[i]])
 
 
+def _batch_seed(run_seed: int, epoch: int, g: int) -> int:
+    """The seed of the epoch's global batch g (its MLM masks; g = -1: an IterableDataset's whole stream)."""
+    return ((run_seed * 1_000_003 + epoch) * 1_000_003 + g) % 2 ** 63
+
+
 class _RankBatches:
     """One rank's batches of an epoch: dataset indices back to back in an int64 array and where each batch starts
     (8 bytes an index: Python lists of the 7.8 M windows of a 2 GB token file took 677 MB). Batch i is the epoch's
@@ -128,8 +133,7 @@ class _RankBatches:
         return self.flat[self.starts[i]:self.starts[i + 1]].tolist()
 
     def seed(self, i: int) -> int:
-        g = self.rank + i * self.world
-        return ((self.run_seed * 1_000_003 + self.epoch) * 1_000_003 + g) % 2 ** 63
+        return _batch_seed(self.run_seed, self.epoch, self.rank + i * self.world)
 
 
 class Trainer:
@@ -344,9 +348,7 @@ class Trainer:
         gen = getattr(getattr(sampler, "sampler", None), "generator", None)
         if gen is not None:
             gen.manual_seed(self.seed + epoch)  # the same order in a resumed run
-        set_epoch = getattr(self.train_loader.dataset, "set_epoch", None)
-        if callable(set_epoch):  # datasets that draw per epoch (TokenDataset's random windows)
-            set_epoch(epoch)
+        self._set_epoch(epoch)
         plan = self._standard_plan(sampler, epoch)
         if plan is not None:
             return plan
@@ -369,6 +371,11 @@ class Trainer:
                     starts.append(len(flat))
         return _RankBatches(np.frombuffer(flat, dtype=np.int64), np.frombuffer(starts, dtype=np.int64), self.seed,
                             epoch, self.rank, self.world)
+
+    def _set_epoch(self, epoch: int) -> None:
+        set_epoch = getattr(self.train_loader.dataset, "set_epoch", None)
+        if callable(set_epoch):  # datasets that draw per epoch (TokenDataset's random windows, a user's stream)
+            set_epoch(epoch)
 
     def _standard_plan(self, sampler, epoch: int) -> Optional[_RankBatches]:
         """_epoch_batches for torch's own BatchSampler over a RandomSampler (without replacement, one pass, with a
@@ -423,11 +430,9 @@ class Trainer:
         dropout stream, so a resume (which reads the epoch again from its start and skips `skip` groups) sees
         the same batches. The stream must give the same batches in the same order on every rank and each time
         an epoch is read (seeded by set_epoch, if it has one)."""
-        set_epoch = getattr(self.train_loader.dataset, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
+        self._set_epoch(epoch)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + 7) % 2 ** 63)
+            torch.manual_seed(_batch_seed(self.seed, epoch, -1))
             it = iter(self.train_loader)
             data_rng = torch.get_rng_state()
 
@@ -532,7 +537,8 @@ class Trainer:
         improved = metrics_lib.better(metric, st["best"], self.greater, self.min_delta)
         if improved:
             st["best"], st["best_step"], st["best_epoch"], st["bad_evals"] = metric, st["step"], st["epoch"], 0
-            self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            # by unique names, as best_model/ holds them (a tied embedding once)
+            self._best_weights = {k: v.to("cpu", copy=True) for k, v in unique_state_dict(self.model).items()}
             self._save("best_model")
         else:
             st["bad_evals"] += 1
@@ -698,7 +704,6 @@ class Trainer:
         if st["train_loss_n"]:
             self._evaluate_and_checkpoint()
         if self.restore_best_weights and self._best_weights is not None:
-            # by the unique names: a best_model/ read back from disk holds tied weights once (no lm_head.weight)
             with torch.no_grad():
                 for name, t in unique_state_dict(self.model).items():
                     t.copy_(self._best_weights[name])
@@ -724,8 +729,8 @@ class Trainer:
         """The monitored loss at its best; with another metric monitored, the validation loss of the best
         evaluation."""
         st = self.state
-        if self.monitor == "loss" or st["best_step"] is None:
-            return st["best"] if self.monitor == "loss" else None
+        if self.monitor == "loss":
+            return st["best"]
         return next((h["val_loss"] for h in st["history"] if h["step"] == st["best_step"]), None)
 
     def _optimizer_step(self, loss_value: float) -> None:
