@@ -3,8 +3,9 @@
 Configuration as nanoGPT's shakespeare_char CPU example: 90/10 split by position, n_layer 4, n_head 4,
 n_embd 128, block 64, batch 12, 2000 iterations, lr 1e-3 -> 1e-4 cosine with 100 warmup, AdamW betas
 (0.9, 0.99), weight decay 0.1, grad clip 1.0, dropout 0, no biases. Both runs draw the same batches
-from the same seed; minillm's model trains with minillm's optimizer (the Trainer's make_adamw: fused), the
-plain one with torch's AdamW as nanoGPT runs it on a CPU. Reports minillm's validation loss after --iters
+from the same seed; minillm's model trains with minillm's optimizer step as the Trainer runs it (make_adamw:
+fused, with the clip coefficient applied in its pass, clip_grad_norm_and_step), the plain one with torch's AdamW
+and clip_grad_norm_ as nanoGPT runs them on a CPU. Reports minillm's validation loss after --iters
 iterations (mean over --eval-iters batches; --plain-full-run trains the plain model as long for its loss too)
 and ms per iteration of both, measured side by side in alternating rounds.
 
@@ -99,7 +100,7 @@ def main() -> None:
 
     from minillm.models import DecoderOnlyModel
     from minillm.tokenizers import CharTokenizer
-    from minillm.training.trainer import make_adamw
+    from minillm.training.optim import clip_grad_norm_and_step, make_adamw
 
     if not os.path.isfile(args.data):
         sys.exit(f"no data at {args.data}")
@@ -149,13 +150,13 @@ def main() -> None:
             self.model, self.forward, self.it, self.times = model, forward, 0, []
             self.bf16 = bf16  # bf16 autocast (fp32 weights and optimizer), as Trainer(bf16=True)
             if minillm_optimizer:  # as minillm's Trainer trains: its AdamW (fused) and clipping
-                self.opt, self.foreach = make_adamw(model, 1e-3, 0.1, (0.9, 0.99)), True
+                self.opt, self.fold_clip = make_adamw(model, 1e-3, 0.1, (0.9, 0.99)), True
             else:  # as nanoGPT's loop on a CPU: torch's AdamW as it runs there by default (not fused)
                 decay = [p for p in model.parameters() if p.dim() >= 2]
                 no_decay = [p for p in model.parameters() if p.dim() < 2]
                 self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                               {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
-                self.foreach = None
+                self.fold_clip = False
             self.gen = torch.Generator().manual_seed(args.seed)
 
         def steps(self, n):
@@ -168,8 +169,11 @@ def main() -> None:
                     loss = self.forward(self.model, x, y)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=self.foreach)
-                self.opt.step()
+                if self.fold_clip:  # as the Trainer steps: the clip coefficient applied in the fused AdamW's pass
+                    clip_grad_norm_and_step(self.opt, self.model.parameters(), 1.0)
+                else:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    self.opt.step()
                 self.times.append(time.perf_counter() - t0)
                 self.it += 1
 
