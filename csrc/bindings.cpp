@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <initializer_list>
@@ -18,6 +19,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -79,6 +81,7 @@ struct AttnFwdIn {
   Sizes sizes;
   int64_t kv_heads = 0;    // grouped-query attention: k/v have this many heads (0: H)
   Strides q_strides, k_strides, v_strides;
+  Strides out_strides{};   // {0, 0, 0}: out contiguous
   bool causal;
   int64_t causal_offset;
   double scale;
@@ -94,6 +97,7 @@ struct AttnBwdIn {
   Sizes sizes;
   int64_t kv_heads = 0;
   Strides dout_strides, q_strides, k_strides, v_strides, out_strides;
+  Strides dq_strides{}, dk_strides{}, dv_strides{};  // {0, 0, 0}: contiguous
   bool causal;
   int64_t causal_offset;
   double scale;
@@ -252,6 +256,22 @@ struct AttnShape {
   void* dense_out(const Buf& b, const char* name, int64_t n, int64_t heads = 0) const {
     return checked<void*>(b, name, item, {dense({sz[0], heads ? heads : sz[1], n, sz[4]})});
   }
+  // An output (B, heads, n, D) written with element strides s for (b, h, n) and unit stride along D, or contiguous
+  // when s is {0, 0, 0}. Its rows are written by several threads, so no two elements may share an address: the
+  // strides, sorted, must each step past everything the smaller ones span.
+  void* strided_out(const Buf& b, const char* name, int64_t n, const Strides& s, int64_t heads = 0) const {
+    if (s[0] == 0 && s[1] == 0 && s[2] == 0) return dense_out(b, name, n, heads);
+    const int64_t h = heads ? heads : sz[1];
+    std::array<std::pair<int64_t, int64_t>, 3> dims = {{{s[0], sz[0]}, {s[1], h}, {s[2], n}}};  // (stride, size)
+    std::sort(dims.begin(), dims.end());
+    int64_t span = sz[4];  // elements 0 .. span - 1 reached by the dims so far (a row of D)
+    for (const auto& d : dims) {
+      if (d.second == 1) continue;
+      if (d.first < span) fail(std::string(name) + " strides overlap: the kernel writes every element once");
+      span = d.first * (d.second - 1) + span;
+    }
+    return checked<void*>(b, name, item, {{sz[0], s[0]}, {h, s[1]}, {n, s[2]}, {sz[4], 1}});
+  }
   template <typename P>
   P lse(const Buf& b, const char* name, bool optional = false) const {
     return checked<P>(b, name, acc, {dense({sz[0], sz[1], sz[2]})}, optional);
@@ -290,7 +310,7 @@ AttnFwdArgs fwd_args(const AttnFwdIn& in) {
   a.k = s.strided(in.k, "k", sz[3], in.k_strides, Hkv);
   a.v = s.strided(in.v, "v", sz[3], in.v_strides, Hkv);
   a.Hkv = Hkv;
-  a.out = s.dense_out(in.out, "out", sz[2]);
+  a.out = s.strided_out(in.out, "out", sz[2], in.out_strides);
   a.lse = s.lse<void*>(in.lse, "lse");
   a.kpm = s.mask(in.key_padding_mask, "key_padding_mask", sz[3]);
   a.qpm = s.mask(in.query_padding_mask, "query_padding_mask", sz[2]);
@@ -298,6 +318,7 @@ AttnFwdArgs fwd_args(const AttnFwdIn& in) {
   copy3(a.q_stride, in.q_strides);
   copy3(a.k_stride, in.k_strides);
   copy3(a.v_stride, in.v_strides);
+  copy3(a.o_stride, in.out_strides);
   a.causal = in.causal;
   a.causal_offset = in.causal_offset;
   a.scale = in.scale;
@@ -325,15 +346,18 @@ AttnBwdArgs bwd_args(const AttnBwdIn& in) {
   a.dlse = s.lse<const void*>(in.dlse, "dlse", true);
   a.kpm = s.mask(in.key_padding_mask, "key_padding_mask", sz[3]);
   a.qpm = s.mask(in.query_padding_mask, "query_padding_mask", sz[2]);
-  a.dq = s.dense_out(in.dq, "dq", sz[2]);
-  a.dk = s.dense_out(in.dk, "dk", sz[3], Hkv);
-  a.dv = s.dense_out(in.dv, "dv", sz[3], Hkv);
+  a.dq = s.strided_out(in.dq, "dq", sz[2], in.dq_strides);
+  a.dk = s.strided_out(in.dk, "dk", sz[3], in.dk_strides, Hkv);
+  a.dv = s.strided_out(in.dv, "dv", sz[3], in.dv_strides, Hkv);
   a.B = sz[0], a.H = sz[1], a.Nq = sz[2], a.Nk = sz[3], a.D = sz[4];
   copy3(a.do_stride, in.dout_strides);
   copy3(a.q_stride, in.q_strides);
   copy3(a.k_stride, in.k_strides);
   copy3(a.v_stride, in.v_strides);
   copy3(a.o_stride, in.out_strides);
+  copy3(a.dq_stride, in.dq_strides);
+  copy3(a.dk_stride, in.dk_strides);
+  copy3(a.dv_stride, in.dv_strides);
   a.causal = in.causal;
   a.causal_offset = in.causal_offset;
   a.scale = in.scale;
@@ -351,10 +375,11 @@ AttnBwdArgs bwd_args(const AttnBwdIn& in) {
       MINILLM_FIELD(In, q_strides), MINILLM_FIELD(In, k_strides), MINILLM_FIELD(In, v_strides),                 \
       MINILLM_FIELD(In, causal), MINILLM_FIELD(In, causal_offset), MINILLM_FIELD(In, scale), MINILLM_FIELD(In, dtype)
 
-std::array<Field<AttnFwdIn>, 18> attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
+std::array<Field<AttnFwdIn>, 19> attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
                                                            MINILLM_OPTIONAL(AttnFwdIn, nthreads),
                                                            MINILLM_OPTIONAL(AttnFwdIn, kv_heads),
-                                                           MINILLM_OPTIONAL(AttnFwdIn, mods)}};
+                                                           MINILLM_OPTIONAL(AttnFwdIn, mods),
+                                                           MINILLM_OPTIONAL(AttnFwdIn, out_strides)}};
 
 void attention_fwd(const AttnFwdIn& in) {
   const AttnFwdArgs a = fwd_args(in);
@@ -374,10 +399,13 @@ void attention_fwd(const AttnFwdIn& in) {
       MINILLM_FIELD(In, k_strides), MINILLM_FIELD(In, v_strides), MINILLM_FIELD(In, out_strides),                     \
       MINILLM_FIELD(In, causal), MINILLM_FIELD(In, causal_offset), MINILLM_FIELD(In, scale), MINILLM_FIELD(In, dtype)
 
-std::array<Field<AttnBwdIn>, 25> attention_bwd_fields = {{MINILLM_ATTN_BWD_FIELDS(AttnBwdIn),
+std::array<Field<AttnBwdIn>, 28> attention_bwd_fields = {{MINILLM_ATTN_BWD_FIELDS(AttnBwdIn),
                                                            MINILLM_OPTIONAL(AttnBwdIn, nthreads),
                                                            MINILLM_OPTIONAL(AttnBwdIn, kv_heads),
-                                                           MINILLM_OPTIONAL(AttnBwdIn, mods)}};
+                                                           MINILLM_OPTIONAL(AttnBwdIn, mods),
+                                                           MINILLM_OPTIONAL(AttnBwdIn, dq_strides),
+                                                           MINILLM_OPTIONAL(AttnBwdIn, dk_strides),
+                                                           MINILLM_OPTIONAL(AttnBwdIn, dv_strides)}};
 
 void attention_bwd(const AttnBwdIn& in) {
   const AttnBwdArgs a = bwd_args(in);

@@ -16,9 +16,12 @@ void run_cuda(F&& launch) {
   if (status != 0) throw std::runtime_error(error);
 }
 
-std::array<Field<AttnFwdIn>, 17> cuda_attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
+// minillm/ops/attention.py passes kv_heads and mods on every call; the outputs are contiguous (no *_strides).
+std::array<Field<AttnFwdIn>, 19> cuda_attention_fwd_fields = {{MINILLM_ATTN_FWD_FIELDS(AttnFwdIn),
                                                                 MINILLM_FIELD(AttnFwdIn, device),
-                                                                MINILLM_FIELD(AttnFwdIn, stream)}};
+                                                                MINILLM_FIELD(AttnFwdIn, stream),
+                                                                MINILLM_OPTIONAL(AttnFwdIn, kv_heads),
+                                                                MINILLM_OPTIONAL(AttnFwdIn, mods)}};
 
 // No CUDA kernel takes an additive bias; grouped-query heads and the other modifiers run on the tensor-core
 // kernels, and the launchers refuse (with a message) what neither kernel takes.
@@ -32,10 +35,12 @@ void cuda_attention_fwd(const AttnFwdIn& in) {
   run_cuda([&](std::string* e) { return minillm::cuda_api::attention_fwd(a, in.device, in.stream, e); });
 }
 
-std::array<Field<AttnBwdIn>, 25> cuda_attention_bwd_fields = {{MINILLM_ATTN_BWD_FIELDS(AttnBwdIn),
+std::array<Field<AttnBwdIn>, 27> cuda_attention_bwd_fields = {{MINILLM_ATTN_BWD_FIELDS(AttnBwdIn),
                                                                 MINILLM_FIELD(AttnBwdIn, delta),
                                                                 MINILLM_FIELD(AttnBwdIn, device),
-                                                                MINILLM_FIELD(AttnBwdIn, stream)}};
+                                                                MINILLM_FIELD(AttnBwdIn, stream),
+                                                                MINILLM_OPTIONAL(AttnBwdIn, kv_heads),
+                                                                MINILLM_OPTIONAL(AttnBwdIn, mods)}};
 
 void cuda_attention_bwd(const AttnBwdIn& in) {
   const AttnBwdArgs a = bwd_args(in);

@@ -41,8 +41,9 @@ struct AttnMods {
 };
 
 // Attention forward. q: (B, H, Nq, D), k/v: (B, Hkv, Nk, D), each with element strides for (b, h, n)
-// and unit stride along D. out: contiguous (B, H, Nq, D) of the input dtype; lse: contiguous
-// (B, H, Nq) in the accumulation type (float, or double for F64).
+// and unit stride along D. out: (B, H, Nq, D) of the input dtype, element strides o_stride for (b, h, n) and
+// unit stride along D; o_stride[2] == 0 (as zero-initialised) means contiguous; lse: contiguous (B, H, Nq) in the
+// accumulation type (float, or double for F64).
 // Key j is visible to query i when kpm[b*Nk + j] != 0 (if kpm is set) and, if causal,
 // j <= i + causal_offset. A query with qpm[b*Nq + i] == 0 (if qpm is set) is not computed: out = 0,
 // lse = +inf, and zero gradients, like a query that sees no key.
@@ -59,6 +60,7 @@ struct AttnFwdArgs {
   // 0 means H (one key/value head per query head). The CUDA kernels take Hkv = H only.
   int64_t Hkv;
   int64_t q_stride[3], k_stride[3], v_stride[3];
+  int64_t o_stride[3];  // of out; {0, 0, 0}: contiguous
   bool causal;
   int64_t causal_offset;
   double scale;
@@ -68,8 +70,10 @@ struct AttnFwdArgs {
 };
 
 // Attention backward. dout/out are strided like q; dlse (optional) and lse are contiguous
-// (B, H, Nq) in the accumulation type. dq: contiguous (B, H, Nq, D), dk/dv: contiguous (B, Hkv, Nk, D), of
-// the input dtype (grouped-query attention sums each key/value head's gradient over its query heads).
+// (B, H, Nq) in the accumulation type. dq: (B, H, Nq, D), dk/dv: (B, Hkv, Nk, D), of the input dtype
+// (grouped-query attention sums each key/value head's gradient over its query heads), with element strides
+// dq_stride / dk_stride / dv_stride for (b, h, n) and unit stride along D; a stride triple with [2] == 0 (as
+// zero-initialised) means contiguous. The three may be slices of one buffer (q/k/v packed in one projection).
 struct AttnBwdArgs {
   const void* dout;
   const void* q;
@@ -86,6 +90,7 @@ struct AttnBwdArgs {
   int64_t B, H, Nq, Nk, D;
   int64_t Hkv;  // as in AttnFwdArgs; 0 means H
   int64_t do_stride[3], q_stride[3], k_stride[3], v_stride[3], o_stride[3];
+  int64_t dq_stride[3], dk_stride[3], dv_stride[3];  // of the outputs; {0, 0, 0}: contiguous
   bool causal;
   int64_t causal_offset;
   double scale;

@@ -264,14 +264,14 @@ struct BwdF32 {
     const T scale = static_cast<T>(a.scale);
     const int64_t Nq = a.Nq;
     for (int64_t i = 0; i < Nq; ++i)
-      store_row<T>(dQ + i * Dp, D, scale, a.dtype, const_cast<void*>(at(a.dq, a.dtype, (bh * Nq + i) * D)));
+      store_row<T>(dQ + i * Dp, D, scale, a.dtype, out_at(a, a.dq, a.dq_stride, a.H, Nq, bh, i));
   }
 
   void store_dkv(int64_t bkv) const {
     const int64_t Nk = a.Nk;
     for (int64_t j = 0; j < Nk; ++j) {
-      store_row<T>(dK + j * Dp, D, T(1), a.dtype, const_cast<void*>(at(a.dk, a.dtype, (bkv * Nk + j) * D)));
-      store_row<T>(dV + j * Dp, D, T(1), a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bkv * Nk + j) * D)));
+      store_row<T>(dK + j * Dp, D, T(1), a.dtype, out_at(a, a.dk, a.dk_stride, kv_heads(a), Nk, bkv, j));
+      store_row<T>(dV + j * Dp, D, T(1), a.dtype, out_at(a, a.dv, a.dv_stride, kv_heads(a), Nk, bkv, j));
     }
   }
 };
@@ -431,7 +431,7 @@ struct BwdBf16 {
   void store_dq(int64_t bh) const {
     const int64_t Nq = a.Nq;
     for (int64_t i = 0; i < Nq; ++i)
-      store_row<float>(dQ + i * Dp, D, row_scale, a.dtype, const_cast<void*>(at(a.dq, a.dtype, (bh * Nq + i) * D)));
+      store_row<float>(dQ + i * Dp, D, row_scale, a.dtype, out_at(a, a.dq, a.dq_stride, a.H, Nq, bh, i));
   }
 
   void store_dkv(int64_t bkv) const {
@@ -444,9 +444,10 @@ struct BwdBf16 {
         transpose8_rows(dKT + d0 * NkP + j0, NkP, nj, f0 + d0, Dp);
         transpose8_rows(dVT + d0 * NkP + j0, NkP, nj, f1 + d0, Dp);
       }
+      const int64_t Hkv = kv_heads(a);
       for (int64_t j = j0; j < imin(Nk, j0 + kOutKeys); ++j) {
-        store_row<float>(f0 + (j - j0) * Dp, D, row_scale, a.dtype, const_cast<void*>(at(a.dk, a.dtype, (bkv * Nk + j) * D)));
-        store_row<float>(f1 + (j - j0) * Dp, D, 1.0f, a.dtype, const_cast<void*>(at(a.dv, a.dtype, (bkv * Nk + j) * D)));
+        store_row<float>(f0 + (j - j0) * Dp, D, row_scale, a.dtype, out_at(a, a.dk, a.dk_stride, Hkv, Nk, bkv, j));
+        store_row<float>(f1 + (j - j0) * Dp, D, 1.0f, a.dtype, out_at(a, a.dv, a.dv_stride, Hkv, Nk, bkv, j));
       }
     }
   }

@@ -21,6 +21,22 @@ static_assert(kBkFwd % kPanel<float> == 0 && kBkFwd % kPanel<double> == 0 && kBk
 
 // ---- attention ----
 
+// Element offset of row n of (b, h) = (bh / heads, bh % heads) in an output (B, heads, N, D) with element strides
+// st for (b, h, n) and unit stride along D; st[2] == 0 means contiguous (csrc/kernels.h).
+inline int64_t out_row(const int64_t* st, int64_t heads, int64_t N, int64_t D, int64_t bh, int64_t n) {
+  if (st[2] == 0) return (bh * N + n) * D;
+  return (bh / heads) * st[0] + (bh % heads) * st[1] + n * st[2];
+}
+
+// The key/value heads of a backward call (0 in the arguments means H).
+inline int64_t kv_heads(const AttnBwdArgs& a) { return a.Hkv > 0 ? a.Hkv : a.H; }
+
+// Row n of (b, h) = (bh / heads, bh % heads) of a backward output (dq, dk or dv) of strides st.
+inline void* out_at(const AttnBwdArgs& a, void* out, const int64_t* st, int64_t heads, int64_t N, int64_t bh,
+                    int64_t n) {
+  return const_cast<void*>(at(out, a.dtype, out_row(st, heads, N, a.D, bh, n)));
+}
+
 // The key/value head that query head h reads (grouped-query attention: Hkv heads serve H query heads).
 inline int64_t kv_head(const AttnFwdArgs& a, int64_t h) { return a.Hkv > 0 && a.Hkv != a.H ? h / (a.H / a.Hkv) : h; }
 
@@ -155,10 +171,11 @@ inline bool any_query(const uint8_t* qpm, int64_t i0, int64_t i1) {
 
 // The output of a query that is padded or sees no key: zeros, and lse = +inf so that backward's P is 0.
 template <typename T>
-inline void write_empty_row(const AttnFwdArgs& a, int64_t row, T* scratch, int64_t Dp) {
+inline void write_empty_row(const AttnFwdArgs& a, int64_t bh, int64_t i, T* scratch, int64_t Dp) {
   std::memset(scratch, 0, sizeof(T) * Dp);
-  store_row<T>(scratch, a.D, T(1), a.dtype, const_cast<void*>(at(a.out, a.dtype, row * a.D)));
-  static_cast<T*>(a.lse)[row] = INFINITY;
+  void* orow = const_cast<void*>(at(a.out, a.dtype, out_row(a.o_stride, a.H, a.Nq, a.D, bh, i)));
+  store_row<T>(scratch, a.D, T(1), a.dtype, orow);
+  static_cast<T*>(a.lse)[bh * a.Nq + i] = INFINITY;
 }
 
 }  // namespace

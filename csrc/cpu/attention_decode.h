@@ -55,7 +55,7 @@ int attention_decode_impl(const AttnFwdArgs& a) {
       const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
       for (int64_t i = 0; i < Nq; ++i) {
         if (qpm && !qpm[i]) {
-          write_empty_row<T>(a, bh * Nq + i, acc, Dp);
+          write_empty_row<T>(a, bh, i, acc, Dp);
           continue;
         }
         load_row<T>(at(a.q, a.dtype, b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2]), a.dtype, D, Dp,
@@ -85,7 +85,7 @@ int attention_decode_impl(const AttnFwdArgs& a) {
           m = s[j] > m ? s[j] : m;
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i;
-        void* orow = const_cast<void*>(at(a.out, a.dtype, (bh * Nq + i) * D));
+        void* orow = const_cast<void*>(at(a.out, a.dtype, out_row(a.o_stride, a.H, Nq, D, bh, i)));
         for (int64_t c = 0; c < Dp; ++c) acc[c] = 0;
         const T shift = m == -INFINITY ? T(0) : m;
         T l = mods.sink == -INFINITY ? T(0) : std::exp(mods.sink - shift);

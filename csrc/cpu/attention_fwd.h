@@ -71,7 +71,7 @@ int attention_fwd_blocks(const AttnFwdArgs& a, const FwdBlocks& fb) {
       if (q_begin >= q_end) continue;
       const uint8_t* qpm = a.qpm ? a.qpm + b * Nq : nullptr;
       if (!any_query(qpm, q_begin, q_end)) {  // every query here is padding: nothing to read
-        for (int64_t i = q_begin; i < q_end; ++i) write_empty_row<T>(a, bh * Nq + i, acc, Dp);
+        for (int64_t i = q_begin; i < q_end; ++i) write_empty_row<T>(a, bh, i, acc, Dp);
         continue;
       }
       const uint8_t* kpm = a.kpm ? a.kpm + b * Nk : nullptr;
@@ -84,7 +84,7 @@ int attention_fwd_blocks(const AttnFwdArgs& a, const FwdBlocks& fb) {
       for (int64_t i0 = q_begin; i0 < q_end; i0 += BQ) {
         const int64_t rows = imin(BQ, q_end - i0);
         if (!any_query(qpm, i0, i0 + rows)) {
-          for (int64_t r = 0; r < rows; ++r) write_empty_row<T>(a, bh * Nq + i0 + r, acc, Dp);
+          for (int64_t r = 0; r < rows; ++r) write_empty_row<T>(a, bh, i0 + r, acc, Dp);
           continue;
         }
         kern.load_queries(i0, rows, q_end);
@@ -118,7 +118,7 @@ int attention_fwd_blocks(const AttnFwdArgs& a, const FwdBlocks& fb) {
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
         for (int64_t r = 0; r < rows; ++r) {
-          void* orow = const_cast<void*>(at(a.out, a.dtype, (bh * Nq + i0 + r) * D));
+          void* orow = const_cast<void*>(at(a.out, a.dtype, out_row(a.o_stride, a.H, Nq, D, bh, i0 + r)));
           if (l[r] == T(0) || (qpm && !qpm[i0 + r])) {  // padded query, or no visible key: the row is 0
             std::memset(acc + r * Dp, 0, sizeof(T) * Dp);
             store_row<T>(acc + r * Dp, D, T(1), a.dtype, orow);

@@ -234,6 +234,12 @@ class Attention(nn.Module):
             out = packed.pack(out.permute(0, 2, 1, 3)).flatten(1)  # (T, H, Dh) -> (T, C)
             return dropout(self.dropout, self.proj(out))
         B, N, C = x.shape
+        if not self.cross and rope is None and cache is None:
+            # q, k and v read in place from the projection, whose gradient the backward writes in one piece
+            qkv = self.qkv(x).view(B, N, self.heads + 2 * self.kv_heads, self.head_dim)  # (B, N, H + 2 Hkv, Dh)
+            out = ops.attention_qkvpacked(qkv, self.heads, kv_heads=self.kv_heads, causal=causal,
+                                          key_padding_mask=key_padding_mask, window=window)  # (B, N, H, Dh)
+            return dropout(self.dropout, self.proj(out.reshape(B, N, C)))
         if self.cross:
             (q,) = self._split(self.q(x), 1)
             k, v = memory_kv

@@ -74,12 +74,16 @@ def _mods_arg(window_left, window_right, softcap, alibi, bias, sinks, dbias, sha
 # keywords as its AttnFwdIn / AttnBwdIn). `cuda`: the CUDA binding's device index and stream, else the CPU kernel.
 # `mods`: the score modifiers (window_left, window_right, softcap, alibi, bias, sinks; no bias on CUDA), or
 # nothing for plain attention (which then costs no more than it did before they existed).
-def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods, cuda=None):
+def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offset, scale, *mods, cuda=None,
+             out=None):
+    """out: None, or a (B, H, Nq, D) tensor with unit stride along D to write into (CPU only; strided, e.g. a
+    transposed (B, Nq, H, D) buffer)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, Nq, D = q.shape  # q (B, H, Nq, D), k / v (B, Hkv, Nk, D)
     Nk = k.shape[2]
     # Positional sizes: the tuple form of new_empty costs twice as much (~1.5 us each), a tenth of a small call.
-    out = q.new_empty(B, H, Nq, D)
+    strided = out is not None
+    out = q.new_empty(B, H, Nq, D) if out is None else out
     acc = _acc_dtype(q.dtype)
     lse = q.new_empty(B, H, Nq, dtype=acc)
     if B * H * Nq * D == 0 or Nk == 0:
@@ -92,12 +96,13 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
     kpm, qpm = _mask(key_padding_mask), _mask(query_padding_mask)  # kept alive until the call returns
     if cuda is None:
         mods, keep = _mods_arg(*mods, None, (B, H, Nq, Nk), acc) if mods else (None, None)
+        extra = {"out_strides": out.stride()[:3]} if strided else {}
         _backend._C.attention_fwd(
-            q=buf(q), k=buf(k), v=buf(v), out=dense(out), lse=dense(lse), key_padding_mask=dense(kpm),
-            query_padding_mask=dense(qpm), sizes=(B, H, Nq, Nk, D), q_strides=q.stride()[:3],
-            k_strides=k.stride()[:3], v_strides=v.stride()[:3], causal=causal, causal_offset=causal_offset,
-            scale=scale, dtype=_backend.DTYPE_CODE[q.dtype], nthreads=_threads(B * H * Nq * Nk * D),
-            kv_heads=k.shape[1], mods=mods)
+            q=buf(q), k=buf(k), v=buf(v), out=buf(out) if strided else dense(out), lse=dense(lse),
+            key_padding_mask=dense(kpm), query_padding_mask=dense(qpm), sizes=(B, H, Nq, Nk, D),
+            q_strides=q.stride()[:3], k_strides=k.stride()[:3], v_strides=v.stride()[:3], causal=causal,
+            causal_offset=causal_offset, scale=scale, dtype=_backend.DTYPE_CODE[q.dtype],
+            nthreads=_threads(B * H * Nq * Nk * D), kv_heads=k.shape[1], mods=mods, **extra)
     else:
         mods, keep = _mods_arg(*mods, None, (B, H, Nq, Nk), acc) if mods else (None, None)
         _backend._C.cuda_attention_fwd(
@@ -110,9 +115,10 @@ def _forward(q, k, v, key_padding_mask, query_padding_mask, causal, causal_offse
 
 
 def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mask, causal, causal_offset, scale,
-              *mods, cuda=None):
+              *mods, cuda=None, into=None):
     """(dq, dk, dv, dbias). mods: nothing, or (window_left, window_right, softcap, alibi, bias, bias_grad); dbias is
-    dL/ds (B, H, Nq, Nk) in the accumulation dtype when bias_grad, else None."""
+    dL/ds (B, H, Nq, Nk) in the accumulation dtype when bias_grad, else None. into: None, or (dq, dk, dv) to write
+    into (CPU only): tensors of q's / k's shapes with unit stride along D, e.g. slices of one packed buffer."""
     H, Hkv = q.shape[1], k.shape[1]
     # Grouped-query attention with K/V repeated per query head: the CPU kernel's work items are (b, key/value
     # head), so with fewer of them than threads a copy keeps every thread busy (B1 H8 Hkv1 N1024 D64 causal
@@ -127,12 +133,18 @@ def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mas
         B, _, Nk, D = k.shape
         # (B, H, Nk, D) -> (B, Hkv, G, Nk, D), summed over the group in fp32 (fp64 for fp64)
         acc = _acc_dtype(q.dtype)
-        return (dq, dk.view(B, Hkv, G, Nk, D).to(acc).sum(2).to(k.dtype),
-                dv.view(B, Hkv, G, Nk, D).to(acc).sum(2).to(v.dtype), dbias)
+        grads = (dq, dk.view(B, Hkv, G, Nk, D).to(acc).sum(2).to(k.dtype),
+                 dv.view(B, Hkv, G, Nk, D).to(acc).sum(2).to(v.dtype))
+        if into is not None:
+            grads = tuple(t.copy_(g) for t, g in zip(into, grads))
+        return grads + (dbias,)
     dout, q, k, v, out = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    dq, dk, dv = q.new_empty(B, H, Nq, D), k.new_empty(B, Hkv, Nk, D), v.new_empty(B, Hkv, Nk, D)  # contiguous
+    if into is None:
+        dq, dk, dv = q.new_empty(B, H, Nq, D), k.new_empty(B, Hkv, Nk, D), v.new_empty(B, Hkv, Nk, D)  # contiguous
+    else:
+        dq, dk, dv = into
     # Zeros: the kernel writes the rows and blocks it computes, and the rest have no gradient.
     dbias = q.new_zeros(B, H, Nq, Nk, dtype=_acc_dtype(q.dtype)) if mods and mods[5] else None
     if B * H * Nq * D == 0 or Nk == 0:
@@ -144,13 +156,16 @@ def _backward(dout, q, k, v, out, lse, dlse, key_padding_mask, query_padding_mas
     if cuda is None:
         mods, keep = (_mods_arg(*mods[:5], None, dbias, (B, H, Nq, Nk), _acc_dtype(q.dtype)) if mods
                       else (None, None))
+        extra = ({"dq_strides": dq.stride()[:3], "dk_strides": dk.stride()[:3], "dv_strides": dv.stride()[:3]}
+                 if into is not None else {})
+        out_buf = buf if into is not None else dense
         _backend._C.attention_bwd(
             dout=buf(dout), q=buf(q), k=buf(k), v=buf(v), out=buf(out), lse=dense(lse), dlse=dense(dlse),
-            key_padding_mask=dense(kpm), query_padding_mask=dense(qpm), dq=dense(dq), dk=dense(dk), dv=dense(dv),
-            sizes=(B, H, Nq, Nk, D), dout_strides=dout.stride()[:3], q_strides=q.stride()[:3],
+            key_padding_mask=dense(kpm), query_padding_mask=dense(qpm), dq=out_buf(dq), dk=out_buf(dk),
+            dv=out_buf(dv), sizes=(B, H, Nq, Nk, D), dout_strides=dout.stride()[:3], q_strides=q.stride()[:3],
             k_strides=k.stride()[:3], v_strides=v.stride()[:3], out_strides=out.stride()[:3], causal=causal,
             causal_offset=causal_offset, scale=scale, dtype=_backend.DTYPE_CODE[q.dtype],
-            nthreads=_threads(3 * B * H * Nq * Nk * D), kv_heads=Hkv, mods=mods)
+            nthreads=_threads(3 * B * H * Nq * Nk * D), kv_heads=Hkv, mods=mods, **extra)
     else:
         if (mods or Hkv != H) and not _cuda_rows_aligned(dout):
             dout = dout.contiguous()  # the tensor-core kernels copy rows by 16 bytes (D % 8 == 0 holds)
@@ -407,6 +422,42 @@ class _AttentionFunction(torch.autograd.Function):
         return _grads(ctx, dout, dlse, _backward)
 
 
+def _packed_views(qkv: Tensor, heads: int, kv_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(B, N, H + 2 Hkv, D) -> q (B, H, N, D), k and v (B, Hkv, N, D): strided views, no copy."""
+    heads_first = qkv.transpose(1, 2)  # (B, H + 2 Hkv, N, D)
+    return heads_first[:, :heads], heads_first[:, heads:heads + kv_heads], heads_first[:, heads + kv_heads:]
+
+
+class _PackedAttentionFunction(torch.autograd.Function):
+    """Eager CPU attention over one packed projection, qkv (B, N, H + 2 Hkv, D) -> out (B, N, H, D). The kernels
+    read q, k and v in place, write the output rows in (B, N, H, D) order, and write dq, dk and dv into one
+    (B, N, H + 2 Hkv, D) gradient: the gradient of the projection itself. Separate q, k, v views would leave
+    autograd to stack their three gradients and copy them back to the projection's layout, and the output's
+    transpose to (B, N, C) another copy (together ~0.3 ms a layer of nanoGPT's baby GPT at batch 12 x 64)."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads, kv_heads, key_padding_mask, causal, scale, window_left, window_right):
+        B, N, _, D = qkv.shape
+        q, k, v = _packed_views(qkv, heads, kv_heads)
+        mods = () if window_left < 0 and window_right < 0 else (window_left, window_right, 0.0, None, None, None)
+        out = qkv.new_empty(B, N, heads, D)
+        _, lse = _forward(q, k, v, key_padding_mask, None, causal, 0, scale, *mods, out=out.transpose(1, 2))
+        ctx.heads, ctx.kv_heads, ctx.causal, ctx.scale = heads, kv_heads, causal, scale
+        ctx.mods = mods[:5] + (False,) if mods else ()
+        ctx.save_for_backward(qkv, out, lse, key_padding_mask)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        qkv, out, lse, key_padding_mask = ctx.saved_tensors
+        q, k, v = _packed_views(qkv, ctx.heads, ctx.kv_heads)
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, N, H + 2 Hkv, D)
+        _backward(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, None, key_padding_mask, None, ctx.causal,
+                  0, ctx.scale, *ctx.mods, into=_packed_views(dqkv, ctx.heads, ctx.kv_heads))
+        return dqkv, None, None, None, None, None, None, None
+
+
 # ---- public API ----
 
 
@@ -639,6 +690,62 @@ def attention(
     window = (-1, -1) if window is None else (int(window[0]), int(window[1]))
     return _run(q, k, v, key_padding_mask, causal, k.shape[2] - q.shape[2], scale, query_padding_mask,
                 (window[0], window[1], float(softcap or 0.0), alibi_slopes, bias, sinks))
+
+
+def attention_qkvpacked(
+    qkv: Tensor,
+    heads: int,
+    *,
+    kv_heads: Optional[int] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    window: Optional[Tuple[int, int]] = None,
+) -> Tensor:
+    """Self-attention over one packed q/k/v projection (flash-attention's ``flash_attn_qkvpacked_func``):
+    :func:`attention` of q = qkv[:, :, :H], k = qkv[:, :, H:H + Hkv], v = qkv[:, :, H + Hkv:], each transposed to
+    (B, heads, N, D), returned as (B, N, H, D).
+
+    Args:
+        qkv: (B, N, H + 2 Hkv, D), e.g. a fused projection's (B, N, 3 C) output viewed as (B, N, 3 H, D).
+        heads: H, the query heads. kv_heads: Hkv (default H), dividing H.
+        causal, key_padding_mask, scale, window: as :func:`attention` (Nq = Nk = N).
+
+    Returns:
+        (B, N, H, D) in qkv's dtype; ``.reshape(B, N, H * D)`` is a view on CPU.
+
+    On CPU (eager) the kernels read q, k, v in place from qkv, write the output in (B, N, H, D) order and the
+    backward writes q's, k's and v's gradients straight into qkv's gradient, sparing the copies that separate
+    views cost. Elsewhere (other devices, torch.compile) it is :func:`attention` of the three views.
+    """
+    if not isinstance(qkv, Tensor) or qkv.dim() != 4:
+        got = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must be a (B, N, H + 2 Hkv, D) tensor, got {got}")
+    kv_heads = heads if kv_heads is None else kv_heads
+    if (not isinstance(heads, int) or not isinstance(kv_heads, int) or heads < 1 or kv_heads < 1
+            or heads % kv_heads or qkv.shape[2] != heads + 2 * kv_heads):
+        raise ValueError(f"qkv's third dim ({qkv.shape[2]}) must be heads + 2 * kv_heads with kv_heads dividing "
+                         f"heads; got heads={heads!r}, kv_heads={kv_heads!r}")
+    q, k, v = _packed_views(qkv, heads, kv_heads)
+    if window is not None:
+        _check_mods(q, k, window, None, None, None, None)
+    if (_device_type(qkv) != "cpu" or not _backend.native_available() or torch.compiler.is_compiling()
+            or qkv.shape[0] * qkv.shape[1] * qkv.shape[3] == 0):
+        return attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                         window=window).transpose(1, 2)
+    _check_inputs(q, k, v, key_padding_mask, None)
+    if causal is not False and causal is not True:
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = _check_scale(scale, qkv.shape[-1])
+    _backend.log_path_once("attention", "cpu", True, "")
+    wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _PackedAttentionFunction.apply(qkv, heads, kv_heads, key_padding_mask, causal, scale, wl, wr)
+    B, N, _, D = qkv.shape
+    out = qkv.new_empty(B, N, heads, D)
+    mods = () if wl < 0 and wr < 0 else (wl, wr, 0.0, None, None, None)
+    _forward(q, k, v, key_padding_mask, None, causal, 0, scale, *mods, out=out.transpose(1, 2))
+    return out
 
 
 def _attention_band(q: Tensor, k: Tensor, v: Tensor, lo: Optional[int], hi: Optional[int], *,

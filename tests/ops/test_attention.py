@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.ops import _backend, attention, force_torch, scaled_dot_product_attention
+from minillm.ops import _backend, attention, attention_qkvpacked, force_torch, scaled_dot_product_attention
 from minillm.ops.attention import _AttentionFunction
 from minillm.ops.reference import attention_reference
 
@@ -530,3 +530,54 @@ def test_grouped_query_heads_must_divide():
         scaled_dot_product_attention(q, k[:, :2], k[:, :2])
     torch.testing.assert_close(scaled_dot_product_attention(q, k[:, :2], k[:, :2], enable_gqa=True),
                                F.scaled_dot_product_attention(q, k[:, :2], k[:, :2], enable_gqa=True))
+
+
+# ---- attention_qkvpacked: one packed projection in, (B, N, H, D) out ----
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2)])
+def test_qkvpacked_paths_agree(H, Hkv):
+    """The eager CPU path (output written in (B, N, H, D) order, one packed gradient) equals the no-grad path
+    bit for bit, and the torch path (force_torch) and the compiled path (attention() of the three views) to
+    rounding; the output reshapes to (B, N, H * D) without a copy and the gradient comes back packed."""
+    torch.manual_seed(0)
+    B, N, D = 2, 45, 16
+    qkv = torch.randn(B, N, H + 2 * Hkv, D)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, 33:] = False
+    grad = torch.randn(B, N, H, D)
+
+    def run(fn=attention_qkvpacked):
+        x = qkv.clone().requires_grad_()
+        out = fn(x, H, kv_heads=Hkv, causal=True, key_padding_mask=mask)
+        out.backward(grad)
+        return out.detach(), x.grad
+
+    out, dqkv = run()
+    assert out.shape == (B, N, H, D) and out.is_contiguous() and out.reshape(B, N, H * D).data_ptr() == out.data_ptr()
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(attention_qkvpacked(qkv, H, kv_heads=Hkv, causal=True, key_padding_mask=mask), out)
+    with force_torch():
+        t_out, t_dqkv = run()
+    torch.testing.assert_close(out, t_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dqkv, t_dqkv, atol=1e-5, rtol=1e-4)
+    c_out, c_dqkv = run(torch.compile(attention_qkvpacked, fullgraph=True, dynamic=False))
+    torch.testing.assert_close(out, c_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dqkv, c_dqkv, atol=1e-5, rtol=1e-4)
+
+
+def test_qkvpacked_gradcheck_float64():
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 7, 4, 5, dtype=torch.float64, requires_grad=True)  # H 2, Hkv 1
+    torch.autograd.gradcheck(lambda x: attention_qkvpacked(x, 2, kv_heads=1, causal=True, window=(3, 0)), (qkv,))
+
+
+def test_qkvpacked_rejects_a_qkv_that_is_not_heads_plus_two_kv_heads():
+    qkv = torch.randn(1, 4, 9, 8)
+    with pytest.raises(ValueError, match="heads \\+ 2 \\* kv_heads"):
+        attention_qkvpacked(qkv, 4)  # 4 + 2 * 4 = 12 != 9
+    with pytest.raises(ValueError, match="kv_heads dividing"):
+        attention_qkvpacked(qkv, 5, kv_heads=2)
+    with pytest.raises(ValueError, match="qkv must be a \\(B, N, H \\+ 2 Hkv, D\\)"):
+        attention_qkvpacked(torch.randn(4, 12, 8), 4)

@@ -1,5 +1,6 @@
 """Every argument error is a TypeError/ValueError naming the argument, on the native and torch paths."""
 import importlib
+import re
 
 import numpy as np
 import pytest
@@ -419,3 +420,77 @@ def test_attention_mods_keyword_checks_every_buffer_before_the_kernel():
         C.attention_bwd(**bkw, mods=(-1, -1, 0.0, none, none, (0, 0, 0, 0), none, d(torch.zeros(2, 2, 8, 7))))
     with pytest.raises(ValueError, match="takes no mods.sinks"):
         C.attention_bwd(**bkw, mods=(-1, -1, 0.0, none, none, (0, 0, 0, 0), d(torch.randn(2)), none))
+
+
+def test_attention_output_strides_are_checked_before_the_kernel_writes():
+    """out_strides (forward) and dq/dk/dv_strides (backward): strided outputs, e.g. slices of one packed buffer,
+    are written row by row at those strides; a buffer too small for them, or strides under which two rows share
+    memory (threads would race on them), raise ValueError before anything is written."""
+    from minillm.ops import _backend
+
+    if _backend._C is None:
+        pytest.skip("no native extension")
+    C, b = _backend._C, _backend.buf
+    q = torch.randn(2, 2, 8, 8)  # (B, H, N, D)
+    lse = torch.empty(2, 2, 8)
+    kw = dict(q=b(q), k=b(q), v=b(q), lse=b(lse), sizes=(2, 2, 8, 8, 8), q_strides=(128, 64, 8),
+              k_strides=(128, 64, 8), v_strides=(128, 64, 8), causal=True, causal_offset=0, scale=0.25,
+              dtype=C.DTYPES["float32"])
+    ref = minillm.ops.reference.attention_reference(q, q, q, causal=True, scale=0.25)
+    packed = torch.full((2, 8, 2, 8), float("nan"))  # (B, N, H, D): out written as its (B, H, N, D) transpose
+    C.attention_fwd(**kw, out=b(packed), out_strides=(128, 8, 16))
+    torch.testing.assert_close(packed.transpose(1, 2), ref)
+    bad = [
+        (torch.empty(255), (128, 8, 16), "out reaches 1024 bytes"),  # one float short of the last row
+        (torch.empty(256), (128, 8, 8), "out strides overlap"),  # two heads' rows on the same memory
+        (torch.empty(256), (128, 64, 4), "out strides overlap"),  # rows half a row apart
+        (torch.empty(256), (0, 64, 8), "out strides overlap"),  # both batches on one place
+    ]
+    for buf, strides, match in bad:
+        with pytest.raises(ValueError, match=match):
+            C.attention_fwd(**kw, out=b(buf), out_strides=strides)
+    # the backward writes dq, dk, dv into one (B, N, 3, H, D) buffer: three interleaved strided outputs
+    out = ref.contiguous()
+    C.attention_fwd(**kw, out=b(out))
+    dout = torch.randn(2, 2, 8, 8)
+    dqkv = torch.full((2, 8, 3, 2, 8), float("nan"))
+    st = (8 * 3 * 16, 8, 3 * 16)  # (b, h, n) strides of dqkv[:, :, i].transpose(1, 2)
+    bkw = dict(dout=b(dout), q=b(q), k=b(q), v=b(q), out=b(out), lse=b(lse), sizes=(2, 2, 8, 8, 8),
+               dout_strides=(128, 64, 8), q_strides=(128, 64, 8), k_strides=(128, 64, 8), v_strides=(128, 64, 8),
+               out_strides=(128, 64, 8), causal=True, causal_offset=0, scale=0.25, dtype=C.DTYPES["float32"])
+    views = [dqkv[:, :, i].transpose(1, 2) for i in range(3)]
+    C.attention_bwd(**bkw, dq=b(views[0]), dk=b(views[1]), dv=b(views[2]), dq_strides=st, dk_strides=st,
+                    dv_strides=st)
+    x = q.clone().requires_grad_()
+    expected = torch.autograd.grad(minillm.ops.reference.attention_reference(x, x, x, causal=True, scale=0.25), x,
+                                   dout)[0]
+    torch.testing.assert_close(sum(views), expected, rtol=1e-5, atol=1e-5)  # q, k and v are one tensor
+    dense = [torch.empty_like(q) for _ in range(3)]
+    with pytest.raises(ValueError, match="dv reaches"):
+        C.attention_bwd(**bkw, dq=b(dense[0]), dk=b(dense[1]), dv=b(torch.empty(dqkv.numel() - 1)[32:]),
+                        dv_strides=st)  # v's slice of a packed buffer one float short
+    with pytest.raises(ValueError, match="dk strides overlap"):
+        C.attention_bwd(**bkw, dq=b(dense[0]), dk=b(dense[1]), dv=b(dense[2]), dk_strides=(128, 64, 0))
+
+
+def test_cuda_bindings_take_every_keyword_the_python_cuda_path_passes():
+    """minillm/ops/attention.py calls the CUDA bindings with kv_heads and mods on every call; a binding that does not
+    list them raised TypeError on every CUDA attention call. Checked here without a GPU: each keyword the CUDA path
+    passes, given alone, is reported missing-others, never unexpected."""
+    import inspect
+
+    from minillm.ops import _backend
+
+    attn = importlib.import_module("minillm.ops.attention")
+    if _backend._C is None or not hasattr(_backend._C, "cuda_attention_fwd"):
+        pytest.skip("extension built without CUDA")
+    source = inspect.getsource(attn)
+    for fn in ("cuda_attention_fwd", "cuda_attention_bwd"):
+        call = source[source.index(f"_backend._C.{fn}("):]
+        call = call[:call.index("\n\n")]
+        names = set(re.findall(r"\b([a-z_]+)=", call))
+        assert {"kv_heads", "mods", "sizes", "device", "stream"} <= names, names
+        for name in names:
+            with pytest.raises(TypeError) as info:
+                getattr(_backend._C, fn)(**{name: None})
+            assert "unexpected keyword" not in str(info.value), (fn, name, str(info.value))

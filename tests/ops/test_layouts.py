@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minillm.index import FlatIndex
-from minillm.ops import _backend, attention, force_torch, linear, scaled_dot_product_attention, topk_search
+from minillm.ops import (_backend, attention, attention_qkvpacked, force_torch, linear, scaled_dot_product_attention,
+                         topk_search)
 from minillm.ops.reference import attention_reference, topk_search_reference
 
 pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="native extension not available")
@@ -123,6 +124,40 @@ def test_attention_on_any_layout(simd_level, case):
     qpm = qpm[0] if qpm is not None else None
     _compare(attention, attention_reference, (fq, fk, fv), (q, k, v), dtype, 1, ("dq", "dk", "dv"),
              causal=causal, key_padding_mask=kpm, query_padding_mask=qpm)
+
+
+@st.composite
+def packed_case(draw):
+    B, N, D = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 20))
+    Hkv = draw(st.integers(1, 2))
+    H = Hkv * draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from((torch.float32, torch.float64, torch.bfloat16, torch.float16)))
+    qkv = draw(layouts((B, N, H + 2 * Hkv, D), dtype))
+    bits = lambda n, g: (torch.rand(n, generator=g) > 0.3).double()
+    kpm = draw(st.none() | layouts((B, N), torch.bool, values=bits))
+    window = draw(st.none() | st.tuples(st.integers(-1, 4), st.integers(-1, 4)))
+    return qkv, H, Hkv, kpm, draw(st.booleans()), window, dtype
+
+
+def _packed_reference(qkv, heads, kv_heads, **kw):
+    """attention_qkvpacked by its definition: the reference on the three (B, heads, N, D) views, K/V repeated per
+    query head, transposed back to (B, N, H, D)."""
+    t = qkv.transpose(1, 2)
+    q, k, v = t[:, :heads], t[:, heads:heads + kv_heads], t[:, heads + kv_heads:]
+    G = heads // kv_heads
+    return attention_reference(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), **kw).transpose(1, 2)
+
+
+@given(case=packed_case())
+@settings(SETTINGS, max_examples=50)
+def test_attention_qkvpacked_on_any_layout(simd_level, case):
+    """The packed entry point (output rows written in (B, N, H, D) order, q/k/v gradients into one packed
+    gradient) against its definition, for grouped-query heads, masks, windows, causal or not, on any layout."""
+    (qkv, flat), H, Hkv, kpm, causal, window, dtype = case
+    kpm = kpm[0] if kpm is not None else None
+    kw = dict(causal=causal, key_padding_mask=kpm, window=window)
+    _compare(lambda x, **k: attention_qkvpacked(x, H, kv_heads=Hkv, **k),
+             lambda x, **k: _packed_reference(x, H, Hkv, **k), (flat,), (qkv,), dtype, 3, ("dqkv",), **kw)
 
 
 @given(case=attention_case())
