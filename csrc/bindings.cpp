@@ -137,6 +137,7 @@ struct LayerNormFwdIn {
   double eps;
   int dtype;
   int nthreads = 1;
+  int y_dtype = -1;  // -1: dtype; kBF16 with kF32 x (csrc/kernels.h)
 };
 
 struct LayerNormBwdIn {
@@ -148,6 +149,7 @@ struct LayerNormBwdIn {
   int64_t M, C;
   int dtype;
   int nthreads = 1;
+  int dy_dtype = -1;  // -1: dtype; kBF16 with kF32 x (csrc/kernels.h)
 };
 
 struct QLinearIn {
@@ -496,15 +498,23 @@ void linear_small_m(const LinearIn& in) {
 
 // ---- layer norm ----
 
-std::array<Field<LayerNormFwdIn>, 12> layer_norm_fwd_fields = {{
+std::array<Field<LayerNormFwdIn>, 13> layer_norm_fwd_fields = {{
     MINILLM_FIELD(LayerNormFwdIn, x), MINILLM_FIELD(LayerNormFwdIn, ldx), MINILLM_FIELD(LayerNormFwdIn, weight),
     MINILLM_OPTIONAL(LayerNormFwdIn, bias), MINILLM_FIELD(LayerNormFwdIn, y), MINILLM_FIELD(LayerNormFwdIn, mean),
     MINILLM_FIELD(LayerNormFwdIn, rstd), MINILLM_FIELD(LayerNormFwdIn, M), MINILLM_FIELD(LayerNormFwdIn, C),
-    MINILLM_FIELD(LayerNormFwdIn, eps), MINILLM_FIELD(LayerNormFwdIn, dtype), MINILLM_OPTIONAL(LayerNormFwdIn, nthreads)}};
+    MINILLM_FIELD(LayerNormFwdIn, eps), MINILLM_FIELD(LayerNormFwdIn, dtype), MINILLM_OPTIONAL(LayerNormFwdIn, nthreads),
+    MINILLM_OPTIONAL(LayerNormFwdIn, y_dtype)}};
 
 void require_layer_norm_sizes(int64_t M, int64_t C, int dtype) {
   require(M >= 1 && C >= 1, "layer_norm sizes M and C must be >= 1");
   require(dtype == minillm::kF32 || dtype == minillm::kF64, "layer_norm dtype must be kF32 or kF64");
+}
+
+// The dtype of y (forward) or dy (backward): the input dtype, or bf16 beside fp32 inputs.
+int layer_norm_io_dtype(int io, int dtype, const char* name) {
+  if (io < 0) return dtype;
+  require(io == dtype || (io == minillm::kBF16 && dtype == minillm::kF32), name);
+  return io;
 }
 
 void layer_norm_fwd(const LayerNormFwdIn& in) {
@@ -517,7 +527,8 @@ void layer_norm_fwd(const LayerNormFwdIn& in) {
   a.ldx = in.ldx;
   a.weight = checked<const void*>(in.weight, "weight", item, {{C, 1}});
   a.bias = checked<const void*>(in.bias, "bias", item, {{C, 1}}, true);
-  a.y = checked<void*>(in.y, "y", item, {dense({M, C})});
+  a.y_dtype = layer_norm_io_dtype(in.y_dtype, in.dtype, "layer_norm_fwd y_dtype must be dtype, or kBF16 with kF32");
+  a.y = checked<void*>(in.y, "y", minillm::elem_size(a.y_dtype), {dense({M, C})});
   a.mean = checked<void*>(in.mean, "mean", item, {{M, 1}});
   a.rstd = checked<void*>(in.rstd, "rstd", item, {{M, 1}});
   a.M = M, a.C = C, a.eps = in.eps, a.dtype = in.dtype, a.nthreads = in.nthreads;
@@ -529,12 +540,13 @@ void layer_norm_fwd(const LayerNormFwdIn& in) {
   check(status, "layer_norm_fwd");
 }
 
-std::array<Field<LayerNormBwdIn>, 14> layer_norm_bwd_fields = {{
+std::array<Field<LayerNormBwdIn>, 15> layer_norm_bwd_fields = {{
     MINILLM_FIELD(LayerNormBwdIn, dy), MINILLM_FIELD(LayerNormBwdIn, lddy), MINILLM_FIELD(LayerNormBwdIn, x),
     MINILLM_FIELD(LayerNormBwdIn, ldx), MINILLM_FIELD(LayerNormBwdIn, weight), MINILLM_FIELD(LayerNormBwdIn, mean),
     MINILLM_FIELD(LayerNormBwdIn, rstd), MINILLM_OPTIONAL(LayerNormBwdIn, dx), MINILLM_OPTIONAL(LayerNormBwdIn, dweight),
     MINILLM_OPTIONAL(LayerNormBwdIn, dbias), MINILLM_FIELD(LayerNormBwdIn, M), MINILLM_FIELD(LayerNormBwdIn, C),
-    MINILLM_FIELD(LayerNormBwdIn, dtype), MINILLM_OPTIONAL(LayerNormBwdIn, nthreads)}};
+    MINILLM_FIELD(LayerNormBwdIn, dtype), MINILLM_OPTIONAL(LayerNormBwdIn, nthreads),
+    MINILLM_OPTIONAL(LayerNormBwdIn, dy_dtype)}};
 
 void layer_norm_bwd(const LayerNormBwdIn& in) {
   const int64_t M = in.M, C = in.C;
@@ -542,7 +554,8 @@ void layer_norm_bwd(const LayerNormBwdIn& in) {
   require(in.ldx >= C && in.lddy >= C, "layer_norm_bwd ldx and lddy must be >= C (rows may not overlap)");
   const int64_t item = minillm::elem_size(in.dtype);
   minillm::LayerNormBwdArgs a{};
-  a.dy = checked<const void*>(in.dy, "dy", item, {{M, in.lddy}, {C, 1}});
+  a.dy_dtype = layer_norm_io_dtype(in.dy_dtype, in.dtype, "layer_norm_bwd dy_dtype must be dtype, or kBF16 with kF32");
+  a.dy = checked<const void*>(in.dy, "dy", minillm::elem_size(a.dy_dtype), {{M, in.lddy}, {C, 1}});
   a.lddy = in.lddy;
   a.x = checked<const void*>(in.x, "x", item, {{M, in.ldx}, {C, 1}});
   a.ldx = in.ldx;

@@ -224,6 +224,8 @@ struct LayerNormFwdArgs {
   int64_t M, C;
   double eps;
   int dtype;
+  // y's dtype: dtype, or kBF16 with kF32 (y rounded to bf16 as it is stored: autocast's cast of the result, fused)
+  int y_dtype;
   int nthreads;
 };
 // Its backward: dy with row stride lddy (unit stride along C), x as in the forward, mean/rstd from it; dx: contiguous
@@ -241,6 +243,7 @@ struct LayerNormBwdArgs {
   void* dbias;
   int64_t M, C;
   int dtype;
+  int dy_dtype;  // dy's dtype: dtype, or kBF16 with kF32 (the gradient of a bf16 y, widened exactly as read)
   int nthreads;
 };
 

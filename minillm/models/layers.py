@@ -50,6 +50,17 @@ def dropout(module: nn.Dropout, x: Tensor) -> Tensor:
     return module(x) if module.training and module.p > 0 else x
 
 
+def _norm_for_linear(norm: nn.Module, x: Tensor) -> Tensor:
+    """norm(x) where a linear layer reads it first (a pre-norm branch). Under CPU bf16 autocast that layer casts
+    its input to bf16 and its input's gradient comes back in bf16, so a LayerNorm of float32 x writes bf16 at once
+    and reads that gradient as it is (ops.layer_norm's out_dtype): the same bits without the two casts, ~1 ms of a
+    35 ms step of nanoGPT's baby GPT on 2 Zen 4 cores (9 norms, each cast ~70 us either way, measured ad hoc)."""
+    if (isinstance(norm, ops.LayerNorm) and x.dtype == torch.float32 and x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return norm(x, out_dtype=torch.bfloat16)
+    return norm(x)
+
+
 def make_norm(config: ModelConfig, dim: Optional[int] = None) -> nn.Module:
     """The config's normalisation over the last dim: LayerNorm (GPT, BERT) or RMSNorm (Llama)."""
     dim = dim or config.d_model
@@ -299,7 +310,7 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
 
     def _residual(self, x: Tensor, norm: nn.LayerNorm, branch) -> Tensor:
-        return x + branch(norm(x)) if self.pre else norm(x + branch(x))
+        return x + branch(_norm_for_linear(norm, x)) if self.pre else norm(x + branch(x))
 
     def forward(
         self,
@@ -327,9 +338,9 @@ class Block(nn.Module):
                  layer: int, memory_kv: Optional[Tuple[Tensor, Tensor]], memory_mask: Optional[Tensor],
                  packed: Optional[Packed], rope: Optional[Rope]) -> Tensor:
         if self.pre and self.cross_attn is None:  # decoder-only and pre-norm: no closures (a decoded token's path)
-            x = x + self.attn(self.norm1(x), causal=causal, key_padding_mask=key_padding_mask, cache=cache,
-                              layer=layer, packed=packed, rope=rope)
-            return x + self.mlp(self.norm2(x))
+            x = x + self.attn(_norm_for_linear(self.norm1, x), causal=causal, key_padding_mask=key_padding_mask,
+                              cache=cache, layer=layer, packed=packed, rope=rope)
+            return x + self.mlp(_norm_for_linear(self.norm2, x))
         x = self._residual(x, self.norm1, lambda h: self.attn(h, causal=causal, key_padding_mask=key_padding_mask,
                                                                cache=cache, layer=layer, packed=packed, rope=rope))
         if self.cross_attn is not None:

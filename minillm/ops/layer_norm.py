@@ -43,11 +43,14 @@ def _rows(t: Tensor) -> Tuple[Tensor, int]:
     return t2, ld
 
 
-def _forward_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """y (M, C) contiguous, mean (M,), rstd (M,) for x (M, C)."""
+def _forward_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float,
+                 y_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """y (M, C) contiguous, mean (M,), rstd (M,) for x (M, C); y in y_dtype (bfloat16 beside float32 x: rounded
+    as it is stored) or x's dtype."""
     x2, ldx = _rows(x)
     M, C = x2.shape
-    y = x2.new_empty((M, C))
+    y_dtype = x2.dtype if y_dtype is None else y_dtype
+    y = x2.new_empty((M, C), dtype=y_dtype)
     mean, rstd = x2.new_empty((M,)), x2.new_empty((M,))
     if M == 0:
         return y, mean, rstd
@@ -56,12 +59,14 @@ def _forward_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) 
     buf, dense = _backend.buf, _backend.dense_buf
     _backend._C.layer_norm_fwd(x=buf(x2), ldx=ldx, weight=dense(weight), bias=dense(bias), y=dense(y),
                                mean=dense(mean), rstd=dense(rstd), M=M, C=C, eps=float(eps),
-                               dtype=_backend.DTYPE_CODE[x2.dtype], nthreads=_backend.threads_for(_us(M, C)))
+                               dtype=_backend.DTYPE_CODE[x2.dtype], nthreads=_backend.threads_for(_us(M, C)),
+                               y_dtype=_backend.DTYPE_CODE[y_dtype])
     return y, mean, rstd
 
 
 def _backward_cpu(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, want: Tuple[bool, bool, bool]):
-    """(dx (M, C) or None, dweight (C,) or None, dbias (C,) or None) of the forward at x (M, C)."""
+    """(dx (M, C) or None, dweight (C,) or None, dbias (C,) or None) of the forward at x (M, C); dy in x's dtype, or
+    bfloat16 beside float32 x (the gradient of a bfloat16 y), widened exactly as it is read."""
     x2, ldx = _rows(x)
     dy2, lddy = _rows(dy)
     M, C = x2.shape
@@ -74,16 +79,17 @@ def _backward_cpu(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Ten
     _backend._C.layer_norm_bwd(dy=buf(dy2), lddy=lddy, x=buf(x2), ldx=ldx, weight=dense(weight.contiguous()),
                                mean=dense(mean.contiguous()), rstd=dense(rstd.contiguous()), dx=dense(dx),
                                dweight=dense(dw), dbias=dense(db), M=M, C=C, dtype=_backend.DTYPE_CODE[x2.dtype],
-                               nthreads=_backend.threads_for(_us(M, C, backward=True)))
+                               nthreads=_backend.threads_for(_us(M, C, backward=True)),
+                               dy_dtype=_backend.DTYPE_CODE[dy2.dtype])
     return dx, dw, db
 
 
 def _backward_twin(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, want):
-    """The backward through F.layer_norm's own graph, built again from the saved inputs: differentiable any number
-    of times (create_graph=True takes it; the kernel's backward is not)."""
+    """The backward through F.layer_norm's own graph (and the cast to dy's dtype), built again from the saved
+    inputs: differentiable any number of times (create_graph=True takes it; the kernel's backward is not)."""
     with torch.enable_grad():
         inputs = [t for t, w in zip((x, weight, bias), want) if w]
-        y = _reference(x, weight, bias, eps)
+        y = _reference(x, weight, bias, eps).to(dy.dtype)
         got = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
     return tuple(next(got) if w else None for w in want)
 
@@ -153,8 +159,8 @@ class _LayerNormFunction(torch.autograd.Function):
     share of a (768, 128) layer norm); differentiable again through the torch-ops backward under create_graph."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = _forward_cpu(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, y_dtype=None):
+        y, mean, rstd = _forward_cpu(x, weight, bias, eps, y_dtype)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.eps = eps
         return y
@@ -167,15 +173,22 @@ class _LayerNormFunction(torch.autograd.Function):
             dx, dw, db = _backward_twin(dy, x, weight, bias, ctx.eps, want)
         else:
             dx, dw, db = _backward_cpu(dy, x, weight, mean, rstd, want)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 # ---- public API ----
 
 
-def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+               out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """F.layer_norm(x, (C,), weight, bias, eps) over the last dimension C, on the native kernels for float32/
-    float64 CPU tensors with a weight (any strides; rows are copied only when they overlap or are not unit-stride)."""
+    float64 CPU tensors with a weight (any strides; rows are copied only when they overlap or are not unit-stride).
+
+    out_dtype: F.layer_norm(...).to(out_dtype). torch.bfloat16 beside float32 x is fused on the native path: the
+    result is rounded as it is stored and the backward reads a bfloat16 gradient, the same bits as the separate
+    cast (what a linear layer under bf16 autocast does to its input, and to its input's gradient, next)."""
+    if out_dtype is not None and (out_dtype == x.dtype or not (out_dtype == torch.bfloat16 and x.dtype == torch.float32)):
+        return layer_norm(x, weight, bias, eps).to(out_dtype)
     C = x.shape[-1] if x.dim() >= 1 else 0
     if (
         weight is not None and x.dim() >= 1 and C > 0 and x.dtype in _DTYPES and weight.dtype == x.dtype
@@ -187,19 +200,23 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
         x2 = x.reshape(-1, C)  # (M, C)
         if torch.compiler.is_compiling():
             y = _layer_norm_op(x2, weight, bias, eps)[0]
+            y = y if out_dtype is None else y.to(out_dtype)
         elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-            y = _LayerNormFunction.apply(x2, weight, bias, eps)
+            y = _LayerNormFunction.apply(x2, weight, bias, eps, out_dtype)
         else:
-            y = _forward_cpu(x2, weight, bias, eps)[0]
+            y = _forward_cpu(x2, weight, bias, eps, out_dtype)[0]
         return y.reshape(x.shape)
-    return _reference(x, weight, bias, eps)
+    y = _reference(x, weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters and state_dict) whose forward uses :func:`layer_norm` when it normalises the
     last dimension with a weight."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """out_dtype: as :func:`layer_norm`'s (the result cast to it, fused for bfloat16 beside float32)."""
         if len(self.normalized_shape) == 1 and self.weight is not None:
-            return layer_norm(x, self.weight, self.bias, self.eps)
-        return super().forward(x)
+            return layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
+        y = super().forward(x)
+        return y if out_dtype is None else y.to(out_dtype)

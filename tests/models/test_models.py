@@ -170,6 +170,42 @@ def test_training_step_reduces_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("model_type", ["decoder_only", "encoder_only"])
+def test_bf16_autocast_step_is_the_same_with_the_fused_norm_cast(model_type, monkeypatch):
+    # Pre-norm blocks under CPU bf16 autocast have their LayerNorm write bf16 for the next linear layer
+    # (layers._norm_for_linear); loss and every gradient must be those of the norm followed by autocast's cast.
+    import importlib
+
+    from minillm.models import layers
+
+    ln = importlib.import_module("minillm.ops.layer_norm")
+
+    torch.manual_seed(0)
+    model = make(model_type, dropout=0.1).train()
+    ids = torch.randint(0, 50, (3, 17))
+
+    def step():
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(ids, labels=ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    seen = []
+    forward_cpu = ln._forward_cpu
+    monkeypatch.setattr(ln, "_forward_cpu", lambda *a: seen.append(a[-1]) or forward_cpu(*a))
+    fused = step()
+    monkeypatch.setattr(layers, "_norm_for_linear", lambda norm, x: norm(x))
+    plain = step()
+    pre_norm = model_type == "decoder_only"
+    assert (torch.bfloat16 in seen) == pre_norm  # the fusion ran where it applies, and only there
+    assert torch.equal(fused[0], plain[0])
+    assert fused[1].keys() == plain[1].keys()
+    for name in fused[1]:
+        assert torch.equal(fused[1][name], plain[1][name]), name
+
+
 def test_padded_training_batch_matches_unpadded():
     model = make("decoder_only")
     ids = torch.randint(0, 50, (2, 9))

@@ -184,15 +184,17 @@ def _gemm_kw(**kw):
     return dict(zip(names, _gemm(**kw)[1][:-1]))
 
 
-def _ln_fwd(x=64, ldx=8, weight=8, y=64, mean=8, rstd=8):
-    """layer_norm_fwd's positional arguments for (8, 8) rows, each buffer exactly as large as needed unless given."""
+def _ln_fwd(x=64, ldx=8, weight=8, bias=8, y=64, mean=8, rstd=8, dtype=0, y_dtype=-1):
+    """layer_norm_fwd's positional arguments for (8, 8) rows, each buffer exactly as large as needed unless given
+    (sizes in float32s)."""
     b = lambda n: _backend_buf(_f32(n))
-    return "layer_norm_fwd", (b(x), ldx, b(weight), b(8), b(y), b(mean), b(rstd), 8, 8, 1e-5, 0, 1)
+    return "layer_norm_fwd", (b(x), ldx, b(weight), b(bias), b(y), b(mean), b(rstd), 8, 8, 1e-5, dtype, 1, y_dtype)
 
 
-def _ln_bwd(dy=64, lddy=8, x=64, dx=64, dweight=8, rstd=8):
+def _ln_bwd(dy=64, lddy=8, x=64, dx=64, dweight=8, rstd=8, dy_dtype=-1):
     b = lambda n: _backend_buf(_f32(n))
-    return "layer_norm_bwd", (b(dy), lddy, b(x), 8, b(8), b(8), b(rstd), b(dx), b(dweight), b(8), 8, 8, 0, 1)
+    return "layer_norm_bwd", (b(dy), lddy, b(x), 8, b(8), b(8), b(rstd), b(dx), b(dweight), b(8), 8, 8, 0, 1,
+                              dy_dtype)
 
 
 def _backend_buf(t):
@@ -244,6 +246,14 @@ EXTENT_CASES = [
     ("layer_norm weight short", lambda: _ln_fwd(weight=7), "weight reaches 32 bytes"),
     ("layer_norm y short", lambda: _ln_fwd(y=60), "y reaches"),
     ("layer_norm rstd short", lambda: _ln_fwd(rstd=4), "rstd reaches"),
+    ("layer_norm bf16 y short", lambda: _ln_fwd(y=31, y_dtype=1), "y reaches 128 bytes"),
+    ("layer_norm bf16 y beside float64 x", lambda: _ln_fwd(x=128, weight=16, bias=16, mean=16, rstd=16, dtype=3,
+                                                                   y_dtype=1),
+     "y_dtype must be dtype, or kBF16 with kF32"),
+    ("layer_norm float16 y", lambda: _ln_fwd(y_dtype=2), "y_dtype must be"),
+    ("layer_norm bwd bf16 dy short", lambda: _ln_bwd(dy=31, dy_dtype=1), "dy reaches 128 bytes"),
+    ("layer_norm bwd bf16 dy row stride", lambda: _ln_bwd(dy=32, lddy=9, dy_dtype=1), "dy reaches"),
+    ("layer_norm bwd float64 dy beside float32 x", lambda: _ln_bwd(dy=128, dy_dtype=3), "dy_dtype must be"),
     ("layer_norm bwd dy row stride", lambda: _ln_bwd(lddy=9), "dy reaches"),
     ("layer_norm bwd dx short", lambda: _ln_bwd(dx=63), "dx reaches"),
     ("layer_norm bwd dweight short", lambda: _ln_bwd(dweight=7), "dweight reaches"),

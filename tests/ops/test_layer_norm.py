@@ -1,5 +1,10 @@
 """minillm.ops.layer_norm (csrc/cpu/layer_norm.h) against F.layer_norm: values and gradients for any layout, every
 SIMD level, float64 gradcheck, the custom ops' opcheck, torch.compile, and the module as a drop-in."""
+import os
+import subprocess
+import sys
+import tempfile
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +148,60 @@ def test_the_ops_refuse_bad_arguments():
         _layer_norm_op(torch.randn(3, 8).half(), w.half(), None, 1e-5)
     with pytest.raises(ValueError, match="x must be 2-D"):
         _layer_norm_op(torch.randn(8), w, None, 1e-5)
+
+
+def _bf16_out_grads(x, w, b, dy_bf16, fused):
+    """y and the input gradients of layer_norm(x) as bfloat16: fused (out_dtype) or cast after the float32 op."""
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    y = layer_norm(x, w, b, out_dtype=torch.bfloat16) if fused else layer_norm(x, w, b).to(torch.bfloat16)
+    return (y, *torch.autograd.grad(y, (x, w, b), dy_bf16))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "wide_rows", "transposed", "expanded"])
+def test_bf16_output_is_the_cast_of_the_float32_result_bit_for_bit(simd_level, layout):
+    # out_dtype=bfloat16 rounds y as the kernel stores it and reads the bf16 gradient as it is: the same bits as
+    # casting the float32 result (round to nearest even) and widening the gradient, forward and backward.
+    gen = torch.Generator().manual_seed(3)
+    for lead, C in [((1, 1), 1), ((3, 2), 15), ((2, 9), 16), ((4, 10), 33), ((2, 384), 128), ((2, 3), 300)]:
+        x = make_x((*lead, C), layout, torch.float32, gen) * 3 + 1
+        w, b = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
+        dy = torch.randn(x.shape, generator=gen).bfloat16()
+        got, want = _bf16_out_grads(x, w, b, dy, True), _bf16_out_grads(x, w, b, dy, False)
+        assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+        for g, r in zip(got, want):
+            assert torch.equal(g, r), (lead, C, layout)
+
+
+def test_bf16_output_without_the_bf16_conversion_instruction():
+    # CPUs without AVX512-BF16 round in software (MINILLM_NO_BF16DOT=1 takes that path here): the same bits.
+    code = (
+        "import sys; sys.path.insert(0, %r); import torch, test_layer_norm as t;"
+        "g = torch.Generator().manual_seed(4); x = torch.randn(64, 200, generator=g) * 4;"
+        "x[0, :3] = torch.tensor([3.0e38, 1.0e-40, float('nan')]);"
+        "w, b = torch.randn(200, generator=g), torch.randn(200, generator=g);"
+        "dy = torch.randn(64, 200, generator=g).bfloat16();"
+        "got, want = t._bf16_out_grads(x, w, b, dy, True), t._bf16_out_grads(x, w, b, dy, False);"
+        "assert all(torch.equal(a, c) or torch.allclose(a, c, equal_nan=True, rtol=0, atol=0) for a, c in zip(got, want))"
+    ) % os.path.dirname(__file__)
+    for env in ({}, {"MINILLM_NO_BF16DOT": "1"}):
+        res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                             cwd=tempfile.gettempdir())
+        assert res.returncode == 0, (env, res.stderr)
+
+
+def test_bf16_output_elsewhere_is_the_cast():
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(6, 24, generator=gen), torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    for out_dtype in (torch.float16, torch.float64, torch.float32):  # not fused: the cast of the result
+        assert torch.equal(layer_norm(x, w, b, out_dtype=out_dtype), layer_norm(x, w, b).to(out_dtype))
+    xd, wd = x.double(), w.double()  # float64 x: cast after the float64 kernel
+    assert torch.equal(layer_norm(xd, wd, None, out_dtype=torch.bfloat16), layer_norm(xd, wd, None).bfloat16())
+    mod = LayerNorm(24)
+    assert torch.equal(mod(x, out_dtype=torch.bfloat16), mod(x).bfloat16())
+    compiled = torch.compile(lambda t: layer_norm(t, w, b, out_dtype=torch.bfloat16), fullgraph=True)
+    assert torch.equal(compiled(x), layer_norm(x, w, b).bfloat16())
+    # a double backward through the bf16 output takes the torch-ops twin
+    xg = torch.randn(3, 5, dtype=torch.float32, generator=gen, requires_grad=True)
+    y = layer_norm(xg, w[:5], b[:5], out_dtype=torch.bfloat16)
+    (g,) = torch.autograd.grad(y.float().square().sum(), xg, create_graph=True)
+    assert g.requires_grad
