@@ -581,13 +581,13 @@ minillm::QuantWeight quant_weight(const Buf& codes, const Buf& scale, const Buf&
   require(bits == 8 || bits == 4, "bits must be 8 or 4");
   minillm::QuantWeight q{};
   q.N = N, q.K = K, q.bits = bits, q.group = group;
-  if (bits == 8) {
+  if (bits == 8 && group == 0) {  // one scale per row
     q.codes = checked<const void*>(codes, "codes", 1, {dense({N, K})});
     q.scale = checked<const float*>(scale, "scale", 4, {{N, 1}});
   } else {
     require(group >= 32 && group % 32 == 0 && K % group == 0,
-            "4-bit weights need a group that is a multiple of 32 and divides K");
-    q.codes = checked<const void*>(codes, "codes", 1, {dense({N, K / 2})});
+            "grouped weights need a group that is a multiple of 32 and divides K (8-bit: or group 0, a scale per row)");
+    q.codes = checked<const void*>(codes, "codes", 1, {dense({N, bits == 8 ? K : K / 2})});
     q.scale = checked<const float*>(scale, "scale", 4, {dense({N, K / group})});
     q.offset = checked<const float*>(offset, "offset", 4, {dense({N, K / group})});
   }

@@ -131,15 +131,16 @@ struct LinearArgs {
 };
 
 // A weight (N, K) stored as codes (csrc/cpu/linear_quant.h has the layouts): bits 16, bf16 (N, K) (linear_quant
-// only: fp32 x and y); bits 8, int8 codes (N, K) and a scale (N) per row; bits 4, K / 2 bytes per row of 4-bit codes with a scale and an offset (N, K / group) per group
-// of `group` (a multiple of 32 dividing K) consecutive columns.
+// only: fp32 x and y); bits 8 with group 0, int8 codes (N, K) and a scale (N) per row; bits 8 with a group, uint8
+// codes (N, K) with a scale and an offset (N, K / group) per group of `group` (a multiple of 32 dividing K)
+// consecutive columns; bits 4, K / 2 bytes per row of 4-bit codes with a scale and an offset per group likewise.
 struct QuantWeight {
   const void* codes;
   const float* scale;
-  const float* offset;  // bits 4 only
+  const float* offset;  // grouped codes only
   int64_t N, K;
   int bits;
-  int64_t group;  // bits 4 only
+  int64_t group;  // 0: one scale per row (bits 8 only)
 };
 
 // y (M, N) fp32 = x (M, K) fp32 W^T + bias for few rows M, W given by its codes and streamed once. x has row stride

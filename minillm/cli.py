@@ -2,7 +2,7 @@
 
     minillm quickstart                       train a small GPT on offline text for about a minute, then sample
     minillm train --data_path FILE ...       train a model (the seed's `--mode train` form works too)
-    minillm generate --model_path DIR_OR_GGUF --prompt TEXT [--chat] [--quantize int8|int4]
+    minillm generate --model_path DIR_OR_GGUF --prompt TEXT [--chat] [--quantize int8|int4 [--group_size 32|64]]
     minillm continue --model_path DIR --data_path FILE
     minillm extract --model_path DIR --output_path DIR [--dtype bfloat16]
     minillm rag index --docs PATH --store PATH       index .txt/.md/.rst files or folders (adds to the store)
@@ -137,7 +137,7 @@ def generate(args: argparse.Namespace) -> int:
     if not isinstance(model, DecoderOnlyModel):
         raise ValueError(f"generate needs a decoder-only model; {args.model_path} holds a {type(model).__name__}")
     if args.quantize:  # weights as int8 / 4-bit codes: faster decoding (docs/models.md, "Quantized weights")
-        model.quantize(args.quantize)
+        model.quantize(args.quantize, args.group_size)
     prompt = args.prompt
     if args.chat:  # the model's chat format around one user turn; only the reply is printed
         if not getattr(tokenizer, "chat_template", None):
@@ -431,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="end the text before this string (repeatable)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="store the linear layers' weights as int8 or 4-bit codes (faster CPU decoding)")
+    p.add_argument("--group_size", type=int, choices=[32, 64], default=None,
+                   help="input channels per scale with --quantize (default: int4 32, int8 one scale per channel)")
     p.add_argument("--device", default=None, help="cpu, cuda or mps")
     p.set_defaults(func=generate)
 

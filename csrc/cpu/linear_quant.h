@@ -5,6 +5,9 @@
 // never in memory. Layout and the reference formulas (minillm/ops/quant.py holds the torch twins):
 //   bf16: W (N, K) bf16, x and y bf16; products summed in fp32, y rounded once.
 //   int8: codes (N, K) int8, scale (N): W[n][k] = scale[n] * codes[n][k] (per output channel).
+//   int8 in groups: codes (N, K) uint8, scale and offset (N, K / group): W[n][k] = scale[n][g] * q + offset[n][g],
+//         q in 0..255, g = k / group (256 levels from the group's minimum to its maximum: a 4-bit grid such as
+//         llama.cpp's Q4_1 is on it, or a step of it within 1/17 of its own).
 //   int4: groups of `group` (32 or 64) consecutive k in a row, with scale and offset (N, K / group):
 //         W[n][k] = scale[n][g] * q + offset[n][g], q in 0..15, g = k / group. A row is K / 2 bytes in blocks
 //         of 32 elements (16 bytes); byte i of a block holds element i in its low nibble and element i + 16 in
@@ -88,6 +91,22 @@ struct Int8Rows {
   }
   float elem(int64_t j, int64_t k) const { return codes[j * K + k]; }
   float post(int64_t j, float dot) const { return scale[j] * dot; }
+};
+
+struct Int8GroupRows {
+  const uint8_t* codes;
+  const float* scale;
+  const float* offset;
+  int64_t K, group;
+  void block(int64_t j, int64_t p, VF* out) const {
+    const int64_t g = j * (K / group) + p / group;
+    const VF s = vbcast(scale[g]), o = vbcast(offset[g]);
+    MINILLM_UNROLL
+    for (int c = 0; c < kQSub; ++c)
+      out[c] = __builtin_convertvector(widen_u8(codes + j * K + p + c * kQW), VF) * s + o;
+  }
+  float elem(int64_t, int64_t) const { return 0.f; }  // never called: K is a multiple of the group
+  float post(int64_t, float dot) const { return dot; }
 };
 
 struct Int4Rows {
@@ -217,8 +236,12 @@ int linear_quant(const QLinearArgs& a) {
   const float* X = static_cast<const float*>(a.x);
   float* Y = static_cast<float*>(a.y);
   const QuantWeight& q = a.w;
-  if (q.bits == 8) {
+  if (q.bits == 8 && q.group == 0) {
     const Int8Rows r{static_cast<const int8_t*>(q.codes), q.scale, q.K};
+    qlinear_run(a.M, q.K, q.N, X, a.ldx, r, a.bias, Y, q.K, q.codes, nt);
+  } else if (q.bits == 8) {
+    if (q.K % q.group != 0 || q.group % kQBlock != 0) return kBadArgs;
+    const Int8GroupRows r{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, q.K, q.group};
     qlinear_run(a.M, q.K, q.N, X, a.ldx, r, a.bias, Y, q.K, q.codes, nt);
   } else if (q.bits == 16) {  // bf16 weights, fp32 x and y (the native decoding step of a bf16 model)
     const BF16Rows r{static_cast<const uint16_t*>(q.codes), q.K};
@@ -235,8 +258,10 @@ int linear_quant(const QLinearArgs& a) {
 // widening, so both paths see the same weights.
 int dequantize(const QuantWeight& q, float* out, int nthreads) {
   const int64_t N = q.N, K = q.K;
-  if (q.bits == 4 && (K % q.group != 0 || q.group % kQBlock != 0)) return kBadArgs;
+  const bool grouped = q.bits == 4 || q.group != 0;
+  if (grouped && (q.group <= 0 || K % q.group != 0 || q.group % kQBlock != 0)) return kBadArgs;
   const Int8Rows r8{static_cast<const int8_t*>(q.codes), q.scale, K};
+  const Int8GroupRows r8g{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, K, q.group};
   const Int4Rows r4{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, K, q.group};
   const int64_t whole = K / kQBlock * kQBlock;
 #pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1)
@@ -244,17 +269,19 @@ int dequantize(const QuantWeight& q, float* out, int nthreads) {
     float* row = out + j * K;
     for (int64_t p = 0; p < whole; p += kQBlock) {
       VF w[kQSub];
-      if (q.bits == 8) {
+      if (!grouped) {
         r8.block(j, p, w);  // codes; the row's scale applies here (the streaming kernel applies it to the dot)
         MINILLM_UNROLL
         for (int s = 0; s < kQSub; ++s) w[s] *= vbcast(q.scale[j]);
+      } else if (q.bits == 8) {
+        r8g.block(j, p, w);
       } else {
         r4.block(j, p, w);
       }
       MINILLM_UNROLL
       for (int s = 0; s < kQSub; ++s) vstore(row + p + s * kQW, w[s]);
     }
-    for (int64_t k = whole; k < K; ++k) row[k] = q.scale[j] * r8.elem(j, k);  // int8 only (int4: K % 32 == 0)
+    for (int64_t k = whole; k < K; ++k) row[k] = q.scale[j] * r8.elem(j, k);  // per-row int8 only (grouped: K % 32 == 0)
   }
   return kOk;
 }

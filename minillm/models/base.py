@@ -77,22 +77,29 @@ class PreTrainedModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(t.numel() for t in unique_state_dict(self).values() if t.is_floating_point())
 
-    def quantize(self, mode: str = "int8", group_size: int = 32, head: Optional[str] = None) -> "PreTrainedModel":
-        """Stores the weights of every linear layer as int8 codes with a scale per output channel (mode "int8") or
-        4-bit codes with a scale and an offset per group of `group_size` (32 or 64) input channels ("int4"); in place,
-        returns the model. Decoding then reads 1 or ~0.6 bytes per weight instead of 4 (minillm.ops.quant).
+    def quantize(self, mode: str = "int8", group_size: Optional[int] = None,
+                 head: Optional[str] = None) -> "PreTrainedModel":
+        """Stores the weights of every linear layer as int8 codes ("int8") or 4-bit codes ("int4"); in place, returns
+        the model. Decoding then reads 1 or ~0.6 bytes per weight instead of 4 (minillm.ops.quant).
+
+        group_size None: int4 in groups of 32 input channels, each with a scale and an offset; int8 with a scale per
+        output channel. group_size 32 or 64: both in such groups (int8: 1.25 bytes a weight at 32). A model from a
+        4-bit GGUF file keeps its weights nearly exactly in int8 groups of 32 (SmolLM2: 19 of 20 greedy chat replies
+        identical to fp32's, 9 per channel; docs/performance.md).
 
         The output head (`lm_head`) takes `head`'s mode, by default int8 under both: as llama.cpp keeps its output
         weight at 6-8 bits, since its errors reach every logit (SmolLM2 on Tiny Shakespeare, perplexity: +5.0% with a
         4-bit head, see docs/performance.md). Embeddings and norms stay as they are; a layer whose input width the
-        4-bit groups do not divide keeps int8. Quantized weights are constants: fine-tune before quantizing."""
+        groups do not divide keeps int8 with a scale per channel. Quantized weights are constants: fine-tune before
+        quantizing."""
         from minillm.ops.linear import Linear
-        from minillm.ops.quant import MODES, QuantizedLinear
+        from minillm.ops.quant import MODES, QuantizedLinear, group_size_for
 
         head = head or "int8"
         for name, value in (("mode", mode), ("head", head)):
             if value not in MODES:
                 raise ValueError(f"{name} must be one of {MODES}, got {value!r}")
+            group_size_for(value, group_size)  # a bad group_size is named before any layer changes
         head_layer = getattr(self, "lm_head", None)
         replaced = {}  # id(Linear) -> its QuantizedLinear: a layer shared by two names is quantized once
         for parent in list(self.modules()):
@@ -100,15 +107,16 @@ class PreTrainedModel(nn.Module):
                 if isinstance(child, Linear):
                     if id(child) not in replaced:
                         layer_mode = head if child is head_layer else mode
-                        if layer_mode == "int4" and child.in_features % group_size:
-                            log.info("quantize: %s has %d input features, not a multiple of group_size %d: int8",
-                                     name, child.in_features, group_size)
-                            layer_mode = "int8"
-                        replaced[id(child)] = QuantizedLinear.from_linear(child, layer_mode, group_size)
+                        group = group_size_for(layer_mode, group_size)
+                        if group and child.in_features % group:
+                            log.info("quantize: %s has %d input features, not a multiple of group_size %d: int8 "
+                                     "with a scale per channel", name, child.in_features, group)
+                            layer_mode, group = "int8", 0
+                        replaced[id(child)] = QuantizedLinear.from_linear(child, layer_mode, group or None)
                     setattr(parent, name, replaced[id(child)])
         if not replaced:
             raise ValueError(f"{type(self).__name__} has no linear layers to quantize (already quantized?)")
-        self.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None, "head": head}
+        self.quantization = {"mode": mode, "group_size": group_size_for(mode, group_size) or None, "head": head}
         return self
 
     def gradient_checkpointing_enable(self) -> None:
@@ -176,7 +184,7 @@ class PreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                         dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
-                        group_size: int = 32, head: Optional[str] = None) -> "PreTrainedModel":
+                        group_size: Optional[int] = None, head: Optional[str] = None) -> "PreTrainedModel":
         """Loads a model saved by save_pretrained (any model type when called on PreTrainedModel), a Hugging Face
         BERT, GPT-2 or Llama / Qwen2 / Mistral folder, or a llama-architecture .gguf file. quantize="int8" | "int4"
         then stores its linear layers' weights as codes (:meth:`quantize`, with group_size and head)."""

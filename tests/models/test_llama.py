@@ -205,7 +205,7 @@ def _dequantized_twin(model):
     return twin
 
 
-@pytest.mark.parametrize("mode,group", [("int8", 32), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int8", 32), ("int4", None), ("int4", 64)])
 def test_quantized_model_is_its_dequantized_twin(tmp_path, mode, group):
     import copy
 
@@ -217,9 +217,14 @@ def test_quantized_model_is_its_dequantized_twin(tmp_path, mode, group):
     layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantizedLinear)}
     assert len(layers) == 4 * 2 + 1  # qkv, proj, fc, proj per block + the head
     assert layers["lm_head"].mode == "int8"  # the output head keeps 8 bits by default
-    # d_ff = 96: the MLP's output projection has 96 inputs, a multiple of 32 but not of 64
-    assert layers["blocks.0.mlp.proj"].mode == (mode if group == 32 else "int8")
-    assert layers["blocks.0.attn.qkv"].mode == mode
+    # group_size None: int4 in groups of 32, int8 (and so the head) a scale per channel; a given size: both grouped
+    want_group = group or (32 if mode == "int4" else 0)
+    assert layers["lm_head"].group_size == (group or 0)
+    # d_ff = 96: the MLP's output projection has 96 inputs, a multiple of 32 but not of 64 (int8 per channel then)
+    proj = layers["blocks.0.mlp.proj"]
+    assert (proj.mode, proj.group_size) == ((mode, want_group) if want_group != 64 else ("int8", 0))
+    assert (layers["blocks.0.attn.qkv"].mode, layers["blocks.0.attn.qkv"].group_size) == (mode, want_group)
+    assert q.quantization == {"mode": mode, "group_size": want_group or None, "head": "int8"}
     twin = _dequantized_twin(q)
     ids = torch.randint(0, 96, (2, 20))
     torch.testing.assert_close(q(ids)[0], twin(ids)[0], atol=1e-4, rtol=1e-4)

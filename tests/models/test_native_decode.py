@@ -1,5 +1,5 @@
 """minillm.models.native_decode (csrc/decode.cpp): a decoding step through every layer in one native call against its
-reference, the module path (MINILLM_NATIVE_DECODE off), for fp32, int8 and int4 weights, grouped-query heads,
+reference, the module path (MINILLM_NATIVE_DECODE off), for fp32, int8 (per channel and grouped) and int4 weights, grouped-query heads,
 left-padded batches and any cache position; and the steps it must leave to the modules."""
 import copy
 
@@ -42,10 +42,10 @@ def counter(monkeypatch):
     return spy
 
 
-def _model(mode=None, **over):
+def _model(mode=None, group=32, **over):
     torch.manual_seed(0)
     m = DecoderOnlyModel(ModelConfig(**{**LLAMA, **over})).eval()
-    return m.quantize(mode, 32) if mode else m
+    return m.quantize(mode, group) if mode else m
 
 
 def _steps(model, ids, n, enabled, monkeypatch, mask=None, feed=None):
@@ -65,10 +65,10 @@ def _steps(model, ids, n, enabled, monkeypatch, mask=None, feed=None):
     return torch.stack(out), cache
 
 
-@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+@pytest.mark.parametrize("mode,group", [(None, None), ("int8", None), ("int8", 32), ("int4", 32)])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_native_step_is_the_module_path(monkeypatch, counter, mode, kv_heads):
-    model = _model(mode, num_kv_heads=kv_heads)
+def test_native_step_is_the_module_path(monkeypatch, counter, mode, group, kv_heads):
+    model = _model(mode, group, num_kv_heads=kv_heads)
     ids = torch.randint(0, 96, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, :2] = 0

@@ -237,6 +237,13 @@ EXTENT_CASES = [
     ("linear_quant int4 codes short", lambda: _quant(bits=4, codes=8 * 32 - 1), "codes reaches 256 bytes"),
     ("linear_quant int4 offset short", lambda: _quant(bits=4, offset=15), "offset reaches 64 bytes"),
     ("linear_quant int4 offset absent", lambda: _quant(bits=4, offset=0), "offset is a null pointer"),
+    ("linear_quant grouped int8 codes short", lambda: _quant(group=32, codes=8 * 64 - 1), "codes reaches 512 bytes"),
+    ("linear_quant grouped int8 scale short", lambda: _quant(group=32, scale=15), "scale reaches 64 bytes"),
+    ("linear_quant grouped int8 offset short", lambda: _quant(group=32, offset=15), "offset reaches 64 bytes"),
+    ("linear_quant grouped int8 offset absent", lambda: _quant(group=32, offset=0), "offset is a null pointer"),
+    ("linear_quant int8 group not dividing K", lambda: _quant(group=48), "group that is a multiple of 32"),
+    ("dequantize grouped int8 out short", lambda: ("dequantize", _quant(group=64, out=8 * 64 - 1)[1]),
+     "out reaches 2048 bytes"),
     ("linear_quant x row stride", lambda: _quant(ldx=65), "x reaches"),
     ("linear_quant y short", lambda: _quant(y=15), "y reaches 64 bytes"),
     ("dequantize out short", lambda: ("dequantize", _quant(out=8 * 64 - 1)[1]), "out reaches 2048 bytes"),
@@ -261,15 +268,16 @@ EXTENT_CASES = [
 ]
 
 
-def _quant(bits=8, codes=None, scale=None, offset=16, y=16, ldx=64, out=8 * 64):
-    """linear_quant's positional arguments for x (2, 64) and an (8, 64) weight (4-bit: groups of 32), each buffer
-    exactly as large as needed unless a size is given; with `out`, dequantize's arguments instead."""
+def _quant(bits=8, codes=None, scale=None, offset=16, y=16, ldx=64, out=8 * 64, group=None):
+    """linear_quant's positional arguments for x (2, 64) and an (8, 64) weight (4-bit: groups of 32; 8-bit: a scale
+    per row, or groups of `group`), each buffer exactly as large as needed unless a size is given; with `out`,
+    dequantize's arguments instead."""
+    group = (32 if bits == 4 else 0) if group is None else group
     codes = codes if codes is not None else 8 * 64 // (2 if bits == 4 else 1)
-    scale = scale if scale is not None else (8 if bits == 8 else 16)
+    scale = scale if scale is not None else (8 * 64 // group if group else 8)
     c = _backend_buf(torch.zeros(codes, dtype=torch.int8 if bits == 8 else torch.uint8))
     sc = _backend_buf(_f32(scale))
-    off = _backend_buf(_f32(offset)) if bits == 4 and offset else (0, 0)
-    group = 32 if bits == 4 else 0
+    off = _backend_buf(_f32(offset)) if group and offset else (0, 0)
     if out != 8 * 64 or y == "dequantize":
         return "dequantize", (c, sc, off, _backend_buf(_f32(out)), 8, 64, bits, group, 1)
     return "linear_quant", (_backend_buf(_f32(2 * 64)), c, sc, off, (0, 0), _backend_buf(_f32(y)), 2, 64, 8, ldx,

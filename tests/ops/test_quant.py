@@ -1,4 +1,4 @@
-"""minillm.ops.quant: int8 / 4-bit weight-only linear kernels and the bf16 streaming linear against their torch twins
+"""minillm.ops.quant: int8 (per channel or grouped) / 4-bit weight-only linear kernels and the bf16 streaming linear against their torch twins
 (dequantize, then F.linear), at every SIMD level; quantization's own error bounds; the custom ops' contracts."""
 import pytest
 import torch
@@ -15,23 +15,23 @@ pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="native 
 
 
 def _reference(x, bits, codes, scale, offset, group, bias):
-    w = Q.dequantize_int8(codes, scale) if bits == 8 else Q.dequantize_int4(codes, scale, offset, group)
+    w = Q._dequantize_twin(bits, codes, scale, offset, group)
     return F.linear(x.double(), w.double(), None if bias is None else bias.double())
 
 
 def _bound(x, bits, codes, scale, offset, group):
     """Rounding bound of an fp32 dot product against the fp64 reference: ~K eps |x| |W| per output (the kernels sum
-    in another order, and int4 widens with one FMA)."""
-    w = Q.dequantize_int8(codes, scale) if bits == 8 else Q.dequantize_int4(codes, scale, offset, group)
+    in another order, and grouped codes widen with one FMA)."""
+    w = Q._dequantize_twin(bits, codes, scale, offset, group)
     K = x.shape[1]
     return 2 * K ** 0.5 * 1.2e-7 * (x.double().abs() @ w.double().abs().t()) + 1e-6
 
 
 def _quantized(bits, N, K, group, gen):
     w = torch.randn(N, K, generator=gen) * torch.rand(N, 1, generator=gen) * 2  # rows of different scales
-    if bits == 8:
+    if bits == 8 and not group:
         return Q.quantize_int8(w) + (None, 0)
-    return Q.quantize_int4(w, group) + (group,)
+    return (Q.quantize_int8_grouped if bits == 8 else Q.quantize_int4)(w, group) + (group,)
 
 
 def _check(M, K, N, bits, group, bias, layout, seed):
@@ -58,6 +58,14 @@ def test_int4_matches_dequantized_reference(simd_level, M, kb, N, group, bias, l
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(M=st.integers(1, 2 * SMALL_M + 3), kb=st.integers(1, 12), N=st.integers(1, 70), group=st.sampled_from([32, 64]),
+       bias=st.booleans(), layout=st.sampled_from(["contiguous", "row stride", "no unit stride", "transposed"]),
+       seed=st.integers(0, 2 ** 16))
+def test_grouped_int8_matches_dequantized_reference(simd_level, M, kb, N, group, bias, layout, seed):
+    _check(M, kb * group, N, 8, group, bias, layout, seed)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(M=st.integers(1, 2 * SMALL_M + 3), K=st.integers(1, 300), N=st.integers(1, 70), bias=st.booleans(),
        layout=st.sampled_from(["contiguous", "row stride", "no unit stride", "transposed"]),
        seed=st.integers(0, 2 ** 16))
@@ -65,14 +73,15 @@ def test_int8_matches_dequantized_reference(simd_level, M, K, N, bias, layout, s
     _check(M, K, N, 8, 0, bias, layout, seed)  # K not a multiple of 32: the column tail
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_native_dequantize_is_the_twin(simd_level, bits):
+@pytest.mark.parametrize("bits,group", [(8, 0), (8, 32), (8, 64), (4, 64)])
+def test_native_dequantize_is_the_twin(simd_level, bits, group):
     gen = torch.Generator().manual_seed(0)
-    codes, scale, offset, group = _quantized(bits, 37, 192, 64, gen)
-    want = Q.dequantize_int8(codes, scale) if bits == 8 else Q.dequantize_int4(codes, scale, offset, group)
+    codes, scale, offset, group = _quantized(bits, 37, 192, group, gen)
+    want = Q._dequantize_twin(bits, codes, scale, offset, group)
     got = Q._dequantize_cpu(bits, codes, scale, offset, group)
-    # int8: one product, bit for bit; int4: q * scale + offset in one FMA against two roundings
-    torch.testing.assert_close(got, want, atol=0 if bits == 8 else 1e-6, rtol=0 if bits == 8 else 2e-7)
+    # int8 per channel: one product, bit for bit; grouped: q * scale + offset in one FMA against two roundings
+    exact = not group
+    torch.testing.assert_close(got, want, atol=0 if exact else 1e-6, rtol=0 if exact else 2e-7)
 
 
 def test_4bit_layout_is_the_documented_one():
@@ -101,6 +110,35 @@ def test_quantization_error_bounds():
         err = (Q.dequantize_int4(c4, s4, o4, group) - w).abs().reshape(64, -1, group)
         assert (err <= s4[..., None] / 2 * (1 + 1e-5) + 1e-6 * w.abs().max()).all()
         assert err[5].max() == 0
+        c8, s8, o8 = Q.quantize_int8_grouped(w, group)
+        assert c8.dtype == torch.uint8 and c8.shape == (64, 256) and s8.shape == o8.shape == (64, 256 // group)
+        assert int(c8.max()) == 255 and int(c8.min()) == 0
+        err = (Q.dequantize_int8_grouped(c8, s8, o8, group) - w).abs().reshape(64, -1, group)
+        assert (err <= s8[..., None] / 2 * (1 + 1e-5) + 1e-6 * w.abs().max()).all()
+        assert err[5].max() == 0
+
+
+def test_grouped_int8_keeps_a_4bit_grid():
+    # A weight already on 16 levels per group of 32 (a Q4_1 GGUF file's, dequantized): 256 levels between the same
+    # minimum and maximum hold them to fp32 rounding when the levels used span 15 steps (or 1, 3, 5), and within
+    # 1/17 of a 4-bit step otherwise; a scale per channel moves them by up to half of max |W[n]| / 127.
+    gen = torch.Generator().manual_seed(2)
+    N, K = 16, 256
+    d = torch.rand(N, K // 32, 1, generator=gen) * 0.02 + 1e-3  # (N, groups, 1)
+    m = -torch.rand(N, K // 32, 1, generator=gen) * 0.1
+    q = torch.randint(0, 16, (N, K // 32, 32), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 15  # every group spans its 15 steps
+    w = (q * d + m).reshape(N, K)
+    c8, s8, o8 = Q.quantize_int8_grouped(w, 32)
+    err = (Q.dequantize_int8_grouped(c8, s8, o8, 32) - w).abs()
+    assert err.max() <= 4e-7 * w.abs().max()
+    q[..., 1] = 9  # spans of 9..15 steps: not all on the grid
+    w = (q * d + m).reshape(N, K)
+    c8, s8, o8 = Q.quantize_int8_grouped(w, 32)
+    err = (Q.dequantize_int8_grouped(c8, s8, o8, 32) - w).abs().reshape(N, K // 32, 32)
+    assert (err <= d / 34 * (1 + 1e-4) + 4e-7 * w.abs().max()).all()
+    cc, sc = Q.quantize_int8(w)
+    assert (Q.dequantize_int8(cc, sc) - w).abs().mean() > 5 * err.mean()
 
 
 @pytest.mark.parametrize("M", [1, 3, 8, 16])
@@ -131,10 +169,11 @@ def test_bf16_streaming_linear_leaves_gradients_and_many_rows_to_torch():
     torch.testing.assert_close(linear(big, w), F.linear(big, w))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_linear_module(mode):
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int8", 64), ("int4", 64)])
+def test_quantized_linear_module(mode, group):
     lin = nn.Linear(128, 48)
-    q = Q.QuantizedLinear.from_linear(lin, mode, group_size=64)
+    q = Q.QuantizedLinear.from_linear(lin, mode, group_size=group)
+    assert q.group_size == (group or 0) and (q.offset is None) == (group is None)
     w = q.dequantize()
     assert w.shape == (48, 128) and (w - lin.weight).abs().max() < 0.02
     for shape in [(1, 128), (3, 5, 128), (40, 128)]:  # few rows and the dequantize + GEMM path
@@ -147,9 +186,9 @@ def test_quantized_linear_module(mode):
     torch.testing.assert_close(q(xb).float(), F.linear(xb.float(), w, lin.bias.bfloat16().float()), atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_gradients_reach_x_and_bias(mode):
-    q = Q.QuantizedLinear.from_linear(nn.Linear(64, 10), mode, 32)
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int8", 32), ("int4", 32)])
+def test_gradients_reach_x_and_bias(mode, group):
+    q = Q.QuantizedLinear.from_linear(nn.Linear(64, 10), mode, group)
     w = q.dequantize()
     for M in (2, 30):
         x = torch.randn(M, 64, requires_grad=True)
@@ -165,17 +204,21 @@ def test_opcheck_and_compile():
     gen = torch.Generator().manual_seed(0)
     c8, s8, _, _ = _quantized(8, 12, 64, 0, gen)
     c4, s4, o4, _ = _quantized(4, 12, 64, 32, gen)
+    g8, gs, go, _ = _quantized(8, 12, 64, 32, gen)
     for x in (torch.randn(3, 64, requires_grad=True), torch.randn(20, 64)):
         torch.library.opcheck(torch.ops.minillm.linear_int8.default, (x, c8, s8, torch.randn(12)))
         torch.library.opcheck(torch.ops.minillm.linear_int4.default, (x, c4, s4, o4, 32, None))
-    q = Q.QuantizedLinear.from_linear(nn.Linear(64, 12), "int4", 32)
-    x = torch.randn(2, 64)
-    compiled = torch.compile(q, fullgraph=True)
-    torch.testing.assert_close(compiled(x), q(x))
+        torch.library.opcheck(torch.ops.minillm.linear_int8_grouped.default, (x, g8, gs, go, 32, torch.randn(12)))
+    for mode, group in (("int4", 32), ("int8", 32)):
+        q = Q.QuantizedLinear.from_linear(nn.Linear(64, 12), mode, group)
+        x = torch.randn(2, 64)
+        compiled = torch.compile(q, fullgraph=True)
+        torch.testing.assert_close(compiled(x), q(x))
 
 
-def test_torch_path_equals_kernels(monkeypatch):
-    q = Q.QuantizedLinear.from_linear(nn.Linear(96, 20), "int4", 32)
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int8", 32), ("int4", 32)])
+def test_torch_path_equals_kernels(monkeypatch, mode, group):
+    q = Q.QuantizedLinear.from_linear(nn.Linear(96, 20), mode, group)
     x = torch.randn(4, 96)
     native = q(x)
     monkeypatch.setattr(_backend, "native_available", lambda: False)
@@ -206,3 +249,12 @@ def test_errors_name_the_argument():
         ops.linear_int4(torch.randn(2, 64), c4, s4, o4[:, :1], 32, None)
     with pytest.raises(ValueError, match="bias must be"):
         ops.linear_int4(torch.randn(2, 64), c4, s4, o4, 32, torch.randn(9))
+    g8, gs, go = Q.quantize_int8_grouped(torch.randn(8, 64), 32)
+    with pytest.raises(ValueError, match="linear_int8_grouped: codes must be a contiguous 2-D torch.uint8"):
+        ops.linear_int8_grouped(torch.randn(2, 64), c, gs, go, 32, None)
+    with pytest.raises(ValueError, match="linear_int8_grouped: offset must be .* shape \\(8, 2\\)"):
+        ops.linear_int8_grouped(torch.randn(2, 64), g8, gs, go[:, :1], 32, None)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        ops.linear_int8_grouped(torch.randn(2, 64), g8, gs, go, 16, None)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        Q.QuantizedLinear(64, 8, "int8", group_size=48)
