@@ -1,6 +1,7 @@
 // Row layouts and the softmax step of the bf16 attention kernels (pair words, base-2 exp).
 #pragma once
 #include "cpu/attention_common.h"
+#include "cpu/convert.h"
 #include "cpu/softmax.h"
 #include "cpu/amx.h"
 
@@ -13,14 +14,6 @@ namespace {
 inline void bf16_row(const void* src, int64_t D, int64_t Dp, uint16_t* dst) {
   std::memcpy(dst, src, sizeof(uint16_t) * D);
   std::memset(dst + D, 0, sizeof(uint16_t) * (Dp - D));
-}
-
-__attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void f32_to_bf16_row(const float* src, int64_t n,
-                                                                                   uint16_t* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)  // vcvtneps2bf16: round to nearest even, NaN kept
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
 // The first n (< 16) floats at p as a vector, the other lanes 0.

@@ -151,6 +151,18 @@ inline void store_row(const T* src, int64_t n, T mul, int dtype, void* dst) {
   }
 }
 
+#if defined(__AVX512BW__)
+// n fp32 values to bf16 by vcvtneps2bf16 (round to nearest even, NaN kept, as f32_to_bf16), for CPUs with
+// AVX512-BF16 (callers check use_bf16_dot()).
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void f32_to_bf16_row(const float* src, int64_t n,
+                                                                                   uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+#endif
+
 }  // namespace
 }  // namespace MINILLM_ISA
 }  // namespace minillm

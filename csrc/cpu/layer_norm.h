@@ -58,23 +58,13 @@ inline T ln_sq_dev(const T* x, int64_t C, T mean) {
   return s;
 }
 
-#if defined(__AVX512BW__)
-__attribute__((target("avx512bf16,avx512bw,avx512f"))) inline void ln_bf16_row_vcvt(const float* src, int64_t n,
-                                                                                    uint16_t* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)  // vcvtneps2bf16: round to nearest even, as f32_to_bf16
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
-}
-#endif
-
 // A row of y rounded to bf16: one instruction per 16 values where the CPU has AVX512-BF16 (the scalar rounding
 // took 25 us of a 66 us (768, 128) forward).
 template <typename T>
 inline void ln_store_bf16(const T* src, int64_t n, uint16_t* dst) {
 #if defined(__AVX512BW__)
   if constexpr (std::is_same<T, float>::value) {
-    if (use_bf16_dot()) return ln_bf16_row_vcvt(src, n, dst);
+    if (use_bf16_dot()) return f32_to_bf16_row(src, n, dst);
   }
 #endif
   store_row<T>(src, n, T(1), kBF16, dst);

@@ -93,30 +93,35 @@ struct Int8Rows {
   float post(int64_t j, float dot) const { return scale[j] * dot; }
 };
 
-struct Int8GroupRows {
+// Codes in groups of `group` columns, each with a scale and an offset: W = scale * q + offset.
+struct GroupedRows {
   const uint8_t* codes;
   const float* scale;
   const float* offset;
   int64_t K, group;
-  void block(int64_t j, int64_t p, VF* out) const {
+  // The scale and offset of the group holding columns p .. p + 31 of row j, broadcast.
+  void scale_offset(int64_t j, int64_t p, VF& s, VF& o) const {
     const int64_t g = j * (K / group) + p / group;
-    const VF s = vbcast(scale[g]), o = vbcast(offset[g]);
-    MINILLM_UNROLL
-    for (int c = 0; c < kQSub; ++c)
-      out[c] = __builtin_convertvector(widen_u8(codes + j * K + p + c * kQW), VF) * s + o;
+    s = vbcast(scale[g]), o = vbcast(offset[g]);
   }
   float elem(int64_t, int64_t) const { return 0.f; }  // never called: K is a multiple of the group
   float post(int64_t, float dot) const { return dot; }
 };
 
-struct Int4Rows {
-  const uint8_t* codes;
-  const float* scale;
-  const float* offset;
-  int64_t K, group;
+struct Int8GroupRows : GroupedRows {
   void block(int64_t j, int64_t p, VF* out) const {
-    const int64_t g = j * (K / group) + p / group;
-    const VF s = vbcast(scale[g]), o = vbcast(offset[g]);
+    VF s, o;
+    scale_offset(j, p, s, o);
+    MINILLM_UNROLL
+    for (int c = 0; c < kQSub; ++c)
+      out[c] = __builtin_convertvector(widen_u8(codes + j * K + p + c * kQW), VF) * s + o;
+  }
+};
+
+struct Int4Rows : GroupedRows {
+  void block(int64_t j, int64_t p, VF* out) const {
+    VF s, o;
+    scale_offset(j, p, s, o);
     const uint8_t* b = codes + j * (K / 2) + p / 2;  // the block's 16 bytes
     constexpr int kHalf = kQSub / 2;                 // vectors per 16 elements
     MINILLM_UNROLL
@@ -126,8 +131,6 @@ struct Int4Rows {
       out[kHalf + c] = __builtin_convertvector(q >> 4, VF) * s + o;         // elements 16 + c*W ..
     }
   }
-  float elem(int64_t, int64_t) const { return 0.f; }  // never called: K is a multiple of the group
-  float post(int64_t, float dot) const { return dot; }
 };
 
 // Y[i][j] (ldy) = post(j, <X_i, W_j>) + bias[j] for MR rows of X and NR weight rows j0 .. j0 + NR - 1.
@@ -241,14 +244,14 @@ int linear_quant(const QLinearArgs& a) {
     qlinear_run(a.M, q.K, q.N, X, a.ldx, r, a.bias, Y, q.K, q.codes, nt);
   } else if (q.bits == 8) {
     if (q.K % q.group != 0 || q.group % kQBlock != 0) return kBadArgs;
-    const Int8GroupRows r{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, q.K, q.group};
+    const Int8GroupRows r{{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, q.K, q.group}};
     qlinear_run(a.M, q.K, q.N, X, a.ldx, r, a.bias, Y, q.K, q.codes, nt);
   } else if (q.bits == 16) {  // bf16 weights, fp32 x and y (the native decoding step of a bf16 model)
     const BF16Rows r{static_cast<const uint16_t*>(q.codes), q.K};
     qlinear_run(a.M, q.K, q.N, X, a.ldx, r, a.bias, Y, 2 * q.K, q.codes, nt);
   } else {
     if (q.bits != 4 || q.K % q.group != 0 || q.group % kQBlock != 0) return kBadArgs;
-    const Int4Rows r{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, q.K, q.group};
+    const Int4Rows r{{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, q.K, q.group}};
     qlinear_run(a.M, q.K, q.N, X, a.ldx, r, a.bias, Y, q.K / 2, q.codes, nt);
   }
   return kOk;
@@ -261,8 +264,8 @@ int dequantize(const QuantWeight& q, float* out, int nthreads) {
   const bool grouped = q.bits == 4 || q.group != 0;
   if (grouped && (q.group <= 0 || K % q.group != 0 || q.group % kQBlock != 0)) return kBadArgs;
   const Int8Rows r8{static_cast<const int8_t*>(q.codes), q.scale, K};
-  const Int8GroupRows r8g{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, K, q.group};
-  const Int4Rows r4{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, K, q.group};
+  const Int8GroupRows r8g{{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, K, q.group}};
+  const Int4Rows r4{{static_cast<const uint8_t*>(q.codes), q.scale, q.offset, K, q.group}};
   const int64_t whole = K / kQBlock * kQBlock;
 #pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1)
   for (int64_t j = 0; j < N; ++j) {
