@@ -28,6 +28,11 @@ inline int64_t out_row(const int64_t* st, int64_t heads, int64_t N, int64_t D, i
   return (bh / heads) * st[0] + (bh % heads) * st[1] + n * st[2];
 }
 
+// Row n of (b, h) = (bh / H, bh % H) of the forward's output.
+inline void* out_at(const AttnFwdArgs& a, int64_t bh, int64_t n) {
+  return const_cast<void*>(at(a.out, a.dtype, out_row(a.o_stride, a.H, a.Nq, a.D, bh, n)));
+}
+
 // The key/value heads of a backward call (0 in the arguments means H).
 inline int64_t kv_heads(const AttnBwdArgs& a) { return a.Hkv > 0 ? a.Hkv : a.H; }
 
@@ -173,8 +178,7 @@ inline bool any_query(const uint8_t* qpm, int64_t i0, int64_t i1) {
 template <typename T>
 inline void write_empty_row(const AttnFwdArgs& a, int64_t bh, int64_t i, T* scratch, int64_t Dp) {
   std::memset(scratch, 0, sizeof(T) * Dp);
-  void* orow = const_cast<void*>(at(a.out, a.dtype, out_row(a.o_stride, a.H, a.Nq, a.D, bh, i)));
-  store_row<T>(scratch, a.D, T(1), a.dtype, orow);
+  store_row<T>(scratch, a.D, T(1), a.dtype, out_at(a, bh, i));
   static_cast<T*>(a.lse)[bh * a.Nq + i] = INFINITY;
 }
 

@@ -85,7 +85,7 @@ int attention_decode_impl(const AttnFwdArgs& a) {
           m = s[j] > m ? s[j] : m;
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i;
-        void* orow = const_cast<void*>(at(a.out, a.dtype, out_row(a.o_stride, a.H, Nq, D, bh, i)));
+        void* orow = out_at(a, bh, i);
         for (int64_t c = 0; c < Dp; ++c) acc[c] = 0;
         const T shift = m == -INFINITY ? T(0) : m;
         T l = mods.sink == -INFINITY ? T(0) : std::exp(mods.sink - shift);

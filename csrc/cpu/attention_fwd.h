@@ -118,7 +118,7 @@ int attention_fwd_blocks(const AttnFwdArgs& a, const FwdBlocks& fb) {
         }
         T* lse = static_cast<T*>(a.lse) + bh * Nq + i0;
         for (int64_t r = 0; r < rows; ++r) {
-          void* orow = const_cast<void*>(at(a.out, a.dtype, out_row(a.o_stride, a.H, Nq, D, bh, i0 + r)));
+          void* orow = out_at(a, bh, i0 + r);
           if (l[r] == T(0) || (qpm && !qpm[i0 + r])) {  // padded query, or no visible key: the row is 0
             std::memset(acc + r * Dp, 0, sizeof(T) * Dp);
             store_row<T>(acc + r * Dp, D, T(1), a.dtype, orow);

@@ -58,8 +58,8 @@ inline T ln_sq_dev(const T* x, int64_t C, T mean) {
   return s;
 }
 
-// A row of y rounded to bf16: one instruction per 16 values where the CPU has AVX512-BF16 (the scalar rounding
-// took 25 us of a 66 us (768, 128) forward).
+// A row of y rounded to bf16: one instruction per 16 values where the CPU has AVX512-BF16 (a (768, 128) forward:
+// 50 us, against 60 us rounding in software).
 template <typename T>
 inline void ln_store_bf16(const T* src, int64_t n, uint16_t* dst) {
 #if defined(__AVX512BW__)

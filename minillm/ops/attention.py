@@ -428,20 +428,33 @@ def _packed_views(qkv: Tensor, heads: int, kv_heads: int) -> Tuple[Tensor, Tenso
     return heads_first[:, :heads], heads_first[:, heads:heads + kv_heads], heads_first[:, heads + kv_heads:]
 
 
+def _packed_forward(qkv: Tensor, heads: int, kv_heads: int, key_padding_mask, causal: bool, scale: float,
+                    mods: tuple) -> Tuple[Tensor, Tensor]:
+    """(out (B, N, H, D), lse) of the CPU kernel over qkv's views, the output rows written in (B, N, H, D) order."""
+    B, N, _, D = qkv.shape
+    q, k, v = _packed_views(qkv, heads, kv_heads)
+    out = qkv.new_empty(B, N, heads, D)
+    _, lse = _forward(q, k, v, key_padding_mask, None, causal, 0, scale, *mods, out=out.transpose(1, 2))
+    return out, lse
+
+
+def _window_mods(wl: int, wr: int) -> tuple:
+    """_forward's modifiers for a window (-1: unbounded on that side), or none."""
+    return () if wl < 0 and wr < 0 else (wl, wr, 0.0, None, None, None)
+
+
 class _PackedAttentionFunction(torch.autograd.Function):
     """Eager CPU attention over one packed projection, qkv (B, N, H + 2 Hkv, D) -> out (B, N, H, D). The kernels
     read q, k and v in place, write the output rows in (B, N, H, D) order, and write dq, dk and dv into one
     (B, N, H + 2 Hkv, D) gradient: the gradient of the projection itself. Separate q, k, v views would leave
     autograd to stack their three gradients and copy them back to the projection's layout, and the output's
-    transpose to (B, N, C) another copy (together ~0.3 ms a layer of nanoGPT's baby GPT at batch 12 x 64)."""
+    transpose to (B, N, C) another copy (one layer of nanoGPT's baby GPT at batch 12 x 64, forward + backward:
+    1.58 ms through the views, 0.82 ms packed; benchmarks/bench_train_parts.py)."""
 
     @staticmethod
     def forward(ctx, qkv, heads, kv_heads, key_padding_mask, causal, scale, window_left, window_right):
-        B, N, _, D = qkv.shape
-        q, k, v = _packed_views(qkv, heads, kv_heads)
-        mods = () if window_left < 0 and window_right < 0 else (window_left, window_right, 0.0, None, None, None)
-        out = qkv.new_empty(B, N, heads, D)
-        _, lse = _forward(q, k, v, key_padding_mask, None, causal, 0, scale, *mods, out=out.transpose(1, 2))
+        mods = _window_mods(window_left, window_right)
+        out, lse = _packed_forward(qkv, heads, kv_heads, key_padding_mask, causal, scale, mods)
         ctx.heads, ctx.kv_heads, ctx.causal, ctx.scale = heads, kv_heads, causal, scale
         ctx.mods = mods[:5] + (False,) if mods else ()
         ctx.save_for_backward(qkv, out, lse, key_padding_mask)
@@ -741,11 +754,7 @@ def attention_qkvpacked(
     wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
     if torch.is_grad_enabled() and qkv.requires_grad:
         return _PackedAttentionFunction.apply(qkv, heads, kv_heads, key_padding_mask, causal, scale, wl, wr)
-    B, N, _, D = qkv.shape
-    out = qkv.new_empty(B, N, heads, D)
-    mods = () if wl < 0 and wr < 0 else (wl, wr, 0.0, None, None, None)
-    _forward(q, k, v, key_padding_mask, None, causal, 0, scale, *mods, out=out.transpose(1, 2))
-    return out
+    return _packed_forward(qkv, heads, kv_heads, key_padding_mask, causal, scale, _window_mods(wl, wr))[0]
 
 
 def _attention_band(q: Tensor, k: Tensor, v: Tensor, lo: Optional[int], hi: Optional[int], *,
