@@ -131,6 +131,7 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity
         self.length = 0
+        self.native_plan = None  # the native decoding step's layer pointers over these buffers (native_decode._plan)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Stores k, v (B, H, n, Dh) after the cached tokens; returns all keys and values (B, H, T + n, Dh)."""

@@ -94,6 +94,34 @@ def test_generation_is_unchanged_and_stops_at_the_cache_end(monkeypatch, counter
     assert torch.equal(got, want) and counter.calls > 0
 
 
+def test_the_layer_plan_is_built_once_per_cache_and_reads_weights_as_they_are(monkeypatch, counter):
+    model = _model("int4")
+    built, real = [], nd._layers
+    monkeypatch.setattr(nd, "_layers", lambda *a: built.append(1) or real(*a))
+    ids = torch.randint(0, 96, (1, 6))
+    model.generate(ids, max_new_tokens=8, temperature=0)
+    assert len(built) == 1 and counter.calls == 7  # 7 native steps after the prompt, one plan
+    feed = torch.randint(0, 96, (1, 6))
+
+    def run(enabled, change):
+        m = copy.deepcopy(model)
+        monkeypatch.setattr(nd, "_ENABLED", enabled)
+        c = m.config
+        cache = KVCache(c.num_layers, 1, c.num_kv_heads, 12, c.head_dim, torch.float32, ids.device)
+        out = []
+        with torch.no_grad():
+            m._last_logits(ids, cache)
+            for i in range(6):
+                if i == 3 and change:  # in place, between two steps of the same cache
+                    m.blocks[0].mlp.proj.scale.mul_(2)
+                out.append(m._last_logits(feed[:, i:i + 1], cache))
+        return torch.stack(out)
+
+    got, want = run(True, True), run(False, True)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(got, run(True, False))  # the change mattered
+
+
 @pytest.mark.parametrize("change", ["gpt2", "bias", "window", "fp16", "grad", "training", "layernorm"])
 def test_steps_it_does_not_compute_take_the_modules(monkeypatch, counter, change):
     if change == "gpt2":
