@@ -1,5 +1,7 @@
 // Linear layers with few rows (decoding): each thread streams its slice of W once.
 #pragma once
+#include <type_traits>
+
 #include "cpu/dot.h"
 #include "cpu/parallel.h"
 
@@ -28,8 +30,28 @@ inline void skinny_rows(int64_t M, int64_t K, const T* X, int64_t ldx, const T* 
   }
 }
 
-// Each thread owns a contiguous slice of W's rows and streams it from memory once, whatever M is;
-// a packed GEMM would first copy all of W, doubling the memory traffic that bounds decoding.
+// tile(j0, nr) for the row tiles j0 = 0, NR, 2 NR, ... of an (N, row_bytes) stream of weight rows (nr an
+// integral_constant: NR, or 1 for each row past the last whole tile). Each thread owns a contiguous slice of the
+// rows and streams it from memory once, requesting rows 8 KB ahead of use: the stream is the whole cost of a
+// decoding step, and the hardware prefetcher alone left much of the memory bandwidth unused (on a Zen 5).
+template <int NR, typename Tile>
+inline void stream_row_tiles(int64_t N, int64_t row_bytes, const void* rows, int nthreads, const Tile& tile) {
+  constexpr int64_t kPrefetchBytes = 8192;
+  const int64_t tiles = N / NR, tile_bytes = NR * row_bytes, ahead = kPrefetchBytes / tile_bytes + 1;
+  const char* base = static_cast<const char*>(rows);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t t = 0; t < tiles; ++t) {
+    if (t + ahead < tiles) {
+      const char* next = base + (t + ahead) * tile_bytes;
+      for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(next + b);
+    }
+    tile(t * NR, std::integral_constant<int, NR>{});
+  }
+  for (int64_t j = tiles * NR; j < N; ++j) tile(j, std::integral_constant<int, 1>{});
+}
+
+// Streams W once whatever M is; a packed GEMM would first copy all of W, doubling the memory traffic that bounds
+// decoding.
 template <typename T>
 int linear_impl(const LinearArgs& a) {
   const int64_t M = a.M, K = a.K, N = a.N;
@@ -38,21 +60,9 @@ int linear_impl(const LinearArgs& a) {
   const T* bias = static_cast<const T*>(a.b);
   T* Y = static_cast<T*>(a.y);
   const int nt = a.nthreads > 0 ? a.nthreads : 1;
-  const int64_t pairs = N / kLinNR;
-  // Weight rows are requested 8 KB ahead of use: the stream is the whole cost of a decoding step, and
-  // the hardware prefetcher alone left much of the memory bandwidth unused (on a Zen 5).
-  constexpr int64_t kPrefetchBytes = 8192;
-  const int64_t pair_bytes = kLinNR * K * static_cast<int64_t>(sizeof(T));
-  const int64_t ahead = kPrefetchBytes / pair_bytes + 1;
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t jp = 0; jp < pairs; ++jp) {
-    if (jp + ahead < pairs) {
-      const char* next = reinterpret_cast<const char*>(Wm + (jp + ahead) * kLinNR * K);
-      for (int64_t b = 0; b < pair_bytes; b += 64) __builtin_prefetch(next + b);
-    }
-    skinny_rows<T, kLinNR>(M, K, X, a.ldx, Wm + jp * kLinNR * K, K, Y + jp * kLinNR, N);
-  }
-  for (int64_t j = pairs * kLinNR; j < N; ++j) skinny_rows<T, 1>(M, K, X, a.ldx, Wm + j * K, K, Y + j, N);
+  stream_row_tiles<kLinNR>(N, K * static_cast<int64_t>(sizeof(T)), Wm, nt, [&](int64_t j0, auto nr) {
+    skinny_rows<T, decltype(nr)::value>(M, K, X, a.ldx, Wm + j0 * K, K, Y + j0, N);
+  });
   if (bias)
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) Y[i * N + j] += bias[j];

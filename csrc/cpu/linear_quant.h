@@ -22,7 +22,6 @@ namespace minillm {
 namespace MINILLM_ISA {
 namespace {
 
-constexpr int64_t kQPrefetch = 8192;  // bytes of weights requested ahead of use, as linear_impl
 typedef vec_t<float> VF;
 constexpr int kQW = Vec<float>::W;
 constexpr int64_t kQBlock = 32;             // elements per decoded block (a 4-bit block is 16 bytes)
@@ -189,24 +188,14 @@ MINILLM_ALWAYS_INLINE void qdot_rows(int64_t M, int64_t K, const float* X, int64
   }
 }
 
-// Each thread streams a contiguous slice of the weight rows once (as linear_impl), prefetched kQPrefetch bytes ahead;
-// `stream` is the stored rows (codes or bf16), `row_bytes` the stored bytes of one row (scales are not prefetched).
+// The weight rows streamed once (stream_row_tiles); `stream` is the stored rows (codes or bf16), `row_bytes` the
+// stored bytes of one row (scales are not prefetched).
 template <typename Rows>
 void qlinear_run(int64_t M, int64_t K, int64_t N, const float* X, int64_t ldx, const Rows& r, const float* bias,
                  float* Y, int64_t row_bytes, const void* stream, int nthreads) {
-  constexpr int NR = kLinNR;
-  const int64_t pairs = N / NR;
-  const int64_t ahead = kQPrefetch / (NR * row_bytes) + 1;
-  const char* base = static_cast<const char*>(stream);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t jp = 0; jp < pairs; ++jp) {
-    if (jp + ahead < pairs) {
-      const char* next = base + (jp + ahead) * NR * row_bytes;
-      for (int64_t b = 0; b < NR * row_bytes; b += 64) __builtin_prefetch(next + b);
-    }
-    qdot_rows<Rows, NR>(M, K, X, ldx, r, jp * NR, bias, Y + jp * NR, N);
-  }
-  for (int64_t j = pairs * NR; j < N; ++j) qdot_rows<Rows, 1>(M, K, X, ldx, r, j, bias, Y + j, N);
+  stream_row_tiles<kLinNR>(N, row_bytes, stream, nthreads, [&](int64_t j0, auto nr) {
+    qdot_rows<Rows, decltype(nr)::value>(M, K, X, ldx, r, j0, bias, Y + j0, N);
+  });
 }
 
 int linear_bf16(const LinearArgs& a) {
