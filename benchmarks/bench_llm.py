@@ -5,11 +5,12 @@ installed), one after another in one run, at each thread count. Each contender r
 that no contender's threads, thread pools or caches are left over for the next one.
 
 A prompt of --prompt-len random tokens, --new greedy tokens, batch 1 (and --batch for minillm and transformers:
-equal-length prompts). Prefill tokens/s: the prompt's forward pass alone; decode tokens/s: the new tokens after the
+equal-length prompts). Prefill tokens/s: the prompt's forward pass alone, with the
+last position's logits only (what generation and llama.cpp's eval compute); decode tokens/s: the new tokens after the
 first, timed as generate(n + 1) - generate(1) (cache and sampling included). Before timing, minillm's fp32 greedy
 tokens are checked against transformers' on the same prompt (the run stops if they differ). Ratio columns compare
 each minillm decode rate with transformers' at the same threads and batch, and the summary each contender's best
-batch-1 decode rate with llama.cpp's best, over the thread counts and OpenMP wait policies run (--wait: idle threads
+batch-1 decode and prefill rates with llama.cpp's best, over the thread counts and OpenMP wait policies run (--wait: idle threads
 sleep, PASSIVE, as the other benchmarks set on a shared machine, or spin, ACTIVE, OpenMP's default; with two
 threads at batch 1 the policy decides more than the kernels do).
 
@@ -132,10 +133,13 @@ def main() -> None:
     # int8 / int4 against llama.cpp at its best thread count and wait policy (batch 1), as the comparison to make
     summary = []
     best_llama = _best(rows, "llama.cpp-q4_1 decode tok/s")
+    best_llama_pre = _best(rows, "llama.cpp-q4_1 prefill tok/s")
     for name in ("minillm-int4", "minillm-int8g32", "minillm-int8", "minillm-bf16", "minillm-fp32"):
-        best = _best(rows, f"{name} decode tok/s")
+        best, pre = _best(rows, f"{name} decode tok/s"), _best(rows, f"{name} prefill tok/s")
         summary.append({"contender": name, "best decode tok/s (batch 1)": best,
-                        "llama.cpp best decode tok/s": best_llama, "ratio": best / best_llama})
+                        "llama.cpp best decode tok/s": best_llama, "ratio": best / best_llama,
+                        "best prefill tok/s": pre, "llama.cpp best prefill tok/s": best_llama_pre,
+                        "prefill ratio": pre / best_llama_pre})
     print()
     print_table(rows, list(rows[0]), floatfmt=".3g")
     print()
@@ -237,7 +241,13 @@ def model_rates(model, ours: bool, ids, new: int):
             def gen(n):
                 return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         gen(2)  # warm-up
-        pre = batch * prompt_len / best_of(lambda: model(ids))
+        # the prompt's forward pass as generation runs it: every position's hidden states, the last one's logits
+        # (as llama.cpp's eval computes by default); full-vocabulary logits at all 128 positions would add a
+        # (128 x 49152 x 576) product that no contender's generation runs
+        if ours:
+            pre = batch * prompt_len / best_of(lambda: model._last_logits(ids, None))
+        else:
+            pre = batch * prompt_len / best_of(lambda: model(ids, logits_to_keep=1))
         t1 = best_of(lambda: gen(1), 1)
         tn = best_of(lambda: gen(new + 1), 1)
     return pre, batch * new / max(tn - t1, 1e-9)

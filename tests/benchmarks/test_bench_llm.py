@@ -29,3 +29,4 @@ def test_tiny_run_checks_tokens_and_times_each_contender(tmp_path):
     assert (math.isnan(row["llama.cpp-q4_1 decode tok/s"])) == ("llama.cpp-q4_1" in result["info"]["baseline_failures"])
     summary = {r["contender"]: r for r in result["info"]["vs_llama_cpp"]}
     assert summary["minillm-int4"]["best decode tok/s (batch 1)"] == row["minillm-int4 decode tok/s"]
+    assert summary["minillm-int4"]["best prefill tok/s"] == row["minillm-int4 prefill tok/s"]
