@@ -12,7 +12,8 @@ fi
 # The build's own summary: which SIMD levels, and each CUDA source with the architectures nvcc built.
 grep -E "^ *-- minillm:" "$log" | sed -E 's/^ *//' || true
 grep -E "nvcc .* -c [^ ]+\.cu" "$log" | awk '{f = ""; g = ""; for (i = 1; i <= NF; i++) {
-  if ($i ~ /^--generate-code=/) g = g " " substr($i, 17); if ($i == "-c") f = $(i + 1) }
+  t = $i; gsub(/"/, "", t)  # ninja quotes each --generate-code=arch=...,code=[...] flag
+  if (t ~ /^--generate-code=/) g = g " " substr(t, 17); if ($i == "-c") f = $(i + 1) }
   n = split(f, p, "/"); print "nvcc compiled " p[n - 1] "/" p[n] " for" g }' || true
 rm -f "$log"
 # SmolLM2's GGUF file for tests/models/test_gguf.py (skipped when it cannot be installed): without its dependencies,
