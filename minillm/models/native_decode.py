@@ -52,7 +52,6 @@ def _weight(layer, keep: list) -> Optional[tuple]:
     return None
 
 
-
 def _layers(model, cache, keep: list) -> Optional[List[tuple]]:
     """The binding's layer tuples, or None; the tensors they point into (weights, fp32 copies of bf16 norm weights)
     go into `keep`, to stay alive while the tuples are used."""
@@ -76,7 +75,7 @@ def _plan(model, cache):
     modules are the same objects; its buffers never move. The plan holds the tensors it points into, so no pointer
     outlives its tensor; weights changed in place are read as they are at each step (but for a bf16 model's norm
     weights, copied to fp32 once)."""
-    plan = getattr(cache, "native_plan", None)
+    plan = cache.native_plan
     if plan is not None and plan[0] is model:
         return plan[1], plan[2]
     keep = [cache.k, cache.v]  # the buffers whose addresses the call reads
